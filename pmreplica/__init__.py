@@ -1,0 +1,28 @@
+"""pmreplica: replicated persistent-memory pools, the successor of PMDK's librpmem.
+
+``PoolSet`` maps a pool (a file or a poolset(5) set) and keeps its replicas, local and
+remote, in step with every ``persist``. Replica kinds are pluggy plugins (``hookspecs``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import HeaderError, PmReplicaError, PoolSetError, RemoteError, ReplicaError
+
+if TYPE_CHECKING:
+    from .hookspecs import hookimpl
+    from .pool import PoolSet, ReplicaStatus
+
+__all__ = ["PoolSet", "ReplicaStatus", "hookimpl", "PmReplicaError", "PoolSetError",
+           "HeaderError", "ReplicaError", "RemoteError"]
+
+_LAZY = {"PoolSet": "pool", "ReplicaStatus": "pool", "hookimpl": "hookspecs"}
+
+
+def __getattr__(name: str) -> object:
+    # imported on first use so that the agent, which needs only the formats, starts fast
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

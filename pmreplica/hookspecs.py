@@ -1,0 +1,70 @@
+"""Hook specifications: the contract between pmreplica and its plugins.
+
+A *replica plugin* recognises a replica of a pool set and returns a target object that
+implements :class:`pmreplica.target.ReplicaTarget`; the built-in ``local`` and ``rpmem``
+plugins serve local ``REPLICA`` sections and ``REPLICA host set`` lines. *Host applications*
+implement the notification hooks to learn about replica failures and repairs.
+
+Plugins are registered through the entry-point group ``pmreplica`` or passed to
+``PoolSet.open(path, plugins=[...])``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .pool import PoolSet, ReplicaStatus
+    from .poolset import Replica
+    from .target import ReplicaTarget
+
+PROJECT = "pmreplica"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec(firstresult=True)
+def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
+                           create: bool) -> Optional["ReplicaTarget"]:
+    """Return a target for replica ``index`` of ``poolset`` if this plugin serves ``spec``.
+
+    ``spec`` is the parsed replica (:class:`~pmreplica.poolset.LocalReplica` with its parts,
+    or :class:`~pmreplica.poolset.RemoteReplica` with node and pool set name). The target is
+    returned unopened: pmreplica then calls ``create(attr)`` or ``open()`` on it. Return
+    ``None`` to let the next plugin try; the first non-None result wins. ``create`` tells
+    whether the pool set is being created (plugins that cannot create may decline).
+    """
+
+
+@hookspec(firstresult=True)
+def pmreplica_remove_replica(spec: "Replica", index: int, force: bool,
+                             remove_pool_set: bool) -> Optional[bool]:
+    """Delete the storage of replica ``index`` (``pmreplica rm``); return True if handled.
+
+    ``force`` removes what can be found even if the replica is inconsistent;
+    ``remove_pool_set`` also removes a remote pool set file (librpmem's
+    ``RPMEM_REMOVE_POOL_SET``)."""
+
+
+@hookspec
+def pmreplica_replica_failed(replica: "ReplicaStatus", error: BaseException) -> None:
+    """Called once when a replica stops taking writes (I/O error, lost connection, ...).
+
+    The pool keeps working on its other replicas (degraded mode) and the replica is marked
+    stale in the master's metadata, so that replica-sync repairs it. Called from the thread
+    whose persist found the failure: keep implementations short and do not call back into
+    the pool from here."""
+
+
+@hookspec
+def pmreplica_replica_restored(replica: "ReplicaStatus") -> None:
+    """Called when a failed or stale replica is consistent with the master again."""
+
+
+@hookspec
+def pmreplica_sync_progress(replica: "ReplicaStatus", phase: str, done: int,
+                            total: int) -> None:
+    """Progress of replica-sync repairing ``replica``: ``done`` of ``total`` bytes in
+    ``phase`` ("copy", "verify", ...)."""

@@ -1,0 +1,371 @@
+"""Mapped pool files and making ranges of them durable; an ``nvm.pmem``-compatible surface.
+
+On a DAX mapping (MAP_SYNC accepted, or libpmem says pmem) durability is a CPU cache flush
+through libpmem (Debian's ``libpmem1``, loaded with ctypes when present); elsewhere it is
+``msync(MS_SYNC)`` over the page-aligned range, as librpmem did off pmem.
+
+:class:`Mapping` maps one or more file segments as one contiguous range: a Python anonymous
+``mmap`` reserves the range (and guards it: closing refuses while views are exported) and the
+segments are mapped over it with ``MAP_FIXED`` through libc, since :mod:`mmap` cannot place a
+mapping. libc's ``msync`` is called through ctypes because CPython's ``mmap.flush`` holds the
+GIL while it waits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import PmReplicaError
+
+PAGE_SIZE = mmap.PAGESIZE
+_PAGE_MASK = ~(PAGE_SIZE - 1)
+
+# nvm.pmem file flags (libpmem's PMEM_FILE_*)
+FILE_CREATE = 1
+FILE_EXCL = 2
+FILE_SPARSE = 4
+FILE_TMPFILE = 8
+
+_MAP_SHARED_VALIDATE = 0x03
+_MAP_SYNC = 0x80000
+_MAP_FIXED = 0x10
+_MS_SYNC = 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+# file systems whose msync has nothing to write back (Linux: shmem's fsync is noop_fsync)
+_MEMORY_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
+
+
+def _load_libpmem() -> ctypes.CDLL | None:
+    """libpmem if installed; pmreplica works without it (msync only)."""
+    name = ctypes.util.find_library("pmem") or "libpmem.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return None
+    for fn in ("pmem_persist", "pmem_flush", "pmem_deep_persist"):
+        getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.pmem_deep_persist.restype = ctypes.c_int
+    lib.pmem_is_pmem.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.pmem_is_pmem.restype = ctypes.c_int
+    lib.pmem_check_version.argtypes = [ctypes.c_uint, ctypes.c_uint]
+    lib.pmem_check_version.restype = ctypes.c_char_p
+    lib.pmem_drain.argtypes = []
+    return lib
+
+
+libpmem = _load_libpmem()
+
+
+def _oserror(what: str, path: str | None = None) -> PmReplicaError:
+    err = ctypes.get_errno() or errno.EIO
+    where = f" {path}" if path else ""
+    return PmReplicaError(err, f"{what}{where}: {os.strerror(err)}")
+
+
+def memory_backed(fd: int) -> bool:
+    """True if the file lives on tmpfs or ramfs, where RAM is its only storage."""
+    buf = ctypes.create_string_buffer(128)  # struct statfs; f_type is its first field
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FS
+
+
+def msync_range(addr: int, length: int) -> None:
+    """``msync(MS_SYNC)`` over the pages covering ``[addr, addr+length)``; GIL released."""
+    start = addr & _PAGE_MASK
+    if _libc.msync(start, addr + length - start, _MS_SYNC) != 0:
+        raise _oserror("msync")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``length`` bytes of ``path`` from ``file_offset``, placed at ``pool_offset``."""
+
+    path: str
+    file_offset: int
+    length: int
+    pool_offset: int
+
+
+def open_part(path: str, size: int, *, create: bool, mode: int = 0o666,
+              sparse: bool = False) -> int:
+    """Open (or exclusively create with ``size`` bytes allocated) a part file; return its fd.
+
+    Creation allocates the blocks up front (``posix_fallocate``) so that a full file system
+    is an ENOSPC now, not a SIGBUS on a later store into the mapping."""
+    if create:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            if sparse:
+                os.ftruncate(fd, size)
+            else:
+                os.posix_fallocate(fd, 0, size)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return fd
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    have = os.fstat(fd).st_size
+    if have < size:
+        os.close(fd)
+        raise PmReplicaError(errno.EINVAL, f"{path}: file size {have} is smaller than the "
+                                           f"{size} bytes the pool set gives it")
+    return fd
+
+
+class Mapping:
+    """File segments mapped as one contiguous, writable range.
+
+    ``buf`` is a memoryview of the whole range. ``persist``/``flush``/``drain`` take offsets
+    into it. ``close`` unmaps (it raises BufferError while views of ``buf`` are alive)."""
+
+    def __init__(self, segments: Sequence[Segment], fds: dict[str, int]) -> None:
+        self.size = max(s.pool_offset + s.length for s in segments)
+        self._reservation = mmap.mmap(-1, self.size)
+        anchor = ctypes.c_char.from_buffer(self._reservation)
+        self.addr = ctypes.addressof(anchor)
+        del anchor  # do not keep an export that would block close()
+        synced = True
+        try:
+            for seg in segments:
+                synced &= self._map_segment(seg, fds[seg.path])
+        except BaseException:
+            self._reservation.close()
+            raise
+        self.buf = memoryview(self._reservation)
+        self.is_pmem = bool(synced or (libpmem and libpmem.pmem_is_pmem(self.addr, self.size)))
+        self._flush = libpmem.pmem_flush if self.is_pmem and libpmem else None
+        # on tmpfs msync is a system call that does nothing: the page cache is the storage
+        self._msync = not all(memory_backed(fd) for fd in fds.values())
+
+    def _map_segment(self, seg: Segment, fd: int) -> bool:
+        """Map one segment over its place in the reservation; True if MAP_SYNC held."""
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        where = self.addr + seg.pool_offset
+        for flags, synced in ((_MAP_SHARED_VALIDATE | _MAP_SYNC, True), (mmap.MAP_SHARED, False)):
+            got = _libc.mmap(where, seg.length, prot, flags | _MAP_FIXED, fd, seg.file_offset)
+            if got != _MAP_FAILED:
+                return synced
+            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.EINVAL):
+                break
+        raise _oserror("mmap", seg.path)
+
+    @classmethod
+    def open(cls, segments: Sequence[Segment], *, create: bool = False, mode: int = 0o666,
+             sparse: bool = False) -> "Mapping":
+        """Open or create the segments' files and map them."""
+        sizes: dict[str, int] = {}
+        for s in segments:
+            sizes[s.path] = max(sizes.get(s.path, 0), s.file_offset + s.length)
+        fds: dict[str, int] = {}
+        try:
+            for path, size in sizes.items():
+                fds[path] = open_part(path, size, create=create, mode=mode, sparse=sparse)
+            return cls(segments, fds)
+        except BaseException:
+            if create:
+                for path in fds:
+                    os.unlink(path)
+            raise
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the "
+                                               f"{self.size}-byte mapping")
+
+    def persist(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` durable."""
+        self._check(offset, length)
+        if self._flush is not None:
+            libpmem.pmem_persist(self.addr + offset, length)
+        elif self._msync:
+            msync_range(self.addr + offset, length)
+
+    def flush(self, offset: int, length: int) -> None:
+        """First half of persist: CPU cache flush on pmem, msync elsewhere."""
+        self._check(offset, length)
+        if self._flush is not None:
+            self._flush(self.addr + offset, length)
+        elif self._msync:
+            msync_range(self.addr + offset, length)
+
+    def drain(self) -> None:
+        """Second half of persist: wait for flushed stores (a fence on pmem)."""
+        if self._flush is not None:
+            libpmem.pmem_drain()
+
+    def deep_persist(self, offset: int, length: int) -> None:
+        """Persist through the memory controller's buffers too (libpmem's deep flush)."""
+        self._check(offset, length)
+        if self._flush is not None and libpmem.pmem_deep_persist(self.addr + offset, length) == 0:
+            return
+        if self._msync:
+            msync_range(self.addr + offset, length)
+
+    def close(self) -> None:
+        """Unmap. Raises BufferError while memoryviews of ``buf`` are still alive."""
+        if self._reservation.closed:
+            return
+        self.buf.release()
+        self._reservation.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._reservation.closed
+
+
+# ---------------------------------------------------------------------------------------
+# nvm.pmem compatibility: whole-buffer functions over a MemoryBuffer from map_file().
+
+class MemoryBuffer:
+    """A mapped file with a file-like cursor, as ``nvm.pmem.MemoryBuffer``."""
+
+    def __init__(self, mapping: Mapping) -> None:
+        self._mapping = mapping
+        self.buffer = mapping.buf
+        self.is_pmem = mapping.is_pmem
+        self.mapped_len = self.size = mapping.size
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def write(self, data: bytes) -> None:
+        end = self.pos + len(data)
+        if end > self.size:
+            raise RuntimeError("Out of range error.")
+        self.buffer[self.pos:end] = data
+        self.pos = end
+
+    def read(self, size: int = 0) -> bytes:
+        if size <= 0:
+            if self.pos >= self.size:
+                raise EOFError("End of file.")
+            size = self.size - self.pos
+        elif self.pos + size > self.size:
+            raise RuntimeError("Out of range error.")
+        data = bytes(self.buffer[self.pos:self.pos + size])
+        self.pos += size
+        return data
+
+    def seek(self, pos: int) -> None:
+        if pos < 0:
+            raise RuntimeError("Negative position.")
+        if pos > self.size:
+            raise RuntimeError("Out of range error.")
+        self.pos = pos
+
+    def __enter__(self) -> "MemoryBuffer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            persist(self)
+            unmap(self)
+        return False
+
+
+def map_file(file_name: str | os.PathLike[str], file_size: int, flags: int,
+             mode: int) -> MemoryBuffer:
+    """Map a whole file (creating it with ``FILE_CREATE``), like ``pmem_map_file``."""
+    path = os.fspath(file_name)
+    if flags & FILE_TMPFILE:
+        raise PmReplicaError(errno.ENOTSUP, "FILE_TMPFILE is not supported")
+    exists = os.path.exists(path)
+    if flags & FILE_CREATE and flags & FILE_EXCL and exists:
+        raise PmReplicaError(errno.EEXIST, f"{path}: file exists")
+    create = bool(flags & FILE_CREATE) and not exists
+    if not create:
+        file_size = os.stat(path).st_size if not file_size else file_size
+    if file_size <= 0:
+        raise PmReplicaError(errno.EINVAL, f"{path}: invalid size {file_size}")
+    mapping = Mapping.open([Segment(path, 0, file_size, 0)], create=create, mode=mode,
+                           sparse=bool(flags & FILE_SPARSE))
+    return MemoryBuffer(mapping)
+
+
+def unmap(memory_buffer: MemoryBuffer) -> None:
+    memory_buffer._mapping.close()
+
+
+def is_pmem(memory_buffer: MemoryBuffer) -> bool:
+    return memory_buffer._mapping.is_pmem
+
+
+def persist(memory_buffer: MemoryBuffer) -> None:
+    memory_buffer._mapping.persist(0, memory_buffer.size)
+
+
+def msync(memory_buffer: MemoryBuffer) -> int:
+    m = memory_buffer._mapping
+    msync_range(m.addr, m.size)
+    return 0
+
+
+def flush(memory_buffer: MemoryBuffer) -> None:
+    memory_buffer._mapping.flush(0, memory_buffer.size)
+
+
+def drain(memory_buffer: MemoryBuffer | None = None) -> None:
+    if libpmem is not None:
+        libpmem.pmem_drain()
+
+
+def has_hw_drain() -> bool:
+    """False: no platform this runs on has a separate hardware drain (PCOMMIT is gone)."""
+    return False
+
+
+def check_version(major_required: int, minor_required: int) -> bool:
+    """True if libpmem offers the API version; RuntimeError saying why not otherwise."""
+    if libpmem is None:
+        raise RuntimeError("libpmem is not installed (Debian package libpmem1)")
+    reason = libpmem.pmem_check_version(major_required, minor_required)
+    if reason is not None:
+        raise RuntimeError(reason.decode())
+    return True
+
+
+class FlushContext:
+    """Flush (and by default unmap) the buffer when the block ends without error."""
+
+    def __init__(self, memory_buffer: MemoryBuffer, unmap: bool = True) -> None:
+        self.memory_buffer, self.unmap = memory_buffer, unmap
+
+    def __enter__(self) -> MemoryBuffer:
+        return self.memory_buffer
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            flush(self.memory_buffer)
+            if self.unmap:
+                unmap(self.memory_buffer)
+        return False
+
+
+class DrainContext(FlushContext):
+    """Drain (and by default unmap) the buffer when the block ends without error."""
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            drain(self.memory_buffer)
+            if self.unmap:
+                unmap(self.memory_buffer)
+        return False

@@ -1,0 +1,415 @@
+"""PoolSet: the master replica mapped for the application, every other replica kept in step.
+
+``persist(offset, length)`` returns once the range is durable on the master and on every
+working replica. Remote replicas are started first and waited for last, so their network
+round trips overlap the local work instead of following it. A replica that fails is marked
+failed and stale (in the master's metadata), reported through ``pmreplica_replica_failed``,
+and dropped from the write path; the pool keeps working on the rest (degraded mode).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+import uuid as _uuid
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import pluggy
+
+from . import poolset as _poolset
+from .errors import PmReplicaError, ReplicaError
+from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
+from .pmem import Mapping
+from .plugin_manager import make_plugin_manager
+from .poolset import LocalReplica, PoolSetFile, Replica
+from .replica import LocalReplicaFiles, raise_if_broken
+from .state import OFFSET as STATE_OFFSET, SIZE as STATE_SIZE, ReplicaState
+from .target import ReplicaTarget
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNATURE = b"PMREPLIC"
+DEFAULT_NLANES = 4
+
+OK, FAILED, STALE = "ok", "failed", "stale"
+
+
+@dataclass(eq=False)
+class ReplicaStatus:
+    """One replica of an open pool set, as hooks and ``PoolSet.replicas`` show it."""
+
+    index: int
+    spec: Replica
+    state: str = OK
+    error: BaseException | None = None
+    target: ReplicaTarget | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return describe(self.spec, self.index)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.spec.is_remote
+
+
+def describe(spec: Replica, index: int) -> str:
+    """``replica 1 (/path/part0)`` or ``replica 2 (host:set)``, for messages."""
+    if spec.is_remote:
+        return f"replica {index} ({spec.node}:{spec.pool_set})"  # type: ignore[union-attr]
+    first = spec.parts[0].path if spec.parts else "?"  # type: ignore[union-attr]
+    return f"replica {index} ({first})"
+
+
+def load_set(path: str | os.PathLike[str], size: int | None = None) -> PoolSetFile:
+    """The pool set at ``path``: a PMEMPOOLSET file, or a single pool file (``size`` for one
+    that does not exist yet; its current size otherwise)."""
+    path = os.fspath(path)
+    if os.path.exists(path) and _poolset.is_poolset_file(path):
+        return _poolset.parse(path)
+    if size is None:
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise PmReplicaError(errno.ENOENT, f"{path}: no such pool or pool set file") from None
+    return _poolset.single_file(path, size)
+
+
+class PoolSet:
+    """An open pool set. Use :meth:`create` or :meth:`open`; close it (or use ``with``)."""
+
+    def __init__(self, set_file: PoolSetFile, master: LocalReplicaFiles, mapping: Mapping,
+                 lock_fd: int, pm: pluggy.PluginManager, nlanes: int) -> None:
+        self.set_file = set_file
+        self.plugin_manager = pm
+        self._master = master
+        self.mapping = mapping
+        self.buf: memoryview = mapping.buf
+        self.size: int = mapping.size
+        self.data_offset: int = HDR_SIZE if set_file.has_headers else 0
+        self.nlanes = nlanes
+        self._lock_fd = lock_fd
+        self._state_lock = threading.Lock()
+        self.replicas: list[ReplicaStatus] = [ReplicaStatus(0, set_file.replicas[0])]
+        self._active: tuple[tuple[ReplicaStatus, ReplicaTarget], ...] = ()
+        self.state = ReplicaState.load(self.buf[:HDR_SIZE], self.size, len(set_file.replicas))
+        self._degraded = False
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], *, size: int | None = None,
+               signature: bytes = DEFAULT_SIGNATURE, major: int = 1, compat: int = 0,
+               incompat: int = 0, ro_compat: int = 0, mode: int = 0o666,
+               plugins: Iterable[object] = (), nlanes: int = DEFAULT_NLANES) -> "PoolSet":
+        """Create the pool set described by the set file at ``path`` (or a single pool file
+        of ``size`` bytes). Fails with EEXIST if a part exists; on any failure, whatever
+        was created is removed again."""
+        path = os.fspath(path)
+        if size is not None and os.path.exists(path) and not _poolset.is_poolset_file(path):
+            raise PmReplicaError(errno.EEXIST, f"file {path} already exists")
+        set_file = load_set(path, size)
+        set_file.validate()
+        master = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
+        if _poolset.OPT_SINGLEHDR in set_file.options:
+            incompat |= FEAT_SINGLEHDR
+        template = PoolHeader(signature=signature, major=major, compat=compat,
+                              incompat=incompat | FEAT_CKSUM_2K, ro_compat=ro_compat,
+                              poolset_uuid=_uuid.uuid4(), crtime=int(time.time()))
+        n = len(set_file.replicas)
+        first_uuids = [_uuid.uuid4() for _ in range(n)]
+        master.create(replace(template, uuid=first_uuids[0], prev_repl=first_uuids[-1],
+                              next_repl=first_uuids[1 % n]), mode)
+        try:
+            self = cls._map(set_file, master, plugins, nlanes)
+        except BaseException:
+            master.remove(force=True)
+            raise
+        try:
+            for status in self.replicas[1:]:
+                i = status.index
+                attr = PoolAttr(signature=template.signature, major=major, compat_features=compat,
+                                incompat_features=template.incompat, ro_compat_features=ro_compat,
+                                poolset_uuid=template.poolset_uuid.bytes_le,
+                                uuid=first_uuids[i].bytes_le,
+                                next_uuid=first_uuids[(i + 1) % n].bytes_le,
+                                prev_uuid=first_uuids[i - 1].bytes_le,
+                                user_flags=template.arch.pack())
+                target = self._target(status.spec, i, create=True)
+                target.create(attr)
+                status.target = target
+            self._activate()
+            return self
+        except BaseException:
+            self._discard_created()
+            raise
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, signature: bytes | None = None,
+             plugins: Iterable[object] = (), nlanes: int = DEFAULT_NLANES) -> "PoolSet":
+        """Open an existing pool set. The master must be consistent; a replica that cannot be
+        opened or does not belong to the pool is reported failed and the pool opens degraded."""
+        set_file = load_set(path)
+        set_file.validate()
+        master = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
+        headers, problems = master.check(signature)
+        raise_if_broken(f"master replica of {os.fspath(path)}", problems)
+        self = cls._map(set_file, master, plugins, nlanes)
+        try:
+            hdr = headers[0].header if headers else None
+            nexts: dict[int, bytes] = {} if hdr is None else {0: hdr.next_repl.bytes_le}
+            for status in self.replicas[1:]:
+                if self.state.is_stale(status.index):
+                    status.state = STALE
+                try:
+                    target = self._target(status.spec, status.index, create=False)
+                    attr = target.open()
+                except OSError as e:
+                    self._report_failed(status, e)
+                    continue
+                status.target = target
+                if hdr is not None:
+                    problem = _attr_problem(attr, hdr, status.index, nexts)
+                    nexts[status.index] = attr.next_uuid
+                    if problem:
+                        _close_quietly(target)
+                        status.target = None
+                        self._report_failed(status, ReplicaError(errno.EINVAL, problem))
+            self._activate()
+            return self
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def _map(cls, set_file: PoolSetFile, master: LocalReplicaFiles,
+             plugins: Iterable[object], nlanes: int) -> "PoolSet":
+        """Lock and map the master; the replicas are listed but not yet opened."""
+        lock_fd = _lock(set_file.master.parts[0].path)
+        try:
+            mapping = master.open()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        try:
+            self = cls(set_file, master, mapping, lock_fd, make_plugin_manager(plugins), nlanes)
+        except BaseException:
+            mapping.close()
+            os.close(lock_fd)
+            raise
+        self.replicas += [ReplicaStatus(i, spec) for i, spec in
+                          enumerate(set_file.replicas[1:], start=1)]
+        return self
+
+    def _target(self, spec: Replica, index: int, create: bool) -> ReplicaTarget:
+        target = self.plugin_manager.hook.pmreplica_open_replica(
+            spec=spec, index=index, poolset=self, create=create)
+        if target is None:
+            raise ReplicaError(errno.ENOTSUP, f"{describe(spec, index)}: no plugin serves "
+                                              "this kind of replica")
+        return target
+
+    def _activate(self) -> None:
+        """Put the opened replicas on the write path and settle the lane count."""
+        active = [(s, s.target) for s in self.replicas[1:] if s.target is not None]
+        self._active = tuple(active)  # type: ignore[assignment]
+        if active:
+            self.nlanes = min([self.nlanes] + [t.nlanes for _, t in active])
+        self._degraded = any(s.state != OK for s in self.replicas)
+
+    def _discard_created(self) -> None:
+        """Undo a failed create: remove every replica made so far and the master."""
+        for status in self.replicas[1:]:
+            if status.target is not None:
+                _close_quietly(status.target)
+                try:
+                    self.plugin_manager.hook.pmreplica_remove_replica(
+                        spec=status.spec, index=status.index, force=True,
+                        remove_pool_set=False)
+                except OSError as e:
+                    log.warning("cleanup of %s failed: %s", status.name, e)
+        self._release()
+        self._master.remove(force=True)
+
+    # -- the write path --------------------------------------------------------------------
+    def _check(self, offset: int, length: int, lane: int) -> None:
+        if offset < self.data_offset or length < 0 or offset + length > self.size:
+            raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the pool "
+                                               f"data [{self.data_offset}, {self.size})")
+        if not 0 <= lane < self.nlanes:
+            raise PmReplicaError(errno.EINVAL, f"lane {lane} out of range (nlanes={self.nlanes})")
+
+    def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        """Make ``[offset, offset+length)`` durable on the master and every working replica."""
+        self._check(offset, length, lane)
+        if self._degraded:
+            self._note_dirty(offset, length)
+        active = self._active
+        for status, target in active:
+            try:
+                target.flush(offset, length, lane, flags)
+            except OSError as e:
+                self._fail(status, e, offset, length)
+        self.mapping.persist(offset, length)
+        for status, target in active:
+            if status.target is None:
+                continue
+            try:
+                target.drain(lane)
+            except OSError as e:
+                self._fail(status, e, offset, length)
+
+    def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        """Start making a range durable everywhere; :meth:`drain` on the lane waits for it.
+        Ranges flushed on one lane are applied in issue order on every replica."""
+        self._check(offset, length, lane)
+        if self._degraded:
+            self._note_dirty(offset, length)
+        for status, target in self._active:
+            try:
+                target.flush(offset, length, lane, flags)
+            except OSError as e:
+                self._fail(status, e, offset, length)
+        self.mapping.flush(offset, length)
+
+    def drain(self, lane: int = 0) -> None:
+        """Wait until everything flushed on ``lane`` is durable on every working replica."""
+        self.mapping.drain()
+        for status, target in self._active:
+            try:
+                target.drain(lane)
+            except OSError as e:
+                self._fail(status, e, self.data_offset, self.size - self.data_offset)
+
+    def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
+        """Persist through every replica's deepest durability domain."""
+        self._check(offset, length, lane)
+        if self._degraded:
+            self._note_dirty(offset, length)
+        for status, target in self._active:
+            try:
+                target.deep_persist(offset, length, lane)
+            except OSError as e:
+                self._fail(status, e, offset, length)
+        self.mapping.deep_persist(offset, length)
+
+    # -- failures and state ----------------------------------------------------------------
+    def _fail(self, status: ReplicaStatus, error: OSError, offset: int, length: int) -> None:
+        """Take a replica off the write path, record it stale, tell the host application."""
+        with self._state_lock:
+            if status.target is None:
+                return
+            target, status.target = status.target, None
+            self._active = tuple(p for p in self._active if p[0] is not status)
+            self._degraded = True
+            self.state.mark_dirty(offset, length)
+        _close_quietly(target)
+        self._report_failed(status, error)
+
+    def _report_failed(self, status: ReplicaStatus, error: BaseException) -> None:
+        status.state, status.error = FAILED, error
+        log.warning("%s failed: %s", status.name, error)
+        with self._state_lock:
+            self._degraded = True
+            self.state.mark_stale(status.index)
+            self._store_state()
+        try:
+            self.plugin_manager.hook.pmreplica_replica_failed(replica=status, error=error)
+        except Exception:  # a host application's hook must not break the write path
+            log.exception("pmreplica_replica_failed hook raised")
+
+    def _note_dirty(self, offset: int, length: int) -> None:
+        with self._state_lock:
+            if self.state.mark_dirty(offset, length):
+                self._store_state()
+
+    def _store_state(self) -> None:
+        """Write the replica-state record into the master header and make it durable."""
+        self.buf[STATE_OFFSET:STATE_OFFSET + STATE_SIZE] = self.state.pack()
+        self.mapping.persist(STATE_OFFSET, STATE_SIZE)
+
+    def mark_restored(self, index: int) -> None:
+        """Replica ``index`` was repaired to match the master (by replica-sync)."""
+        status = self.replicas[index]
+        with self._state_lock:
+            if self.state.clear_stale(index):
+                self._store_state()
+            status.state, status.error = OK, None
+            self._degraded = any(s.state != OK for s in self.replicas)
+        self.plugin_manager.hook.pmreplica_replica_restored(replica=status)
+
+    @property
+    def header(self) -> PoolHeader:
+        """The master's part-0 header."""
+        return PoolHeader.unpack(self.buf[:HDR_SIZE])
+
+    @property
+    def attr(self) -> PoolAttr:
+        return PoolAttr.from_header(self.header)
+
+    # -- teardown --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every replica and unmap the master (views of ``buf`` must be released)."""
+        for status in self.replicas[1:]:
+            if status.target is not None:
+                _close_quietly(status.target)
+                status.target = None
+        self._active = ()
+        self._release()
+
+    def _release(self) -> None:
+        if self.mapping.closed:
+            return
+        self.buf.release()
+        try:
+            self.mapping.close()
+        except BufferError:
+            raise PmReplicaError(errno.EBUSY, "pool is still referenced: release every "
+                                              "memoryview taken from PoolSet.buf before close()")
+        finally:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+    def __enter__(self) -> "PoolSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _lock(path: str) -> int:
+    """Hold an exclusive lock on the master's first part while the pool is open."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PmReplicaError(errno.EBUSY, f"{path}: pool is open in another process") from None
+    return fd
+
+
+def _close_quietly(target: ReplicaTarget) -> None:
+    try:
+        target.close()
+    except OSError as e:
+        log.debug("closing replica target: %s", e)
+
+
+def _attr_problem(attr: PoolAttr, master: PoolHeader, index: int,
+                  nexts: dict[int, bytes]) -> str | None:
+    """Why replica ``index`` (attributes ``attr``) does not belong with this master;
+    ``nexts`` holds the next-replica uuid of the replicas opened before it."""
+    if attr.is_zeroed:
+        return None  # raw replica without headers (NOHDRS remote set)
+    if attr.poolset_uuid != master.poolset_uuid.bytes_le:
+        return f"replica {index} belongs to another pool set (pool set uuid differs)"
+    if attr.signature.rstrip(b"\0") != master.signature.rstrip(b"\0"):
+        return f"replica {index} has signature {attr.signature!r}, master {master.signature!r}"
+    if index - 1 in nexts and nexts[index - 1] != attr.uuid:
+        return f"replica {index} is not the replica its predecessor links to (replica uuid differs)"
+    return None

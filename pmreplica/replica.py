@@ -1,0 +1,188 @@
+"""The part files of one local replica: where each part lands in the pool's address range,
+creating them with linked headers, opening and mapping them, and checking their headers.
+
+Like PMDK, part 0 is mapped whole (its header is the pool's first 4 KiB); a later part with a
+header of its own contributes only what follows its header, so the data of all parts forms
+one contiguous range. With SINGLEHDR or NOHDRS every part is mapped whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid as _uuid
+from dataclasses import dataclass
+
+from .errors import HeaderError, PmReplicaError
+from .header import HDR_SIZE, PoolHeader, replica_headers
+from .pmem import Mapping, Segment, open_part
+from .poolset import LocalReplica, PoolSetFile
+
+
+@dataclass(frozen=True)
+class PartHeader:
+    """A part's header as read from its file, with what is wrong with it (empty if fine)."""
+
+    path: str
+    raw: bytes | None
+    header: PoolHeader | None
+    problems: tuple[str, ...]
+
+
+class LocalReplicaFiles:
+    """The files of ``replica`` laid out as the first ``pool_size`` bytes of the pool."""
+
+    def __init__(self, set_file: PoolSetFile, replica: LocalReplica, pool_size: int) -> None:
+        if any(p.is_dir for p in replica.parts):
+            raise PmReplicaError(errno.ENOTSUP, "directory-based replicas (parts created on "
+                                                "demand in a directory) are not supported")
+        self.set_file = set_file
+        self.replica = replica
+        self.pool_size = pool_size
+        self.nhdrs = set_file.nhdrs(replica)
+        self.segments = self._layout()
+
+    def _layout(self) -> list[Segment]:
+        segs, at = [], 0
+        for i, part in enumerate(self.replica.parts):
+            skip = HDR_SIZE if 0 < i < self.nhdrs else 0
+            length = min(part.aligned_size - skip, self.pool_size - at)
+            if length <= 0:
+                break
+            segs.append(Segment(part.path, skip, length, at))
+            at += length
+        if at < self.pool_size:
+            raise PmReplicaError(errno.EINVAL, f"replica parts hold {at} bytes, less than the "
+                                               f"{self.pool_size}-byte pool")
+        return segs
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.path for p in self.replica.parts]
+
+    def create(self, template: PoolHeader | None, mode: int = 0o666) -> None:
+        """Create every part in full (EEXIST if one exists) and, given a template, write the
+        parts' headers: part 0 gets the template's uuid, the replica links are its own."""
+        for p in self.replica.parts:
+            if os.path.lexists(p.path):
+                raise PmReplicaError(errno.EEXIST, f"file {p.path} already exists")
+        made = []
+        try:
+            for p in self.replica.parts:
+                os.close(open_part(p.path, p.aligned_size, create=True, mode=mode))
+                made.append(p.path)
+            if template is not None and self.nhdrs:
+                uuids = [template.uuid] + [_uuid.uuid4() for _ in range(self.nhdrs - 1)]
+                self.write_headers(template, uuids, template.prev_repl, template.next_repl)
+        except BaseException:
+            for path in made:
+                os.unlink(path)
+            raise
+
+    def write_headers(self, template: PoolHeader, part_uuids: list[_uuid.UUID],
+                      prev_repl: _uuid.UUID, next_repl: _uuid.UUID) -> None:
+        """Write the headers of all parts into their files' first page, durably."""
+        for part, hdr in zip(self.replica.parts,
+                             replica_headers(template, part_uuids, prev_repl, next_repl)):
+            _pwrite_durable(part.path, hdr.pack(), 0)
+
+    def open(self) -> Mapping:
+        """Map the existing parts (ENOENT if one is missing)."""
+        return Mapping.open(self.segments, create=False)
+
+    def read_headers(self) -> list[PartHeader]:
+        """Read each header-carrying part's header from its file, with its own problems."""
+        out = []
+        for p in self.replica.parts[: self.nhdrs]:
+            try:
+                with open(p.path, "rb") as f:
+                    raw = f.read(HDR_SIZE)
+            except OSError as e:
+                out.append(PartHeader(p.path, None, None, (f"cannot read: {e.strerror}",)))
+                continue
+            if len(raw) < HDR_SIZE:
+                out.append(PartHeader(p.path, raw, None, ("file shorter than a pool header",)))
+                continue
+            hdr = PoolHeader.unpack(raw)
+            probs = ("header is zeroed",) if hdr.is_zeroed else tuple(hdr.problems(raw))
+            out.append(PartHeader(p.path, raw, hdr, probs))
+        return out
+
+    def check(self, signature: bytes | None = None) -> tuple[list[PartHeader], list[str]]:
+        """Check files and headers: sizes, checksums, shared identity and the part links.
+        Returns the headers and a list of problems (empty if the replica is consistent)."""
+        problems = []
+        for p in self.replica.parts:
+            try:
+                size = os.stat(p.path).st_size
+            except OSError as e:
+                problems.append(f"{p.path}: {e.strerror}")
+                continue
+            if size < p.aligned_size:
+                problems.append(f"{p.path}: size {size} is smaller than {p.aligned_size}")
+        headers = self.read_headers() if self.nhdrs else []
+        for h in headers:
+            problems.extend(f"{h.path}: {msg}" for msg in h.problems)
+        good = [h for h in headers if h.header is not None and not h.problems]
+        if len(good) == len(headers) and headers:
+            problems.extend(_link_problems([h.header for h in good], self.paths))  # type: ignore[misc]
+            first = good[0].header
+            assert first is not None
+            single = bool(first.incompat & 1)
+            if single != ("SINGLEHDR" in self.set_file.options):
+                problems.append(f"{headers[0].path}: SINGLEHDR feature does not match the "
+                                "pool set's options")
+            if signature is not None and first.signature != signature.ljust(8, b"\0"):
+                problems.append(f"{headers[0].path}: wrong pool type (signature "
+                                f"{first.signature.rstrip(bytes(1))!r}, expected {signature!r})")
+        return headers, problems
+
+    def remove(self, force: bool = False) -> None:
+        """Delete the part files (missing ones are an error unless ``force``)."""
+        remove_parts(self.replica, force)
+
+
+def remove_parts(replica: LocalReplica, force: bool = False) -> None:
+    """Delete a local replica's part files; a missing one is ENOENT unless ``force``."""
+    for p in replica.parts:
+        try:
+            os.unlink(p.path)
+        except FileNotFoundError:
+            if not force:
+                raise
+
+
+def _link_problems(hdrs: list[PoolHeader], paths: list[str]) -> list[str]:
+    """PMDK's part checks: one pool set uuid and format, parts linked in a circle."""
+    out = []
+    first = hdrs[0]
+    n = len(hdrs)
+    for i, h in enumerate(hdrs):
+        if (h.poolset_uuid, h.signature, h.major) != (first.poolset_uuid, first.signature,
+                                                       first.major):
+            out.append(f"{paths[i]}: header belongs to another pool (pool set uuid or format "
+                       "differs from part 0)")
+        if (h.prev_repl, h.next_repl) != (first.prev_repl, first.next_repl):
+            out.append(f"{paths[i]}: replica links differ from part 0")
+        if h.next_part != hdrs[(i + 1) % n].uuid or h.prev_part != hdrs[i - 1].uuid:
+            out.append(f"{paths[i]}: part links are broken (next/prev part uuid)")
+    return out
+
+
+def _pwrite_durable(path: str, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if os.pwrite(fd, data, offset) != len(data):
+            raise PmReplicaError(errno.EIO, f"{path}: short write")
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def raise_if_broken(what: str, problems: list[str]) -> None:
+    """Turn a replica's problem list into a HeaderError (EINVAL) that says how to repair."""
+    if problems:
+        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        raise HeaderError(errno.EINVAL, f"{what} is inconsistent: {shown} "
+                                        "(run `replica-sync` to repair it from a healthy replica)")
+

@@ -1,0 +1,311 @@
+"""RemotePool: librpmem's API in Python — a local pool buffer replicated to a remote pool.
+
+The agent runs on the target node (started over SSH), serves the pool set named relative
+to its pool-set directory, and receives the data on per-lane connections. ``persist``
+returns once the range is durable on the remote node. Errors are :class:`RemoteError`
+(an ``OSError``) with librpmem's errno values.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+from typing import Any
+
+from ..errors import PmReplicaError, PoolSetError, RemoteError
+from ..header import HDR_SIZE, PoolAttr
+from ..poolset import MIN_REMOTE_POOL, check_pool_set_name
+from . import proto
+from .channel import AgentChannel
+from .config import RpmemConfig
+from .launch import launch
+from .transport.tcp import DEFAULT_WORK_QUEUE, TcpDataPath
+
+log = logging.getLogger(__name__)
+
+MAJOR_VERSION = 1
+MINOR_VERSION = 3
+
+PERSIST_RELAXED = 1
+FLUSH_RELAXED = 1
+REMOVE_FORCE = 1
+REMOVE_POOL_SET = 2
+
+DEFAULT_NLANES = 4
+CONTROL_TIMEOUT = 60.0
+_PAGE = 4096
+
+
+def check_version(major_required: int, minor_required: int) -> str | None:
+    """None if this library provides API version ``major.minor``, else the reason."""
+    if major_required != MAJOR_VERSION:
+        return (f"librpmem major version mismatch (need {major_required}, "
+                f"found {MAJOR_VERSION})")
+    if minor_required > MINOR_VERSION:
+        return (f"librpmem minor version mismatch (need {minor_required}, "
+                f"found {MINOR_VERSION})")
+    return None
+
+
+class ControlChannel:
+    """Requests and responses over the agent's stdin/stdout."""
+
+    def __init__(self, channel: AgentChannel, name: str) -> None:
+        self.channel = channel
+        self.name = name
+
+    def wait_ready(self) -> None:
+        (status,) = proto.READY.unpack(self.channel.recv_exact(proto.READY.size))
+        if status:
+            raise RemoteError(status, f"{self.name}: agent failed to start "
+                                      f"({errno.errorcode.get(status, status)})"
+                                      + _tail(self.channel))
+
+    def call(self, req: proto.Request) -> proto.Response:
+        """Send ``req``, return its response; an error status raises RemoteError."""
+        self.channel.sendall(proto.encode_request(req))
+        status, rtype, size = proto.RESP_HDR.unpack(self.channel.recv_exact(proto.RESP_HDR.size))
+        if rtype != req.type + 1 or not proto.RESP_HDR.size <= size <= proto.MAX_MESSAGE:
+            raise RemoteError(errno.EPROTO, f"{self.name}: unexpected response "
+                                            f"(type {rtype}, size {size}) to request {req.type}")
+        body = self.channel.recv_exact(size - proto.RESP_HDR.size)
+        try:
+            resp = proto.decode_response(status, rtype, body)
+        except proto.ProtocolError as e:
+            raise RemoteError(errno.EPROTO, f"{self.name}: {e}") from None
+        if resp.status != proto.OK:
+            err = proto.STATUS_ERRNO.get(resp.status, errno.EREMOTEIO)
+            text = resp.message or proto.STATUS_TEXT.get(resp.status, f"status {resp.status}")
+            raise RemoteError(err, f"{self.name}: {text}")
+        return resp
+
+    def close(self) -> int | None:
+        return self.channel.close()
+
+
+def _tail(channel: AgentChannel) -> str:
+    tail = channel.stderr_tail().strip()
+    return f": {tail.splitlines()[-1]}" if tail else ""
+
+
+def _pool_view(pool: Any) -> memoryview:
+    """The caller's pool as a flat writable byte view; EINVAL unless page aligned."""
+    try:
+        view = memoryview(pool).cast("B")
+    except TypeError as e:
+        raise PmReplicaError(errno.EINVAL, f"pool must be a writable buffer: {e}") from None
+    if view.readonly:
+        raise PmReplicaError(errno.EINVAL, "pool must be a writable buffer")
+    size = len(view)
+    if size == 0 or size % _PAGE:
+        raise PmReplicaError(errno.EINVAL, f"pool size {size} is not a multiple of the page size")
+    anchor = ctypes.c_char.from_buffer(view)
+    addr = ctypes.addressof(anchor)
+    del anchor
+    if addr % _PAGE:
+        raise PmReplicaError(errno.EINVAL, "pool address is not page aligned")
+    return view
+
+
+class RemotePool:
+    """An open remote pool (librpmem's ``RPMEMpool``). Create with :meth:`create` or
+    :meth:`open`; ``nlanes`` is the negotiated lane count, ``attr`` the pool attributes."""
+
+    def __init__(self, ctl: ControlChannel, data: TcpDataPath, pool: memoryview,
+                 attr: PoolAttr, persist_method: int, target: str, pool_set: str) -> None:
+        self._ctl = ctl
+        self._data = data
+        self._pool = pool
+        self.size = len(pool)
+        self.nlanes = data.nlanes
+        self.attr = attr
+        self.persist_method = proto.PERSIST_METHOD_NAMES.get(persist_method, "?")
+        self.provider = "tcp"
+        self.target = target
+        self.pool_set = pool_set
+        # a pool with attributes has a header the data path must not overwrite
+        self.data_offset = 0 if attr.is_zeroed else HDR_SIZE
+        self.closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, target: str, pool_set_name: str, pool: Any, *,
+               nlanes: int = DEFAULT_NLANES, attr: PoolAttr | None = None,
+               config: RpmemConfig | None = None) -> "RemotePool":
+        """Create the remote pool ``pool_set_name`` on ``target`` for the local ``pool``.
+
+        With ``attr`` (not all zero) the remote pool gets a header holding it and its first
+        4096 bytes are off limits to persist; without, the remote set must say NOHDRS."""
+        return cls._start(proto.CREATE, target, pool_set_name, pool, nlanes, attr, config)
+
+    @classmethod
+    def open(cls, target: str, pool_set_name: str, pool: Any, *,
+             nlanes: int = DEFAULT_NLANES, config: RpmemConfig | None = None) -> "RemotePool":
+        """Open an existing remote pool; ``.attr`` holds its attributes (zeroed if none)."""
+        return cls._start(proto.OPEN, target, pool_set_name, pool, nlanes, None, config)
+
+    @classmethod
+    def _start(cls, rtype: int, target: str, pool_set_name: str, pool: Any, nlanes: int,
+               attr: PoolAttr | None, config: RpmemConfig | None) -> "RemotePool":
+        config = config or RpmemConfig.from_env()
+        view = _pool_view(pool)
+        _check_name(pool_set_name)
+        if len(view) < MIN_REMOTE_POOL:
+            raise PmReplicaError(errno.EINVAL, f"pool size {len(view)} is smaller than the "
+                                               f"minimum {MIN_REMOTE_POOL}")
+        if nlanes < 1:
+            raise PmReplicaError(errno.EINVAL, "nlanes must be at least 1")
+        if config.max_nlanes:
+            nlanes = min(nlanes, config.max_nlanes)
+        name = f"{target}:{pool_set_name}"
+        channel = launch(target, (), config=config)
+        ctl = ControlChannel(channel, name)
+        try:
+            channel.settimeout(CONTROL_TIMEOUT)
+            ctl.wait_ready()
+            resp = ctl.call(proto.Request(rtype, pool_size=len(view), nlanes=nlanes,
+                                          provider=proto.PROV_TCP, pool_desc=pool_set_name,
+                                          attr=attr))
+        except BaseException:
+            ctl.close()
+            raise
+        try:
+            data = TcpDataPath.connect(channel.peer_address, resp.port, resp.blob,
+                                       min(nlanes, resp.nlanes), view, name,
+                                       config.work_queue_size or DEFAULT_WORK_QUEUE)
+        except BaseException:
+            # do not leave a half-made pool behind: CLOSE with REMOVE undoes a CREATE
+            flags = proto.CLOSE_REMOVE if rtype == proto.CREATE else 0
+            try:
+                ctl.call(proto.Request(proto.CLOSE, flags=flags))
+            except OSError as e:
+                log.debug("%s: close after failed setup: %s", name, e)
+            ctl.close()
+            raise
+        got_attr = (attr if rtype == proto.CREATE else resp.attr) or PoolAttr()
+        log.info("%s: %s over tcp, %d lanes, %s", name,
+                 "created" if rtype == proto.CREATE else "opened", data.nlanes,
+                 proto.PERSIST_METHOD_NAMES.get(resp.persist_method, "?"))
+        return cls(ctl, data, view, got_attr, resp.persist_method, target, pool_set_name)
+
+    def close(self) -> None:
+        """Close the remote pool; its data stays on the target."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._ctl.call(proto.Request(proto.CLOSE, flags=0))
+        finally:
+            self._data.close()
+            self._ctl.close()
+
+    def __enter__(self) -> "RemotePool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- data path ---------------------------------------------------------------------------
+    @property
+    def data_path(self) -> TcpDataPath:
+        """The lanes without this class's argument checks, for callers (the rpmem plugin)
+        that validated the range already: ``persist(off, n, lane, flags)``, ``flush``,
+        ``drain(lane)``, ``deep_persist(off, n, lane)``, ``read(dest, off, lane)``."""
+        return self._data
+
+    def _check(self, offset: int, length: int, lane: int) -> None:
+        if self.closed:
+            raise RemoteError(errno.EBADF, f"{self._data.name}: pool is closed")
+        if offset < self.data_offset or length < 0 or offset + length > self.size:
+            raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the remote "
+                                               f"pool's data [{self.data_offset}, {self.size})")
+        if not 0 <= lane < self.nlanes:
+            raise PmReplicaError(errno.EINVAL, f"lane {lane} out of range (nlanes={self.nlanes})")
+
+    def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        """Send ``[offset, offset+length)`` of the local pool; return when durable remotely."""
+        self._check(offset, length, lane)
+        self._data.persist(offset, length, lane, flags)
+
+    def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
+        """Persist through the remote node's deepest durability domain."""
+        self._check(offset, length, lane)
+        self._data.deep_persist(offset, length, lane)
+
+    def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        """Send the range without waiting; :meth:`drain` waits for every flush on the lane."""
+        self._check(offset, length, lane)
+        self._data.flush(offset, length, lane, flags)
+
+    def drain(self, lane: int = 0, flags: int = 0) -> None:
+        """Wait until every range flushed on ``lane`` is durable remotely."""
+        self._check(self.data_offset, 0, lane)
+        self._data.drain(lane)
+
+    def read(self, buf: Any, offset: int, length: int, lane: int = 0) -> None:
+        """Read ``length`` bytes of the remote pool at ``offset`` into ``buf``."""
+        dest = memoryview(buf).cast("B")
+        if length > len(dest):
+            raise PmReplicaError(errno.EINVAL, f"buffer of {len(dest)} bytes cannot hold {length}")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the remote "
+                                               f"pool [0, {self.size})")
+        self._check(self.data_offset, 0, lane)
+        self._data.read(dest[:length], offset, lane)
+
+    def set_attr(self, attr: PoolAttr | None) -> None:
+        """Overwrite the remote pool's attributes (zeroed if ``attr`` is None)."""
+        if self.closed:
+            raise RemoteError(errno.EBADF, f"{self._data.name}: pool is closed")
+        self._ctl.call(proto.Request(proto.SET_ATTR, attr=attr or PoolAttr()))
+        self.attr = attr or PoolAttr()
+
+    def stat(self) -> proto.Response:
+        """The open remote pool's size and header health, as the agent sees them."""
+        return self._ctl.call(proto.Request(proto.STAT, pool_desc=self.pool_set))
+
+
+def _check_name(name: str) -> None:
+    try:
+        check_pool_set_name(name)
+    except PoolSetError as e:
+        raise PmReplicaError(errno.EINVAL, str(e.strerror)) from None
+
+
+def remove(target: str, pool_set_name: str, flags: int = 0, *,
+           config: RpmemConfig | None = None) -> None:
+    """Remove the remote pool's part files (and with REMOVE_POOL_SET its set file)."""
+    _check_name(pool_set_name)
+    argv = ["--remove", pool_set_name]
+    if flags & REMOVE_FORCE:
+        argv.append("--force")
+    if flags & REMOVE_POOL_SET:
+        argv.append("--pool-set")
+    channel = launch(target, argv, config=config)
+    try:
+        channel.settimeout(CONTROL_TIMEOUT)
+        # in removal mode the agent's one status word is the result
+        (status,) = proto.READY.unpack(channel.recv_exact(proto.READY.size))
+    finally:
+        channel.close()
+    if status:
+        raise RemoteError(status, f"{target}:{pool_set_name}: cannot remove the pool: "
+                                  f"{errno.errorcode.get(status, status)}" + _tail(channel))
+
+
+def stat(target: str, pool_set_name: str, *, config: RpmemConfig | None = None) -> proto.Response:
+    """Size and header health of a remote pool without opening it (a STAT request)."""
+    _check_name(pool_set_name)
+    name = f"{target}:{pool_set_name}"
+    ctl = ControlChannel(launch(target, (), config=config), name)
+    try:
+        ctl.channel.settimeout(CONTROL_TIMEOUT)
+        ctl.wait_ready()
+        return ctl.call(proto.Request(proto.STAT, pool_desc=pool_set_name))
+    finally:
+        try:
+            ctl.call(proto.Request(proto.CLOSE, flags=0))
+        except OSError:
+            pass
+        ctl.close()

@@ -1,0 +1,1 @@
+"""Data paths of remote pools: ``tcp`` everywhere, ``verbs`` (RDMA) where a device exists."""

@@ -1,0 +1,208 @@
+"""The TCP data path of a remote pool: one connection per lane, payload sent from the pool.
+
+A flush sends the OP header and the range in one ``sendmsg`` straight from the caller's
+pool buffer (the kernel copies it; Python never does) and does not wait; the agent receives
+into its mapped pool, makes the range durable and answers with a status word. ``drain``
+collects the outstanding answers of the lane, so several flushes cost one round trip. The
+number of unanswered flushes per lane is bounded by the work queue size.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+
+from ...errors import RemoteError
+from .wire import HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, STATUS
+
+DEFAULT_WORK_QUEUE = 256
+_ZEROS = bytes(STATUS.size * 4096)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # a peer that vanishes without a FIN/RST fails the connection instead of hanging it
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                       ("TCP_USER_TIMEOUT", 30_000)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+class TcpLane:
+    """One lane: its connection and the count of flushes not yet answered."""
+
+    __slots__ = ("sock", "hdr", "status", "pending", "lock", "broken")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.hdr = bytearray(OP.size)
+        self.status = bytearray(STATUS.size * 4096)
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.broken: OSError | None = None
+
+
+class TcpDataPath:
+    """The lanes of one remote pool over TCP; ``pool`` is the client's pool buffer."""
+
+    def __init__(self, pool: memoryview, lanes: list[TcpLane], name: str,
+                 work_queue: int = DEFAULT_WORK_QUEUE) -> None:
+        self._pool = pool
+        self._lanes = lanes
+        self.name = name
+        self.nlanes = len(lanes)
+        self._wq = max(1, min(work_queue, 4096))
+
+    @classmethod
+    def connect(cls, host: str, port: int, secret: bytes, nlanes: int, pool: memoryview,
+                name: str, work_queue: int = DEFAULT_WORK_QUEUE,
+                timeout: float = 30.0) -> "TcpDataPath":
+        """Open and authenticate ``nlanes`` connections to the agent's data port."""
+        lanes: list[TcpLane] = []
+        try:
+            for lane in range(nlanes):
+                sock = socket.create_connection((host, port), timeout=timeout)
+                lanes.append(TcpLane(sock))
+                _tune(sock)
+                sock.sendall(HELLO.pack(secret, lane))
+                answer = _recv_exact(sock, STATUS.size)
+                (status,) = STATUS.unpack(answer)
+                if status:
+                    raise RemoteError(status, f"{name}: agent refused data lane {lane}")
+                sock.settimeout(None)  # blocking from here: no poll() before each recv
+        except OSError as e:
+            for lane_ in lanes:
+                lane_.sock.close()
+            if isinstance(e, RemoteError):
+                raise
+            raise RemoteError(e.errno or errno.ECONNREFUSED,
+                              f"{name}: cannot open data connection to {host}:{port}: "
+                              f"{e.strerror or e}") from e
+        return cls(pool, lanes, name, work_queue)
+
+    # -- operations -------------------------------------------------------------------------
+    def _lost(self, lane: TcpLane, e: BaseException) -> RemoteError:
+        err = getattr(e, "errno", None) or errno.ECONNRESET
+        lane.broken = RemoteError(err, f"{self.name}: data connection lost ({e})")
+        try:
+            lane.sock.close()
+        except OSError:
+            pass
+        return lane.broken
+
+    def _send_write(self, lane: TcpLane, op: int, offset: int, length: int, flags: int) -> None:
+        OP.pack_into(lane.hdr, 0, op, flags, offset, length)
+        sent = lane.sock.sendmsg((lane.hdr, self._pool[offset:offset + length]))
+        total = OP.size + length
+        if sent < total:  # rare: only on signals or huge ranges
+            done = max(0, sent - OP.size)
+            if sent < OP.size:
+                lane.sock.sendall(memoryview(lane.hdr)[sent:])
+            lane.sock.sendall(self._pool[offset + done:offset + length])
+        lane.pending += 1
+
+    def _collect(self, lane: TcpLane) -> None:
+        """Read every outstanding status of the lane; raise on the first error."""
+        while lane.pending:
+            n = min(lane.pending, 4096) * STATUS.size
+            view = memoryview(lane.status)[:n]
+            got = 0
+            while got < n:
+                r = lane.sock.recv_into(view[got:], n - got)
+                if not r:
+                    raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
+                got += r
+            lane.pending -= n // STATUS.size
+            if lane.status[:n] != _ZEROS[:n]:
+                err = next(e for (e,) in STATUS.iter_unpack(lane.status[:n]) if e)
+                # the agent refused or failed an operation: the lane's stream is not trusted
+                lane.broken = RemoteError(err, f"{self.name}: agent failed an operation: "
+                                               f"{errno.errorcode.get(err, err)}")
+                lane.sock.close()
+                raise lane.broken
+
+    def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        ln = self._lanes[lane]
+        with ln.lock:
+            if ln.broken:
+                raise ln.broken
+            try:
+                if ln.pending >= self._wq:
+                    self._collect(ln)
+                self._send_write(ln, OP_WRITE, offset, length, flags)
+            except RemoteError:
+                raise
+            except OSError as e:
+                raise self._lost(ln, e) from e
+
+    def drain(self, lane: int = 0) -> None:
+        ln = self._lanes[lane]
+        with ln.lock:
+            if ln.broken:
+                raise ln.broken
+            try:
+                self._collect(ln)
+            except RemoteError:
+                raise
+            except OSError as e:
+                raise self._lost(ln, e) from e
+
+    def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0,
+                op: int = OP_WRITE) -> None:
+        ln = self._lanes[lane]
+        with ln.lock:
+            if ln.broken:
+                raise ln.broken
+            try:
+                self._send_write(ln, op, offset, length, flags)
+                self._collect(ln)
+            except RemoteError:
+                raise
+            except OSError as e:
+                raise self._lost(ln, e) from e
+
+    def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
+        self.persist(offset, length, lane, 0, OP_DEEP)
+
+    def read(self, dest: memoryview, offset: int, lane: int = 0) -> None:
+        """Fill ``dest`` with the remote pool's bytes at ``offset``, received in place."""
+        ln = self._lanes[lane]
+        with ln.lock:
+            if ln.broken:
+                raise ln.broken
+            try:
+                OP.pack_into(ln.hdr, 0, OP_READ, 0, offset, len(dest))
+                ln.sock.sendall(ln.hdr)
+                ln.pending += 1  # the read's status comes after the lane's earlier ones
+                self._collect(ln)
+                got, n = 0, len(dest)
+                while got < n:
+                    r = ln.sock.recv_into(dest[got:], n - got)
+                    if not r:
+                        raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
+                    got += r
+            except RemoteError:
+                raise
+            except OSError as e:
+                raise self._lost(ln, e) from e
+
+    def close(self) -> None:
+        for ln in self._lanes:
+            try:
+                ln.sock.close()
+            except OSError:
+                pass
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        r = sock.recv_into(view[got:], n - got)
+        if not r:
+            raise ConnectionResetError(errno.ECONNRESET, "connection closed by the agent")
+        got += r
+    return bytes(buf)

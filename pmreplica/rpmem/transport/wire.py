@@ -1,0 +1,23 @@
+"""Data-path message layouts, shared by the client and the agent (network byte order).
+
+A lane connection opens with HELLO (the session's one-time secret and the lane number) and
+the agent's one-word status. Then each operation is an OP header: a WRITE or DEEP carries
+``length`` payload bytes and is answered by a one-word status once the range is durable;
+a READ is answered by the status and, if it is 0, ``length`` bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+SECRET_LEN = 32
+HELLO = struct.Struct(">32sI")  # secret, lane
+OP = struct.Struct(">IIQQ")  # op, flags, offset, length
+STATUS = struct.Struct(">I")  # 0 or an errno
+
+OP_WRITE = 1  # payload follows; made durable, then acknowledged
+OP_DEEP = 2  # like WRITE, through the deepest durability domain
+OP_READ = 3  # no payload; answered with status and data
+
+#: the GPSPM persist message RDMA peers exchange: flags, lane, address (pool offset), size
+PERSIST_MSG = struct.Struct(">IIQQ")

@@ -1,0 +1,115 @@
+"""Replica state kept in the master's metadata: which replicas are stale, and which chunks of
+the pool were written while some replica missed writes (DRBD's activity bitmap, coarse).
+
+The record lives in the master's part-0 header at bytes 2048..4024, PMDK's ``unused2`` area:
+outside the header checksum when CKSUM_2K is set and ignored by PMDK's tools, so PMDK pools
+stay valid for them. The record carries its own CRC32; a record that fails it is treated
+as "every replica stale", the safe reading.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+OFFSET = 2048
+MAGIC = b"PMRSTATE"
+VERSION = 1
+BITMAP_BYTES = 1536
+_HEAD = struct.Struct("<8sIIQQQ")  # magic, version, reserved, stale mask, generation, chunk size
+SIZE = _HEAD.size + BITMAP_BYTES + 4
+MIN_CHUNK = 64 << 10
+
+
+def chunk_size_for(pool_size: int) -> int:
+    """Smallest power of two >= 64 KiB whose chunks cover the pool with the bitmap's bits."""
+    chunk = MIN_CHUNK
+    while chunk * BITMAP_BYTES * 8 < pool_size:
+        chunk *= 2
+    return chunk
+
+
+@dataclass
+class ReplicaState:
+    """Stale replicas (bit i = replica i) and the chunks written while any was stale."""
+
+    chunk: int
+    stale_mask: int = 0
+    generation: int = 0
+    bitmap: bytearray = field(default_factory=lambda: bytearray(BITMAP_BYTES))
+    #: False when the stored record was damaged: callers must resync replicas in full
+    intact: bool = True
+
+    @classmethod
+    def load(cls, header_page: bytes | memoryview, pool_size: int,
+             nreplicas: int) -> "ReplicaState":
+        raw = bytes(header_page[OFFSET:OFFSET + SIZE])
+        magic, version, _, mask, gen, chunk = _HEAD.unpack_from(raw)
+        if magic == bytes(8) and raw == bytes(SIZE):
+            return cls(chunk=chunk_size_for(pool_size))
+        crc = struct.unpack_from("<I", raw, SIZE - 4)[0]
+        if magic != MAGIC or version != VERSION or crc != zlib.crc32(raw[:SIZE - 4]) or not chunk:
+            all_but_master = ((1 << nreplicas) - 1) & ~1
+            return cls(chunk=chunk_size_for(pool_size), stale_mask=all_but_master,
+                       intact=False)
+        bitmap = bytearray(raw[_HEAD.size:_HEAD.size + BITMAP_BYTES])
+        return cls(chunk=chunk, stale_mask=mask, generation=gen, bitmap=bitmap)
+
+    def pack(self) -> bytes:
+        body = _HEAD.pack(MAGIC, VERSION, 0, self.stale_mask, self.generation,
+                          self.chunk) + bytes(self.bitmap)
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    def is_stale(self, index: int) -> bool:
+        return bool(self.stale_mask >> index & 1)
+
+    def mark_stale(self, index: int) -> bool:
+        """Mark replica ``index`` stale; True if that changed the record."""
+        if self.is_stale(index):
+            return False
+        self.stale_mask |= 1 << index
+        self.generation += 1
+        return True
+
+    def clear_stale(self, index: int) -> bool:
+        """Replica ``index`` is consistent again; the bitmap resets when none is stale."""
+        if not self.is_stale(index):
+            return False
+        self.stale_mask &= ~(1 << index)
+        if not self.stale_mask:
+            self.bitmap[:] = bytes(BITMAP_BYTES)
+            self.intact = True
+        self.generation += 1
+        return True
+
+    def mark_dirty(self, offset: int, length: int) -> bool:
+        """Record that ``[offset, offset+length)`` was written; True if a new bit was set."""
+        first = offset // self.chunk
+        last = (offset + max(length, 1) - 1) // self.chunk
+        changed = False
+        bitmap = self.bitmap
+        for c in range(first, min(last, BITMAP_BYTES * 8 - 1) + 1):
+            byte, bit = divmod(c, 8)
+            if not bitmap[byte] >> bit & 1:
+                bitmap[byte] |= 1 << bit
+                changed = True
+        return changed
+
+    def dirty_ranges(self, pool_size: int) -> list[tuple[int, int]]:
+        """The written chunks as merged (offset, length) ranges clipped to the pool."""
+        out: list[tuple[int, int]] = []
+        for byte_index, byte in enumerate(self.bitmap):
+            if not byte:
+                continue
+            for bit in range(8):
+                if byte >> bit & 1:
+                    off = (byte_index * 8 + bit) * self.chunk
+                    if off >= pool_size:
+                        continue
+                    end = min(off + self.chunk, pool_size)
+                    if out and out[-1][0] + out[-1][1] == off:
+                        out[-1] = (out[-1][0], end - out[-1][0])
+                    else:
+                        out.append((off, end - off))
+        return out

@@ -1,0 +1,66 @@
+"""What a replica target offers: the methods pmreplica calls on what a plugin returns.
+
+Offsets are into the pool's address space (the same for every replica: the first 4 KiB is
+the header, then data), and the bytes to replicate are read from the master's mapping at the
+same offset: ``persist(off, n)`` makes the replica's ``[off, off+n)`` equal to the master's and
+durable. Ranges flushed on one lane are applied in issue order; lanes are independent and may
+be used from different threads at once. Failures raise ``OSError`` with an errno.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from .header import PoolAttr
+
+#: ``persist``/``flush`` flag: the caller does not need ordering with other lanes (librpmem's
+#: RPMEM_PERSIST_RELAXED / RPMEM_FLUSH_RELAXED).
+RELAXED = 1
+
+
+@dataclass(frozen=True)
+class TargetStat:
+    """``stat()`` of a replica: its usable size and whether its header checks out."""
+
+    size: int
+    healthy: bool
+    detail: str = ""
+
+
+@runtime_checkable
+class ReplicaTarget(Protocol):
+    """A replica of the master, local or remote."""
+
+    #: how many lanes may be used at once (lane numbers are 0..nlanes-1)
+    nlanes: int
+
+    def create(self, attr: PoolAttr) -> None:
+        """Create the replica's storage with a header made from ``attr``."""
+
+    def open(self) -> PoolAttr:
+        """Open the existing replica and return the attributes from its header."""
+
+    def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        """Copy the master's range into the replica and return once it is durable there."""
+
+    def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
+        """Like persist, through the target's deepest durability domain."""
+
+    def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        """Start persisting a range; :meth:`drain` waits for it. May complete early."""
+
+    def drain(self, lane: int = 0) -> None:
+        """Wait until every range flushed on ``lane`` is durable on the replica."""
+
+    def read(self, dest: memoryview, offset: int, lane: int = 0) -> None:
+        """Fill ``dest`` with the replica's bytes at ``offset`` (for repair and verify)."""
+
+    def set_attr(self, attr: PoolAttr) -> None:
+        """Rewrite the attributes in the replica's header."""
+
+    def stat(self) -> TargetStat:
+        """Size and header health, without opening the replica for writing."""
+
+    def close(self) -> None:
+        """Release the replica; its data stays."""

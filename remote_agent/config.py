@@ -1,0 +1,85 @@
+"""The agent's settings: command line over config file over defaults (rpmemd's scheme).
+
+Config files, later ones winning: /etc/pmreplica/agent.conf, ~/.pmreplica-agent.conf,
+then ``--config FILE``. Lines are ``name = value``; ``#`` starts a comment.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, fields, replace
+
+from pmreplica.errors import PmReplicaError
+
+SYSTEM_CONFIG = "/etc/pmreplica/agent.conf"
+USER_CONFIG = "~/.pmreplica-agent.conf"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    poolset_dir: str = "~"
+    log_file: str | None = None  # None: stderr (which the client shows on failures)
+    log_level: str = "warning"
+    persist_apm: bool = False  # the platform makes RDMA writes durable without a flush
+    persist_general: bool = True
+    max_lanes: int = 64
+
+    @property
+    def root(self) -> str:
+        return os.path.realpath(os.path.expanduser(self.poolset_dir))
+
+
+def _coerce(name: str, value: str, where: str) -> object:
+    if name in ("persist_apm", "persist_general"):
+        v = value.lower()
+        if v in ("yes", "true", "1", "on"):
+            return True
+        if v in ("no", "false", "0", "off"):
+            return False
+        raise PmReplicaError(errno.EINVAL, f"{where}: {name.replace('_', '-')} must be yes or no")
+    if name == "max_lanes":
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise PmReplicaError(errno.EINVAL, f"{where}: max-lanes must be a positive integer")
+        return n
+    if name == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
+        raise PmReplicaError(errno.EINVAL, f"{where}: log-level must be debug, info, warning "
+                                           "or error")
+    return value
+
+
+def read_file(config: AgentConfig, path: str) -> AgentConfig:
+    """Apply the settings in ``path`` (missing file: nothing changes)."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return config
+    known = {f.name for f in fields(AgentConfig)}
+    changes = {}
+    for lineno, line in enumerate(lines, start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{path}:{lineno}"
+        name, sep, value = line.partition("=")
+        key = name.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise PmReplicaError(errno.EINVAL, f"{where}: unknown setting {name.strip()!r}")
+        changes[key] = _coerce(key, value.strip(), where)
+    return replace(config, **changes)
+
+
+def load(explicit: str | None = None) -> AgentConfig:
+    config = AgentConfig()
+    for path in (SYSTEM_CONFIG, USER_CONFIG):
+        config = read_file(config, path)
+    if explicit:
+        if not os.path.exists(explicit):
+            raise PmReplicaError(errno.ENOENT, f"config file {explicit} does not exist")
+        config = read_file(config, explicit)
+    return config

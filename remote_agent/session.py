@@ -1,0 +1,156 @@
+"""One client session on the control channel (the agent's stdin/stdout).
+
+The agent answers each request, never more than one pool per session, and ends the session
+on CLOSE, on end of input, or on a message it cannot parse (after answering it with an error
+when it can): garbage never reaches a pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from pmreplica.header import PoolAttr
+from pmreplica.rpmem import proto
+from pmreplica.rpmem.proto import Request, Response
+
+from .config import AgentConfig
+from .pooldb import OpenPool, PoolDB, PoolError
+from .tcp_server import TcpServer
+
+log = logging.getLogger("remote_agent.session")
+
+
+class Stdio:
+    """Exact reads and writes on file descriptors (no buffering layers in between)."""
+
+    def __init__(self, rfd: int = 0, wfd: int = 1) -> None:
+        self.rfd, self.wfd = rfd, wfd
+
+    def read_exact(self, n: int) -> bytes | None:
+        """``n`` bytes, or None at end of input (also mid-message: the client is gone)."""
+        chunks, got = [], 0
+        while got < n:
+            chunk = os.read(self.rfd, n - got)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.wfd, view):]
+
+
+class Session:
+    def __init__(self, db: PoolDB, config: AgentConfig, io: Stdio) -> None:
+        self.db = db
+        self.config = config
+        self.io = io
+        self.pool: OpenPool | None = None
+        self.server: TcpServer | None = None
+
+    def run(self) -> int:
+        """Serve requests until the session ends; the exit status of the agent."""
+        self.io.write(proto.READY.pack(0))
+        try:
+            while True:
+                raw = self.io.read_exact(proto.REQ_HDR.size)
+                if raw is None:
+                    log.info("control channel closed by the client")
+                    return 0
+                rtype, size = proto.REQ_HDR.unpack(raw)
+                if rtype not in proto.REQUEST_TYPES or not proto.REQ_HDR.size <= size <= proto.MAX_MESSAGE:
+                    log.warning("garbage on the control channel (type %d, size %d)", rtype, size)
+                    self._reply(Response(rtype + 1, proto.ERR_BADPROTO,
+                                         message=f"unknown message (type {rtype}, size {size})"))
+                    return 1
+                body = self.io.read_exact(size - proto.REQ_HDR.size)
+                if body is None:
+                    return 0
+                try:
+                    req = proto.decode_request(rtype, body)
+                except proto.ProtocolError as e:
+                    log.warning("malformed request: %s", e)
+                    self._reply(Response(rtype + 1, proto.ERR_BADPROTO, message=str(e)))
+                    return 1
+                resp = self._dispatch(req)
+                self._reply(resp)
+                if req.type == proto.CLOSE:
+                    return 0
+        finally:
+            self._end(remove=False)
+
+    def _reply(self, resp: Response) -> None:
+        self.io.write(proto.encode_response(resp))
+
+    def _dispatch(self, req: Request) -> Response:
+        rtype = req.type + 1
+        try:
+            if req.type in (proto.CREATE, proto.OPEN):
+                return self._start(req)
+            if req.type == proto.CLOSE:
+                self._end(remove=bool(req.flags & proto.CLOSE_REMOVE))
+                return Response(rtype)
+            if req.type == proto.SET_ATTR:
+                if self.pool is None:
+                    raise PoolError(errno.EINVAL, "no pool is open in this session")
+                self.pool.set_attr(req.attr or PoolAttr())
+                return Response(rtype)
+            if req.type == proto.STAT:
+                size, healthy, detail = self.db.stat(req.pool_desc)
+                return Response(rtype, size=size, healthy=healthy, message=detail)
+            raise PoolError(errno.EPROTONOSUPPORT, f"request type {req.type} is not supported")
+        except OSError as e:
+            log.warning("%s failed: %s", _NAMES.get(req.type, req.type), e)
+            return Response(rtype, proto.status_for_errno(e.errno),
+                            message=e.strerror or str(e))
+
+    def _start(self, req: Request) -> Response:
+        rtype = req.type + 1
+        if self.pool is not None:
+            raise PoolError(errno.EINVAL, "a pool is already open in this session")
+        if req.major != proto.PROTO_MAJOR:
+            return Response(rtype, proto.ERR_BADPROTO,
+                            message=f"protocol {req.major}.{req.minor} not supported "
+                                    f"(agent speaks {proto.PROTO_MAJOR}.{proto.PROTO_MINOR})")
+        if req.nlanes < 1:
+            return Response(rtype, proto.ERR_BADNLANES, message="nlanes must be at least 1")
+        if req.provider != proto.PROV_TCP:
+            name = proto.PROVIDER_NAMES.get(req.provider)
+            status = proto.ERR_PROVNOSUP if name else proto.ERR_BADPROVIDER
+            return Response(rtype, status, message=f"provider {name or req.provider} is not "
+                                                   "available on this agent")
+        if req.type == proto.CREATE:
+            pool = self.db.create(req.pool_desc, req.pool_size, req.attr or PoolAttr())
+        else:
+            pool = self.db.open(req.pool_desc, req.pool_size)
+        nlanes = min(req.nlanes, self.config.max_lanes)
+        try:
+            self.server = TcpServer(pool.mapping, pool.pool_size, pool.data_offset, nlanes)
+        except OSError:
+            pool.close(remove=True)
+            raise
+        self.pool = pool
+        log.info("%s %s: %d bytes, %d lanes, data port %d",
+                 "created" if pool.created else "opened", pool.name, pool.pool_size, nlanes,
+                 self.server.port)
+        return Response(rtype, port=self.server.port, persist_method=proto.PM_GPSPM,
+                        nlanes=nlanes, attr=pool.attr, blob=self.server.secret)
+
+    def _end(self, remove: bool) -> None:
+        """Stop the data path and close (with ``remove``: delete a pool created here)."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.pool is not None:
+            self.pool.close(remove=remove)
+            self.pool = None
+
+
+_NAMES = {proto.CREATE: "CREATE", proto.OPEN: "OPEN", proto.CLOSE: "CLOSE",
+          proto.SET_ATTR: "SET_ATTR", proto.STAT: "STAT", proto.CONNECT: "CONNECT",
+          proto.CHECKSUM: "CHECKSUM"}

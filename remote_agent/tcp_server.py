@@ -1,0 +1,206 @@
+"""The agent's TCP data path: a listener for the session's lanes and one thread per lane.
+
+Each connection must first present the session's secret (handed to the client on the
+authenticated control channel) and an unused lane number; after the last lane arrives the
+listener closes, so the secret is good for this session's lanes only. A WRITE is received
+with ``recv_into`` straight into the mapped pool, made durable, then acknowledged.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import logging
+import os
+import secrets
+import socket
+import threading
+
+from pmreplica.pmem import Mapping
+from pmreplica.rpmem.transport.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE,
+                                            SECRET_LEN, STATUS)
+
+log = logging.getLogger("remote_agent.tcp")
+
+HELLO_TIMEOUT = 10.0
+#: lanes must connect within this long after the pool was created or opened
+CONNECT_WINDOW = 60.0
+_OK = STATUS.pack(0)
+#: bytes read per recv: operations up to this size arrive in one system call
+STAGING = 64 << 10
+MAX_ACKS = 256
+_OKS = _OK * MAX_ACKS
+
+
+def listen_address() -> str:
+    """The address the SSH connection came in on (SSH_CONNECTION's server field), so data
+    flows over the same network as the login; loopback when started without SSH."""
+    fields = os.environ.get("SSH_CONNECTION", "").split()
+    return fields[2] if len(fields) == 4 else "127.0.0.1"
+
+
+class TcpServer:
+    """Serves the data lanes of one open pool."""
+
+    def __init__(self, mapping: Mapping, pool_size: int, data_offset: int, nlanes: int,
+                 address: str | None = None) -> None:
+        self.mapping = mapping
+        self.pool_size = pool_size
+        self.data_offset = data_offset
+        self.nlanes = nlanes
+        self.secret = secrets.token_bytes(SECRET_LEN)
+        addr = address or listen_address()
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        self._listener = socket.create_server((addr, 0), family=family, backlog=nlanes)
+        self.port = self._listener.getsockname()[1]
+        self._lanes: dict[int, socket.socket] = {}
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closing = False
+        self._acceptor = threading.Thread(target=self._accept, name="accept", daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        self._listener.settimeout(CONNECT_WINDOW)
+        try:
+            while len(self._lanes) < self.nlanes:
+                try:
+                    conn, peer = self._listener.accept()
+                except (socket.timeout, OSError):
+                    break
+                self._admit(conn, peer)
+        finally:
+            self._listener.close()
+
+    def _admit(self, conn: socket.socket, peer: object) -> None:
+        """Check the secret and lane of a new connection; start its thread or drop it."""
+        try:
+            conn.settimeout(HELLO_TIMEOUT)
+            raw = _recv_exact(conn, HELLO.size)
+            secret, lane = HELLO.unpack(raw)
+            if not hmac.compare_digest(secret, self.secret):
+                log.warning("data connection from %s refused: wrong session secret", peer)
+                conn.sendall(STATUS.pack(errno.EACCES))
+                conn.close()
+                return
+            with self._lock:
+                if not 0 <= lane < self.nlanes or lane in self._lanes or self._closing:
+                    conn.sendall(STATUS.pack(errno.EINVAL))
+                    conn.close()
+                    return
+                self._lanes[lane] = conn
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(_OK)
+        except (OSError, ValueError) as e:
+            log.info("data connection from %s dropped during hello: %s", peer, e)
+            conn.close()
+            return
+        t = threading.Thread(target=self._serve_lane, args=(lane, conn), name=f"lane {lane}",
+                             daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _serve_lane(self, lane: int, conn: socket.socket) -> None:
+        """Apply the lane's operations in order. Reads go through a staging buffer so a small
+        operation costs one recv (librpmem's inline persist did the same for small sizes);
+        payload beyond what the staging read brought in is received straight into the pool.
+        Acknowledgements of operations that arrived together go out in one send."""
+        buf = bytearray(STAGING)
+        view = memoryview(buf)
+        pool = self.mapping.buf
+        persist, deep = self.mapping.persist, self.mapping.deep_persist
+        lo, hi = self.data_offset, self.pool_size
+        recv_into, send = conn.recv_into, conn.sendall
+        start = end = 0  # unparsed bytes are buf[start:end]
+        acks = 0  # operations applied but not yet acknowledged
+        try:
+            while True:
+                if end - start < OP.size:
+                    if acks:
+                        send(_OKS[:acks * STATUS.size])
+                        acks = 0
+                    if start:
+                        view[:end - start] = view[start:end]
+                        end -= start
+                        start = 0
+                    r = recv_into(view[end:])
+                    if not r:
+                        return  # client closed the lane
+                    end += r
+                    continue
+                op, _flags, off, length = OP.unpack_from(buf, start)
+                start += OP.size
+                stop = off + length
+                if op == OP_READ:
+                    if acks:
+                        send(_OKS[:acks * STATUS.size])
+                        acks = 0
+                    if stop > hi:
+                        send(STATUS.pack(errno.EINVAL))
+                        return
+                    send(_OK)
+                    send(pool[off:stop])
+                    continue
+                if op not in (OP_WRITE, OP_DEEP) or off < lo or stop > hi:
+                    # never write outside the pool's data; the stream cannot be trusted
+                    log.warning("lane %d: refused op %d at %d+%d", lane, op, off, length)
+                    send(_OKS[:acks * STATUS.size] + STATUS.pack(errno.EINVAL))
+                    return
+                have = min(end - start, length)
+                if have:
+                    pool[off:off + have] = view[start:start + have]
+                    start += have
+                if have < length and not _fill(recv_into, pool[off + have:stop]):
+                    return
+                try:
+                    if length:
+                        (deep if op == OP_DEEP else persist)(off, length)
+                except OSError as e:
+                    log.error("lane %d: making %d+%d durable failed: %s", lane, off, length, e)
+                    send(_OKS[:acks * STATUS.size] + STATUS.pack(e.errno or errno.EIO))
+                    return
+                acks += 1
+                if acks == MAX_ACKS:
+                    send(_OKS)
+                    acks = 0
+        except OSError as e:
+            if not self._closing:
+                log.info("lane %d: connection lost: %s", lane, e)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Stop every lane (their connections are shut down) and the listener."""
+        with self._lock:
+            self._closing = True
+            lanes = list(self._lanes.values())
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        for conn in lanes:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(5.0)
+
+
+def _fill(recv_into, view: memoryview) -> bool:
+    """Receive exactly ``len(view)`` bytes into ``view``; False on end of stream."""
+    got, n = 0, len(view)
+    while got < n:
+        r = recv_into(view[got:] if got else view)
+        if not r:
+            return False
+        got += r
+    return True
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    if not _fill(conn.recv_into, memoryview(buf)):
+        raise ConnectionResetError(errno.ECONNRESET, "connection closed during hello")
+    return bytes(buf)

@@ -1,0 +1,50 @@
+"""The RDMA tests of tests/rxe, run where they can: in the QEMU guest of tools/rxevm, which has
+a real soft-RoCE device. The guest boots once and runs all of tests/rxe."""
+
+import os
+import shlex
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RXEVM = ROOT / "tools" / "rxevm"
+GUEST_SECONDS = 240  # boot (~4 s under TCG) plus every test in tests/rxe
+
+
+def unavailable(reason: str) -> None:
+    """CI must be able to run the guest; elsewhere a missing part skips, saying what is missing."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.mark.timeout(GUEST_SECONDS + 60)
+def test_rxe_tests_pass_in_guest(tmp_path):
+    check = subprocess.run([RXEVM / "check"], capture_output=True, text=True)
+    if check.returncode:
+        unavailable(check.stdout.strip() or check.stderr.strip())
+    pyverbs = subprocess.run([sys.executable, "-c", "import pyverbs.device"], capture_output=True)
+    if pyverbs.returncode:
+        unavailable(f"{sys.executable} cannot import pyverbs (python3-pyverbs, tools/bootstrap)")
+
+    junit = tmp_path / "junit.xml"  # tmp_path is the guest's output folder: it writes there
+    guest_pytest = [sys.executable, "-m", "pytest", "tests/rxe", "-p", "no:cacheprovider", "-rA",
+                    "--timeout=120",  # a hung test shows its traceback before the guest is killed
+                    # away from the host's pytest-of-*, where tmp_path is mounted into the guest:
+                    "--basetemp=/tmp/pmreplica-rxe-guest",
+                    f"--junitxml={junit}",
+                    *shlex.split(os.environ.get("PMREPLICA_RXE_PYTEST_ARGS", ""))]
+    run = subprocess.run([RXEVM / "run", "-t", str(GUEST_SECONDS), "-o", str(tmp_path), "--",
+                          *guest_pytest], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    print(run.stdout)
+    assert run.returncode == 0, f"pytest in the guest exited {run.returncode}:\n{run.stdout}"
+
+    suite = ElementTree.parse(junit).getroot().find("testsuite")
+    ran, skipped = int(suite.get("tests")), int(suite.get("skipped"))
+    assert ran > 0, "the guest collected no tests in tests/rxe"
+    assert skipped == 0, f"{skipped} test(s) skipped in the guest, the one place they can run"
