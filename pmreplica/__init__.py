@@ -6,7 +6,8 @@ remote, in step with every ``persist``. Replica kinds are pluggy plugins (``hook
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+# typing.TYPE_CHECKING without importing typing (the agent imports this package on start)
+TYPE_CHECKING = False
 
 from .errors import HeaderError, PmReplicaError, PoolSetError, RemoteError, ReplicaError
 

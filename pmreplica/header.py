@@ -4,18 +4,21 @@ Layout (little-endian, PMDK 1.12 ``struct pool_hdr``): signature[8], major, comp
 ro_compat, poolset_uuid, uuid, prev_part, next_part, prev_repl, next_repl, crtime,
 arch_flags{alignment_desc, class, data, reserved[4], machine}, zeros to 4024, the 64-byte
 shutdown-state block, and the checksum at 4088.
+
+Records are namedtuples rather than dataclasses: the agent imports this module on every
+start, and dataclasses alone (it imports inspect) costs it several milliseconds.
 """
 
 from __future__ import annotations
 
 import array
 import ctypes
-import platform
+import os
 import struct
 import sys
 import time
 import uuid as _uuid
-from dataclasses import dataclass, field, replace
+from collections import namedtuple
 
 HDR_SIZE = 4096
 SIG_LEN = 8
@@ -52,21 +55,17 @@ def _alignment_desc() -> int:
     return desc
 
 
-@dataclass(frozen=True)
-class ArchFlags:
+class ArchFlags(namedtuple("ArchFlags", "alignment_desc machine_class data machine")):
     """Architecture identification of the machine that created the pool."""
 
-    alignment_desc: int
-    machine_class: int
-    data: int
-    machine: int
+    __slots__ = ()
 
     @classmethod
     def current(cls) -> "ArchFlags":
         return cls(alignment_desc=_alignment_desc(),
                    machine_class=2 if sys.maxsize > 2**32 else 1,
                    data=1 if sys.byteorder == "little" else 2,
-                   machine=_ELF_MACHINES.get(platform.machine().lower(), 0))
+                   machine=_ELF_MACHINES.get(os.uname().machine.lower(), 0))
 
     def pack(self) -> bytes:
         return _ARCH.pack(self.alignment_desc, self.machine_class, self.data, self.machine)
@@ -74,6 +73,9 @@ class ArchFlags:
     @classmethod
     def unpack(cls, raw: bytes) -> "ArchFlags":
         return cls(*_ARCH.unpack(raw))
+
+
+CURRENT_ARCH = ArchFlags.current()
 
 
 def fletcher64(buf: bytes | memoryview, skip_from: int = HDR_SIZE) -> int:
@@ -93,25 +95,21 @@ def fletcher64(buf: bytes | memoryview, skip_from: int = HDR_SIZE) -> int:
     return (hi << 32) | lo
 
 
-@dataclass(frozen=True)
-class PoolHeader:
-    """A decoded pool header. ``pack()`` yields the 4096 bytes with a fresh checksum."""
+_HEADER_FIELDS = ("signature major compat incompat ro_compat poolset_uuid uuid prev_part "
+                  "next_part prev_repl next_repl crtime arch sds checksum")
 
-    signature: bytes
-    major: int
-    compat: int = 0
-    incompat: int = FEAT_CKSUM_2K
-    ro_compat: int = 0
-    poolset_uuid: _uuid.UUID = NIL
-    uuid: _uuid.UUID = NIL
-    prev_part: _uuid.UUID = NIL
-    next_part: _uuid.UUID = NIL
-    prev_repl: _uuid.UUID = NIL
-    next_repl: _uuid.UUID = NIL
-    crtime: int = 0
-    arch: ArchFlags = field(default_factory=ArchFlags.current)
-    sds: bytes = bytes(SDS_SIZE)
-    checksum: int = 0
+
+class PoolHeader(namedtuple("PoolHeader", _HEADER_FIELDS,
+                            defaults=(0, FEAT_CKSUM_2K, 0, NIL, NIL, NIL, NIL, NIL, NIL, 0,
+                                      None, bytes(SDS_SIZE), 0))):
+    """A decoded pool header (uuids as :class:`uuid.UUID`, ``arch`` an :class:`ArchFlags`,
+    this machine's when not given). ``pack()`` yields the 4096 bytes with a fresh checksum."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args, **kw):  # noqa: D102 - fills in this machine's arch flags
+        self = super().__new__(cls, *args, **kw)
+        return self if self.arch is not None else self._replace(arch=CURRENT_ARCH)
 
     @property
     def checksum_limit(self) -> int:
@@ -173,23 +171,19 @@ ATTR_SIZE = 104
 _ATTR = struct.Struct(">8s4I16s16s16s16s16s")
 
 
-@dataclass(frozen=True)
-class PoolAttr:
-    """librpmem's ``struct rpmem_pool_attr`` (104 bytes packed; big-endian on the wire).
+_ATTR_FIELDS = ("signature major compat_features incompat_features ro_compat_features "
+                "poolset_uuid uuid next_uuid prev_uuid user_flags")
+
+
+class PoolAttr(namedtuple("PoolAttr", _ATTR_FIELDS,
+                          defaults=(bytes(SIG_LEN), 0, 0, 0, 0) + (bytes(16),) * 5)):
+    """librpmem's ``struct rpmem_pool_attr`` (104 bytes packed; big-endian on the wire);
+    uuids are the raw 16 bytes as PMDK stores them.
 
     Stored in a remote pool's header: ``user_flags`` occupy the header's arch_flags, as
     PMDK's ``util_set_rpmem_attr`` does."""
 
-    signature: bytes = bytes(SIG_LEN)
-    major: int = 0
-    compat_features: int = 0
-    incompat_features: int = 0
-    ro_compat_features: int = 0
-    poolset_uuid: bytes = bytes(16)
-    uuid: bytes = bytes(16)
-    next_uuid: bytes = bytes(16)
-    prev_uuid: bytes = bytes(16)
-    user_flags: bytes = bytes(16)
+    __slots__ = ()
 
     def pack(self) -> bytes:
         return _ATTR.pack(self.signature.ljust(SIG_LEN, b"\0")[:SIG_LEN], self.major,
@@ -233,6 +227,6 @@ def replica_headers(template: PoolHeader, part_uuids: list[_uuid.UUID],
     """Headers for the parts of one replica: ``template`` with each part's uuid, the parts
     linked in a circle, and the replica linked to its neighbours in the replica circle."""
     n = len(part_uuids)
-    return [replace(template, uuid=u, prev_part=part_uuids[i - 1],
+    return [template._replace(uuid=u, prev_part=part_uuids[i - 1],
                     next_part=part_uuids[(i + 1) % n], prev_repl=prev_repl, next_repl=next_repl)
             for i, u in enumerate(part_uuids)]

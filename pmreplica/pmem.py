@@ -14,12 +14,11 @@ GIL while it waits.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
-from dataclasses import dataclass
-from typing import Sequence
+from collections import namedtuple
+from collections.abc import Sequence
 
 from .errors import PmReplicaError
 
@@ -50,9 +49,8 @@ _MEMORY_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
 
 def _load_libpmem() -> ctypes.CDLL | None:
     """libpmem if installed; pmreplica works without it (msync only)."""
-    name = ctypes.util.find_library("pmem") or "libpmem.so.1"
-    try:
-        lib = ctypes.CDLL(name)
+    try:  # by soname: ctypes.util.find_library would run ldconfig, slowing every start
+        lib = ctypes.CDLL("libpmem.so.1")
     except OSError:
         return None
     for fn in ("pmem_persist", "pmem_flush", "pmem_deep_persist"):
@@ -66,7 +64,17 @@ def _load_libpmem() -> ctypes.CDLL | None:
     return lib
 
 
-libpmem = _load_libpmem()
+# libpmem is loaded only for mappings that may be pmem: a real DAX mapping (MAP_SYNC held)
+# or PMEM_IS_PMEM_FORCE set, the only cases its pmem_is_pmem() says yes for ours
+libpmem: ctypes.CDLL | None = None
+_libpmem_looked_for = False
+
+
+def _pmem_lib() -> ctypes.CDLL | None:
+    global libpmem, _libpmem_looked_for
+    if not _libpmem_looked_for:
+        libpmem, _libpmem_looked_for = _load_libpmem(), True
+    return libpmem
 
 
 def _oserror(what: str, path: str | None = None) -> PmReplicaError:
@@ -90,14 +98,10 @@ def msync_range(addr: int, length: int) -> None:
         raise _oserror("msync")
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(namedtuple("Segment", "path file_offset length pool_offset")):
     """``length`` bytes of ``path`` from ``file_offset``, placed at ``pool_offset``."""
 
-    path: str
-    file_offset: int
-    length: int
-    pool_offset: int
+    __slots__ = ()
 
 
 def open_part(path: str, size: int, *, create: bool, mode: int = 0o666,
@@ -147,8 +151,9 @@ class Mapping:
             self._reservation.close()
             raise
         self.buf = memoryview(self._reservation)
-        self.is_pmem = bool(synced or (libpmem and libpmem.pmem_is_pmem(self.addr, self.size)))
-        self._flush = libpmem.pmem_flush if self.is_pmem and libpmem else None
+        lib = _pmem_lib() if synced or os.environ.get("PMEM_IS_PMEM_FORCE") else None
+        self.is_pmem = bool(synced or (lib and lib.pmem_is_pmem(self.addr, self.size)))
+        self._flush = lib.pmem_flush if self.is_pmem and lib else None
         # on tmpfs msync is a system call that does nothing: the page cache is the storage
         self._msync = not all(memory_backed(fd) for fd in fds.values())
 
@@ -335,9 +340,10 @@ def has_hw_drain() -> bool:
 
 def check_version(major_required: int, minor_required: int) -> bool:
     """True if libpmem offers the API version; RuntimeError saying why not otherwise."""
-    if libpmem is None:
+    lib = _pmem_lib()
+    if lib is None:
         raise RuntimeError("libpmem is not installed (Debian package libpmem1)")
-    reason = libpmem.pmem_check_version(major_required, minor_required)
+    reason = lib.pmem_check_version(major_required, minor_required)
     if reason is not None:
         raise RuntimeError(reason.decode())
     return True

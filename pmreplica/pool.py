@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import uuid as _uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import pluggy
@@ -122,8 +122,8 @@ class PoolSet:
                               poolset_uuid=_uuid.uuid4(), crtime=int(time.time()))
         n = len(set_file.replicas)
         first_uuids = [_uuid.uuid4() for _ in range(n)]
-        master.create(replace(template, uuid=first_uuids[0], prev_repl=first_uuids[-1],
-                              next_repl=first_uuids[1 % n]), mode)
+        master.create(template._replace(uuid=first_uuids[0], prev_repl=first_uuids[-1],
+                                        next_repl=first_uuids[1 % n]), mode)
         try:
             self = cls._map(set_file, master, plugins, nlanes)
         except BaseException:
@@ -140,7 +140,11 @@ class PoolSet:
                                 prev_uuid=first_uuids[i - 1].bytes_le,
                                 user_flags=template.arch.pack())
                 target = self._target(status.spec, i, create=True)
-                target.create(attr)
+                try:
+                    target.create(attr)
+                except BaseException:
+                    _close_quietly(target)
+                    raise
                 status.target = target
             self._activate()
             return self
@@ -232,7 +236,12 @@ class PoolSet:
                         remove_pool_set=False)
                 except OSError as e:
                     log.warning("cleanup of %s failed: %s", status.name, e)
-        self._release()
+        try:
+            self._release()
+        except PmReplicaError as e:
+            # a view of the pool is still alive (e.g. in the traceback of the failed step);
+            # the mapping goes when it does, the files that were made go now
+            log.debug("unmapping the pool being discarded: %s", e)
         self._master.remove(force=True)
 
     # -- the write path --------------------------------------------------------------------

@@ -12,8 +12,7 @@ import errno
 import os
 import posixpath
 import re
-from dataclasses import dataclass, field
-from typing import Union
+from collections import namedtuple
 
 from .errors import PoolSetError
 
@@ -55,14 +54,10 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(namedtuple("Part", "size path line is_dir", defaults=(0, False))):
     """One part line: ``size`` bytes at ``path`` (a directory for directory-based replicas)."""
 
-    size: int
-    path: str
-    line: int = 0
-    is_dir: bool = False
+    __slots__ = ()
 
     @property
     def aligned_size(self) -> int:
@@ -70,39 +65,43 @@ class Part:
         return self.size & ~(PAGE_SIZE - 1)
 
 
-@dataclass
-class LocalReplica:
+class LocalReplica(namedtuple("LocalReplica", "parts line", defaults=((), 0))):
     """The master (index 0) or a local ``REPLICA`` section with its parts."""
 
-    parts: list[Part] = field(default_factory=list)
-    line: int = 0
-
+    __slots__ = ()
     is_remote = False
 
+    def __new__(cls, parts=None, line: int = 0) -> "LocalReplica":
+        return super().__new__(cls, list(parts or ()), line)
 
-@dataclass(frozen=True)
-class RemoteReplica:
+
+class RemoteReplica(namedtuple("RemoteReplica", "node pool_set line", defaults=(0,))):
     """``REPLICA node pool_set``: a pool set file served by the agent on ``node``."""
 
-    node: str
-    pool_set: str
-    line: int = 0
-
+    __slots__ = ()
     is_remote = True
 
 
-Replica = Union[LocalReplica, RemoteReplica]
+Replica = LocalReplica | RemoteReplica
 
 
-@dataclass
 class PoolSetFile:
     """A parsed pool set: replicas in file order (index 0 is the master) and options."""
 
-    replicas: list[Replica]
-    options: frozenset[str] = frozenset()
-    path: str | None = None
-    #: line of each option's first mention, for messages
-    option_lines: dict[str, int] = field(default_factory=dict, compare=False)
+    def __init__(self, replicas: list[Replica], options: frozenset[str] = frozenset(),
+                 path: str | None = None, option_lines: dict[str, int] | None = None) -> None:
+        self.replicas = replicas
+        self.options = frozenset(options)
+        self.path = path
+        #: line of each option's first mention, for messages
+        self.option_lines = option_lines or {}
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, PoolSetFile) and self.replicas == other.replicas
+                and self.options == other.options)
+
+    def __repr__(self) -> str:
+        return f"PoolSetFile({self.replicas!r}, {set(self.options) or ''}, path={self.path!r})"
 
     # -- sizes ---------------------------------------------------------------------------
     @property

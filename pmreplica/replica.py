@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import uuid as _uuid
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .errors import HeaderError, PmReplicaError
 from .header import HDR_SIZE, PoolHeader, replica_headers
@@ -19,14 +19,11 @@ from .pmem import Mapping, Segment, open_part
 from .poolset import LocalReplica, PoolSetFile
 
 
-@dataclass(frozen=True)
-class PartHeader:
-    """A part's header as read from its file, with what is wrong with it (empty if fine)."""
+class PartHeader(namedtuple("PartHeader", "path raw header problems")):
+    """A part's header as read from its file (``raw`` bytes, decoded ``header``, either None
+    if unreadable) and what is wrong with it (``problems``, empty if fine)."""
 
-    path: str
-    raw: bytes | None
-    header: PoolHeader | None
-    problems: tuple[str, ...]
+    __slots__ = ()
 
 
 class LocalReplicaFiles:

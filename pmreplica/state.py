@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass, field
 
 OFFSET = 2048
 MAGIC = b"PMRSTATE"
@@ -30,16 +29,21 @@ def chunk_size_for(pool_size: int) -> int:
     return chunk
 
 
-@dataclass
 class ReplicaState:
     """Stale replicas (bit i = replica i) and the chunks written while any was stale."""
 
-    chunk: int
-    stale_mask: int = 0
-    generation: int = 0
-    bitmap: bytearray = field(default_factory=lambda: bytearray(BITMAP_BYTES))
-    #: False when the stored record was damaged: callers must resync replicas in full
-    intact: bool = True
+    def __init__(self, chunk: int, stale_mask: int = 0, generation: int = 0,
+                 bitmap: bytearray | None = None, intact: bool = True) -> None:
+        self.chunk = chunk
+        self.stale_mask = stale_mask
+        self.generation = generation
+        self.bitmap = bitmap if bitmap is not None else bytearray(BITMAP_BYTES)
+        #: False when the stored record was damaged: callers must resync replicas in full
+        self.intact = intact
+
+    def __repr__(self) -> str:
+        return (f"ReplicaState(stale_mask={self.stale_mask:#x}, generation={self.generation}, "
+                f"chunk={self.chunk}, dirty={sum(bin(b).count('1') for b in self.bitmap)})")
 
     @classmethod
     def load(cls, header_page: bytes | memoryview, pool_size: int,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, fields, replace
+from collections import namedtuple
 
 from pmreplica.errors import PmReplicaError
 
@@ -16,14 +16,13 @@ SYSTEM_CONFIG = "/etc/pmreplica/agent.conf"
 USER_CONFIG = "~/.pmreplica-agent.conf"
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    poolset_dir: str = "~"
-    log_file: str | None = None  # None: stderr (which the client shows on failures)
-    log_level: str = "warning"
-    persist_apm: bool = False  # the platform makes RDMA writes durable without a flush
-    persist_general: bool = True
-    max_lanes: int = 64
+class AgentConfig(namedtuple("AgentConfig", "poolset_dir log_file log_level persist_apm "
+                                           "persist_general max_lanes",
+                              defaults=("~", None, "warning", False, True, 64))):
+    """``log_file`` None logs to stderr (which the client shows on failures); ``persist_apm``
+    says the platform makes RDMA writes durable without a flush (allows APM)."""
+
+    __slots__ = ()
 
     @property
     def root(self) -> str:
@@ -59,7 +58,7 @@ def read_file(config: AgentConfig, path: str) -> AgentConfig:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return config
-    known = {f.name for f in fields(AgentConfig)}
+    known = set(AgentConfig._fields)
     changes = {}
     for lineno, line in enumerate(lines, start=1):
         line = line.split("#", 1)[0].strip()
@@ -71,7 +70,7 @@ def read_file(config: AgentConfig, path: str) -> AgentConfig:
         if not sep or key not in known:
             raise PmReplicaError(errno.EINVAL, f"{where}: unknown setting {name.strip()!r}")
         changes[key] = _coerce(key, value.strip(), where)
-    return replace(config, **changes)
+    return config._replace(**changes)
 
 
 def load(explicit: str | None = None) -> AgentConfig:

@@ -11,7 +11,6 @@ import errno
 import fcntl
 import logging
 import os
-from dataclasses import dataclass
 
 from pmreplica import poolset
 from pmreplica.errors import PmReplicaError, PoolSetError
@@ -26,19 +25,17 @@ class PoolError(PmReplicaError):
     """A request the pool database refuses; ``errno`` picks the protocol status."""
 
 
-@dataclass
 class OpenPool:
-    """A pool this session created or opened: mapped, locked, ready for the data path."""
+    """A pool this session created or opened: mapped, locked, ready for the data path.
+    ``pool_size`` is the size the client asked for; the data path stays below it."""
 
-    name: str
-    set_file: poolset.PoolSetFile
-    files: LocalReplicaFiles
-    mapping: Mapping
-    lock_fd: int
-    pool_size: int  # the size the client asked for; the data path stays below it
-    data_offset: int
-    created: bool
-    attr: PoolAttr
+    def __init__(self, name: str, set_file: poolset.PoolSetFile, files: LocalReplicaFiles,
+                 mapping: Mapping, lock_fd: int, pool_size: int, data_offset: int,
+                 created: bool, attr: PoolAttr) -> None:
+        self.name, self.set_file, self.files = name, set_file, files
+        self.mapping, self.lock_fd = mapping, lock_fd
+        self.pool_size, self.data_offset = pool_size, data_offset
+        self.created, self.attr = created, attr
 
     def set_attr(self, attr: PoolAttr) -> None:
         if not self.set_file.has_headers:

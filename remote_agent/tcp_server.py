@@ -9,12 +9,13 @@ with ``recv_into`` straight into the mapped pool, made durable, then acknowledge
 from __future__ import annotations
 
 import errno
-import hmac
 import logging
 import os
-import secrets
 import socket
 import threading
+# hmac's constant-time comparison, without hmac's import of hashlib and OpenSSL at every
+# agent start
+from _operator import _compare_digest as compare_digest
 
 from pmreplica.pmem import Mapping
 from pmreplica.rpmem.transport.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE,
@@ -48,7 +49,7 @@ class TcpServer:
         self.pool_size = pool_size
         self.data_offset = data_offset
         self.nlanes = nlanes
-        self.secret = secrets.token_bytes(SECRET_LEN)
+        self.secret = os.urandom(SECRET_LEN)
         addr = address or listen_address()
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
         self._listener = socket.create_server((addr, 0), family=family, backlog=nlanes)
@@ -78,7 +79,7 @@ class TcpServer:
             conn.settimeout(HELLO_TIMEOUT)
             raw = _recv_exact(conn, HELLO.size)
             secret, lane = HELLO.unpack(raw)
-            if not hmac.compare_digest(secret, self.secret):
+            if not compare_digest(secret, self.secret):
                 log.warning("data connection from %s refused: wrong session secret", peer)
                 conn.sendall(STATUS.pack(errno.EACCES))
                 conn.close()
@@ -98,8 +99,9 @@ class TcpServer:
             return
         t = threading.Thread(target=self._serve_lane, args=(lane, conn), name=f"lane {lane}",
                              daemon=True)
-        self._threads.append(t)
         t.start()
+        with self._lock:
+            self._threads.append(t)
 
     def _serve_lane(self, lane: int, conn: socket.socket) -> None:
         """Apply the lane's operations in order. Reads go through a staging buffer so a small
@@ -139,8 +141,12 @@ class TcpServer:
                     if stop > hi:
                         send(STATUS.pack(errno.EINVAL))
                         return
-                    send(_OK)
-                    send(pool[off:stop])
+                    sent = conn.sendmsg((_OK, pool[off:stop]))  # status and data, one call
+                    if sent < STATUS.size:
+                        send(_OK[sent:])
+                        sent = STATUS.size
+                    if sent < STATUS.size + length:  # a large read: send the rest
+                        send(pool[off + sent - STATUS.size:stop])
                     continue
                 if op not in (OP_WRITE, OP_DEEP) or off < lo or stop > hi:
                     # never write outside the pool's data; the stream cannot be trusted
@@ -184,7 +190,9 @@ class TcpServer:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for t in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             t.join(5.0)
 
 

@@ -7,7 +7,8 @@ values (see ``client``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+# typing.TYPE_CHECKING without importing typing (the agent imports this package on start)
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from .client import (FLUSH_RELAXED, PERSIST_RELAXED, REMOVE_FORCE, REMOVE_POOL_SET,

@@ -199,6 +199,7 @@ class RemotePool:
         finally:
             self._data.close()
             self._ctl.close()
+            self._pool.release()  # the caller may unmap its pool now
 
     def __enter__(self) -> "RemotePool":
         return self

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 from ..header import ATTR_SIZE, PoolAttr
 
@@ -89,39 +89,22 @@ class ProtocolError(ValueError):
     """A message that does not parse; the peer gets BADPROTO/FATAL and the session ends."""
 
 
-@dataclass(frozen=True)
-class Request:
-    """A decoded request. Fields not carried by its type keep their defaults."""
+class Request(namedtuple("Request", "type major minor pool_size nlanes provider buff_size "
+                                   "pool_desc attr flags blob",
+                         defaults=(PROTO_MAJOR, PROTO_MINOR, 0, 0, PROV_TCP, 0, "", None, 0,
+                                   b""))):
+    """A decoded request; fields its type does not carry keep their defaults. ``blob`` is
+    the CONNECT provider data or the CHECKSUM range request."""
 
-    type: int
-    major: int = PROTO_MAJOR
-    minor: int = PROTO_MINOR
-    pool_size: int = 0
-    nlanes: int = 0
-    provider: int = PROV_TCP
-    buff_size: int = 0
-    pool_desc: str = ""
-    attr: PoolAttr | None = None
-    flags: int = 0
-    blob: bytes = b""  # CONNECT: provider data; CHECKSUM: packed range request
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Response:
-    """A decoded response; ``status`` != OK carries ``message`` instead of a body."""
+class Response(namedtuple("Response", "type status port persist_method rkey raddr nlanes attr "
+                                     "blob size healthy message",
+                          defaults=(OK, 0, PM_GPSPM, 0, 0, 0, None, b"", 0, False, ""))):
+    """A decoded response; a ``status`` other than OK carries ``message`` instead of a body."""
 
-    type: int
-    status: int = OK
-    port: int = 0
-    persist_method: int = PM_GPSPM
-    rkey: int = 0
-    raddr: int = 0
-    nlanes: int = 0
-    attr: PoolAttr | None = None
-    blob: bytes = b""
-    size: int = 0
-    healthy: bool = False
-    message: str = ""
+    __slots__ = ()
 
 
 def _desc(text: str) -> bytes:

@@ -33,12 +33,13 @@ def _tune(sock: socket.socket) -> None:
 class TcpLane:
     """One lane: its connection and the count of flushes not yet answered."""
 
-    __slots__ = ("sock", "hdr", "status", "pending", "lock", "broken")
+    __slots__ = ("sock", "hdr", "status", "status_word", "pending", "lock", "broken")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.hdr = bytearray(OP.size)
         self.status = bytearray(STATUS.size * 4096)
+        self.status_word = memoryview(self.status)[:STATUS.size]
         self.pending = 0
         self.lock = threading.Lock()
         self.broken: OSError | None = None
@@ -92,6 +93,14 @@ class TcpDataPath:
             pass
         return lane.broken
 
+    def _refused(self, lane: TcpLane, err: int) -> RemoteError:
+        """The agent refused or failed an operation: after that the lane is not trusted."""
+        lane.broken = RemoteError(err, f"{self.name}: agent failed an operation: "
+                                       f"{errno.errorcode.get(err, err)}")
+        lane.pending = 0
+        lane.sock.close()
+        return lane.broken
+
     def _send_write(self, lane: TcpLane, op: int, offset: int, length: int, flags: int) -> None:
         OP.pack_into(lane.hdr, 0, op, flags, offset, length)
         sent = lane.sock.sendmsg((lane.hdr, self._pool[offset:offset + length]))
@@ -116,12 +125,8 @@ class TcpDataPath:
                 got += r
             lane.pending -= n // STATUS.size
             if lane.status[:n] != _ZEROS[:n]:
-                err = next(e for (e,) in STATUS.iter_unpack(lane.status[:n]) if e)
-                # the agent refused or failed an operation: the lane's stream is not trusted
-                lane.broken = RemoteError(err, f"{self.name}: agent failed an operation: "
-                                               f"{errno.errorcode.get(err, err)}")
-                lane.sock.close()
-                raise lane.broken
+                raise self._refused(lane, next(e for (e,) in STATUS.iter_unpack(lane.status[:n])
+                                                if e))
 
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         ln = self._lanes[lane]
@@ -173,11 +178,21 @@ class TcpDataPath:
             if ln.broken:
                 raise ln.broken
             try:
+                if ln.pending:
+                    self._collect(ln)  # answers to earlier flushes come first
                 OP.pack_into(ln.hdr, 0, OP_READ, 0, offset, len(dest))
                 ln.sock.sendall(ln.hdr)
-                ln.pending += 1  # the read's status comes after the lane's earlier ones
-                self._collect(ln)
-                got, n = 0, len(dest)
+                # status and data usually arrive together: receive both with one call
+                got = ln.sock.recvmsg_into((ln.status_word, dest))[0]
+                while got < STATUS.size:
+                    r = ln.sock.recv_into(ln.status_word[got:])
+                    if not r:
+                        raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
+                    got += r
+                if ln.status_word != _ZEROS[:STATUS.size]:
+                    raise self._refused(ln, STATUS.unpack(ln.status_word)[0])
+                got -= STATUS.size
+                n = len(dest)
                 while got < n:
                     r = ln.sock.recv_into(dest[got:], n - got)
                     if not r:

@@ -1,0 +1,297 @@
+"""Persist benchmark: pmreplica's remote pool against raw TCP baselines in the same run.
+
+Every figure is printed beside a baseline measured moments before it, as a ratio: a raw
+TCP ping-pong of the same size between two plain Python processes (for persist and read
+latency) and a raw TCP stream into an mmap'd file (for throughput). Baseline and pmreplica
+alternate in rounds, so noise from other work on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from .header import PoolAttr
+
+POOL_SIZE = 64 << 20
+LAT_SIZES = (64, 4096, 65536)
+TPUT = ((1 << 20, 1), (16 << 20, 1), (1 << 20, 4), (16 << 20, 4))
+
+# The baseline peer: plain Python, one connection per client socket. Mode "pp" answers each
+# n-byte message with a 4-byte word; mode "stream" receives into an mmap'd file and answers
+# one byte after `total` bytes.
+_PEER = r"""
+import mmap, os, socket, sys, threading
+mode, n = sys.argv[1], int(sys.argv[2])
+ls = socket.create_server(("127.0.0.1", 0)); print(ls.getsockname()[1], flush=True)
+def pingpong(c):
+    buf = memoryview(bytearray(n))
+    while True:
+        got = 0
+        while got < n:
+            r = c.recv_into(buf[got:])
+            if not r: return
+            got += r
+        c.sendall(b"\0\0\0\0")
+def stream(c):
+    fd = os.open(f"/dev/shm/pmreplica-bench-{os.getpid()}-{c.fileno()}", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, n); mm = mmap.mmap(fd, n); os.close(fd); view = memoryview(mm)
+    hdr = bytearray(8)
+    while True:
+        if c.recv_into(hdr, 8) < 8: return
+        total = int.from_bytes(hdr, "big"); got = 0
+        while got < total:
+            r = c.recv_into(view[got % n:], min(n - got % n, total - got))
+            if not r: return
+            got += r
+        c.sendall(b"!")
+while True:
+    c, _ = ls.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    threading.Thread(target=pingpong if mode == "pp" else stream, args=(c,), daemon=True).start()
+"""
+
+
+@dataclass
+class Row:
+    metric: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    ratio: float | None = None
+    target: str = ""
+    ok: bool | None = None
+
+
+class Peer:
+    """A baseline peer process and connections to it."""
+
+    def __init__(self, mode: str, n: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _PEER, mode, str(n)],
+                                     stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
+
+    def connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _samples(fn: Callable[[], None], count: int) -> list[int]:
+    out = []
+    clock = time.perf_counter_ns
+    for _ in range(count):
+        t = clock()
+        fn()
+        out.append(clock() - t)
+    return out
+
+
+def _p(samples: list[int], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))] / 1000.0
+
+
+def latency(remote, n: int, rounds: int, count: int, read: bool = False) -> tuple[list[int], list[int]]:
+    """(pmreplica samples, ping-pong samples) in ns, alternating rounds."""
+    peer = Peer("pp", n)
+    sock = peer.connect()
+    payload, ack = bytes(n), bytearray(4)
+
+    def pingpong() -> None:
+        sock.sendall(payload)
+        sock.recv_into(ack, 4)
+
+    dest = bytearray(n)
+    ours_fn = (lambda: remote.read(dest, 4096, n)) if read else (lambda: remote.persist(4096, n))
+    ours: list[int] = []
+    base: list[int] = []
+    try:
+        for _ in range(rounds):
+            base += _samples(pingpong, count)
+            ours += _samples(ours_fn, count)
+    finally:
+        sock.close()
+        peer.close()
+    return ours, base
+
+
+def _parallel(nlanes: int, work: Callable[[int], None]) -> float:
+    """Run ``work(lane)`` on ``nlanes`` threads at once; the wall time in seconds."""
+    start = threading.Barrier(nlanes + 1)
+    threads = [threading.Thread(target=lambda i=i: (start.wait(), work(i))) for i in range(nlanes)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def throughput(remote, size: int, nlanes: int, rounds: int, seconds: float) -> tuple[float, float]:
+    """(pmreplica bytes/s, raw stream bytes/s): ``size`` bytes per step split over lanes."""
+    chunk = size // nlanes
+    steps = max(2, int(seconds * 3e9 / size))
+    peer = Peer("stream", chunk)
+    socks = [peer.connect() for _ in range(nlanes)]
+    payload = bytes(chunk)
+    ours, base = [], []
+
+    def raw(lane: int) -> None:
+        s = socks[lane]
+        s.sendall((steps * chunk).to_bytes(8, "big"))
+        for _ in range(steps):
+            s.sendall(payload)
+        s.recv(1)
+
+    def persist(lane: int) -> None:
+        off = 4096 + lane * chunk
+        for _ in range(steps):
+            remote.persist(off, chunk, lane)
+
+    try:
+        for _ in range(rounds):
+            base.append(steps * size / _parallel(nlanes, raw))
+            ours.append(steps * size / _parallel(nlanes, persist))
+    finally:
+        for s in socks:
+            s.close()
+        peer.close()
+    return statistics.median(ours), statistics.median(base)
+
+
+def _agent_cmd(poolset_dir: str) -> str:
+    return shlex.join([sys.executable, "-m", "remote_agent.main", "--poolset-dir", poolset_dir])
+
+
+def create_close(target: str, poolset_dir: str, count: int, fresh_login: bool) -> list[float]:
+    """Seconds per create+close of a new remote pool (parts removed between runs)."""
+    from .rpmem import RemotePool
+    from .rpmem.launch import close_connections
+    import mmap
+    pool = mmap.mmap(-1, 8 << 20)
+    times = []
+    for i in range(count):
+        name = f"cc{i}.set"
+        with open(os.path.join(poolset_dir, name), "w") as f:
+            f.write(f"PMEMPOOLSET\n8M {poolset_dir}/cc{i}.part\n")
+        if fresh_login:
+            close_connections()
+        t = time.perf_counter()
+        RemotePool.create(target, name, pool, nlanes=1, attr=PoolAttr(b"BENCH", 1)).close()
+        times.append(time.perf_counter() - t)
+        os.unlink(f"{poolset_dir}/cc{i}.part")
+    pool.close()
+    return times
+
+
+def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, str] | None = None,
+        out=sys.stdout, as_json: bool = False) -> list[Row]:
+    """Run every measurement; ``ssh_target`` adds create+close through a real sshd."""
+    import mmap
+    from .rpmem import RemotePool
+    rounds, count, secs = (3, 300, 0.1) if quick else (7, 2000, 0.5)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="pmreplica-bench-", dir="/dev/shm") as d:
+        with open(os.path.join(d, "bench.set"), "w") as f:
+            f.write(f"PMEMPOOLSET\n{POOL_SIZE >> 20}M {d}/bench.part\n")
+        saved = {k: os.environ.get(k) for k in ("PMREPLICA_LAUNCHER", "RPMEM_CMD")}
+        os.environ.update(PMREPLICA_LAUNCHER="local", RPMEM_CMD=_agent_cmd(d))
+        try:
+            pool = mmap.mmap(-1, POOL_SIZE)
+            remote = RemotePool.create("localhost", "bench.set", pool, nlanes=4,
+                                       attr=PoolAttr(b"BENCH", 1))
+            try:
+                for n in LAT_SIZES:
+                    ours, base = latency(remote, n, rounds, count)
+                    target = "<= 1.5x" if n == 64 else ""
+                    ratio = _p(ours, .5) / _p(base, .5)
+                    rows.append(Row(f"persist {_size(n)} median", _p(ours, .5), "us",
+                                    _p(base, .5), ratio, target,
+                                    ratio <= 1.5 if target else None))
+                    rows.append(Row(f"persist {_size(n)} p99", _p(ours, .99), "us",
+                                    _p(base, .99), _p(ours, .99) / _p(base, .99)))
+                ours, base = latency(remote, 64, rounds, count, read=True)
+                ratio = _p(ours, .5) / _p(base, .5)
+                rows.append(Row("read 64 B median", _p(ours, .5), "us", _p(base, .5), ratio,
+                                "<= 1.2x", ratio <= 1.2))
+                for size, lanes in TPUT:
+                    ours_bps, base_bps = throughput(remote, size, lanes, rounds, secs)
+                    need = 0.85 if lanes == 1 else 0.90
+                    ratio = ours_bps / base_bps
+                    rows.append(Row(f"persist {_size(size)} x{lanes} lane{'s' * (lanes > 1)}",
+                                    ours_bps / 1e9, "GB/s", base_bps / 1e9, ratio,
+                                    f">= {need:.0%}", ratio >= need))
+            finally:
+                remote.close()
+                pool.close()
+            local = create_close("localhost", d, 3 if quick else 7, fresh_login=False)
+            med = statistics.median(local)
+            rows.append(Row("create+close, local launcher", med * 1e3, "ms", target="< 300 ms",
+                            ok=med < 0.3))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        if ssh_target:
+            rows += _ssh_rows(ssh_target, d, ssh_env or {}, quick)
+    _print(rows, out, as_json)
+    return rows
+
+
+def _ssh_rows(target: str, d: str, env: dict[str, str], quick: bool) -> list[Row]:
+    saved = {k: os.environ.get(k) for k in list(env) + ["RPMEM_CMD", "PMREPLICA_LAUNCHER"]}
+    os.environ.update(env)
+    os.environ["RPMEM_CMD"] = _agent_cmd(d)
+    os.environ.pop("PMREPLICA_LAUNCHER", None)
+    try:
+        first = statistics.median(create_close(target, d, 3 if quick else 5, fresh_login=True))
+        reuse = statistics.median(create_close(target, d, 5 if quick else 10, fresh_login=False)[1:])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return [Row("create+close through sshd (login)", first * 1e3, "ms", target="<= 500 ms",
+                ok=first <= 0.5),
+            Row("create+close, reused SSH connection", reuse * 1e3, "ms", target="<= 50 ms",
+                ok=reuse <= 0.05)]
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def _print(rows: list[Row], out, as_json: bool) -> None:
+    if as_json:
+        json.dump([asdict(r) for r in rows], out, indent=1)
+        out.write("\n")
+        return
+    out.write(f"{'metric':38} {'pmreplica':>12} {'baseline':>12} {'ratio':>7}  target\n")
+    for r in rows:
+        base = f"{r.baseline:9.2f} {r.unit:>2}" if r.baseline is not None else ""
+        ratio = f"{r.ratio:6.2f}x" if r.ratio is not None else ""
+        verdict = "" if r.ok is None else ("ok" if r.ok else "MISSED")
+        out.write(f"{r.metric:38} {r.value:9.2f} {r.unit:>2} {base:>12} {ratio:>7}  "
+                  f"{r.target} {verdict}\n")

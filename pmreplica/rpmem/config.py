@@ -1,0 +1,175 @@
+"""Environment settings of the Python librpmem, read once into a frozen :class:`RpmemConfig`.
+
+librpmem's variables keep their meaning (librpmem(7), ENVIRONMENT):
+
+``RPMEM_SSH``
+    The ssh client command (shell-split, so ``ssh -v`` works). Setting it selects the
+    OpenSSH launcher, since only that one runs an ssh command.
+``RPMEM_CMD``
+    The command line run on the target node, default ``pmreplica-agent``. Several commands
+    separated by ``|`` are used in turn, one per remote replica in the order the replicas
+    are opened, round robin over the life of the process. Each is a remote shell command
+    line (``cd /x && ./agent`` works); the launcher appends its own, quoted, arguments.
+``RPMEM_ENABLE_SOCKETS``, ``RPMEM_ENABLE_VERBS``
+    Integers, non-zero enables; librpmem's defaults are kept (sockets 0, verbs 1). Unlike
+    librpmem, whose sockets provider was off unless asked for, pmreplica's TCP data path is
+    always available: it is used when ``RPMEM_ENABLE_SOCKETS=1``, and whenever verbs (RDMA)
+    is disabled or no RDMA device reaches the target.
+``RPMEM_MAX_NLANES``, ``RPMEM_WORK_QUEUE_SIZE``
+    Positive integers: a cap on the lanes per pool and the suggested work queue depth.
+
+pmreplica's own:
+
+``PMREPLICA_LAUNCHER``
+    ``paramiko`` (default), ``openssh`` or ``local`` (run the agent as a local process, no
+    SSH, for one-machine use).
+``PMREPLICA_SSH_CONFIG``
+    The ssh_config(5) file to honour (default ``~/.ssh/config``; with OpenSSH, ``-F`` is
+    passed only when this is set).
+``PMREPLICA_SSH_ACCEPT_NEW``
+    ``1`` accepts and records host keys not yet in known_hosts (like OpenSSH's
+    ``StrictHostKeyChecking=accept-new``); the default ``0`` refuses them. A key that
+    differs from a recorded one is refused either way.
+
+An empty variable counts as unset. A value that cannot be used is an ``EINVAL`` error
+naming the variable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from pmreplica.errors import PmReplicaError
+
+LauncherName = Literal["paramiko", "openssh", "local"]
+LAUNCHERS: tuple[LauncherName, ...] = ("paramiko", "openssh", "local")
+
+DEFAULT_CMD = "pmreplica-agent"
+DEFAULT_SSH = "ssh"
+DEFAULT_SSH_CONFIG = "~/.ssh/config"
+_UINT_MAX = 2**32 - 1
+
+
+def _bad(name: str, value: str, why: str) -> PmReplicaError:
+    return PmReplicaError(errno.EINVAL, f"environment variable {name}={value!r}: {why}")
+
+
+def _get(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name)
+    return value if value else None
+
+
+def _int_flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    """librpmem's env_get_bool: any integer, non-zero means enabled."""
+    value = _get(environ, name)
+    if value is None:
+        return default
+    try:
+        return int(value.strip(), 10) != 0
+    except ValueError:
+        raise _bad(name, value, "must be an integer (0 disables, 1 enables)") from None
+
+
+def _positive(environ: Mapping[str, str], name: str) -> int | None:
+    """librpmem's rpmem_util_get_env_uint: a positive integer, capped at UINT_MAX."""
+    value = _get(environ, name)
+    if value is None:
+        return None
+    try:
+        number = int(value.strip(), 10)
+    except ValueError:
+        raise _bad(name, value, "must be a positive integer") from None
+    if number <= 0:
+        raise _bad(name, value, "must be a positive integer")
+    return min(number, _UINT_MAX)
+
+
+def _shell_words(name: str, value: str) -> tuple[str, ...]:
+    try:
+        words = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise _bad(name, value, f"cannot be split into words ({exc})") from None
+    if not words:
+        raise _bad(name, value, "names no command")
+    return words
+
+
+def _commands(environ: Mapping[str, str]) -> tuple[str, ...]:
+    value = _get(environ, "RPMEM_CMD")
+    if value is None:
+        return (DEFAULT_CMD,)
+    commands = tuple(part.strip() for part in value.split("|"))
+    for command in commands:
+        if not command:
+            raise _bad("RPMEM_CMD", value, "has an empty command ('|'-separated list)")
+        _shell_words("RPMEM_CMD", command)  # a command with unbalanced quotes is refused here
+    return commands
+
+
+@dataclass(frozen=True, slots=True)
+class RpmemConfig:
+    """The librpmem and pmreplica settings a launch and a remote pool use."""
+
+    commands: tuple[str, ...] = (DEFAULT_CMD,)
+    ssh_command: tuple[str, ...] | None = None
+    enable_sockets: bool = False
+    enable_verbs: bool = True
+    max_nlanes: int | None = None
+    work_queue_size: int | None = None
+    launcher: LauncherName = "paramiko"
+    ssh_config: str | None = None
+    ssh_accept_new: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "RpmemConfig":
+        """Read every variable; raise EINVAL naming the first one that is unusable."""
+        ssh_value = _get(environ, "RPMEM_SSH")
+        ssh_command = _shell_words("RPMEM_SSH", ssh_value) if ssh_value is not None else None
+
+        launcher_value = _get(environ, "PMREPLICA_LAUNCHER")
+        if launcher_value is None:
+            launcher: LauncherName = "openssh" if ssh_command is not None else "paramiko"
+        elif launcher_value.strip().lower() in LAUNCHERS:
+            launcher = launcher_value.strip().lower()  # type: ignore[assignment]
+        else:
+            raise _bad("PMREPLICA_LAUNCHER", launcher_value,
+                       f"must be one of {', '.join(LAUNCHERS)}")
+        if ssh_command is not None and launcher != "openssh":
+            raise _bad("RPMEM_SSH", ssh_value or "",
+                       "an ssh command needs the openssh launcher, but "
+                       f"PMREPLICA_LAUNCHER={launcher_value}")
+
+        accept_value = _get(environ, "PMREPLICA_SSH_ACCEPT_NEW")
+        if accept_value is None or accept_value.strip() == "0":
+            accept_new = False
+        elif accept_value.strip() == "1":
+            accept_new = True
+        else:
+            raise _bad("PMREPLICA_SSH_ACCEPT_NEW", accept_value, "must be 0 or 1")
+
+        return cls(
+            commands=_commands(environ),
+            ssh_command=ssh_command,
+            enable_sockets=_int_flag(environ, "RPMEM_ENABLE_SOCKETS", False),
+            enable_verbs=_int_flag(environ, "RPMEM_ENABLE_VERBS", True),
+            max_nlanes=_positive(environ, "RPMEM_MAX_NLANES"),
+            work_queue_size=_positive(environ, "RPMEM_WORK_QUEUE_SIZE"),
+            launcher=launcher,
+            ssh_config=_get(environ, "PMREPLICA_SSH_CONFIG"),
+            ssh_accept_new=accept_new,
+        )
+
+    @property
+    def ssh_config_path(self) -> str:
+        """The ssh_config(5) file the paramiko launcher reads (may not exist)."""
+        return os.path.expanduser(self.ssh_config or DEFAULT_SSH_CONFIG)
+
+    @property
+    def ssh_argv0(self) -> tuple[str, ...]:
+        """The ssh client command the OpenSSH launcher runs."""
+        return self.ssh_command or (DEFAULT_SSH,)
