@@ -320,6 +320,9 @@ class PoolSet:
         self._report_failed(status, error)
 
     def _report_failed(self, status: ReplicaStatus, error: BaseException) -> None:
+        # the traceback's frames may hold views of the pool (a failed target's locals); kept
+        # with the error, they would stop the pool from ever being unmapped (close: EBUSY)
+        error.__traceback__ = None
         status.state, status.error = FAILED, error
         log.warning("%s failed: %s", status.name, error)
         with self._state_lock:

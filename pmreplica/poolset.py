@@ -186,16 +186,12 @@ class PoolSetFile:
         if self.is_directory_based and OPT_SINGLEHDR not in self.options:
             raise PoolSetError("directory based pools are not supported for poolsets with "
                                "headers (without SINGLEHDR option)", path, self.master.parts[0].line)
-        min_pool = MIN_REMOTE_POOL if remote else MIN_PART
         for rep in self.local_replicas():
             for p in rep.parts:
                 if not p.is_dir and p.size < MIN_PART:
                     raise PoolSetError(f"part size {p.size} smaller than the minimum part size "
                                        f"{MIN_PART} ({format_size(MIN_PART)})", path, p.line)
         pool = self.pool_size
-        if pool < min_pool:
-            raise PoolSetError(f"net pool size {pool} smaller than {min_pool}", path,
-                               self.master.parts[0].line)
         for i, rep in enumerate(self.replicas[1:], start=1):
             if isinstance(rep, LocalReplica) and self.replica_size(rep) < pool:
                 raise PoolSetError(f"replica {i} is smaller than the master replica "

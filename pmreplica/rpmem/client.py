@@ -149,16 +149,26 @@ class RemotePool:
     def _start(cls, rtype: int, target: str, pool_set_name: str, pool: Any, nlanes: int,
                attr: PoolAttr | None, config: RpmemConfig | None) -> "RemotePool":
         config = config or RpmemConfig.from_env()
-        view = _pool_view(pool)
         _check_name(pool_set_name)
-        if len(view) < MIN_REMOTE_POOL:
-            raise PmReplicaError(errno.EINVAL, f"pool size {len(view)} is smaller than the "
-                                               f"minimum {MIN_REMOTE_POOL}")
         if nlanes < 1:
             raise PmReplicaError(errno.EINVAL, "nlanes must be at least 1")
         if config.max_nlanes:
             nlanes = min(nlanes, config.max_nlanes)
         name = f"{target}:{pool_set_name}"
+        view = _pool_view(pool)
+        try:
+            if len(view) < MIN_REMOTE_POOL:
+                raise PmReplicaError(errno.EINVAL, f"pool size {len(view)} is smaller than the "
+                                                   f"minimum {MIN_REMOTE_POOL}")
+            return cls._connect(rtype, target, pool_set_name, view, nlanes, attr, config, name)
+        except BaseException:
+            view.release()  # the caller may unmap its pool after a failed create/open
+            raise
+
+    @classmethod
+    def _connect(cls, rtype: int, target: str, pool_set_name: str, view: memoryview,
+                 nlanes: int, attr: PoolAttr | None, config: RpmemConfig,
+                 name: str) -> "RemotePool":
         channel = launch(target, (), config=config)
         ctl = ControlChannel(channel, name)
         try:

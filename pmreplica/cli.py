@@ -1,0 +1,540 @@
+"""The ``pmreplica`` command: create, inspect and remove pool sets (more commands join later).
+
+Each command is a function taking the parsed arguments and returning the exit status, and a
+``register(subparsers)`` function adds its parser. Errors the user can act on are ``OSError``
+subclasses: they become one line on stderr (``pmreplica: <message>``) and exit status 1;
+usage errors exit 2, as argparse's own do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import json
+import logging
+import os
+import stat
+import sys
+import time
+from typing import Any, Callable
+
+from . import poolset as _poolset
+from .errors import HeaderError, PmReplicaError
+from .header import (FEAT_CHECK_BAD_BLOCKS, FEAT_CKSUM_2K, FEAT_SDS, FEAT_SINGLEHDR, HDR_SIZE,
+                     ArchFlags, PoolHeader)
+from .poolset import LocalReplica, PoolSetFile, RemoteReplica
+from .replica import LocalReplicaFiles, PartHeader
+from .state import ReplicaState
+
+log = logging.getLogger(__name__)
+
+#: Modules that bring further subcommands (check, sync, bench, demo, ...). Each offers
+#: ``register(subparsers)``: it adds its parsers and sets ``func`` (args -> exit status) on
+#: them with ``set_defaults``; ``-v/--verbose`` is added to every command here. Adding a
+#: command module is one line in this tuple.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command line that parses but asks for something contradictory (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------
+# create
+
+def _size_arg(text: str) -> int:
+    try:
+        size = _poolset.parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 64M, 1GiB, 100MB)"
+                                         ) from None
+    if size < _poolset.MIN_PART:
+        raise argparse.ArgumentTypeError(f"{text} is smaller than the minimum pool size "
+                                         f"{_poolset.format_size(_poolset.MIN_PART)}")
+    return size
+
+
+def _signature_arg(text: str) -> bytes:
+    if not 0 < len(text) <= 8 or not text.isascii() or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"invalid signature {text!r} (1 to 8 printable ASCII "
+                                         "characters)")
+    return text.encode("ascii")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """Create the pool set's master and replicas (or a single pool file of ``--size``)."""
+    from .pool import PoolSet  # the write path (pluggy, plugins) only for commands that use it
+
+    path = args.poolset
+    is_set = os.path.exists(path) and _poolset.is_poolset_file(path)
+    if is_set and args.size is not None:
+        raise UsageError(f"--size is for a single pool file; {path} is a pool set file, "
+                         "whose part lines give the sizes")
+    if not os.path.exists(path) and args.size is None:
+        raise UsageError(f"{path} does not exist: give --size to create a single-file pool")
+    with PoolSet.create(path, size=args.size, signature=args.signature):
+        pass
+    log.info("created %s", path)
+    return 0
+
+
+def register_create(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("create", help="create a pool set (or a single pool file)",
+                       description="Create the part files of every replica of POOLSET with "
+                                   "linked pool headers; with --size, create a single pool "
+                                   "file instead. Nothing is left behind when it fails.")
+    p.add_argument("poolset", metavar="POOLSET", help="pool set file, or the pool file to "
+                                                      "create with --size")
+    p.add_argument("--size", type=_size_arg, help="size of a single-file pool (e.g. 64M)")
+    p.add_argument("--signature", type=_signature_arg, default=b"PMREPLIC",
+                   help="pool type signature in the header (default: PMREPLIC)")
+    p.set_defaults(func=cmd_create)
+
+
+# ---------------------------------------------------------------------------------------
+# info: gathering (a JSON-able dict) and rendering it as text
+
+_INCOMPAT_NAMES = {FEAT_SINGLEHDR: "SINGLEHDR", FEAT_CKSUM_2K: "CKSUM_2K",
+                   FEAT_SDS: "SHUTDOWN_STATE"}
+_COMPAT_NAMES = {FEAT_CHECK_BAD_BLOCKS: "CHECK_BAD_BLOCKS"}
+_MACHINES = {62: "AMD X86-64", 183: "AArch64", 21: "PowerPC64", 243: "RISC-V"}
+
+
+def _flag_names(value: int, names: dict[int, str]) -> list[str]:
+    out = [name for bit, name in names.items() if value & bit]
+    unknown = value & ~sum(names)
+    return out + ([f"0x{unknown:x}"] if unknown else [])
+
+
+def header_info(ph: PartHeader) -> dict[str, Any]:
+    """A part header's fields as pmempool shows them (uuids in PMDK's byte order)."""
+    h = ph.header
+    assert h is not None and ph.raw is not None
+    arch_ok = h.arch == ArchFlags.current()
+    return {
+        "signature": h.signature.rstrip(b"\0").decode("ascii", "backslashreplace"),
+        "major": h.major,
+        "incompat": h.incompat, "incompat_names": _flag_names(h.incompat, _INCOMPAT_NAMES),
+        "compat": h.compat, "compat_names": _flag_names(h.compat, _COMPAT_NAMES),
+        "ro_compat": h.ro_compat,
+        "poolset_uuid": str(h.poolset_uuid), "uuid": str(h.uuid),
+        "prev_part": str(h.prev_part), "next_part": str(h.next_part),
+        "prev_repl": str(h.prev_repl), "next_repl": str(h.next_repl),
+        "crtime": h.crtime,
+        "alignment_desc": h.arch.alignment_desc, "class": h.arch.machine_class,
+        "data": h.arch.data, "machine": h.arch.machine, "arch_ok": arch_ok,
+        "checksum": h.checksum, "checksum_ok": PoolHeader.checksum_ok(ph.raw),
+    }
+
+
+def _file_type(path: str) -> tuple[str, int | None]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing", None
+    except OSError as e:
+        return f"unreadable ({e.strerror})", None
+    if stat.S_ISREG(st.st_mode):
+        return "regular file", st.st_size
+    if stat.S_ISDIR(st.st_mode):
+        return "directory", None
+    if stat.S_ISCHR(st.st_mode):
+        return "device dax", None
+    return "other", None
+
+
+def _replica_link_problems(set_file: PoolSetFile,
+                           first: dict[int, PoolHeader]) -> dict[int, list[str]]:
+    """The replica circle: each local replica's next/prev replica uuids must name its
+    neighbours' first parts, and all must share the master's pool set uuid. Neighbours that
+    are remote are not checked here (their headers need the agent)."""
+    n = len(set_file.replicas)
+    out: dict[int, list[str]] = {i: [] for i in first}
+    master = first.get(0)
+    for i, h in first.items():
+        if master is not None and i and h.poolset_uuid != master.poolset_uuid:
+            out[i].append("belongs to another pool set (pool set uuid differs from the master)")
+        nxt, prv = first.get((i + 1) % n), first.get((i - 1) % n)
+        if nxt is not None and h.next_repl != nxt.uuid:
+            out[i].append(f"next replica uuid does not match replica {(i + 1) % n}")
+        if prv is not None and h.prev_repl != prv.uuid:
+            out[i].append(f"previous replica uuid does not match replica {(i - 1) % n}")
+    return out
+
+
+def _local_replica_info(set_file: PoolSetFile, index: int, rep: LocalReplica
+                        ) -> tuple[dict[str, Any], PoolHeader | None, bytes | None]:
+    """One local replica: its parts with their headers, and what is wrong with it."""
+    info: dict[str, Any] = {"index": index, "kind": "local", "parts": [], "problems": []}
+    headers: list[PartHeader] = []
+    try:
+        files = LocalReplicaFiles(set_file, rep, set_file.pool_size)
+        headers, problems = files.check()
+        missing = [p.path for p in rep.parts if not os.path.lexists(p.path)]
+        info["problems"] = [f"{m}: part file is missing" for m in missing] + [
+            p for p in problems if not any(p.startswith(m + ": ") for m in missing)]
+    except OSError as e:
+        info["problems"] = [str(e)]
+    by_path = {h.path: h for h in headers}
+    # replica.check() compares the part links only when every header is sound on its own
+    links_checked = bool(headers) and all(h.header is not None and not h.problems
+                                          for h in headers)
+    for part in rep.parts:
+        ftype, fsize = _file_type(part.path)
+        pinfo: dict[str, Any] = {"path": part.path, "size": part.size, "type": ftype,
+                                 "file_size": fsize}
+        ph = by_path.get(part.path)
+        if ph is not None:
+            pinfo["header"] = header_info(ph) if ph.header is not None else None
+            own = [p[len(part.path) + 2:] for p in info["problems"]
+                   if p.startswith(part.path + ": ")]
+            pinfo["problems"] = own
+            pinfo["links"] = (("broken" if own else "consistent") if links_checked
+                              else "not checked (a header of this replica is invalid)")
+        info["parts"].append(pinfo)
+    first = headers[0] if headers else None
+    if first is not None and first.header is not None and not first.problems:
+        return info, first.header, first.raw
+    return info, None, None
+
+
+def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
+    """Everything ``info`` reports about a pool set (or a single-file pool)."""
+    nrep = len(set_file.replicas)
+    reps: list[dict[str, Any]] = []
+    first: dict[int, PoolHeader] = {}
+    master_raw: bytes | None = None
+    for i, rep in enumerate(set_file.replicas):
+        if isinstance(rep, RemoteReplica):
+            reps.append({"index": i, "kind": "remote", "node": rep.node,
+                         "pool_set": rep.pool_set, "problems": []})
+            continue
+        info, hdr, raw = _local_replica_info(set_file, i, rep)
+        reps.append(info)
+        if hdr is not None:
+            first[i] = hdr
+            if i == 0:
+                master_raw = raw
+    for i, probs in _replica_link_problems(set_file, first).items():
+        reps[i]["problems"].extend(probs)
+
+    state: dict[str, Any] | None = None
+    rstate = None
+    if master_raw is not None:
+        rstate = ReplicaState.load(master_raw, set_file.pool_size, nrep)
+        dirty = rstate.dirty_ranges(set_file.pool_size)
+        state = {"intact": rstate.intact, "stale": [i for i in range(nrep) if rstate.is_stale(i)],
+                 "generation": rstate.generation, "chunk_size": rstate.chunk,
+                 "dirty_bytes": sum(n for _, n in dirty), "dirty_ranges": len(dirty)}
+    for r in reps:
+        if r["kind"] == "remote":
+            r["health"] = "remote (not contacted)"
+        elif r["problems"]:
+            r["health"] = "broken"
+        elif rstate is not None and rstate.is_stale(r["index"]):
+            r["health"] = "stale"
+        else:
+            r["health"] = "healthy"
+    return {"path": os.path.abspath(path), "kind": "poolset" if set_file.path else "pool",
+            "options": sorted(set_file.options), "pool_size": set_file.pool_size,
+            "replicas": reps, "replica_state": state,
+            "healthy": all(r["health"] == "healthy" for r in reps if r["kind"] == "local")}
+
+
+def gather(path: str) -> dict[str, Any]:
+    """``info`` for a pool set file, a single-file pool, or one part file of a set."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    if _poolset.is_poolset_file(path):
+        return gather_set(path, _poolset.parse(path))
+    with open(path, "rb") as f:
+        raw = f.read(HDR_SIZE)
+    if len(raw) < HDR_SIZE:
+        raise HeaderError(errno.EINVAL, f"{path}: not a pool: shorter than a pool header "
+                                        f"({len(raw)} bytes)")
+    hdr = PoolHeader.unpack(raw)
+    if hdr.is_zeroed:
+        raise HeaderError(errno.EINVAL, f"{path}: no pool header (all zeros): not a pool, or "
+                                        "a later part of a SINGLEHDR pool set")
+    single = (hdr.prev_part == hdr.next_part == hdr.prev_repl == hdr.next_repl == hdr.uuid
+              and not hdr.incompat & FEAT_SINGLEHDR)
+    if single:
+        return gather_set(path, _poolset.single_file(path, os.stat(path).st_size))
+    ftype, fsize = _file_type(path)
+    ph = PartHeader(path, raw, hdr, tuple(hdr.problems(raw)))
+    return {"path": os.path.abspath(path), "kind": "part", "type": ftype, "file_size": fsize,
+            "header": header_info(ph), "problems": list(ph.problems)}
+
+
+_W = 25  # pmempool's key column
+
+
+def _line(out: list[str], key: str, value: object) -> None:
+    out.append(f"{key:<{_W}}: {value}")
+
+
+def _render_header(out: list[str], h: dict[str, Any], part_file: bool = False) -> None:
+    out.append("POOL Header:")
+    sig = h["signature"] + (" [part file]" if part_file else "")
+    _line(out, "Signature", sig)
+    _line(out, "Major", h["major"])
+    names = ", ".join(h["incompat_names"])
+    _line(out, "Mandatory features", f"0x{h['incompat']:x}" + (f" [{names}]" if names else ""))
+    names = ", ".join(h["compat_names"])
+    _line(out, "Not mandatory features", f"0x{h['compat']:x}" + (f" [{names}]" if names else ""))
+    _line(out, "Forced RO", f"0x{h['ro_compat']:x}")
+    _line(out, "Pool set UUID", h["poolset_uuid"])
+    _line(out, "UUID", h["uuid"])
+    _line(out, "Previous part UUID", h["prev_part"])
+    _line(out, "Next part UUID", h["next_part"])
+    _line(out, "Previous replica UUID", h["prev_repl"])
+    _line(out, "Next replica UUID", h["next_repl"])
+    _line(out, "Creation Time", time.strftime("%a %b %d %Y %H:%M:%S", time.localtime(h["crtime"])))
+    _line(out, "Alignment Descriptor",
+          f"0x{h['alignment_desc']:016x}[{'OK' if h['arch_ok'] else 'wrong'}]")
+    _line(out, "Class", {1: "32", 2: "64"}.get(h["class"], f"unknown ({h['class']})"))
+    _line(out, "Data", {1: "2's complement, little endian",
+                        2: "2's complement, big endian"}.get(h["data"], f"unknown ({h['data']})"))
+    _line(out, "Machine", _MACHINES.get(h["machine"], f"unknown ({h['machine']})"))
+    _line(out, "Checksum", f"0x{h['checksum']:x} [{'OK' if h['checksum_ok'] else 'wrong'}]")
+
+
+def _render_set(info: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    _line(out, "Pool set" if info["kind"] == "poolset" else "Pool file", info["path"])
+    if info["options"]:
+        _line(out, "Options", " ".join(info["options"]))
+    _line(out, "Pool size", info["pool_size"])
+    _line(out, "Number of replicas", len(info["replicas"]))
+    st = info["replica_state"]
+    if st is None:
+        _line(out, "Replica state", "unknown (master header unreadable)")
+    elif not st["intact"]:
+        _line(out, "Replica state", "record damaged: every replica counts as stale")
+    elif st["stale"]:
+        _line(out, "Replica state", "stale replicas " + ", ".join(map(str, st["stale"]))
+              + f" (written since: {st['dirty_bytes']} bytes in {st['dirty_ranges']} ranges)")
+    else:
+        _line(out, "Replica state", "no stale replicas")
+    for rep in info["replicas"]:
+        out.append("")
+        i = rep["index"]
+        name = f"Replica {i}" + (" (master)" if i == 0 else "")
+        if rep["kind"] == "remote":
+            out.append(f"{name} - remote: node {rep['node']}, pool set {rep['pool_set']}")
+            _line(out, "health", rep["health"])
+            continue
+        out.append(f"{name} - local, {len(rep['parts'])} part(s):")
+        _line(out, "health", rep["health"])
+        paths = tuple(part["path"] + ": " for part in rep["parts"])
+        for msg in rep["problems"]:
+            if not msg.startswith(paths):  # a part's own problems are shown with the part
+                _line(out, "problem", msg)
+        for j, part in enumerate(rep["parts"]):
+            out.append(f"part {j}:")
+            _line(out, "path", part["path"])
+            _line(out, "type", part["type"])
+            _line(out, "size", part["size"])
+            if part["file_size"] is not None and part["file_size"] != part["size"]:
+                _line(out, "file size", part["file_size"])
+            if "header" not in part:
+                continue
+            if part["header"] is None:
+                for msg in part["problems"]:
+                    _line(out, "problem", msg)
+                continue
+            _render_header(out, part["header"])
+            _line(out, "Links", part["links"])
+            for msg in part["problems"]:
+                _line(out, "problem", msg)
+    return out
+
+
+def _render_part(info: dict[str, Any]) -> list[str]:
+    out = ["Part file:"]
+    _line(out, "path", info["path"])
+    _line(out, "type", info["type"])
+    _line(out, "size", info["file_size"])
+    out.append("")
+    _render_header(out, info["header"], part_file=True)
+    for msg in info["problems"]:
+        _line(out, "problem", msg)
+    out.append("")
+    out.append("This is one part of a pool set: run `pmreplica info` on the pool set file "
+               "for its replicas and their health.")
+    return out
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print the structure, headers and health of a pool set, pool or part file."""
+    info = gather(args.path)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        lines = _render_part(info) if info["kind"] == "part" else _render_set(info)
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def register_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="show a pool set's replicas, headers and health",
+                       description="Show the structure of a pool set (replicas, parts, sizes, "
+                                   "types), every part header with its checksum and links, "
+                                   "each replica's health and the replica-state record of "
+                                   "the master. Remote replicas are listed, not contacted.")
+    p.add_argument("path", metavar="POOLSET|PART", help="pool set file, pool file or part file")
+    p.add_argument("--json", action="store_true", help="print a JSON document for scripts")
+    p.set_defaults(func=cmd_info)
+
+
+# ---------------------------------------------------------------------------------------
+# rm
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """Remove the part files of every replica (remote ones through their plugin)."""
+    if args.all:
+        args.local = args.remote = True
+    failures = 0
+    for path in args.files:
+        failures += _rm_one(path, args)
+    return EXIT_ERROR if failures else 0
+
+
+def _report(e: OSError) -> None:
+    print(f"pmreplica: {error_message(e)}", file=sys.stderr)
+
+
+def _unlink(path: str, args: argparse.Namespace) -> int:
+    """Remove one file; 1 if that failed (a missing file is fine with --force)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError as e:
+        if args.force:
+            return 0
+        _report(e)
+        return 1
+    except OSError as e:
+        _report(e)
+        return 1
+    if args.verbose:
+        print(f"removed '{path}'")
+    return 0
+
+
+def _rm_one(path: str, args: argparse.Namespace) -> int:
+    if not os.path.lexists(path) or not _poolset.is_poolset_file(path):
+        return _unlink(path, args)  # a single-file pool (or whatever the user named)
+    set_file = _poolset.parse(path)
+    failures = 0
+    pm = None
+    for index, rep in enumerate(set_file.replicas):
+        if isinstance(rep, LocalReplica):
+            for part in rep.parts:
+                failures += _unlink(part.path, args)
+            continue
+        if pm is None:
+            from .plugin_manager import make_plugin_manager
+            pm = make_plugin_manager()
+        name = f"replica {index} ({rep.node}:{rep.pool_set})"
+        try:
+            handled = pm.hook.pmreplica_remove_replica(
+                spec=rep, index=index, force=args.force, remove_pool_set=args.remote)
+        except OSError as e:
+            print(f"pmreplica: {name}: {error_message(e)}", file=sys.stderr)
+            failures += 1
+            continue
+        if not handled and not args.force:
+            print(f"pmreplica: {name}: no plugin can remove this kind of replica",
+                  file=sys.stderr)
+            failures += 1
+        elif handled and args.verbose:
+            print(f"removed {name}")
+    if args.local:
+        failures += _unlink(path, args)
+    return failures
+
+
+def register_rm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rm", help="remove the files of a pool set",
+                       description="Remove the part files of every replica of each POOLSET "
+                                   "(remote replicas through their plugin). The pool set file "
+                                   "itself stays unless -l is given. A file that is not a pool "
+                                   "set is removed as a single-file pool.")
+    p.add_argument("files", nargs="+", metavar="POOLSET")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="ignore files that do not exist (and replicas no plugin can remove)")
+    p.add_argument("-l", "--local", action="store_true", help="also remove the pool set file")
+    p.add_argument("-r", "--remote", action="store_true",
+                   help="also remove the pool set files of remote replicas")
+    p.add_argument("-a", "--all", action="store_true", help="same as -l -r")
+    p.set_defaults(func=cmd_rm)
+
+
+# ---------------------------------------------------------------------------------------
+# main
+
+def error_message(e: OSError) -> str:
+    """One line for an OSError: pmreplica's own carry their message; the OS's get the file."""
+    if isinstance(e, PmReplicaError):
+        return str(e)
+    text = e.strerror or str(e)
+    if e.filename is not None:
+        return f"{e.filename}: {text}"
+    return text
+
+
+_OWN_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    register_create, register_info, register_rm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pmreplica`` parser: this module's commands, then those of COMMAND_MODULES."""
+    parser = argparse.ArgumentParser(
+        prog="pmreplica", description="Replicated persistent-memory pools (PMDK pool sets).")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what happens (twice: debug detail)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _OWN_COMMANDS:
+        register(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    for p in sub.choices.values():
+        # -v is also accepted after the command; SUPPRESS keeps a top-level -v when absent
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="log what happens (twice: debug detail)")
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
+    fmt = "pmreplica: %(message)s" if verbose < 2 else "%(name)s: %(levelname)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        parser.exit(EXIT_USAGE, f"pmreplica {args.command}: error: {e}\n")
+    except BrokenPipeError:
+        # the reader went away (`pmreplica info ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except OSError as e:
+        log.debug("command failed", exc_info=True)
+        print(f"pmreplica: {error_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

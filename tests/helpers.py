@@ -1,0 +1,61 @@
+"""Helpers the tests share: writing pool set files and reading a replica's bytes the way
+PMDK lays parts out, computed here independently of pmreplica's own layout code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HDR = 4096
+PAGE = os.sysconf("SC_PAGE_SIZE")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_set(path: Path, *lines: str) -> Path:
+    """Write a pool set file: the PMEMPOOLSET line, then ``lines``."""
+    path.write_text("\n".join(("PMEMPOOLSET",) + lines) + "\n")
+    return path
+
+
+def replica_bytes(parts: list[tuple[int, Path | str]], singlehdr: bool = False) -> bytes:
+    """The pool as one replica holds it: part 0 whole, each later part without its 4 KiB
+    header (with SINGLEHDR, whole); part sizes rounded down to the page size."""
+    out = bytearray()
+    for i, (size, path) in enumerate(parts):
+        with open(path, "rb") as f:
+            data = f.read(size & ~(PAGE - 1))
+        out += data[HDR if i and not singlehdr else 0:]
+    return bytes(out)
+
+
+def run_python(code: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (the tests' own), from the repository root."""
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_python(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``code`` in a fresh interpreter with line-buffered text pipes."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+
+
+def read_json_line(proc: subprocess.Popen, timeout: float = 30) -> dict:
+    """The next line the child prints, as JSON; the child's stderr if it died instead."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        proc.kill()
+        raise AssertionError(f"child printed nothing in {timeout} s")
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        raise AssertionError(f"child exited {proc.returncode}: {proc.stderr.read()}")
+    return json.loads(line)

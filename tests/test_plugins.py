@@ -1,0 +1,229 @@
+"""Third-party plugins: one passed to PoolSet.open(plugins=[...]) and one found through the
+`pmreplica` entry point of a distribution installed with pip (tests/plugin_dist), each
+serving a replica kept in a dict; their hooks are called with the right objects."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pmreplica import PoolSet, ReplicaError, hookimpl
+from pmreplica.header import HDR_SIZE, PoolAttr, PoolHeader
+from pmreplica.poolset import LocalReplica, RemoteReplica
+
+from .conftest import unavailable
+from .helpers import ROOT, replica_bytes, run_python, write_set
+
+M = 1 << 20
+
+
+class DictReplicas:
+    """A host application's plugin: replicas on node ``dict.invalid`` live in ``self.stores``;
+    with ``take_local``, it also serves local replica 1 instead of the built-in plugin."""
+
+    def __init__(self, take_local: bool = False) -> None:
+        self.take_local = take_local
+        self.stores: dict[str, dict[int, bytes]] = {}
+        self.attrs: dict[str, PoolAttr] = {}
+        self.calls: list[tuple] = []
+
+    @hookimpl
+    def pmreplica_open_replica(self, spec, index, poolset, create):
+        self.calls.append(("open_replica", spec, index, poolset, create))
+        if isinstance(spec, RemoteReplica) and spec.node == "dict.invalid":
+            return DictTarget(self, spec.pool_set, poolset)
+        if self.take_local and isinstance(spec, LocalReplica) and index == 1:
+            return DictTarget(self, "local-1", poolset)
+        return None
+
+    @hookimpl
+    def pmreplica_replica_failed(self, replica, error):
+        self.calls.append(("failed", replica, error))
+
+    @hookimpl
+    def pmreplica_replica_restored(self, replica):
+        self.calls.append(("restored", replica))
+
+
+class DictTarget:
+    nlanes = 2
+
+    def __init__(self, plugin: DictReplicas, name: str, poolset) -> None:
+        self.plugin, self.name, self.poolset = plugin, name, poolset
+
+    def create(self, attr):
+        self.plugin.calls.append(("create", self.name, attr))
+        self.plugin.attrs[self.name] = attr
+        self.plugin.stores[self.name] = {}
+
+    def open(self):
+        self.plugin.calls.append(("open", self.name))
+        return self.plugin.attrs[self.name]
+
+    def persist(self, offset, length, lane=0, flags=0):
+        data = bytes(self.poolset.buf[offset:offset + length])
+        if data.startswith(b"FAIL"):
+            raise ReplicaError(errno.EIO, f"dict replica {self.name}: asked to fail")
+        self.plugin.stores[self.name][offset] = data
+
+    flush = deep_persist = persist
+
+    def drain(self, lane=0):
+        self.plugin.calls.append(("drain", self.name, lane))
+
+    def close(self):
+        self.plugin.calls.append(("close", self.name))
+
+
+def _calls(plugin: DictReplicas, kind: str) -> list[tuple]:
+    return [c for c in plugin.calls if c[0] == kind]
+
+
+def test_plugin_passed_to_open_serves_its_replica_and_gets_notified(pool_dir):
+    d = pool_dir
+    path = write_set(d / "p.set", f"4M {d}/m", "REPLICA", f"4M {d}/r",
+                     "REPLICA dict.invalid sets/x.set")
+    plugin = DictReplicas()
+    with PoolSet.create(path, plugins=[plugin]) as pool:
+        assert plugin in pool.plugin_manager.get_plugins()
+        assert pool.nlanes == 2  # the smallest lane count of the replicas
+        (_, spec, index, poolset, create), = [c for c in _calls(plugin, "open_replica")
+                                              if c[2] == 2]
+        assert (spec.node, spec.pool_set, index, poolset, create) == (
+            "dict.invalid", "sets/x.set", 2, pool, True)
+        # the local replica went to the built-in plugin after this one declined it
+        assert [c[2] for c in _calls(plugin, "open_replica")] == [1, 2]
+        (_, name, attr), = _calls(plugin, "create")
+        hdr = pool.header
+        assert name == "sets/x.set" and attr.signature.rstrip(b"\0") == b"PMREPLIC"
+        assert attr.poolset_uuid == hdr.poolset_uuid.bytes_le
+        assert uuid.UUID(bytes_le=attr.next_uuid) == hdr.uuid  # replica 2 -> master
+        replica1 = PoolHeader.unpack((d / "r").read_bytes()[:HDR_SIZE])
+        assert uuid.UUID(bytes_le=attr.prev_uuid) == replica1.uuid  # replica 1 <- replica 2
+        pool.buf[HDR_SIZE + 10:HDR_SIZE + 15] = b"hello"
+        pool.persist(HDR_SIZE + 10, 5, lane=1)
+        assert plugin.stores["sets/x.set"] == {HDR_SIZE + 10: b"hello"}
+        assert ("drain", "sets/x.set", 1) in plugin.calls
+        # the plugin's replica fails: it is told so, with its ReplicaStatus; the rest go on
+        pool.buf[HDR_SIZE:HDR_SIZE + 8] = b"FAIL now"
+        pool.persist(HDR_SIZE, 8)
+        (_, replica, error), = _calls(plugin, "failed")
+        assert replica is pool.replicas[2] and replica.state == "failed"
+        assert error.errno == errno.EIO and "asked to fail" in str(error)
+        assert ("close", "sets/x.set") in plugin.calls
+        assert replica_bytes([(4 * M, d / "r")])[HDR_SIZE:HDR_SIZE + 8] == b"FAIL now"
+        pool.mark_restored(2)
+        assert _calls(plugin, "restored") == [("restored", pool.replicas[2])]
+    plugin.calls.clear()
+    with PoolSet.open(path, plugins=[plugin]) as pool:
+        assert [c[4] for c in _calls(plugin, "open_replica")] == [False, False]
+        assert _calls(plugin, "open") == [("open", "sets/x.set")]
+        assert [r.state for r in pool.replicas] == ["ok", "ok", "ok"]
+
+
+def test_plugin_can_take_over_a_local_replica(pool_dir):
+    d = pool_dir
+    path = write_set(d / "p.set", f"4M {d}/m", "REPLICA", f"4M {d}/r")
+    plugin = DictReplicas(take_local=True)
+    with PoolSet.create(path, plugins=[plugin]) as pool:
+        pool.persist(HDR_SIZE, 100)
+        assert list(plugin.stores["local-1"]) == [HDR_SIZE]
+    assert not (d / "r").exists()  # the built-in local plugin was never asked
+
+
+# -- through an entry point of an installed distribution ----------------------------------
+
+@pytest.fixture(scope="session")
+def toy_site(tmp_path_factory) -> Path:
+    """tests/plugin_dist installed with pip into a directory of its own."""
+    base = tmp_path_factory.mktemp("toy-plugin")
+    src = base / "src"
+    shutil.copytree(ROOT / "tests" / "plugin_dist", src)  # pip builds in the source tree
+    site = base / "site"
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                          "--no-build-isolation", "--no-index", "--target", str(site), str(src)],
+                         capture_output=True, text=True)
+    if run.returncode:
+        unavailable("cannot install the test plugin distribution (the test extra needs "
+                    f"setuptools>=70.1 in the venv): {run.stderr.strip()[-500:]}")
+    return site
+
+
+ENTRY_POINT_CHILD = r"""
+import importlib.metadata, json, sys
+from pmreplica import PoolSet
+path = sys.argv[1]
+eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="pmreplica")}
+with PoolSet.create(path) as pool:
+    import pmreplica_toy
+    assert pool.plugin_manager.get_plugin("toy") is pmreplica_toy
+    pool.buf[8192:8197] = b"hello"
+    pool.persist(8192, 5, lane=3)
+    pool.buf[8192:8196] = b"FAIL"
+    pool.persist(8192, 4)
+    states = [r.state for r in pool.replicas]
+    header = pool.header
+store = pmreplica_toy.STORES["toy.set"][1]
+print(json.dumps({"eps": eps, "states": states, "store": {k: v.hex() for k, v in store.items()},
+                  "poolset_uuid": str(header.poolset_uuid), "uuid": str(header.uuid)}))
+"""
+
+
+def _toy_env(site: Path, log: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(site), PMREPLICA_TOY_LOG=str(log))
+    return env
+
+
+def test_entry_point_plugin_is_found_and_its_hooks_called(pool_dir, toy_site):
+    d = pool_dir
+    path = write_set(d / "p.set", f"4M {d}/m", "REPLICA", f"4M {d}/r",
+                     "REPLICA toy.invalid toy.set")
+    log = d / "toy.log"
+    run = run_python(ENTRY_POINT_CHILD, str(path), env=_toy_env(toy_site, log))
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["eps"]["toy"] == "pmreplica_toy"
+    assert out["states"] == ["ok", "ok", "failed"]
+    assert out["store"] == {"8192": b"hello".hex()}
+    # the distribution's broken entry point is logged, and did not stop the pool
+    assert "plugin 'broken' (pmreplica_toy_missing_module) failed to load" in run.stderr
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert events[0] == {"event": "open_replica", "node": "toy.invalid", "pool_set": "toy.set",
+                         "index": 2, "create": True}
+    assert events[1]["event"] == "create" and events[1]["poolset_uuid"] == out["poolset_uuid"]
+    assert events[1]["uuid"] != out["uuid"]
+    assert {"event": "persist", "name": "toy.set", "offset": 8192, "length": 5,
+            "lane": 3} in events
+    failed = [e for e in events if e["event"] == "replica_failed"]
+    assert failed == [{"event": "replica_failed", "index": 2,
+                       "name": "replica 2 (toy.invalid:toy.set)", "state": "failed",
+                       "errno": errno.EIO, "message": "toy replica toy.set: asked to fail (EIO)"}]
+    assert {"event": "close", "name": "toy.set"} in events
+
+
+def test_cli_create_and_rm_use_the_entry_point_plugin(pool_dir, toy_site, pmreplica_cmd):
+    d = pool_dir
+    path = write_set(d / "p.set", f"4M {d}/m", "REPLICA", f"4M {d}/r",
+                     "REPLICA toy.invalid sub/toy.set")
+    log = d / "toy.log"
+    env = _toy_env(toy_site, log)
+    create = subprocess.run(pmreplica_cmd + ["create", str(path)], env=env, capture_output=True,
+                            text=True)
+    assert create.returncode == 0, create.stderr
+    assert (d / "m").exists() and (d / "r").exists()
+    rm = subprocess.run(pmreplica_cmd + ["rm", "-r", str(path)], env=env,
+                        capture_output=True, text=True)
+    assert rm.returncode == 0, rm.stderr
+    assert sorted(p.name for p in d.iterdir()) == ["p.set", "toy.log"]
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["open_replica", "create", "close", "remove_replica"]
+    assert events[-1] == {"event": "remove_replica", "pool_set": "sub/toy.set", "index": 2,
+                          "force": False, "remove_pool_set": True}
