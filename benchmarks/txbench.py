@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Transactions per second of small updates in pmreplica.pmemobj, unreplicated and with
+one local and one remote replica, printed as ratios to the unreplicated store of the run.
+
+    .venv/bin/python benchmarks/txbench.py [--seconds S] [--rounds N] [--json]
+                                           [--remote auto|none|SETFILE]
+
+Pools live on /dev/shm. The remote replica (``--remote auto``, the default) is served by a
+real agent over TCP on loopback: ``pmreplica-agent`` started through the ``local``
+launcher (no SSH: the login would only slow the open, not the commits measured here).
+``--remote SETFILE`` measures a pool set of yours whose parts do not exist yet and whose
+replica is remote (say, on another host reached through SSH). Each configuration runs
+``--rounds`` times, interleaved with the others, and reports its best round, so that noise
+from other work on the machine hurts every configuration alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pmreplica import pmemobj  # noqa: E402
+
+POOL_SIZE = 64 << 20
+#: the issue's target: a remote replica costs at most this many times the unreplicated commit
+TARGET = 2.0
+
+
+@dataclass
+class Row:
+    workload: str
+    config: str
+    tx_per_s: float
+    mean_us: float
+    p50_us: float
+    p99_us: float
+    ratio: float = 1.0      # mean commit latency / the unreplicated one
+    p50_ratio: float = 1.0  # the same for the median (less sensitive to a busy machine)
+
+
+# -- workloads: each is one small transaction, called with the transaction number --------
+
+def _list_set(pool: pmemobj.PersistentObjectPool) -> Callable[[int], None]:
+    pool.root = pool.new(pmemobj.PersistentList, list(range(64)))
+    lst = pool.root
+
+    def tx(i: int) -> None:
+        lst[i & 63] = i                  # an int replaced: alloc, free, one slot
+    return tx
+
+
+def _dict_set(pool: pmemobj.PersistentObjectPool) -> Callable[[int], None]:
+    pool.root = pool.new(pmemobj.PersistentDict, {f"k{i}": i for i in range(64)})
+    d = pool.root
+    keys = [f"k{i}" for i in range(64)]
+
+    def tx(i: int) -> None:
+        d[keys[i & 63]] = i
+    return tx
+
+
+def _account_move(pool: pmemobj.PersistentObjectPool) -> Callable[[int], None]:
+    pool.root = pool.new(pmemobj.PersistentDict, balance=pool.new(pmemobj.PersistentList,
+                                                                  [1000] * 16),
+                         history=pool.new(pmemobj.PersistentList, [None] * 16))
+    bal, hist = pool.root["balance"], pool.root["history"]
+
+    def tx(i: int) -> None:
+        a, b = i & 15, (i * 7 + 3) & 15
+        with pool.transaction():         # three updates, one commit
+            bal[a] -= 1
+            bal[b] += 1
+            hist[i & 15] = f"{a}->{b}"
+    return tx
+
+
+WORKLOADS = {"list-set": _list_set, "dict-set": _dict_set, "transfer": _account_move}
+
+
+# -- configurations ------------------------------------------------------------------------
+
+def _write_set(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(("PMEMPOOLSET",) + lines) + "\n")
+    return path
+
+
+def remote_poolset(workdir: Path, n: int) -> Path:
+    """THE REMOTE HOOK: a pool set whose one replica is served by an agent over TCP.
+
+    The agent is this repository's ``pmreplica-agent`` (the rpmem plugin starts it per
+    pool through ``RPMEM_CMD``, here with the ``local`` launcher instead of SSH), serving
+    pool sets below ``workdir/agent``."""
+    agent_dir = workdir / "agent"
+    agent_dir.mkdir(exist_ok=True)
+    _write_set(agent_dir / f"r{n}.set", f"{POOL_SIZE} {agent_dir / f'r{n}.part'}")
+    os.environ["PMREPLICA_LAUNCHER"] = "local"
+    agent = shutil.which("pmreplica-agent") or str(Path(sys.executable).parent /
+                                                   "pmreplica-agent")
+    os.environ["RPMEM_CMD"] = f"{agent} --poolset-dir {agent_dir}"
+    return _write_set(workdir / f"remote{n}.set", f"{POOL_SIZE} {workdir / f'm{n}.part'}",
+                      f"REPLICA 127.0.0.1 r{n}.set")
+
+
+def configs(workdir: Path, remote: str) -> dict[str, Callable[[int], Path]]:
+    out: dict[str, Callable[[int], Path]] = {
+        "unreplicated": lambda n: workdir / f"plain{n}.pool",
+        "1 local replica": lambda n: _write_set(
+            workdir / f"local{n}.set", f"{POOL_SIZE} {workdir / f'lm{n}.part'}", "REPLICA",
+            f"{POOL_SIZE} {workdir / f'lr{n}.part'}"),
+    }
+    if remote == "auto":
+        out["1 remote replica (tcp)"] = lambda n: remote_poolset(workdir, n)
+    elif remote != "none":
+        out["1 remote replica (yours)"] = lambda n: Path(remote)
+    return out
+
+
+def _measure(path: Path, workload: str, seconds: float) -> list[int]:
+    """Commit latencies (ns) of the workload for about ``seconds``, after a warm-up."""
+    kw = {} if str(path).endswith(".set") else {"pool_size": POOL_SIZE}
+    pool = pmemobj.create(str(path), **kw)
+    try:
+        tx = WORKLOADS[workload](pool)
+        for i in range(300):
+            tx(i)
+        lat = []
+        clock = time.perf_counter_ns
+        end = clock() + int(seconds * 1e9)
+        i = 300
+        while True:
+            t0 = clock()
+            tx(i)
+            t1 = clock()
+            lat.append(t1 - t0)
+            i += 1
+            if t1 > end:
+                return lat
+    finally:
+        pool.close()
+
+
+def _remove(path: Path) -> None:
+    """Delete a pool or a pool set's local parts (and the agent's, under the workdir)."""
+    if path.suffix == ".set":
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) == 2 and not fields[0].startswith("REPLICA"):
+                Path(fields[1]).unlink(missing_ok=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def run(seconds: float, rounds: int, remote: str) -> list[Row]:
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="pmreplica-txbench-", dir="/dev/shm") as d:
+        workdir = Path(d)
+        cfgs = configs(workdir, remote)
+        n = 0
+        for workload in WORKLOADS:
+            best: dict[str, list[int]] = {}
+            for _ in range(rounds):
+                for name, make in cfgs.items():
+                    n += 1
+                    path = make(n)
+                    try:
+                        lat = _measure(path, workload, seconds)
+                    finally:
+                        if name != "1 remote replica (yours)":
+                            _remove(path)
+                            for part in (workdir / "agent").glob(f"r{n}.*"):
+                                part.unlink()
+                    if name not in best or statistics.fmean(lat) < statistics.fmean(best[name]):
+                        best[name] = lat
+            base = statistics.fmean(best["unreplicated"])
+            base50 = statistics.median(best["unreplicated"])
+            for name, lat in best.items():
+                lat.sort()
+                mean, p50 = statistics.fmean(lat), lat[len(lat) // 2]
+                rows.append(Row(workload, name, 1e9 / mean, mean / 1e3, p50 / 1e3,
+                                lat[int(len(lat) * 0.99)] / 1e3, mean / base, p50 / base50))
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=1.0, help="per configuration and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--remote", default="auto",
+                   help="auto (a local agent over TCP), none, or a pool set file of yours")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    rows = run(args.seconds, args.rounds, args.remote)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=1))
+    else:
+        print(f"{'workload':10} {'replicas':24} {'tx/s':>8} {'mean us':>8} {'p50 us':>7} "
+              f"{'p99 us':>7} {'vs unreplicated':>16} {'(p50)':>6}")
+        for r in rows:
+            print(f"{r.workload:10} {r.config:24} {r.tx_per_s:8.0f} {r.mean_us:8.1f} "
+                  f"{r.p50_us:7.1f} {r.p99_us:7.1f} {r.ratio:15.2f}x {r.p50_ratio:5.2f}x")
+    remote_rows = [r for r in rows if "remote" in r.config]
+    ok = all(r.ratio <= TARGET for r in remote_rows)
+    if remote_rows and not args.json:
+        worst = max(r.ratio for r in remote_rows)
+        print(f"\nremote replica costs at most {worst:.2f}x the unreplicated commit (mean; "
+              f"target <= {TARGET:.1f}x): {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""PersistentObjectPool: opening, creating, the root object, gc, close."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import reprlib
+from typing import Any, Iterable
+
+from ..errors import PmReplicaError
+from . import layout as L
+from . import redolog
+from .heap import Heap
+from .memory import MemoryManager, Transaction, class_string
+from .txn import Engine
+
+log = logging.getLogger("pmreplica.pmemobj")
+
+MIN_POOL_SIZE = L.MIN_POOL_SIZE
+#: gc frees unreachable objects in transactions of this many objects each.
+GC_BATCH = 256
+
+
+def _poolset_class() -> Any:
+    from ..pool import PoolSet
+    return PoolSet
+
+
+def _is_poolset_file(path: str) -> bool:
+    from ..poolset import is_poolset_file
+    return is_poolset_file(path)
+
+
+class PersistentObjectPool:
+    """A pool of persistent Python objects in a file or a pool set (with replicas).
+
+    ``flag``: 'w' open an existing pool, 'x' create a new one, 'c' open or create,
+    'r' open read-only (changes raise OSError(EROFS); no gc). ``pool_size`` and ``mode``
+    apply when a single-file pool is created (a pool set file gives its own sizes)."""
+
+    closed = False
+
+    def __init__(self, filename: str | os.PathLike[str], flag: str = "w",
+                 pool_size: int = MIN_POOL_SIZE, mode: int = 0o666, debug: bool = False,
+                 *, plugins: Iterable[Any] = ()) -> None:
+        self.filename = filename
+        self.debug = debug
+        path = os.fspath(filename)
+        if flag not in ("w", "x", "c", "r"):
+            raise ValueError(f"Invalid flag value {flag!r}")
+        PoolSet = _poolset_class()
+        create = flag == "x"
+        if flag == "c":
+            create = not os.path.exists(path) or (_is_poolset_file(path) and
+                                                 not _poolset_parts_exist(path))
+        if create:
+            is_set = os.path.exists(path) and _is_poolset_file(path)
+            if not is_set and pool_size < MIN_POOL_SIZE:
+                raise ValueError(f"pool size {pool_size} smaller than {MIN_POOL_SIZE}")
+            if is_set:
+                _check_set_size(path)
+            self._ps = PoolSet.create(path, size=None if is_set else pool_size,
+                                      signature=L.POOL_SIGNATURE, mode=mode,
+                                      plugins=plugins)
+        else:
+            if not os.path.exists(path):
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            self._ps = PoolSet.open(path, signature=L.POOL_SIGNATURE, plugins=plugins)
+        try:
+            self._setup(create, readonly=flag == "r")
+        except BaseException:
+            if hasattr(self, "_eng"):
+                self._eng.release()
+            self._ps.close()
+            raise
+
+    def _setup(self, create: bool, readonly: bool) -> None:
+        ps = self._ps
+        if create:
+            geo = L.Geometry.plan(ps.data_offset, ps.size)
+            self._format(geo)
+        geo = L.Geometry.load(ps.buf, ps.data_offset, ps.size)
+        self._geo = geo
+        self._eng = eng = Engine(ps, geo, readonly=readonly)
+        replayed = eng.recover()
+        if replayed:
+            log.debug("replayed %d log records", replayed)
+        self._heap = Heap(eng, geo)
+        self.mm = mm = MemoryManager(eng, self._heap, geo)
+        self.lock = mm.lock
+        types_oid = eng.get(geo.sb + L.SB_W_TYPES)
+        if types_oid == L.OID_NULL:
+            if readonly:
+                raise PmReplicaError(errno.EINVAL, "object pool was never initialized")
+            with mm.transaction():
+                oid = mm._bootstrap_type_table()
+                eng.set(geo.sb + L.SB_W_TYPES, oid)
+                eng.set(geo.sb + L.SB_W_ROOT, L.OID_NONE)
+                eng.set(geo.sb + L.SB_W_CLEAN, 0)
+            gc_needed = False
+        else:
+            mm._load_type_table(types_oid)
+            gc_needed = eng.get(geo.sb + L.SB_W_CLEAN) == 0
+        if readonly:
+            return
+        if gc_needed:
+            log.info("%s was not closed cleanly: collecting orphaned objects", self.filename)
+            self.gc()
+        # Until close() finishes, the pool counts as not cleanly shut down.
+        with mm.transaction():
+            eng.set(geo.sb + L.SB_W_CLEAN, 0)
+            self._heap.reclaim_empty_runs()
+
+    def _format(self, geo: L.Geometry) -> None:
+        """Write the superblock of a new pool (the rest of a new pool reads as zero)."""
+        ps = self._ps
+        buf = ps.buf
+        zero_end = geo.log + 64
+        buf[geo.sb:zero_end] = bytes(zero_end - geo.sb)
+        ps.persist(geo.sb, zero_end - geo.sb)
+        buf[geo.log:geo.log + redolog.CTL_SLOT] = redolog.control_slot(1, 0).tobytes()
+        ps.persist(geo.log, redolog.CTL_SLOT)
+        buf[geo.sb:geo.sb + L.SB_STATIC + 8] = geo.static_words()
+        ps.persist(geo.sb, L.SB_STATIC + 8)
+
+    # -- pynvm's API ---------------------------------------------------------------------
+
+    def transaction(self) -> Transaction:
+        """A context manager for a (nestable) transaction; also begin/commit/abort."""
+        return self.mm.transaction()
+
+    @property
+    def root(self) -> Any:
+        """The root object: everything reachable from it survives; assignable."""
+        with self.lock:
+            return self.mm.resurrect(self._eng.get(self._geo.sb + L.SB_W_ROOT))
+
+    @root.setter
+    def root(self, value: Any) -> None:
+        mm, eng = self.mm, self._eng
+        with mm.transaction():
+            oid = mm.persist(value)
+            mm.incref(oid)
+            slot = self._geo.sb + L.SB_W_ROOT
+            old = eng.get(slot)
+            eng.set(slot, oid)
+            mm.xdecref(old)
+
+    def new(self, typ: type, *args: Any, **kw: Any) -> Any:
+        """Create a ``typ`` instance managed by this pool (atomically)."""
+        return self.mm.new(typ, *args, **kw)
+
+    def persist_via_pickle(self, *types: type) -> None:
+        """Store instances of these immutable, non-container types with pickle."""
+        for t in types:
+            self.mm._pickleable.add(class_string(t))
+
+    def gc(self, debug: bool | None = None) -> tuple[dict[str, int], dict[str, int]]:
+        """Free objects not reachable from the root (cycles, and orphans left by crashes).
+
+        Returns ``(type_counts, gc_counts)`` as pynvm did: objects per type before the
+        collection, and what was found and freed."""
+        debug = self.debug if debug is None else debug
+        with self.lock:
+            return _collect(self, debug, closing=False)
+
+    def close(self) -> None:
+        """gc, mark the pool cleanly shut down, and close it (and its replicas)."""
+        if self.closed or not hasattr(self, "_ps"):
+            return
+        if hasattr(self, "_eng") and self._eng.abandon():
+            log.warning("%s closed inside a transaction: it was rolled back", self.filename)
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                if hasattr(self, "_eng") and not self._eng.readonly and self._eng.broken is None:
+                    _collect(self, self.debug, closing=True)
+                    with self.mm.transaction():
+                        self._heap.reclaim_empty_runs()
+                        self._eng.set(self._geo.sb + L.SB_W_CLEAN, 1)
+                    with self.lock:
+                        self._eng.checkpoint()      # replicas byte-identical, log empty
+                        self._ps.drain()
+            finally:
+                if hasattr(self, "_eng"):
+                    self._eng.release()
+                self._ps.close()
+
+    def __enter__(self) -> "PersistentObjectPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown or a broken pool: nothing more to do
+            pass
+
+    # -- pmreplica additions -------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Write every in-place change since the last checkpoint to the replicas and empty
+        the log (commits are durable without it; this makes replicas byte-identical)."""
+        eng = self._eng
+        if eng.readonly:
+            return
+        with self.lock:
+            if eng.depth:
+                raise RuntimeError("checkpoint inside a transaction")
+            eng.checkpoint()
+            self._ps.drain()
+
+    @property
+    def poolset(self) -> Any:
+        """The underlying :class:`pmreplica.PoolSet` (replica status, hooks)."""
+        return self._ps
+
+    @property
+    def replicas(self) -> Any:
+        return self._ps.replicas
+
+
+def _poolset_parts_exist(path: str) -> bool:
+    from ..poolset import parse
+    return any(os.path.exists(p.path) for p in parse(path).master.parts)
+
+
+def _check_set_size(path: str) -> None:
+    from ..poolset import parse
+    size = parse(path).pool_size
+    if size < MIN_POOL_SIZE:
+        raise ValueError(f"pool size {size} smaller than {MIN_POOL_SIZE}")
+
+
+def _collect(pool: PersistentObjectPool, debug: bool, closing: bool
+             ) -> tuple[dict[str, int], dict[str, int]]:
+    """pynvm's gc: catalog, free refcount-0 orphans, trace from the roots, free the rest."""
+    mm, eng, heap = pool.mm, pool._eng, pool._heap
+    geo = pool._geo
+    containers: set[int] = set()
+    other: set[int] = set()
+    orphans: list[int] = []
+    substructures: dict[int, dict[int, list[int]]] = collections.defaultdict(dict)
+    type_counts: dict[str, int] = collections.defaultdict(int)
+    gc_counts: dict[str, int] = dict.fromkeys(
+        ("containers-total", "other-total", "orphans0-gced", "containers-live",
+         "other-live", "collections-gced", "other-gced", "orphans1-gced"), 0)
+    container_code: dict[int, bool] = {}
+    q = eng.q
+    for oid, _size, type_num, code in heap.allocations():
+        if type_num != L.POBJECT_TYPE_NUM:
+            if debug:
+                substructures[type_num][oid] = []
+            continue
+        type_counts[mm.type_name_of(oid)] += 1
+        refcnt = q[oid >> 3]
+        is_container = container_code.get(code)
+        if is_container is None:
+            is_container = container_code[code] = mm.is_container_code(code)
+        if refcnt == 0:
+            if closing or oid not in mm._objs:
+                if debug:
+                    log.debug("gc: orphan %#x", oid)
+                orphans.append(oid)
+        elif is_container:
+            containers.add(oid)
+        else:
+            other.add(oid)
+    gc_counts["containers-total"] = len(containers)
+    gc_counts["other-total"] = len(other)
+
+    freed: set[int] = set()
+    mm._track_free = freed
+    try:
+        # Refcount-0 objects: left by a crash between creation and first reference, or
+        # created and dropped (pool.new without storing the result).
+        gc_counts["orphans0-gced"] = len(orphans)
+        for i in range(0, len(orphans), GC_BATCH):
+            with mm.transaction():
+                for oid in orphans[i:i + GC_BATCH]:
+                    if oid in freed:
+                        continue
+                    if debug:
+                        log.warning("deallocating orphan (refcount 0): %#x %s",
+                                    oid, reprlib.repr(mm.resurrect(oid)))
+                    mm._deallocate(oid)
+        containers -= freed
+        other -= freed
+
+        if debug:
+            for c in containers:
+                subs = getattr(mm.resurrect(c), "_p_substructures", None)
+                for sub, type_num in (subs() if subs is not None else ()):
+                    if sub == L.OID_NULL:
+                        continue
+                    if sub not in substructures.get(type_num, {}):
+                        log.error("%#x points to substructure type %s at %#x, which is not "
+                                  "allocated", c, type_num, sub)
+                    else:
+                        substructures[type_num][sub].append(c)
+            for type_num, structs in substructures.items():
+                for sub, parents in structs.items():
+                    if len(parents) != 1:
+                        log.error("substructure type %s at %#x is referenced by %d objects",
+                                  type_num, sub, len(parents))
+
+        # Trace from the type table and the root.
+        live = []
+        for root in (eng.get(geo.sb + L.SB_W_TYPES), eng.get(geo.sb + L.SB_W_ROOT)):
+            if root in containers:
+                containers.discard(root)
+                live.append(root)
+            elif root in other:
+                other.discard(root)
+        n = 0
+        while n < len(live):
+            for sub in list(mm.resurrect(live[n])._p_traverse()):
+                if sub in containers:
+                    containers.discard(sub)
+                    live.append(sub)
+                elif sub in other:
+                    other.discard(sub)
+                    gc_counts["other-live"] += 1
+            n += 1
+        gc_counts["containers-live"] = len(live)
+
+        # Unreachable containers (cycles): pin them all, drop their references, free them.
+        garbage = sorted(containers)
+        gc_counts["collections-gced"] = len(garbage)
+        for i in range(0, len(garbage), GC_BATCH):
+            batch = [o for o in garbage[i:i + GC_BATCH] if o not in freed]
+            with mm.transaction():
+                for oid in batch:
+                    mm.incref(oid)
+                for oid in batch:
+                    if debug:
+                        log.debug("gc: deallocating container %#x", oid)
+                    mm.resurrect(oid)._p_deallocate()
+                for oid in batch:
+                    mm.free(oid)
+        for oid in sorted(other):
+            if oid in freed:
+                gc_counts["other-gced"] += 1
+                continue
+            log.warning("Orphaned with positive refcount: %#x: %s", oid,
+                        reprlib.repr(mm.resurrect(oid)))
+            with mm.transaction():
+                mm.free(oid)
+            gc_counts["orphans1-gced"] += 1
+    finally:
+        mm._track_free = None
+    return dict(type_counts), gc_counts
+
+
+def open(filename: str | os.PathLike[str], debug: bool = False, **kw: Any
+         ) -> PersistentObjectPool:
+    """Open an existing pool (OSError if it does not exist); gc it if it was not closed
+    cleanly."""
+    return PersistentObjectPool(filename, flag="w", debug=debug, **kw)
+
+
+def create(filename: str | os.PathLike[str], pool_size: int = MIN_POOL_SIZE,
+           mode: int = 0o666, debug: bool = False, **kw: Any) -> PersistentObjectPool:
+    """Create a new pool (OSError if it exists) of ``pool_size`` bytes, file mode ``mode``."""
+    return PersistentObjectPool(filename, flag="x", pool_size=pool_size, mode=mode,
+                                debug=debug, **kw)
