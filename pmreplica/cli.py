@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: ``register(subparsers)``: it adds its parsers and sets ``func`` (args -> exit status) on
 #: them with ``set_defaults``; ``-v/--verbose`` is added to every command here. Adding a
 #: command module is one line in this tuple.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("pmreplica.sync_cli",)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -202,6 +202,12 @@ def _local_replica_info(set_file: PoolSetFile, index: int, rep: LocalReplica
     return info, None, None
 
 
+def _transport(node: str) -> str:
+    """The data path a pool on ``node`` gets from here (RDMA device, environment), why."""
+    from .rpmem.transport.provider import describe
+    return describe(node)
+
+
 def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
     """Everything ``info`` reports about a pool set (or a single-file pool)."""
     nrep = len(set_file.replicas)
@@ -327,6 +333,7 @@ def _render_set(info: dict[str, Any]) -> list[str]:
         if rep["kind"] == "remote":
             out.append(f"{name} - remote: node {rep['node']}, pool set {rep['pool_set']}")
             _line(out, "health", rep["health"])
+            _line(out, "transport", _transport(rep["node"]))
             continue
         out.append(f"{name} - local, {len(rep['parts'])} part(s):")
         _line(out, "health", rep["health"])

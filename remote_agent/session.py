@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from pmreplica.header import PoolAttr
 from pmreplica.rpmem import proto
@@ -18,6 +19,9 @@ from pmreplica.rpmem.proto import Request, Response
 from .config import AgentConfig
 from .pooldb import OpenPool, PoolDB, PoolError
 from .tcp_server import TcpServer
+
+if TYPE_CHECKING:
+    from .verbs_server import VerbsServer
 
 log = logging.getLogger("remote_agent.session")
 
@@ -51,7 +55,7 @@ class Session:
         self.config = config
         self.io = io
         self.pool: OpenPool | None = None
-        self.server: TcpServer | None = None
+        self.server: TcpServer | VerbsServer | None = None
 
     def run(self) -> int:
         """Serve requests until the session ends; the exit status of the agent."""
@@ -103,11 +107,21 @@ class Session:
             if req.type == proto.STAT:
                 size, healthy, detail = self.db.stat(req.pool_desc)
                 return Response(rtype, size=size, healthy=healthy, message=detail)
+            if req.type == proto.CONNECT:  # the client's RDMA queue pairs, for ours
+                connect = getattr(self.server, "connect_lanes", None)
+                if connect is None:
+                    raise PoolError(errno.EINVAL, "CONNECT needs a pool open over verbs")
+                return Response(rtype, blob=connect(req.blob))
+            if req.type == proto.CHECKSUM:  # replica-sync --verify; hashlib loads only here
+                from . import checksum
+                return Response(rtype, blob=checksum.handle(self.pool, req.blob))
             raise PoolError(errno.EPROTONOSUPPORT, f"request type {req.type} is not supported")
         except OSError as e:
             log.warning("%s failed: %s", _NAMES.get(req.type, req.type), e)
-            return Response(rtype, proto.status_for_errno(e.errno),
-                            message=e.strerror or str(e))
+            text = e.strerror or str(e)
+            if e.filename:  # an OSError of the OS names the file: keep it in the message
+                text = f"{e.filename}: {text}"
+            return Response(rtype, proto.status_for_errno(e.errno), message=text)
 
     def _start(self, req: Request) -> Response:
         rtype = req.type + 1
@@ -119,25 +133,36 @@ class Session:
                                     f"(agent speaks {proto.PROTO_MAJOR}.{proto.PROTO_MINOR})")
         if req.nlanes < 1:
             return Response(rtype, proto.ERR_BADNLANES, message="nlanes must be at least 1")
-        if req.provider != proto.PROV_TCP:
-            name = proto.PROVIDER_NAMES.get(req.provider)
-            status = proto.ERR_PROVNOSUP if name else proto.ERR_BADPROVIDER
-            return Response(rtype, status, message=f"provider {name or req.provider} is not "
-                                                   "available on this agent")
+        if req.provider not in (proto.PROV_TCP, proto.PROV_VERBS):
+            return Response(rtype, proto.ERR_BADPROVIDER,
+                            message=f"provider {req.provider} is not available on this agent")
+        verbs = req.provider == proto.PROV_VERBS
+        if verbs:
+            from . import verbs_server  # pyverbs loads only in sessions that ask for RDMA
+            why = verbs_server.unavailable()
+            if why:
+                return Response(rtype, proto.ERR_PROVNOSUP, message=why)
         if req.type == proto.CREATE:
             pool = self.db.create(req.pool_desc, req.pool_size, req.attr or PoolAttr())
         else:
             pool = self.db.open(req.pool_desc, req.pool_size)
         nlanes = min(req.nlanes, self.config.max_lanes)
         try:
-            self.server = TcpServer(pool.mapping, pool.pool_size, pool.data_offset, nlanes)
+            if verbs:
+                self.server = verbs_server.VerbsServer(pool, nlanes, self.config.persist_apm)
+            else:
+                self.server = TcpServer(pool.mapping, pool.pool_size, pool.data_offset, nlanes)
         except OSError:
             pool.close(remove=True)
             raise
         self.pool = pool
-        log.info("%s %s: %d bytes, %d lanes, data port %d",
-                 "created" if pool.created else "opened", pool.name, pool.pool_size, nlanes,
-                 self.server.port)
+        log.info("%s %s: %d bytes, %d lanes, %s", "created" if pool.created else "opened",
+                 pool.name, pool.pool_size, nlanes,
+                 "RDMA" if verbs else f"data port {self.server.port}")
+        if verbs:
+            server = self.server
+            return Response(rtype, persist_method=server.persist_method, rkey=server.rkey,
+                            raddr=server.raddr, nlanes=nlanes, attr=pool.attr, blob=server.blob)
         return Response(rtype, port=self.server.port, persist_method=proto.PM_GPSPM,
                         nlanes=nlanes, attr=pool.attr, blob=self.server.secret)
 

@@ -11,16 +11,24 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from ..errors import PmReplicaError, PoolSetError, RemoteError
 from ..header import HDR_SIZE, PoolAttr
 from ..poolset import MIN_REMOTE_POOL, check_pool_set_name
+from . import checksum as _checksum
 from . import proto
 from .channel import AgentChannel
 from .config import RpmemConfig
 from .launch import launch
+from .target import parse_target
+from .transport import provider
 from .transport.tcp import DEFAULT_WORK_QUEUE, TcpDataPath
+
+if TYPE_CHECKING:
+    from .transport.verbs import VerbsDataPath
+
+DataPath = Union[TcpDataPath, "VerbsDataPath"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,9 @@ class ControlChannel:
     def wait_ready(self) -> None:
         (status,) = proto.READY.unpack(self.channel.recv_exact(proto.READY.size))
         if status:
+            # the agent exits right after this word; its reason is on stderr, which may not
+            # have been read yet: wait for the exit (and the stderr reader) before quoting it
+            self.channel.close()
             raise RemoteError(status, f"{self.name}: agent failed to start "
                                       f"({errno.errorcode.get(status, status)})"
                                       + _tail(self.channel))
@@ -112,8 +123,9 @@ class RemotePool:
     """An open remote pool (librpmem's ``RPMEMpool``). Create with :meth:`create` or
     :meth:`open`; ``nlanes`` is the negotiated lane count, ``attr`` the pool attributes."""
 
-    def __init__(self, ctl: ControlChannel, data: TcpDataPath, pool: memoryview,
-                 attr: PoolAttr, persist_method: int, target: str, pool_set: str) -> None:
+    def __init__(self, ctl: ControlChannel, data: DataPath, pool: memoryview,
+                 attr: PoolAttr, persist_method: int, target: str, pool_set: str,
+                 provider: str = "tcp") -> None:
         self._ctl = ctl
         self._data = data
         self._pool = pool
@@ -121,7 +133,7 @@ class RemotePool:
         self.nlanes = data.nlanes
         self.attr = attr
         self.persist_method = proto.PERSIST_METHOD_NAMES.get(persist_method, "?")
-        self.provider = "tcp"
+        self.provider = provider  # "tcp" or "verbs"
         self.target = target
         self.pool_set = pool_set
         # a pool with attributes has a header the data path must not overwrite
@@ -174,16 +186,36 @@ class RemotePool:
         try:
             channel.settimeout(CONTROL_TIMEOUT)
             ctl.wait_ready()
-            resp = ctl.call(proto.Request(rtype, pool_size=len(view), nlanes=nlanes,
-                                          provider=proto.PROV_TCP, pool_desc=pool_set_name,
-                                          attr=attr))
+            choice = provider.choose(provider.data_address(parse_target(target).host,
+                                                           channel.peer_address), config,
+                                     len(view))
+            try:
+                resp = ctl.call(proto.Request(rtype, pool_size=len(view), nlanes=nlanes,
+                                              provider=choice.provider,
+                                              pool_desc=pool_set_name, attr=attr))
+            except RemoteError as e:  # an agent without RDMA refuses verbs: TCP if allowed
+                choice = provider.after_refusal(choice, e, config)
+                resp = ctl.call(proto.Request(rtype, pool_size=len(view), nlanes=nlanes,
+                                              provider=choice.provider,
+                                              pool_desc=pool_set_name, attr=attr))
         except BaseException:
             ctl.close()
             raise
+        got_attr = (attr if rtype == proto.CREATE else resp.attr) or PoolAttr()
         try:
-            data = TcpDataPath.connect(channel.peer_address, resp.port, resp.blob,
-                                       min(nlanes, resp.nlanes), view, name,
-                                       config.work_queue_size or DEFAULT_WORK_QUEUE)
+            data: DataPath
+            if choice.provider == proto.PROV_VERBS:
+                from .transport.verbs import VerbsDataPath  # pyverbs loads only for RDMA
+                data = VerbsDataPath.connect(
+                    choice.gid, view, 0 if got_attr.is_zeroed else HDR_SIZE, resp.rkey,
+                    resp.raddr, resp.blob, resp.persist_method, min(nlanes, resp.nlanes), name,
+                    config.work_queue_size or DEFAULT_WORK_QUEUE,
+                    lambda blob: ctl.call(proto.Request(proto.CONNECT, blob=blob)).blob,
+                    lambda: channel.exit_status is None)
+            else:
+                data = TcpDataPath.connect(channel.peer_address, resp.port, resp.blob,
+                                           min(nlanes, resp.nlanes), view, name,
+                                           config.work_queue_size or DEFAULT_WORK_QUEUE)
         except BaseException:
             # do not leave a half-made pool behind: CLOSE with REMOVE undoes a CREATE
             flags = proto.CLOSE_REMOVE if rtype == proto.CREATE else 0
@@ -193,11 +225,11 @@ class RemotePool:
                 log.debug("%s: close after failed setup: %s", name, e)
             ctl.close()
             raise
-        got_attr = (attr if rtype == proto.CREATE else resp.attr) or PoolAttr()
-        log.info("%s: %s over tcp, %d lanes, %s", name,
-                 "created" if rtype == proto.CREATE else "opened", data.nlanes,
+        log.info("%s: %s over %s, %d lanes, %s", name,
+                 "created" if rtype == proto.CREATE else "opened", choice, data.nlanes,
                  proto.PERSIST_METHOD_NAMES.get(resp.persist_method, "?"))
-        return cls(ctl, data, view, got_attr, resp.persist_method, target, pool_set_name)
+        return cls(ctl, data, view, got_attr, resp.persist_method, target, pool_set_name,
+                   choice.name)
 
     def close(self) -> None:
         """Close the remote pool; its data stays on the target."""
@@ -219,7 +251,7 @@ class RemotePool:
 
     # -- data path ---------------------------------------------------------------------------
     @property
-    def data_path(self) -> TcpDataPath:
+    def data_path(self) -> DataPath:
         """The lanes without this class's argument checks, for callers (the rpmem plugin)
         that validated the range already: ``persist(off, n, lane, flags)``, ``flush``,
         ``drain(lane)``, ``deep_persist(off, n, lane)``, ``read(dest, off, lane)``."""
@@ -236,6 +268,8 @@ class RemotePool:
 
     def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Send ``[offset, offset+length)`` of the local pool; return when durable remotely."""
+        if flags & ~PERSIST_RELAXED:
+            raise _bad_flags("persist", flags)
         self._check(offset, length, lane)
         self._data.persist(offset, length, lane, flags)
 
@@ -246,17 +280,29 @@ class RemotePool:
 
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Send the range without waiting; :meth:`drain` waits for every flush on the lane."""
+        if flags & ~FLUSH_RELAXED:
+            raise _bad_flags("flush", flags)
         self._check(offset, length, lane)
         self._data.flush(offset, length, lane, flags)
 
     def drain(self, lane: int = 0, flags: int = 0) -> None:
         """Wait until every range flushed on ``lane`` is durable remotely."""
+        if flags:
+            raise _bad_flags("drain", flags)
         self._check(self.data_offset, 0, lane)
         self._data.drain(lane)
 
     def read(self, buf: Any, offset: int, length: int, lane: int = 0) -> None:
         """Read ``length`` bytes of the remote pool at ``offset`` into ``buf``."""
-        dest = memoryview(buf).cast("B")
+        # checked before the request goes out: a buffer refused after it would leave the
+        # answer on the lane, to be taken for the answer of the next operation
+        try:
+            dest = memoryview(buf).cast("B")
+        except TypeError as e:
+            raise PmReplicaError(errno.EINVAL,
+                                 f"read buffer must be a writable buffer: {e}") from None
+        if dest.readonly:
+            raise PmReplicaError(errno.EINVAL, "read buffer is read-only")
         if length > len(dest):
             raise PmReplicaError(errno.EINVAL, f"buffer of {len(dest)} bytes cannot hold {length}")
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -275,6 +321,31 @@ class RemotePool:
     def stat(self) -> proto.Response:
         """The open remote pool's size and header health, as the agent sees them."""
         return self._ctl.call(proto.Request(proto.STAT, pool_desc=self.pool_set))
+
+    def checksum(self, offset: int, length: int,
+                 block: int = _checksum.DEFAULT_BLOCK) -> list[bytes]:
+        """Digests of the remote pool's ``block``-byte blocks in ``[offset, offset+length)``
+        (the last may be shorter), computed by the agent: the data stays where it is.
+        At most :data:`~pmreplica.rpmem.checksum.MAX_BLOCKS` blocks per call."""
+        if self.closed:
+            raise RemoteError(errno.EBADF, f"{self._data.name}: pool is closed")
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the remote "
+                                               f"pool [0, {self.size})")
+        try:
+            blob = _checksum.encode_request(offset, length, block)
+        except _checksum.ChecksumError as e:
+            raise PmReplicaError(errno.EINVAL, str(e)) from None
+        resp = self._ctl.call(proto.Request(proto.CHECKSUM, blob=blob))
+        try:
+            return _checksum.decode_response(resp.blob, _checksum.nblocks(length, block))
+        except _checksum.ChecksumError as e:
+            raise RemoteError(errno.EPROTO, f"{self._data.name}: {e}") from None
+
+
+def _bad_flags(call: str, flags: int) -> PmReplicaError:
+    # librpmem refuses flags it does not know rather than ignoring them
+    return PmReplicaError(errno.EINVAL, f"invalid {call} flags {flags:#x}")
 
 
 def _check_name(name: str) -> None:

@@ -11,10 +11,13 @@ librpmem's variables keep their meaning (librpmem(7), ENVIRONMENT):
     are opened, round robin over the life of the process. Each is a remote shell command
     line (``cd /x && ./agent`` works); the launcher appends its own, quoted, arguments.
 ``RPMEM_ENABLE_SOCKETS``, ``RPMEM_ENABLE_VERBS``
-    Integers, non-zero enables; librpmem's defaults are kept (sockets 0, verbs 1). Unlike
-    librpmem, whose sockets provider was off unless asked for, pmreplica's TCP data path is
-    always available: it is used when ``RPMEM_ENABLE_SOCKETS=1``, and whenever verbs (RDMA)
-    is disabled or no RDMA device reaches the target.
+    Integers, non-zero enables; librpmem's defaults are kept (sockets 0, verbs 1). The data
+    path is chosen in this order (``transport/provider.py``): ``RPMEM_ENABLE_SOCKETS=1``
+    selects TCP; else verbs (RDMA) when ``RPMEM_ENABLE_VERBS`` is not 0 and an RDMA device
+    carries the route to the target; else TCP, which unlike librpmem's sockets provider is
+    a fallback even when ``RPMEM_ENABLE_SOCKETS`` is unset. Only an explicit
+    ``RPMEM_ENABLE_SOCKETS=0`` forbids TCP: then a pool that cannot use verbs fails to open
+    with ENOMEDIUM.
 ``RPMEM_MAX_NLANES``, ``RPMEM_WORK_QUEUE_SIZE``
     Positive integers: a cap on the lanes per pool and the suggested work queue depth.
 
@@ -64,7 +67,7 @@ def _get(environ: Mapping[str, str], name: str) -> str | None:
     return value if value else None
 
 
-def _int_flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+def _int_flag(environ: Mapping[str, str], name: str, default: bool | None) -> bool | None:
     """librpmem's env_get_bool: any integer, non-zero means enabled."""
     value = _get(environ, name)
     if value is None:
@@ -119,6 +122,7 @@ class RpmemConfig:
     ssh_command: tuple[str, ...] | None = None
     enable_sockets: bool = False
     enable_verbs: bool = True
+    sockets_allowed: bool = True  # False only with an explicit RPMEM_ENABLE_SOCKETS=0
     max_nlanes: int | None = None
     work_queue_size: int | None = None
     launcher: LauncherName = "paramiko"
@@ -152,11 +156,13 @@ class RpmemConfig:
         else:
             raise _bad("PMREPLICA_SSH_ACCEPT_NEW", accept_value, "must be 0 or 1")
 
+        sockets = _int_flag(environ, "RPMEM_ENABLE_SOCKETS", None)
         return cls(
             commands=_commands(environ),
             ssh_command=ssh_command,
-            enable_sockets=_int_flag(environ, "RPMEM_ENABLE_SOCKETS", False),
-            enable_verbs=_int_flag(environ, "RPMEM_ENABLE_VERBS", True),
+            enable_sockets=bool(sockets),
+            enable_verbs=bool(_int_flag(environ, "RPMEM_ENABLE_VERBS", True)),
+            sockets_allowed=sockets is not False,
             max_nlanes=_positive(environ, "RPMEM_MAX_NLANES"),
             work_queue_size=_positive(environ, "RPMEM_WORK_QUEUE_SIZE"),
             launcher=launcher,
