@@ -44,8 +44,9 @@ def pingpong(c):
             got += r
         c.sendall(b"\0\0\0\0")
 def stream(c):
-    fd = os.open(f"/dev/shm/pmreplica-bench-{os.getpid()}-{c.fileno()}", os.O_RDWR | os.O_CREAT, 0o600)
-    os.ftruncate(fd, n); mm = mmap.mmap(fd, n); os.close(fd); view = memoryview(mm)
+    path = f"/dev/shm/pmreplica-bench-{os.getpid()}-{c.fileno()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, n); mm = mmap.mmap(fd, n); os.close(fd); os.unlink(path); view = memoryview(mm)
     hdr = bytearray(8)
     while True:
         if c.recv_into(hdr, 8) < 8: return

@@ -35,8 +35,8 @@ FEAT_SDS = 0x4  # incompat
 INCOMPAT_VALID = FEAT_SINGLEHDR | FEAT_CKSUM_2K | FEAT_SDS
 COMPAT_VALID = FEAT_CHECK_BAD_BLOCKS
 
-_HDR = struct.Struct("<8s4I16s16s16s16s16s16sQQBB4xH")
-_ARCH = struct.Struct("<QBB4xH")
+_HDR = struct.Struct("<8s4I16s16s16s16s16s16sQQBB4sH")
+_ARCH = struct.Struct("<QBB4sH")
 _ARCH_OFF = 128
 NIL = _uuid.UUID(int=0)
 
@@ -55,8 +55,10 @@ def _alignment_desc() -> int:
     return desc
 
 
-class ArchFlags(namedtuple("ArchFlags", "alignment_desc machine_class data machine")):
-    """Architecture identification of the machine that created the pool."""
+class ArchFlags(namedtuple("ArchFlags", "alignment_desc machine_class data machine reserved",
+                           defaults=(bytes(4),))):
+    """Architecture identification of the machine that created the pool. ``reserved`` is
+    kept as read: a remote pool stores librpmem's 16 user_flags bytes here, all of them."""
 
     __slots__ = ()
 
@@ -68,11 +70,13 @@ class ArchFlags(namedtuple("ArchFlags", "alignment_desc machine_class data machi
                    machine=_ELF_MACHINES.get(os.uname().machine.lower(), 0))
 
     def pack(self) -> bytes:
-        return _ARCH.pack(self.alignment_desc, self.machine_class, self.data, self.machine)
+        return _ARCH.pack(self.alignment_desc, self.machine_class, self.data, self.reserved,
+                          self.machine)
 
     @classmethod
     def unpack(cls, raw: bytes) -> "ArchFlags":
-        return cls(*_ARCH.unpack(raw))
+        ad, mc, data, reserved, machine = _ARCH.unpack(raw)
+        return cls(ad, mc, data, machine, reserved)
 
 
 CURRENT_ARCH = ArchFlags.current()
@@ -123,7 +127,7 @@ class PoolHeader(namedtuple("PoolHeader", _HEADER_FIELDS,
                        self.prev_part.bytes_le, self.next_part.bytes_le,
                        self.prev_repl.bytes_le, self.next_repl.bytes_le, self.crtime,
                        self.arch.alignment_desc, self.arch.machine_class, self.arch.data,
-                       self.arch.machine)
+                       self.arch.reserved, self.arch.machine)
         out[SDS_OFF:SDS_OFF + SDS_SIZE] = self.sds
         struct.pack_into("<Q", out, CHECKSUM_OFF, fletcher64(out, self.checksum_limit))
         return bytes(out)
@@ -134,13 +138,13 @@ class PoolHeader(namedtuple("PoolHeader", _HEADER_FIELDS,
         if len(raw) < HDR_SIZE:
             raise ValueError(f"pool header needs {HDR_SIZE} bytes, got {len(raw)}")
         (sig, major, compat, incompat, ro, psu, u, pp, np_, pr, nr, crtime,
-         ad, mc, data, machine) = _HDR.unpack_from(raw)
+         ad, mc, data, reserved, machine) = _HDR.unpack_from(raw)
         uu = _uuid.UUID
         return cls(signature=sig, major=major, compat=compat, incompat=incompat, ro_compat=ro,
                    poolset_uuid=uu(bytes_le=psu), uuid=uu(bytes_le=u), prev_part=uu(bytes_le=pp),
                    next_part=uu(bytes_le=np_), prev_repl=uu(bytes_le=pr),
                    next_repl=uu(bytes_le=nr), crtime=crtime,
-                   arch=ArchFlags(ad, mc, data, machine),
+                   arch=ArchFlags(ad, mc, data, machine, reserved),
                    sds=raw[SDS_OFF:SDS_OFF + SDS_SIZE],
                    checksum=struct.unpack_from("<Q", raw, CHECKSUM_OFF)[0])
 
@@ -155,14 +159,16 @@ class PoolHeader(namedtuple("PoolHeader", _HEADER_FIELDS,
     def is_zeroed(self) -> bool:
         return self.signature == bytes(SIG_LEN) and self.major == 0 and self.uuid == NIL
 
-    def problems(self, raw: bytes | memoryview | None = None) -> list[str]:
-        """What is wrong with this header on its own (checksum, arch, unknown features)."""
+    def problems(self, raw: bytes | memoryview | None = None, remote: bool = False) -> list[str]:
+        """What is wrong with this header on its own (checksum, arch, unknown features).
+        ``remote``: a remote pool's header, whose format fields belong to its client (major
+        0, as in zeroed librpmem attributes, is valid there)."""
         out = []
         if raw is not None and not self.checksum_ok(raw):
             out.append("invalid header checksum")
         if self.incompat & ~INCOMPAT_VALID:
             out.append(f"unknown incompat features 0x{self.incompat & ~INCOMPAT_VALID:x}")
-        if self.major == 0:
+        if self.major == 0 and not remote:
             out.append("invalid major version 0")
         return out
 

@@ -58,6 +58,9 @@ def read_file(config: AgentConfig, path: str) -> AgentConfig:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return config
+    except OSError as e:
+        raise PmReplicaError(e.errno or errno.EIO, f"cannot read config file {path}: "
+                                                   f"{e.strerror}") from None
     known = set(AgentConfig._fields)
     changes = {}
     for lineno, line in enumerate(lines, start=1):

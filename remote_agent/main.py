@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from pmreplica.errors import PmReplicaError
+
 from .config import AgentConfig, load
 from .pooldb import PoolDB
 from .session import Session, Stdio
@@ -37,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> AgentConfig:
+    if args.max_lanes is not None and args.max_lanes < 1:
+        raise PmReplicaError(errno.EINVAL, "--max-lanes must be a positive integer")
     config = load(args.config)
     overrides = {k: v for k, v in (("poolset_dir", args.poolset_dir),
                                    ("log_file", args.log_file),

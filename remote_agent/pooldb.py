@@ -41,9 +41,15 @@ class OpenPool:
         if not self.set_file.has_headers:
             raise PoolError(errno.EINVAL, "cannot set attributes of a pool without headers "
                                           "(NOHDRS)")
+        if bool(attr.incompat_features & FEAT_SINGLEHDR) != (
+                poolset.OPT_SINGLEHDR in self.set_file.options):
+            raise PoolError(errno.EINVAL, "pool incompat feature flags and remote poolset "
+                                          "options do not match")
         hdr = attr.to_header()
-        uuids = [h.header.uuid for h in self.files.read_headers() if h.header is not None]
-        self.files.write_headers(hdr, uuids, hdr.prev_repl, hdr.next_repl)
+        uuids = [h.header.uuid for h in self.files.read_headers(remote=True)
+                 if h.header is not None]
+        # part 0 takes the attributes' uuid, as PMDK's util_replica_set_attr does
+        self.files.write_headers(hdr, [hdr.uuid] + uuids[1:], hdr.prev_repl, hdr.next_repl)
         self.attr = attr
 
     def close(self, remove: bool = False) -> None:
@@ -108,6 +114,12 @@ class PoolDB:
         files.create(None if attr.is_zeroed else attr.to_header())
         try:
             return self._map(name, set_file, files, pool_size, True, attr)
+        except PoolError as e:
+            # EBUSY: another session opened the new pool between its creation and our lock;
+            # its parts are in use now and stay
+            if e.errno != errno.EBUSY:
+                remove_parts(set_file.master, force=True)
+            raise
         except BaseException:
             remove_parts(set_file.master, force=True)
             raise
@@ -119,7 +131,11 @@ class PoolDB:
         if missing:
             raise PoolError(errno.ENOENT, f"remote pool {name} does not exist "
                                           f"(missing {missing[0]})")
-        headers, problems = files.check()
+        denied = [p.path for p in set_file.master.parts
+                  if not os.access(p.path, os.R_OK | os.W_OK)]
+        if denied:  # before the header check, which would call an unreadable pool inconsistent
+            raise PoolError(errno.EACCES, f"{denied[0]}: permission denied (remote pool {name})")
+        headers, problems = files.check(remote=True)
         if problems:
             raise PoolError(errno.EINVAL, f"remote pool {name} is inconsistent: "
                                           + "; ".join(problems[:3]))
@@ -141,7 +157,7 @@ class PoolDB:
         """Size, health and what is wrong, without opening or locking the pool."""
         set_file = self.load(name)
         files = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
-        _, problems = files.check()
+        _, problems = files.check(remote=True)
         return set_file.pool_size, not problems, "; ".join(problems)
 
     def remove(self, name: str, force: bool, remove_pool_set: bool) -> None:
@@ -150,7 +166,7 @@ class PoolDB:
         set_file = self.load(name)
         if not force:
             files = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
-            _, problems = files.check()
+            _, problems = files.check(remote=True)
             if problems:
                 raise PoolError(errno.EINVAL, f"pool {name} is inconsistent, not removed "
                                               f"without --force: {problems[0]}")
@@ -162,7 +178,8 @@ class PoolDB:
             if fd >= 0:
                 os.close(fd)
         if remove_pool_set:
-            os.unlink(self.resolve(name))
+            # the set file by the name given (a symlink, not what it points to), as rpmemd
+            os.unlink(os.path.join(self.root, name))
 
 
 def lock(path: str, name: str) -> int:

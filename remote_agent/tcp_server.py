@@ -68,8 +68,11 @@ class TcpServer:
                 try:
                     conn, peer = self._listener.accept()
                 except (socket.timeout, OSError):
-                    break
-                self._admit(conn, peer)
+                    break  # the window passed, or the last lane's hello shut the listener
+                # each hello in a thread of its own: a connection that says nothing (or
+                # dribbles) must not hold up the lanes behind it for HELLO_TIMEOUT
+                threading.Thread(target=self._admit, args=(conn, peer), name="hello",
+                                 daemon=True).start()
         finally:
             self._listener.close()
 
@@ -90,6 +93,11 @@ class TcpServer:
                     conn.close()
                     return
                 self._lanes[lane] = conn
+                if len(self._lanes) == self.nlanes:
+                    try:  # every lane is in: wake the acceptor, the secret opens no more
+                        self._listener.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
             conn.settimeout(None)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sendall(_OK)

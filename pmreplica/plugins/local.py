@@ -98,9 +98,10 @@ class LocalTarget:
                 raise ReplicaError(errno.EIO, f"{self.name}: short read at {poff}")
 
     def set_attr(self, attr: PoolAttr) -> None:
-        """Rewrite the attributes in every part header; part uuids and links stay."""
+        """Rewrite the attributes in every part header; the other parts' uuids stay."""
         hdr = attr.to_header()
         uuids = [h.header.uuid for h in self.files.read_headers() if h.header is not None]
+        uuids[0] = hdr.uuid  # part 0 takes the attributes' uuid, as PMDK's set_attr does
         self.files.write_headers(hdr, uuids, hdr.prev_repl, hdr.next_repl)
 
     def stat(self) -> TargetStat:

@@ -1,0 +1,308 @@
+"""PoolSet with remote replicas (``REPLICA host set`` lines) served by real agents: bytes reach
+the master, a local replica and the remote pool; a remote agent that dies becomes a
+``pmreplica_replica_failed`` call while the pool goes on degraded, and the master's state
+record marks the replica stale so that a reopen reports it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from pmreplica.errors import PmReplicaError
+from pmreplica.header import HDR_SIZE, PoolHeader
+from pmreplica.hookspecs import hookimpl
+from pmreplica.pool import FAILED, OK, STALE, PoolSet
+from pmreplica.rpmem.client import RemotePool
+from pmreplica.rpmem.launch import close_connections
+
+from .helpers import run_python, write_set
+from .rpmem_helpers import (M, Node, check_no_agents_left, local_pool, pattern,  # noqa: F401
+                            remote_bytes, ssh_node, transport)
+
+pytestmark = pytest.mark.timeout(90)
+
+LOST = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
+SIZE = 8 * M
+
+
+class Recorder:
+    """A host application's hooks: what pmreplica told it."""
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[int, str, BaseException]] = []
+        self.lock = threading.Lock()
+
+    @hookimpl
+    def pmreplica_replica_failed(self, replica, error):
+        with self.lock:
+            self.failed.append((replica.index, replica.name, error))
+
+
+@pytest.fixture(params=["local", "paramiko", "openssh"])
+def node(request, transport, pool_dir):
+    if request.param == "local":
+        sets = pool_dir / "sets"
+        sets.mkdir()
+        node = Node(transport, "local", "localhost", sets)
+    else:
+        node = ssh_node(transport, request.param, request.getfixturevalue("sshd"), pool_dir)
+    yield node
+    check_no_agents_left(node)
+
+
+@pytest.fixture
+def local_only(transport, pool_dir):
+    sets = pool_dir / "sets"
+    sets.mkdir()
+    node = Node(transport, "local", "localhost", sets)
+    yield node
+    check_no_agents_left(node)
+
+
+def pool_set(node: Node, d: Path, remote_sets: tuple[str, ...] = ("r.set",)) -> Path:
+    """master + a local replica + one remote replica per name (8 MiB each)."""
+    lines = [f"8M {d}/m", "REPLICA", f"8M {d}/l"]
+    for name in remote_sets:
+        lines.append(f"REPLICA {node.target} {name}")
+    return write_set(d / "p.set", *lines)
+
+
+def replica_files(d: Path) -> dict[str, bytes]:
+    """Master and local replica as another process reads them."""
+    return {"master": remote_bytes([(SIZE, d / "m")]), "local": remote_bytes([(SIZE, d / "l")])}
+
+
+def state_elsewhere(master: Path) -> dict:
+    """The replica-state record of the master, decoded by another process."""
+    code = """
+import json, sys
+from pmreplica.state import ReplicaState
+with open(sys.argv[1], "rb") as f:
+    st = ReplicaState.load(f.read(4096), int(sys.argv[2]), 3)
+print(json.dumps({"stale": [i for i in range(3) if st.is_stale(i)],
+                  "dirty": st.dirty_ranges(int(sys.argv[2])), "intact": st.intact}))
+"""
+    done = run_python(code, str(master), str(SIZE))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_create_persist_reopen_with_local_and_remote_replicas(node, pool_dir, monkeypatch):
+    d = pool_dir
+    node.use_env(monkeypatch)
+    rparts = node.make_set("r.set")
+    path = pool_set(node, d)
+    rec = Recorder()
+    ps = PoolSet.create(path, plugins=[rec])
+    try:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+        assert ps.replicas[2].is_remote and node.target in ps.replicas[2].name
+        data = pattern(SIZE - HDR_SIZE, 1)
+        ps.buf[HDR_SIZE:] = data
+        ps.persist(HDR_SIZE, SIZE - HDR_SIZE)
+        # ranges on several lanes at once
+        errors = []
+
+        def writer(lane: int) -> None:
+            try:
+                for i in range(20):
+                    off = M + lane * (M // 2) + i * 4096
+                    ps.buf[off:off + 100] = bytes([lane + i]) * 100
+                    ps.persist(off, 100, lane)
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(ps.nlanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and ps.nlanes >= 2
+        expected = bytes(ps.buf[HDR_SIZE:])
+        master_hdr = ps.header
+    finally:
+        ps.close()
+    assert rec.failed == []
+    files = replica_files(d)
+    remote = remote_bytes(rparts)
+    for name, raw in (*files.items(), ("remote", remote)):
+        assert raw[HDR_SIZE:] == expected, name
+    # the remote pool's header is a member of the pool set: same pool set uuid, linked in
+    rhdr = PoolHeader.unpack(remote[:HDR_SIZE])
+    lhdr = PoolHeader.unpack(files["local"][:HDR_SIZE])
+    assert rhdr.poolset_uuid == master_hdr.poolset_uuid
+    assert rhdr.uuid == lhdr.next_repl and rhdr.next_repl == master_hdr.uuid
+    assert rhdr.signature == master_hdr.signature
+
+    ps = PoolSet.open(path, plugins=[rec])
+    try:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+        assert bytes(ps.buf[HDR_SIZE:]) == expected
+        ps.buf[2 * M:2 * M + 5] = b"again"
+        ps.flush(2 * M, 5)
+        ps.drain()
+    finally:
+        ps.close()
+    assert remote_bytes(rparts)[2 * M:2 * M + 5] == b"again"
+    assert rec.failed == []
+
+
+def test_remote_agent_killed_mid_session_degrades_and_marks_stale(node, pool_dir, monkeypatch):
+    d = pool_dir
+    node.use_env(monkeypatch)
+    rparts = node.make_set("r.set")
+    path = pool_set(node, d)
+    rec = Recorder()
+    ps = PoolSet.create(path, plugins=[rec])
+    try:
+        ps.buf[HDR_SIZE:HDR_SIZE + 6] = b"before"
+        ps.persist(HDR_SIZE, 6)
+        node.kill_agents()
+        node.wait_agents_gone()
+        for i in range(5):  # the first persist finds the failure; none of them raises
+            off = 3 * M + i * 100_000
+            ps.buf[off:off + 5] = b"after"
+            ps.persist(off, 5)
+        assert len(rec.failed) == 1
+        index, name, error = rec.failed[0]
+        assert index == 2 and node.target in name
+        assert isinstance(error, OSError) and error.errno in LOST, error
+        assert [s.state for s in ps.replicas] == [OK, OK, FAILED]
+        assert ps.replicas[2].error is error
+        ps.flush(4 * M, 1)  # flush/drain keep working on what is left
+        ps.drain()
+        st = state_elsewhere(d / "m")
+        assert st["stale"] == [2] and st["intact"]
+        assert any(lo <= 3 * M < lo + n for lo, n in st["dirty"]), st
+    finally:
+        ps.close()
+    files = replica_files(d)
+    remote = remote_bytes(rparts)
+    for raw in files.values():
+        assert raw[3 * M:3 * M + 5] == b"after" and raw[HDR_SIZE:HDR_SIZE + 6] == b"before"
+    assert remote[HDR_SIZE:HDR_SIZE + 6] == b"before"
+    assert remote[3 * M:3 * M + 5] == bytes(5)  # missed while it was down: hence stale
+
+    rec2 = Recorder()
+    ps = PoolSet.open(path, plugins=[rec2])
+    try:
+        assert [s.state for s in ps.replicas] == [OK, OK, STALE]
+        ps.persist(HDR_SIZE, 6)  # a stale replica still opens and takes writes
+    finally:
+        ps.close()
+    assert rec2.failed == []
+    assert state_elsewhere(d / "m")["stale"] == [2]
+
+
+def test_unreachable_remote_replica_opens_degraded(local_only, pool_dir, monkeypatch):
+    node, d = local_only, pool_dir
+    node.use_env(monkeypatch)
+    node.make_set("r.set")
+    path = pool_set(node, d)
+    PoolSet.create(path).close()
+    # the agent cannot start: its pool-set directory is gone
+    node.use_env(monkeypatch, RPMEM_CMD=node.command().replace(str(node.dir), str(d / "gone")))
+    rec = Recorder()
+    ps = PoolSet.open(path, plugins=[rec])
+    try:
+        assert [s.state for s in ps.replicas] == [OK, OK, FAILED]
+        assert [(i, e.errno) for i, _, e in rec.failed] == [(2, errno.ENOENT)]
+        ps.buf[HDR_SIZE:HDR_SIZE + 2] = b"ok"
+        ps.persist(HDR_SIZE, 2)
+    finally:
+        ps.close()
+    assert replica_files(d)["local"][HDR_SIZE:HDR_SIZE + 2] == b"ok"
+    assert state_elsewhere(d / "m")["stale"] == [2]
+
+
+def test_remote_pool_in_use_elsewhere_is_reported_not_fatal(local_only, pool_dir, monkeypatch):
+    node, d = local_only, pool_dir
+    node.use_env(monkeypatch)
+    node.make_set("r.set")
+    path = pool_set(node, d)
+    PoolSet.create(path).close()
+    holder = RemotePool.open(node.target, "r.set", local_pool(SIZE, None), config=node.config())
+    try:
+        rec = Recorder()
+        with PoolSet.open(path, plugins=[rec]) as ps:
+            assert ps.replicas[2].state == FAILED
+            assert [(i, e.errno) for i, _, e in rec.failed] == [(2, errno.EBUSY)]
+    finally:
+        holder.close()
+
+
+def test_failed_create_removes_every_replica_made(local_only, pool_dir, monkeypatch):
+    node, d = local_only, pool_dir
+    node.use_env(monkeypatch)
+    good = node.make_set("ok.set")
+    path = pool_set(node, d, ("ok.set", "missing.set"))
+    with pytest.raises(PmReplicaError) as e:
+        PoolSet.create(path)
+    assert e.value.errno == errno.ENOENT and "missing.set" in str(e.value)
+    assert not good[0][1].exists()  # the first remote pool was created, then removed
+    assert sorted(p.name for p in d.iterdir()) == ["p.set", "sets"]
+    assert sorted(p.name for p in node.dir.iterdir()) == ["ok.set"]
+
+
+def test_remote_replica_too_small_for_the_master(local_only, pool_dir, monkeypatch):
+    node, d = local_only, pool_dir
+    node.use_env(monkeypatch)
+    small = node.make_set("r.set", (4 * M,))
+    path = pool_set(node, d)
+    with pytest.raises(PmReplicaError) as e:
+        PoolSet.create(path)
+    assert e.value.errno == errno.EFBIG
+    assert not small[0][1].exists()
+    assert sorted(p.name for p in d.iterdir()) == ["p.set", "sets"]
+
+
+def test_remote_pool_of_another_pool_set_is_not_written(local_only, pool_dir, monkeypatch):
+    node, d = local_only, pool_dir
+    node.use_env(monkeypatch)
+    rparts = node.make_set("r.set")
+    PoolSet.create(pool_set(node, d)).close()  # r.set now belongs to p.set
+    before = remote_bytes(rparts)
+    other = write_set(d / "q.set", f"8M {d}/qm")
+    PoolSet.create(other).close()
+    write_set(other, f"8M {d}/qm", f"REPLICA {node.target} r.set")
+    rec = Recorder()
+    with PoolSet.open(other, plugins=[rec]) as ps:
+        assert [s.state for s in ps.replicas] == [OK, FAILED]
+        [(index, _, error)] = rec.failed
+        assert index == 1 and error.errno == errno.EINVAL and "another pool set" in str(error)
+        ps.buf[HDR_SIZE:] = pattern(SIZE - HDR_SIZE, 9)
+        ps.persist(HDR_SIZE, SIZE - HDR_SIZE)
+    assert remote_bytes(rparts) == before
+
+
+def test_unreachable_or_unknown_ssh_host(sshd, transport, pool_dir, monkeypatch, tmp_path):
+    node, d = ssh_node(transport, "paramiko", sshd, pool_dir), pool_dir
+    node.use_env(monkeypatch)
+    rparts = node.make_set("r.set")
+    path = pool_set(node, d)
+    PoolSet.create(path).close()
+    close_connections()  # a cached SSH connection would outlive the listener
+    rec = Recorder()
+    with sshd.stopped():
+        with PoolSet.open(path, plugins=[rec]) as ps:
+            assert [s.state for s in ps.replicas] == [OK, OK, FAILED]
+            ps.persist(HDR_SIZE, 10)
+    assert [(i, e.errno) for i, _, e in rec.failed] == [(2, errno.ECONNREFUSED)]
+    # a host whose key is not on record: refused, and a create made nothing anywhere
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    conf = sshd.write_ssh_config(tmp_path / "ssh_config", known_hosts=known)
+    node.use_env(monkeypatch, PMREPLICA_SSH_CONFIG=str(conf))
+    other = write_set(d / "q.set", f"8M {d}/qm", f"REPLICA {node.target} s.set")
+    node.make_set("s.set")
+    with pytest.raises(PmReplicaError) as e:
+        PoolSet.create(other)
+    assert e.value.errno == errno.EACCES and "host key" in str(e.value)
+    assert not (d / "qm").exists() and not (node.dir / "s.part0").exists()
+    assert known.read_text() == ""
+    check_no_agents_left(node)
+    assert rparts[0][1].exists()

@@ -1,0 +1,233 @@
+"""Failures around a remote pool, caused for real: the agent killed mid-session, garbage on
+the control channel, data connections that cannot be made after CREATE, and a client that
+dies with its pool open."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from pmreplica.header import HDR_SIZE
+from pmreplica.rpmem import proto
+from pmreplica.rpmem.client import RemotePool
+from pmreplica.rpmem.transport.wire import OP, OP_WRITE
+
+from .helpers import read_json_line, start_python
+from .rpmem_helpers import (M, RawSession, attr, local_node, local_pool,  # noqa: F401
+                            remote_bytes, transport)
+
+pytestmark = pytest.mark.timeout(60)
+
+LOST = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
+
+
+def create(node, name, pool, **kw) -> RemotePool:
+    return RemotePool.create(node.target, name, pool, config=node.config(), **kw)
+
+
+def killed_then(call, *args) -> OSError:
+    """Run ``call``: it must fail with a lost-connection errno within 3 s."""
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as e:
+        call(*args)
+    took = time.monotonic() - t0
+    assert e.value.errno in LOST, e.value
+    assert took < 3, f"{call.__name__} took {took:.1f} s to notice the dead agent"
+    return e.value
+
+
+# -- the agent dies -----------------------------------------------------------------------------
+def test_agent_killed_mid_session(local_node):
+    parts = local_node.make_set("r.set")
+    pool = local_pool(8 * M, seed=1)
+    rp = create(local_node, "r.set", pool, nlanes=3, attr=attr())
+    rp.persist(HDR_SIZE, M)
+    local_node.kill_agents()
+    local_node.wait_agents_gone()
+    killed_then(rp.persist, HDR_SIZE, 100, 0)
+
+    def flush_and_drain() -> None:
+        rp.flush(2 * M, 100, 1)  # may still fit in the socket buffer
+        rp.drain(1)
+
+    killed_then(flush_and_drain)
+    killed_then(rp.read, bytearray(10), HDR_SIZE, 10, 2)
+    err = killed_then(rp.persist, HDR_SIZE, 100, 0)  # the lane stays failed
+    assert "r.set" in str(err)
+    killed_then(rp.set_attr, attr(seed=4))  # the control channel is gone as well
+    killed_then(rp.stat)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as e:
+        rp.close()  # the CLOSE request cannot be answered
+    assert e.value.errno in LOST and time.monotonic() - t0 < 5
+    with pytest.raises(OSError) as e:
+        rp.persist(HDR_SIZE, 1)
+    assert e.value.errno == errno.EBADF
+    # what was persisted before the kill is on the remote node, and the pool opens again
+    assert remote_bytes(parts)[HDR_SIZE:HDR_SIZE + M] == pool[HDR_SIZE:HDR_SIZE + M]
+    RemotePool.open(local_node.target, "r.set", local_pool(8 * M, None),
+                    config=local_node.config()).close()
+
+
+def test_agent_killed_during_a_large_persist(local_node):
+    local_node.make_set("r.set", (64 * M,))
+    pool = local_pool(64 * M, seed=None)
+    rp = create(local_node, "r.set", pool, nlanes=1, attr=attr())
+    errors: list[OSError] = []
+
+    def big() -> None:
+        try:
+            for _ in range(2000):  # far longer than the test waits
+                rp.persist(HDR_SIZE, 64 * M - HDR_SIZE)
+        except OSError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=big)
+    t.start()
+    time.sleep(0.3)
+    local_node.kill_agents()
+    t.join(5)
+    assert not t.is_alive(), "persist hangs after the agent died"
+    assert errors and errors[0].errno in LOST, errors
+    with pytest.raises(OSError):
+        rp.close()
+
+
+def test_client_killed_mid_session_ends_the_agent_and_frees_the_pool(local_node):
+    local_node.make_set("r.set")
+    code = """
+import json, mmap, sys
+from pmreplica.rpmem.client import RemotePool
+from pmreplica.rpmem.config import RpmemConfig
+from tests.rpmem_helpers import attr
+pool = mmap.mmap(-1, 8 << 20)
+pool[4096:4101] = b"hello"
+rp = RemotePool.create("localhost", "r.set", pool, attr=attr(),
+                       config=RpmemConfig.from_env(json.loads(sys.argv[1])))
+rp.persist(4096, 5)
+print(json.dumps({"persisted": True}), flush=True)
+sys.stdin.readline()
+"""
+    child = start_python(code, json.dumps(local_node.env()))
+    assert read_json_line(child) == {"persisted": True}
+    assert local_node.agent_pids()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert local_node.wait_agents_gone() == [], "the agent outlived its client"
+    pool = local_pool(8 * M, None)
+    with RemotePool.open(local_node.target, "r.set", pool, config=local_node.config()) as rp:
+        back = bytearray(5)
+        rp.read(back, HDR_SIZE, 5)
+        assert back == b"hello"
+
+
+# -- garbage on the control channel ---------------------------------------------------------------
+GARBAGE = {
+    "unknown type": proto.REQ_HDR.pack(77, 12),
+    "huge size": proto.REQ_HDR.pack(proto.OPEN, 1 << 40),
+    "size smaller than a header": proto.REQ_HDR.pack(proto.OPEN, 3),
+    "truncated open": proto.REQ_HDR.pack(proto.OPEN, 60) + b"\x01" * 28,
+    "open without descriptor": proto.REQ_HDR.pack(proto.OPEN, 40) + b"\x01" * 28,
+    "open body too short": proto.REQ_HDR.pack(proto.OPEN, 20) + b"\x00" * 8,
+    "descriptor without NUL": proto.encode_request(
+        proto.Request(proto.OPEN, pool_size=8 * M, nlanes=1, pool_desc="r.set"))[:-1] + b"x",
+    "descriptor length lies": proto.REQ_HDR.pack(proto.OPEN, 12 + 28 + 4 + 6)
+    + proto.encode_request(proto.Request(proto.OPEN, pool_size=8 * M, nlanes=1,
+                                         pool_desc="r.set"))[12:12 + 28]
+    + (1000).to_bytes(4, "big") + b"r.set\0",
+    "close with a long body": proto.REQ_HDR.pack(proto.CLOSE, 20) + bytes(8),
+    "random bytes": bytes(range(7, 250, 3)) * 4,
+    "a data-lane write": OP.pack(OP_WRITE, 0, HDR_SIZE, 8) + b"AAAAAAAA",
+}
+INCOMPLETE = {"truncated open"}
+
+
+@pytest.mark.parametrize("what", list(GARBAGE))
+@pytest.mark.parametrize("with_pool", [False, True], ids=["idle", "pool-open"])
+def test_garbage_on_the_control_channel(local_node, what, with_pool):
+    parts = local_node.make_set("r.set")
+    session = RawSession(local_node)
+    if with_pool:
+        assert session.create("r.set", 8 * M, attr()).status == proto.OK
+    before = remote_bytes(parts) if with_pool else None
+    session.send(GARBAGE[what])
+    if what in INCOMPLETE:
+        # the agent waits for the rest; the end of its input ends the session cleanly
+        assert session.close() == 0
+    else:
+        # the agent answers with an error and ends the session by itself
+        resp = session.response()
+        assert resp.status == proto.ERR_BADPROTO and resp.message
+        assert session.exit_status() == 1
+        session.close()
+    assert local_node.wait_agents_gone() == []
+    if with_pool:
+        assert remote_bytes(parts) == before  # the pool stays as it was, and closed:
+        RemotePool.open(local_node.target, "r.set", local_pool(8 * M, None),
+                        config=local_node.config()).close()
+    else:
+        assert not parts[0][1].exists()
+
+
+# -- setup fails after CREATE ----------------------------------------------------------------------
+def unreachable_data_port(node) -> str:
+    """An agent that listens for data where the client cannot reach it: it takes 127.0.0.2
+    for the address the client came in on, while the client connects to 127.0.0.1."""
+    return node.command(prefix="env SSH_CONNECTION='127.0.0.1 1 127.0.0.2 22'")
+
+
+def test_failed_setup_after_create_leaves_no_pool(local_node):
+    parts = local_node.make_set("r.set", (4 * M, 4 * M))
+    cfg = local_node.config(RPMEM_CMD=unreachable_data_port(local_node))
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as e:
+        RemotePool.create(local_node.target, "r.set", local_pool(8 * M - HDR_SIZE, None),
+                          attr=attr(), config=cfg)
+    assert e.value.errno == errno.ECONNREFUSED, e.value
+    assert time.monotonic() - t0 < 10
+    assert not any(p.exists() for _, p in parts)  # CLOSE with REMOVE undid the CREATE
+    assert (local_node.dir / "r.set").exists()
+    assert local_node.wait_agents_gone() == []
+
+
+def test_failed_setup_after_open_keeps_the_pool(local_node):
+    parts = local_node.make_set("r.set")
+    pool = local_pool(8 * M, seed=6)
+    with create(local_node, "r.set", pool, attr=attr()) as rp:
+        rp.persist(HDR_SIZE, 8 * M - HDR_SIZE)
+    before = remote_bytes(parts)
+    cfg = local_node.config(RPMEM_CMD=unreachable_data_port(local_node))
+    with pytest.raises(OSError) as e:
+        RemotePool.open(local_node.target, "r.set", local_pool(8 * M, None), config=cfg)
+    assert e.value.errno == errno.ECONNREFUSED
+    assert remote_bytes(parts) == before
+    RemotePool.open(local_node.target, "r.set", local_pool(8 * M, None),
+                    config=local_node.config()).close()  # not left locked either
+
+
+# -- the remote storage fails ----------------------------------------------------------------------
+def test_remote_storage_failure_is_eio_on_the_client(local_node, failing_fs):
+    fs = failing_fs.mountpoint
+    local_node.write_set("r.set", f"8M {fs}/r.part0")
+    pool = local_pool(8 * M, seed=7)
+    rp = create(local_node, "r.set", pool, nlanes=2, attr=attr())
+    rp.persist(HDR_SIZE, 6)
+    failing_fs.shut_down()  # the agent's disk is gone, its pool still mapped
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as e:
+        rp.persist(HDR_SIZE, M)
+    assert e.value.errno == errno.EIO and "EIO" in str(e.value)
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(OSError) as e:  # the lane that failed stays failed
+        rp.persist(HDR_SIZE, 1, 0)
+    assert e.value.errno == errno.EIO
+    rp.close()  # the session itself is intact and closes normally
+    failing_fs.remount()
+    with open(fs / "r.part0", "rb") as f:  # what was durable before the failure survived
+        assert os.pread(f.fileno(), 6, HDR_SIZE) == pool[HDR_SIZE:HDR_SIZE + 6]
