@@ -22,13 +22,13 @@ from typing import Iterable
 import pluggy
 
 from . import poolset as _poolset
-from .errors import PmReplicaError, ReplicaError
+from .errors import HeaderError, PmReplicaError, ReplicaError
 from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
 from .pmem import Mapping
 from .plugin_manager import make_plugin_manager
 from .poolset import LocalReplica, PoolSetFile, Replica
 from .replica import LocalReplicaFiles, raise_if_broken
-from .state import OFFSET as STATE_OFFSET, SIZE as STATE_SIZE, ReplicaState
+from .state import OFFSET as STATE_OFFSET, SIZE as STATE_SIZE, ReplicaState, store_copy
 from .target import ReplicaTarget
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,10 @@ class PoolSet:
         self._active: tuple[tuple[ReplicaStatus, ReplicaTarget], ...] = ()
         self.state = ReplicaState.load(self.buf[:HDR_SIZE], self.size, len(set_file.replicas))
         self._degraded = False
+        #: lanes with flushes not yet drained: a replica failing then may lack any range
+        self._undrained = [False] * nlanes
+        #: chunks written while :meth:`resync` copies (None when no resync runs)
+        self._resync_marks: ReplicaState | None = None
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -162,6 +166,11 @@ class PoolSet:
         master = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
         headers, problems = master.check(signature)
         raise_if_broken(f"master replica of {os.fspath(path)}", problems)
+        if headers and ReplicaState.load(headers[0].raw, set_file.pool_size,  # type: ignore[arg-type]
+                                         len(set_file.replicas)).is_stale(0):
+            raise HeaderError(errno.EINVAL, f"master replica of {os.fspath(path)} is stale: a "
+                                            "replica-sync repairing it did not finish (run "
+                                            "`replica-sync` again)")
         self = cls._map(set_file, master, plugins, nlanes)
         try:
             hdr = headers[0].header if headers else None
@@ -169,6 +178,8 @@ class PoolSet:
             for status in self.replicas[1:]:
                 if self.state.is_stale(status.index):
                     status.state = STALE
+                    log.warning("%s is stale: it missed writes while it was failed (run "
+                                "`replica-sync` to bring it up to date)", status.name)
                 try:
                     target = self._target(status.spec, status.index, create=False)
                     attr = target.open()
@@ -223,6 +234,7 @@ class PoolSet:
         self._active = tuple(active)  # type: ignore[assignment]
         if active:
             self.nlanes = min([self.nlanes] + [t.nlanes for _, t in active])
+            self._undrained = [False] * self.nlanes
         self._degraded = any(s.state != OK for s in self.replicas)
 
     def _discard_created(self) -> None:
@@ -278,6 +290,7 @@ class PoolSet:
         self._check(offset, length, lane)
         if self._degraded:
             self._note_dirty(offset, length)
+        self._undrained[lane] = True
         for status, target in self._active:
             try:
                 target.flush(offset, length, lane, flags)
@@ -293,6 +306,8 @@ class PoolSet:
                 target.drain(lane)
             except OSError as e:
                 self._fail(status, e, self.data_offset, self.size - self.data_offset)
+        if 0 <= lane < len(self._undrained):
+            self._undrained[lane] = False
 
     def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
         """Persist through every replica's deepest durability domain."""
@@ -315,6 +330,10 @@ class PoolSet:
             target, status.target = status.target, None
             self._active = tuple(p for p in self._active if p[0] is not status)
             self._degraded = True
+            if any(self._undrained):
+                # flushes on some lane were not drained yet: the replica may lack any of
+                # them, and their ranges are not remembered
+                offset, length = self.data_offset, self.size - self.data_offset
             self.state.mark_dirty(offset, length)
         _close_quietly(target)
         self._report_failed(status, error)
@@ -336,13 +355,30 @@ class PoolSet:
 
     def _note_dirty(self, offset: int, length: int) -> None:
         with self._state_lock:
+            if self._resync_marks is not None:
+                self._resync_marks.mark_dirty(offset, length)
             if self.state.mark_dirty(offset, length):
                 self._store_state()
 
     def _store_state(self) -> None:
-        """Write the replica-state record into the master header and make it durable."""
-        self.buf[STATE_OFFSET:STATE_OFFSET + STATE_SIZE] = self.state.pack()
+        """Write the replica-state record into the master header and make it durable, then
+        its copies into the local replicas that take writes (replica-sync reads them when
+        the master is lost)."""
+        raw = self.state.pack()
+        self.buf[STATE_OFFSET:STATE_OFFSET + STATE_SIZE] = raw
         self.mapping.persist(STATE_OFFSET, STATE_SIZE)
+        for status in self.replicas[1:]:
+            if status.target is not None and isinstance(status.spec, LocalReplica):
+                try:
+                    store_copy(status.spec.parts[0].path, raw)
+                except OSError as e:  # its next write fails too, and reports it
+                    log.debug("%s: cannot store the replica-state copy: %s", status.name, e)
+
+    @property
+    def stale_replicas(self) -> list[ReplicaStatus]:
+        """Replicas the master's record marks stale: they missed writes while failed and
+        stay so until replica-sync (or :meth:`resync`) brings them up to date."""
+        return [s for s in self.replicas if self.state.is_stale(s.index)]
 
     def mark_restored(self, index: int) -> None:
         """Replica ``index`` was repaired to match the master (by replica-sync)."""
@@ -353,6 +389,98 @@ class PoolSet:
             status.state, status.error = OK, None
             self._degraded = any(s.state != OK for s in self.replicas)
         self.plugin_manager.hook.pmreplica_replica_restored(replica=status)
+
+    def resync(self, index: int, *, chunk: int = 8 << 20) -> int:
+        """Bring failed or stale replica ``index`` of this open pool up to date online and put
+        it back on the write path; returns the bytes copied.
+
+        The replica is reopened (its storage must be sound: a missing or broken one needs
+        ``replica-sync`` with the pool closed) and gets from the master what it missed: the
+        chunks written while it was stale, or everything when the record cannot tell.
+        Writes go on meanwhile and are tracked; the last pass copies what they touched
+        while holding the state lock that every persist takes in degraded mode, and the
+        replica rejoins the write path under that lock, so no write can fall between the
+        copy and its return. Progress goes to ``pmreplica_sync_progress`` (phase "resync").
+        """
+        if not 0 < index < len(self.replicas):
+            raise PmReplicaError(errno.EINVAL, f"no replica {index} to resync (replica 0 is "
+                                               "the master)")
+        status = self.replicas[index]
+        with self._state_lock:
+            if status.state == OK and status.target is not None:
+                return 0
+            if self._resync_marks is not None:
+                raise PmReplicaError(errno.EBUSY, "another resync is running on this pool")
+            # off the write path while it is copied (a stale replica may be on it)
+            old, status.target = status.target, None
+            self._active = tuple(p for p in self._active if p[0] is not status)
+            self._degraded = True
+            self._resync_marks = ReplicaState(self.state.chunk)
+            full = self.state.is_full(index) or not self.state.is_stale(index)
+            ranges = ([(self.data_offset, self.size - self.data_offset)] if full
+                      else self.state.dirty_ranges(self.size))
+        try:
+            if old is not None:
+                _close_quietly(old)
+            target = self._target(status.spec, index, create=False)
+            try:
+                attr = target.open()
+                problem = _attr_problem(attr, self.header, index, {})
+                if problem is None and target.nlanes < self.nlanes:
+                    problem = (f"{status.name} offers {target.nlanes} lanes, the pool uses "
+                               f"{self.nlanes}")
+                if problem:
+                    raise ReplicaError(errno.EINVAL, problem)
+                copied = self._resync_copy(status, target, ranges, chunk)
+            except BaseException:
+                _close_quietly(target)
+                raise
+        finally:
+            with self._state_lock:
+                self._resync_marks = None
+        self.plugin_manager.hook.pmreplica_replica_restored(replica=status)
+        return copied
+
+    def _resync_copy(self, status: ReplicaStatus, target: ReplicaTarget,
+                     ranges: list[tuple[int, int]], chunk: int) -> int:
+        """Copy ``ranges`` into ``target``, then under the state lock what was written
+        meanwhile, and put the target on the write path."""
+        start = self.data_offset
+        pieces = [(max(o, start), o + n - max(o, start)) for o, n in ranges if o + n > start]
+        total = sum(n for _, n in pieces)
+        done = 0
+        hook = self.plugin_manager.hook
+
+        def copy(off: int, n: int) -> None:
+            nonlocal done
+            end = off + n
+            while off < end:
+                step = min(chunk, end - off)
+                target.persist(off, step, 0, 0)
+                off += step
+                done += step
+                hook.pmreplica_sync_progress(replica=status, phase="resync", done=done,
+                                             total=total)
+
+        hook.pmreplica_sync_progress(replica=status, phase="resync", done=0, total=total)
+        for off, n in pieces:
+            copy(off, n)
+        with self._state_lock:
+            marks = self._resync_marks
+            assert marks is not None
+            for off, n in marks.dirty_ranges(self.size):
+                lo = max(off, start)
+                if lo < off + n:
+                    total += off + n - lo
+                    copy(lo, off + n - lo)
+            status.target = target
+            self._active = self._active + ((status, target),)
+            status.state, status.error = OK, None
+            if self.state.clear_stale(status.index):
+                self._store_state()
+            self._degraded = any(s.state != OK for s in self.replicas)
+        log.info("%s resynced online (%d bytes copied)", status.name, done)
+        return done
 
     @property
     def header(self) -> PoolHeader:

@@ -8,6 +8,7 @@ one contiguous range. With SINGLEHDR or NOHDRS every part is mapped whole.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import uuid as _uuid
@@ -17,6 +18,7 @@ from .errors import HeaderError, PmReplicaError
 from .header import HDR_SIZE, PoolHeader, replica_headers
 from .pmem import Mapping, Segment, open_part
 from .poolset import LocalReplica, PoolSetFile
+from .state import OFFSET as STATE_OFFSET
 
 
 class PartHeader(namedtuple("PartHeader", "path raw header problems")):
@@ -77,18 +79,48 @@ class LocalReplicaFiles:
             raise
 
     def write_headers(self, template: PoolHeader, part_uuids: list[_uuid.UUID],
-                      prev_repl: _uuid.UUID, next_repl: _uuid.UUID) -> None:
-        """Write the headers of all parts into their files' first page, durably."""
-        for part, hdr in zip(self.replica.parts,
-                             replica_headers(template, part_uuids, prev_repl, next_repl)):
-            _pwrite_durable(part.path, hdr.pack(), 0)
+                      prev_repl: _uuid.UUID, next_repl: _uuid.UUID,
+                      state: bytes | None = None) -> None:
+        """Write the headers of all parts into their files' first page, durably; ``state``
+        (a packed replica-state record) goes into part 0's page with its header."""
+        for i, (part, hdr) in enumerate(zip(self.replica.parts, replica_headers(
+                template, part_uuids, prev_repl, next_repl))):
+            page = hdr.pack()
+            if i == 0 and state is not None:
+                page = page[:STATE_OFFSET] + state + page[STATE_OFFSET + len(state):]
+            _pwrite_durable(part.path, page, 0)
+
+    def clear_header(self, state: bytes | None = None) -> None:
+        """Zero part 0's header (keeping ``state`` in its page), durably: the replica is
+        not a pool until :meth:`write_headers` runs again. replica-sync does this before
+        rewriting a replica's data, so that a replica it leaves half-copied is never
+        taken for a sound one."""
+        page = bytearray(HDR_SIZE)
+        if state is not None:
+            page[STATE_OFFSET:STATE_OFFSET + len(state)] = state
+        _pwrite_durable(self.replica.parts[0].path, bytes(page), 0)
+
+    def restore_parts(self, mode: int = 0o666) -> None:
+        """Give every part file its full size: create the missing ones, extend the short
+        ones (their blocks allocated, so a full file system is ENOSPC now)."""
+        for p in self.replica.parts:
+            if not os.path.lexists(p.path):
+                os.close(open_part(p.path, p.aligned_size, create=True, mode=mode))
+                continue
+            fd = os.open(p.path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size < p.aligned_size:
+                    os.posix_fallocate(fd, 0, p.aligned_size)
+            finally:
+                os.close(fd)
 
     def open(self) -> Mapping:
         """Map the existing parts (ENOENT if one is missing)."""
         return Mapping.open(self.segments, create=False)
 
-    def read_headers(self) -> list[PartHeader]:
-        """Read each header-carrying part's header from its file, with its own problems."""
+    def read_headers(self, remote: bool = False) -> list[PartHeader]:
+        """Read each header-carrying part's header from its file, with its own problems
+        (``remote``: judged as an agent judges a remote pool's, see PoolHeader.problems)."""
         out = []
         for p in self.replica.parts[: self.nhdrs]:
             try:
@@ -101,11 +133,13 @@ class LocalReplicaFiles:
                 out.append(PartHeader(p.path, raw, None, ("file shorter than a pool header",)))
                 continue
             hdr = PoolHeader.unpack(raw)
-            probs = ("header is zeroed",) if hdr.is_zeroed else tuple(hdr.problems(raw))
+            zeroed = raw == bytes(HDR_SIZE) if remote else hdr.is_zeroed
+            probs = ("header is zeroed",) if zeroed else tuple(hdr.problems(raw, remote))
             out.append(PartHeader(p.path, raw, hdr, probs))
         return out
 
-    def check(self, signature: bytes | None = None) -> tuple[list[PartHeader], list[str]]:
+    def check(self, signature: bytes | None = None,
+              remote: bool = False) -> tuple[list[PartHeader], list[str]]:
         """Check files and headers: sizes, checksums, shared identity and the part links.
         Returns the headers and a list of problems (empty if the replica is consistent)."""
         problems = []
@@ -117,7 +151,7 @@ class LocalReplicaFiles:
                 continue
             if size < p.aligned_size:
                 problems.append(f"{p.path}: size {size} is smaller than {p.aligned_size}")
-        headers = self.read_headers() if self.nhdrs else []
+        headers = self.read_headers(remote) if self.nhdrs else []
         for h in headers:
             problems.extend(f"{h.path}: {msg}" for msg in h.problems)
         good = [h for h in headers if h.header is not None and not h.problems]
@@ -137,6 +171,46 @@ class LocalReplicaFiles:
     def remove(self, force: bool = False) -> None:
         """Delete the part files (missing ones are an error unless ``force``)."""
         remove_parts(self.replica, force)
+
+
+class ReplicaWriter:
+    """Writes a local replica's bytes by pool offset through its part files with pwrite: a
+    short or failing file gives an errno, never a SIGBUS as a store into a mapping would."""
+
+    def __init__(self, files: LocalReplicaFiles) -> None:
+        self.files = files
+        self._starts = [s.pool_offset for s in files.segments]
+        self._fds: list[int] = []
+        try:
+            for seg in files.segments:
+                self._fds.append(os.open(seg.path, os.O_RDWR | os.O_CLOEXEC))
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at pool ``offset`` (durable after :meth:`sync`)."""
+        segs = self.files.segments
+        i = bisect.bisect_right(self._starts, offset) - 1
+        at, end = offset, offset + len(data)
+        while at < end:
+            seg = segs[i]
+            n = min(end, seg.pool_offset + seg.length) - at
+            if os.pwritev(self._fds[i], [data[at - offset:at - offset + n]],
+                          seg.file_offset + at - seg.pool_offset) != n:
+                raise PmReplicaError(errno.EIO, f"{seg.path}: short write")
+            at += n
+            i += 1
+
+    def sync(self) -> None:
+        """Make everything written so far durable."""
+        for fd in self._fds:
+            os.fdatasync(fd)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 def remove_parts(replica: LocalReplica, force: bool = False) -> None:

@@ -5,18 +5,27 @@ The record lives in the master's part-0 header at bytes 2048..4024, PMDK's ``unu
 outside the header checksum when CKSUM_2K is set and ignored by PMDK's tools, so PMDK pools
 stay valid for them. The record carries its own CRC32; a record that fails it is treated
 as "every replica stale", the safe reading.
+
+Copies of the record are kept at the same place in the part-0 header of every local replica
+that takes writes, so that replica-sync can still tell stale replicas from fresh ones when
+the master itself is lost. Every change raises ``generation``: the newest copy wins.
+A replica in ``full_mask`` needs a complete resync (the bitmap does not cover what it
+lacks: replica-sync was recreating it, or its header was broken).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import zlib
 
 OFFSET = 2048
 MAGIC = b"PMRSTATE"
-VERSION = 1
+VERSION = 2
 BITMAP_BYTES = 1536
-_HEAD = struct.Struct("<8sIIQQQ")  # magic, version, reserved, stale mask, generation, chunk size
+# magic, version, reserved, stale mask, full-resync mask, generation, chunk size
+_HEAD = struct.Struct("<8sIIQQQQ")
 SIZE = _HEAD.size + BITMAP_BYTES + 4
 MIN_CHUNK = 64 << 10
 
@@ -33,46 +42,57 @@ class ReplicaState:
     """Stale replicas (bit i = replica i) and the chunks written while any was stale."""
 
     def __init__(self, chunk: int, stale_mask: int = 0, generation: int = 0,
-                 bitmap: bytearray | None = None, intact: bool = True) -> None:
+                 bitmap: bytearray | None = None, intact: bool = True,
+                 full_mask: int = 0) -> None:
         self.chunk = chunk
         self.stale_mask = stale_mask
+        self.full_mask = full_mask
         self.generation = generation
         self.bitmap = bitmap if bitmap is not None else bytearray(BITMAP_BYTES)
         #: False when the stored record was damaged: callers must resync replicas in full
         self.intact = intact
 
     def __repr__(self) -> str:
-        return (f"ReplicaState(stale_mask={self.stale_mask:#x}, generation={self.generation}, "
-                f"chunk={self.chunk}, dirty={sum(bin(b).count('1') for b in self.bitmap)})")
+        return (f"ReplicaState(stale_mask={self.stale_mask:#x}, full_mask={self.full_mask:#x}, "
+                f"generation={self.generation}, chunk={self.chunk}, "
+                f"dirty={sum(bin(b).count('1') for b in self.bitmap)}, intact={self.intact})")
 
     @classmethod
     def load(cls, header_page: bytes | memoryview, pool_size: int,
              nreplicas: int) -> "ReplicaState":
         raw = bytes(header_page[OFFSET:OFFSET + SIZE])
-        magic, version, _, mask, gen, chunk = _HEAD.unpack_from(raw)
-        if magic == bytes(8) and raw == bytes(SIZE):
+        if raw == bytes(SIZE):
             return cls(chunk=chunk_size_for(pool_size))
+        magic, version, _, mask, full, gen, chunk = _HEAD.unpack_from(raw)
         crc = struct.unpack_from("<I", raw, SIZE - 4)[0]
         if magic != MAGIC or version != VERSION or crc != zlib.crc32(raw[:SIZE - 4]) or not chunk:
             all_but_master = ((1 << nreplicas) - 1) & ~1
             return cls(chunk=chunk_size_for(pool_size), stale_mask=all_but_master,
-                       intact=False)
+                       intact=False, full_mask=all_but_master)
         bitmap = bytearray(raw[_HEAD.size:_HEAD.size + BITMAP_BYTES])
-        return cls(chunk=chunk, stale_mask=mask, generation=gen, bitmap=bitmap)
+        return cls(chunk=chunk, stale_mask=mask, generation=gen, bitmap=bitmap, full_mask=full)
 
     def pack(self) -> bytes:
-        body = _HEAD.pack(MAGIC, VERSION, 0, self.stale_mask, self.generation,
+        body = _HEAD.pack(MAGIC, VERSION, 0, self.stale_mask, self.full_mask, self.generation,
                           self.chunk) + bytes(self.bitmap)
         return body + struct.pack("<I", zlib.crc32(body))
 
     def is_stale(self, index: int) -> bool:
         return bool(self.stale_mask >> index & 1)
 
-    def mark_stale(self, index: int) -> bool:
-        """Mark replica ``index`` stale; True if that changed the record."""
-        if self.is_stale(index):
-            return False
+    def is_full(self, index: int) -> bool:
+        """True if replica ``index`` needs a complete resync, not just the dirty chunks."""
+        return bool(self.full_mask >> index & 1) or not self.intact
+
+    def mark_stale(self, index: int, full: bool = False) -> bool:
+        """Mark replica ``index`` stale (``full``: needing a complete resync); True if that
+        changed the record."""
+        before = (self.stale_mask, self.full_mask)
         self.stale_mask |= 1 << index
+        if full:
+            self.full_mask |= 1 << index
+        if (self.stale_mask, self.full_mask) == before:
+            return False
         self.generation += 1
         return True
 
@@ -81,6 +101,7 @@ class ReplicaState:
         if not self.is_stale(index):
             return False
         self.stale_mask &= ~(1 << index)
+        self.full_mask &= ~(1 << index)
         if not self.stale_mask:
             self.bitmap[:] = bytes(BITMAP_BYTES)
             self.intact = True
@@ -98,7 +119,19 @@ class ReplicaState:
             if not bitmap[byte] >> bit & 1:
                 bitmap[byte] |= 1 << bit
                 changed = True
+        if changed:
+            self.generation += 1
         return changed
+
+    def merge(self, other: "ReplicaState") -> None:
+        """Take the union of two records of the same generation (the safe reading of copies
+        that disagree): stale and full-resync marks and dirty chunks of both."""
+        self.stale_mask |= other.stale_mask
+        self.full_mask |= other.full_mask
+        if other.chunk != self.chunk:
+            self.full_mask |= self.stale_mask
+        else:
+            self.bitmap[:] = bytes(a | b for a, b in zip(self.bitmap, other.bitmap))
 
     def dirty_ranges(self, pool_size: int) -> list[tuple[int, int]]:
         """The written chunks as merged (offset, length) ranges clipped to the pool."""
@@ -117,3 +150,17 @@ class ReplicaState:
                     else:
                         out.append((off, end - off))
         return out
+
+
+def store_copy(path: str, record: bytes) -> None:
+    """Write ``record`` (from :meth:`ReplicaState.pack`) into the header page of the part file
+    ``path`` at :data:`OFFSET`, durably. The file must already hold a full header page."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size < OFFSET + len(record):
+            raise OSError(errno.EINVAL, f"{path}: too short to hold a pool header")
+        if os.pwrite(fd, record, OFFSET) != len(record):
+            raise OSError(errno.EIO, f"{path}: short write")
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)

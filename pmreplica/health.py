@@ -1,0 +1,367 @@
+"""The health of a pool set's replicas, judged as replica-sync needs it before repairing.
+
+Each replica is probed where it lives: a local one through its part files (present,
+readable, sizes, header checksums, part links), a remote one through its agent (STAT for its
+size and header health, then OPEN for its attributes; the session stays open, holding the
+remote pool's lock, for the copy or the checksums that follow). Then the replicas are
+judged together:
+
+* identity: all must carry the pool set uuid and format of the master; when the master is
+  not sound, of the uuid most sound replicas share (ties: the lowest-numbered);
+* links: each replica's next/previous replica uuids must name its neighbours;
+* freshness, from the replica-state record (:mod:`pmreplica.state`). The record is read
+  from the master and from the copies in local replicas; the one with the highest
+  generation is the authority (copies of one generation are merged, stale marks unioned).
+  The master vouches for every replica, itself included. A copy vouches for every replica
+  except the one holding it: a replica that failed after its copy was last written would
+  otherwise clear itself (its failure was recorded only where it could still be written).
+  A replica not marked stale but vouched for by nobody is *unknown*: never a source,
+  resynced in full. With no record at all (master lost, no local replica), the master alone
+  counts as up to date.
+
+The source of a repair is the lowest-numbered replica that is sound, of the pool set's
+identity, and known to be up to date (PMDK picks the lowest-numbered healthy replica too).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid as _uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import PmReplicaError
+from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
+from .pool import describe
+from .poolset import LocalReplica, PoolSetFile, RemoteReplica, Replica
+from .replica import LocalReplicaFiles
+from .state import ReplicaState
+
+if TYPE_CHECKING:
+    from .rpmem.client import RemotePool
+
+log = logging.getLogger(__name__)
+
+# health of a replica, as reported
+HEALTHY = "healthy"  # sound, of this pool set, known to be up to date
+STALE = "stale"  # sound, but marked stale: it missed writes
+UNKNOWN = "unknown"  # sound, but nothing shows it is up to date
+BROKEN = "broken"  # missing or damaged storage or header, or another pool set's
+UNREACHABLE = "unreachable"  # its agent could not be asked, or its pool not opened (busy)
+
+# freshness of a sound replica
+FRESH = "fresh"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a replica's (first part's) header says about the pool it belongs to."""
+
+    poolset_uuid: _uuid.UUID
+    signature: bytes
+    major: int
+    compat: int
+    incompat: int
+    ro_compat: int
+    uuid: _uuid.UUID
+    prev_repl: _uuid.UUID
+    next_repl: _uuid.UUID
+
+    @property
+    def format(self) -> tuple:
+        return (self.signature.rstrip(b"\0"), self.major, self.compat, self.incompat,
+                self.ro_compat)
+
+    @classmethod
+    def of_header(cls, h: PoolHeader) -> "Identity":
+        return cls(h.poolset_uuid, h.signature, h.major, h.compat, h.incompat, h.ro_compat,
+                   h.uuid, h.prev_repl, h.next_repl)
+
+    @classmethod
+    def of_attr(cls, a: PoolAttr) -> "Identity":
+        uu = _uuid.UUID
+        return cls(uu(bytes_le=a.poolset_uuid), a.signature, a.major, a.compat_features,
+                   a.incompat_features, a.ro_compat_features, uu(bytes_le=a.uuid),
+                   uu(bytes_le=a.prev_uuid), uu(bytes_le=a.next_uuid))
+
+
+@dataclass(eq=False)
+class Probe:
+    """One replica as found: where it is, what is wrong with it, what its header says."""
+
+    index: int
+    spec: Replica
+    #: what is wrong with the replica's storage, header or identity (empty: sound)
+    problems: list[str] = field(default_factory=list)
+    #: wrong replica links: fixed by rewriting headers, the data is not in question
+    link_problems: list[str] = field(default_factory=list)
+    identity: Identity | None = None
+    #: the first part's header as read (local replicas)
+    header: PoolHeader | None = None
+    #: part 0's header page (local replicas; the replica-state record copy lives in it)
+    page: bytes | None = None
+    files: LocalReplicaFiles | None = None
+    #: open session on a remote replica (bound to a scratch buffer)
+    remote: "RemotePool | None" = None
+    reachable: bool = True
+    #: False when replica-sync cannot repair it (too small, NOHDRS, directory-based)
+    repairable: bool = True
+    #: fresh, stale or unknown (sound replicas only)
+    freshness: str | None = None
+
+    @property
+    def name(self) -> str:
+        return describe(self.spec, self.index)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.spec.is_remote
+
+    @property
+    def sound(self) -> bool:
+        return self.reachable and not self.problems and self.identity is not None
+
+    @property
+    def health(self) -> str:
+        if not self.reachable:
+            return UNREACHABLE
+        if not self.sound:
+            return BROKEN
+        return {FRESH: HEALTHY, STALE: STALE}.get(self.freshness or "", UNKNOWN)
+
+
+def probe_local(set_file: PoolSetFile, index: int, spec: LocalReplica,
+                pool_size: int) -> Probe:
+    """Check a local replica's part files and headers."""
+    probe = Probe(index, spec)
+    try:
+        probe.files = LocalReplicaFiles(set_file, spec, pool_size)
+    except PmReplicaError as e:
+        probe.problems.append(e.strerror or str(e))
+        probe.repairable = False
+        return probe
+    headers, problems = probe.files.check()
+    probe.problems += _tidy(problems)
+    if headers and headers[0].raw is not None and len(headers[0].raw) == HDR_SIZE:
+        probe.page = headers[0].raw
+    if not problems and headers and headers[0].header is not None:
+        probe.header = headers[0].header
+        probe.identity = Identity.of_header(headers[0].header)
+    elif not headers:
+        probe.problems.append("replica has no headers")
+    return probe
+
+
+def probe_remote(index: int, spec: RemoteReplica, pool_size: int, buffer: memoryview) -> Probe:
+    """Ask the replica's agent: OPEN the pool for its attributes (the session, bound to
+    ``buffer``, stays open in ``probe.remote``, holding the remote pool's lock); when that
+    fails, STAT says why: unreachable, too small, or which parts and headers are broken."""
+    from .rpmem import client
+
+    probe = Probe(index, spec)
+    try:
+        probe.remote = client.RemotePool.open(spec.node, spec.pool_set, buffer, nlanes=1)
+    except OSError as e:
+        refused = e
+    else:
+        attr = probe.remote.attr
+        if attr.is_zeroed:
+            probe.problems.append("remote pool has no header (a NOHDRS pool set): "
+                                  "replica-sync needs pool headers")
+            probe.repairable = False
+        else:
+            probe.identity = Identity.of_attr(attr)
+        return probe
+    try:
+        st = client.stat(spec.node, spec.pool_set)
+    except OSError as e:
+        probe.reachable = False
+        probe.problems.append(_message(e))
+        return probe
+    if st.size < pool_size:
+        probe.repairable = False
+        probe.problems.append(f"the remote pool set gives {st.size} bytes, the pool needs "
+                              f"{pool_size}")
+    elif not st.healthy:
+        probe.problems.extend(_tidy(st.message.split("; ")) if st.message
+                              else ["remote pool is inconsistent"])
+    else:  # sound, but not to be had: open in another session, or its data path fails
+        probe.reachable = False
+        probe.problems.append(_message(refused))
+    return probe
+
+
+_ENOENT = ": " + os.strerror(errno.ENOENT)
+
+
+def _tidy(problems: list[str]) -> list[str]:
+    """A part that is missing said once (``check`` finds it by its size and its header)."""
+    missing = [m[:-len(_ENOENT)] for m in problems
+               if m.endswith(_ENOENT) and ": cannot read" not in m]
+    return [f"{m}: part file is missing" for m in missing] + [
+        msg for msg in problems if not any(msg.startswith(m + ": ") for m in missing)]
+
+
+def _message(e: OSError) -> str:
+    return str(e) if isinstance(e, PmReplicaError) else (e.strerror or str(e))
+
+
+@dataclass
+class Judgement:
+    """The replicas judged together: identity, the authoritative state record, freshness,
+    the replica uuids the links must name."""
+
+    #: the replica whose pool set uuid and format all must share (None: no sound replica)
+    reference: Probe | None
+    #: the authoritative replica-state record (merged copies of the newest generation)
+    state: ReplicaState | None
+    #: replicas whose copy of the record has the newest generation
+    holders: list[int]
+    #: each replica's uuid as the repaired pool set will have it
+    canonical: list[_uuid.UUID]
+
+
+def judge(probes: list[Probe], pool_size: int) -> Judgement:
+    """Judge the probed replicas together; adds identity and link problems to the probes
+    and sets their freshness."""
+    n = len(probes)
+    reference = _reference(probes)
+    if reference is not None:
+        ref = reference.identity
+        assert ref is not None
+        for p in probes:
+            if p.sound and p is not reference:
+                if p.identity.poolset_uuid != ref.poolset_uuid:  # type: ignore[union-attr]
+                    p.problems.append(f"belongs to another pool set (pool set uuid differs "
+                                      f"from replica {reference.index})")
+                elif p.identity.format != ref.format:  # type: ignore[union-attr]
+                    p.problems.append(f"pool format (signature, version or features) differs "
+                                      f"from replica {reference.index}")
+        seen: dict[_uuid.UUID, int] = {}
+        for p in probes:  # a copied part file: its data and its record are another's
+            if p.sound:
+                first = seen.setdefault(p.identity.uuid, p.index)  # type: ignore[union-attr]
+                if first != p.index:
+                    p.problems.append(f"has the replica uuid of replica {first} (a copy of "
+                                      "its file?)")
+    state, holders = _authority(probes, reference, pool_size)
+    for p in probes:
+        if not p.sound:
+            continue
+        if state is None:
+            p.freshness = FRESH if p.index == 0 else UNKNOWN
+        elif state.is_stale(p.index):
+            p.freshness = STALE
+        elif p.index == 0 or 0 in holders or set(holders) - {p.index}:
+            p.freshness = FRESH
+        else:
+            p.freshness = UNKNOWN
+    canonical = _canonical_uuids(probes)
+    for p in probes:
+        if not p.sound:
+            continue
+        ident = p.identity
+        assert ident is not None
+        nxt, prv = (p.index + 1) % n, (p.index - 1) % n
+        if ident.next_repl != canonical[nxt]:
+            p.link_problems.append(f"next replica uuid does not name replica {nxt}")
+        if ident.prev_repl != canonical[prv]:
+            p.link_problems.append(f"previous replica uuid does not name replica {prv}")
+    return Judgement(reference, state, holders, canonical)
+
+
+def _reference(probes: list[Probe]) -> Probe | None:
+    """The replica whose identity the others must share: the master when sound, else the
+    lowest-numbered of the pool set uuid most sound replicas carry."""
+    sound = [p for p in probes if p.sound]
+    if not sound:
+        return None
+    if sound[0].index == 0:
+        return sound[0]
+    votes = Counter(p.identity.poolset_uuid for p in sound)  # type: ignore[union-attr]
+    best = max(votes.values())
+    return next(p for p in sound if votes[p.identity.poolset_uuid] == best)  # type: ignore[union-attr]
+
+
+def _authority(probes: list[Probe], reference: Probe | None,
+               pool_size: int) -> tuple[ReplicaState | None, list[int]]:
+    """The newest intact replica-state record and the replicas holding it."""
+    n = len(probes)
+    ref_uuid = reference.identity.poolset_uuid if reference else None  # type: ignore[union-attr]
+    found: list[tuple[int, ReplicaState]] = []
+    for p in probes:
+        if p.is_remote or p.page is None:
+            continue
+        if p.index == 0:
+            # the master's record counts even when the rest of the master is broken (its
+            # own CRC protects it), unless a sound header says it is another pool's
+            hdr = PoolHeader.unpack(p.page)
+            if (PoolHeader.checksum_ok(p.page) and not hdr.is_zeroed and ref_uuid is not None
+                    and hdr.poolset_uuid != ref_uuid):
+                continue
+        elif not p.sound:
+            continue
+        st = ReplicaState.load(p.page, pool_size, n)
+        if st.intact:
+            found.append((p.index, st))
+    if not found:
+        return None, []
+    newest = max(st.generation for _, st in found)
+    holders = [i for i, st in found if st.generation == newest]
+    state: ReplicaState | None = None
+    for i, st in found:
+        if st.generation != newest:
+            continue
+        if state is None:
+            state = st
+        else:
+            state.merge(st)
+    return state, holders
+
+
+def _canonical_uuids(probes: list[Probe]) -> list[_uuid.UUID]:
+    """Each replica's uuid: its own when sound, else the one its neighbours link to, else a
+    new one."""
+    n = len(probes)
+    out: list[_uuid.UUID | None] = [p.identity.uuid if p.sound else None  # type: ignore[union-attr]
+                                    for p in probes]
+    for p in probes:
+        if out[p.index] is not None:
+            continue
+        prv, nxt = probes[(p.index - 1) % n], probes[(p.index + 1) % n]
+        guess = None
+        if prv.sound and prv.identity.next_repl != NIL:  # type: ignore[union-attr]
+            guess = prv.identity.next_repl  # type: ignore[union-attr]
+        elif nxt.sound and nxt.identity.prev_repl != NIL:  # type: ignore[union-attr]
+            guess = nxt.identity.prev_repl  # type: ignore[union-attr]
+        if guess is None or guess in out:
+            guess = _uuid.uuid4()
+        out[p.index] = guess
+    return out  # type: ignore[return-value]
+
+
+def choose_source(probes: list[Probe], forced: int | None = None) -> tuple[int | None, str]:
+    """The replica to repair from and, when there is none, why. ``forced`` names one the
+    operator vouches for: it must be sound and must not be marked stale."""
+    if forced is not None:
+        if not 0 <= forced < len(probes):
+            return None, f"there is no replica {forced}"
+        p = probes[forced]
+        if not p.sound:
+            return None, f"{p.name} cannot be the source: it is {p.health}"
+        if p.freshness == STALE:
+            return None, f"{p.name} cannot be the source: it is marked stale (it missed writes)"
+        return forced, ""
+    for p in probes:
+        if p.sound and p.freshness == FRESH:
+            return p.index, ""
+    unknown = [p for p in probes if p.sound and p.freshness == UNKNOWN]
+    if unknown:
+        names = ", ".join(p.name for p in unknown)
+        return None, (f"no replica is known to be up to date: the replica-state record that "
+                      f"would vouch for {names} was lost; if you know one did not miss "
+                      f"writes, name it with --source N")
+    return None, "no healthy replica is left to repair from"
