@@ -6,17 +6,21 @@ remote, in step with every ``persist``. Replica kinds are pluggy plugins (``hook
 
 from __future__ import annotations
 
-# typing.TYPE_CHECKING without importing typing (the agent imports this package on start)
-TYPE_CHECKING = False
+import logging
 
 from .errors import HeaderError, PmReplicaError, PoolSetError, RemoteError, ReplicaError
 
+# typing.TYPE_CHECKING without importing typing (the agent imports this package on start)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .hookspecs import hookimpl
     from .pool import PoolSet, ReplicaStatus
 
 __all__ = ["PoolSet", "ReplicaStatus", "hookimpl", "PmReplicaError", "PoolSetError",
            "HeaderError", "ReplicaError", "RemoteError"]
+
+# a library logs; the application decides where to (nothing shows unless it configures it)
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {"PoolSet": "pool", "ReplicaStatus": "pool", "hookimpl": "hookspecs"}
 

@@ -296,3 +296,16 @@ def _print(rows: list[Row], out, as_json: bool) -> None:
         verdict = "" if r.ok is None else ("ok" if r.ok else "MISSED")
         out.write(f"{r.metric:38} {r.value:9.2f} {r.unit:>2} {base:>12} {ratio:>7}  "
                   f"{r.target} {verdict}\n")
+
+
+def register(sub) -> None:
+    """Add ``bench`` to the ``pmreplica`` command (cli.COMMAND_MODULES)."""
+    p = sub.add_parser("bench", help="persist latency/throughput against raw TCP baselines",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--ssh", metavar="TARGET",
+                   help="also time create+close through SSH to this [user@]host[:port] "
+                        "(its agent must serve pool sets in a directory writable here)")
+    p.set_defaults(func=lambda args: 0 if all(
+        r.ok is not False for r in run(args.quick, args.ssh, as_json=args.json)) else 1)

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIGNATURE = b"PMREPLIC"
 DEFAULT_NLANES = 4
+#: flushed ranges remembered per lane until its drain (beyond that, one covering span)
+PENDING_RANGES = 16
 
 OK, FAILED, STALE = "ok", "failed", "stale"
 
@@ -99,8 +101,7 @@ class PoolSet:
         self._active: tuple[tuple[ReplicaStatus, ReplicaTarget], ...] = ()
         self.state = ReplicaState.load(self.buf[:HDR_SIZE], self.size, len(set_file.replicas))
         self._degraded = False
-        #: lanes with flushes not yet drained: a replica failing then may lack any range
-        self._undrained = [False] * nlanes
+        self._reset_pending(nlanes)
         #: chunks written while :meth:`resync` copies (None when no resync runs)
         self._resync_marks: ReplicaState | None = None
 
@@ -234,7 +235,7 @@ class PoolSet:
         self._active = tuple(active)  # type: ignore[assignment]
         if active:
             self.nlanes = min([self.nlanes] + [t.nlanes for _, t in active])
-            self._undrained = [False] * self.nlanes
+            self._reset_pending(self.nlanes)
         self._degraded = any(s.state != OK for s in self.replicas)
 
     def _discard_created(self) -> None:
@@ -290,7 +291,19 @@ class PoolSet:
         self._check(offset, length, lane)
         if self._degraded:
             self._note_dirty(offset, length)
-        self._undrained[lane] = True
+        # remembered before it is sent: a replica failing before the drain may lack it
+        n = self._npending[lane]
+        pend = self._pending[lane]
+        if n < PENDING_RANGES:
+            pend[2 * n] = offset
+            pend[2 * n + 1] = offset + length
+        else:  # too many to keep one by one: the last slot widens to cover the rest
+            i = 2 * PENDING_RANGES - 2
+            if offset < pend[i]:
+                pend[i] = offset
+            if offset + length > pend[i + 1]:
+                pend[i + 1] = offset + length
+        self._npending[lane] = n + 1
         for status, target in self._active:
             try:
                 target.flush(offset, length, lane, flags)
@@ -300,14 +313,20 @@ class PoolSet:
 
     def drain(self, lane: int = 0) -> None:
         """Wait until everything flushed on ``lane`` is durable on every working replica."""
+        if not 0 <= lane < self.nlanes:
+            raise PmReplicaError(errno.EINVAL, f"lane {lane} out of range (nlanes={self.nlanes})")
         self.mapping.drain()
         for status, target in self._active:
             try:
                 target.drain(lane)
             except OSError as e:
-                self._fail(status, e, self.data_offset, self.size - self.data_offset)
-        if 0 <= lane < len(self._undrained):
-            self._undrained[lane] = False
+                self._fail(status, e)
+        self._npending[lane] = 0
+
+    def _reset_pending(self, nlanes: int) -> None:
+        #: per lane, (offset, end) of the ranges flushed since its last drain, preallocated
+        self._pending = [[0] * (2 * PENDING_RANGES) for _ in range(nlanes)]
+        self._npending = [0] * nlanes
 
     def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
         """Persist through every replica's deepest durability domain."""
@@ -322,19 +341,24 @@ class PoolSet:
         self.mapping.deep_persist(offset, length)
 
     # -- failures and state ----------------------------------------------------------------
-    def _fail(self, status: ReplicaStatus, error: OSError, offset: int, length: int) -> None:
-        """Take a replica off the write path, record it stale, tell the host application."""
+    def _fail(self, status: ReplicaStatus, error: OSError, offset: int | None = None,
+              length: int = 0) -> None:
+        """Take a replica off the write path, record it stale with what it may have missed
+        (the failed range and every lane's undrained flushes), tell the host application."""
         with self._state_lock:
-            if status.target is None:
-                return
+            changed = offset is not None and self.state.mark_dirty(offset, length)
+            for lane, n in enumerate(self._npending):
+                pend = self._pending[lane]
+                for i in range(min(n, PENDING_RANGES)):
+                    changed |= self.state.mark_dirty(pend[2 * i], pend[2 * i + 1] - pend[2 * i])
             target, status.target = status.target, None
+            if target is None:
+                # failed already (by another lane): what this call sent may be missing too
+                if changed:
+                    self._store_state()
+                return
             self._active = tuple(p for p in self._active if p[0] is not status)
             self._degraded = True
-            if any(self._undrained):
-                # flushes on some lane were not drained yet: the replica may lack any of
-                # them, and their ranges are not remembered
-                offset, length = self.data_offset, self.size - self.data_offset
-            self.state.mark_dirty(offset, length)
         _close_quietly(target)
         self._report_failed(status, error)
 

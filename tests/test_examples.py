@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,30 @@ def _scratch() -> set[Path]:
             if p.name.startswith(("pmreplica-manpage-", "pmreplica-example-"))}
 
 
-@pytest.mark.parametrize("name", ["manpage.py", "replicated_poolset.py"])
+@pytest.mark.parametrize("name", ["manpage.py", "replicated_poolset.py", "replicated_objects.py"])
 def test_examples_leave_no_files_behind(name):
     before = _scratch()
     run_example(name)
     assert _scratch() - before == set()
+
+
+def test_replicated_objects_example_repairs_the_killed_replica():
+    out = run_example("replicated_objects.py")
+    assert "300 more committed with the remote replica gone: ['ok', 'ok', 'failed']" in out
+    assert "replica-sync: repaired" in out
+    assert "replicas identical: True" in out
+
+
+def test_demo_tells_the_whole_story(pmreplica_cmd):
+    r = subprocess.run([*pmreplica_cmd, "demo", "--transactions", "300"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert re.search(r"healthy +300 commits +\d+ commits/s  commit latency p50 +\d+ us", out)
+    assert "replica 2 (localhost:remote.set) failed:" in out
+    assert "replicas: replica 0: ok, replica 1: ok, replica 2: failed" in out
+    assert "replica-sync: repaired" in out
+    digests = [line.split("sha256 ")[1] for line in out.splitlines() if "sha256 " in line]
+    assert len(digests) == 3 and len(set(digests)) == 1
+    assert "identical: yes" in out and "as committed: yes" in out
+    assert "all replicas ok: yes" in out

@@ -1,0 +1,211 @@
+"""``pmreplica demo``: the whole story on one machine, with nothing to set up.
+
+A pool set with a local replica and a remote one (served by a local agent over TCP), an
+object-store workload with a live line of commits/s and commit latency, the remote agent
+killed (degraded mode), brought back, the replica repaired by replica-sync, and the
+replicas proved identical byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import random
+import shlex
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from .hookspecs import hookimpl
+
+POOL_MIB = 32
+ENTRIES = 3000
+
+
+class _Events:
+    """The demo's hook implementations: print what happens to replicas as it happens."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+
+    @hookimpl
+    def pmreplica_replica_failed(self, replica, error) -> None:
+        self.say(f"  !  {replica.name} failed: {error}\n"
+                 "     the pool goes on, degraded; the replica is marked stale")
+
+    @hookimpl
+    def pmreplica_replica_restored(self, replica) -> None:
+        self.say(f"  +  {replica.name} is consistent again")
+
+
+class Demo:
+    def __init__(self, workdir: str, out=sys.stdout, transactions: int = 2000) -> None:
+        self.dir = workdir
+        self.out = out
+        self.transactions = transactions
+        self.live = out.isatty()
+        self.agent_dir = os.path.join(workdir, "agent")
+        self.set_path = os.path.join(workdir, "demo.set")
+        self.model: dict[str, int] = {}
+        self.rng = random.Random(42)
+
+    def say(self, text: str) -> None:
+        if self.live:
+            self.out.write("\r\033[K")
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # -- setup -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        os.makedirs(self.agent_dir)
+        agent = shutil.which("pmreplica-agent") or os.path.join(
+            os.path.dirname(sys.executable), "pmreplica-agent")
+        os.environ["PMREPLICA_LAUNCHER"] = "local"
+        os.environ["RPMEM_CMD"] = shlex.join([agent, "--poolset-dir", self.agent_dir])
+        with open(os.path.join(self.agent_dir, "remote.set"), "w") as f:
+            f.write(f"PMEMPOOLSET\n{POOL_MIB}M {self.agent_dir}/remote.part0\n")
+        with open(self.set_path, "w") as f:
+            f.write("PMEMPOOLSET\n"
+                    f"{POOL_MIB}M {self.dir}/master.part0\n"
+                    "REPLICA\n"
+                    f"{POOL_MIB}M {self.dir}/replica.part0\n"
+                    "REPLICA localhost remote.set\n")
+        self.say(f"pool set {self.set_path}:")
+        self.say(f"  master   {self.dir}/master.part0\n"
+                 f"  replica  {self.dir}/replica.part0            (local)\n"
+                 f"  replica  localhost:remote.set -> {self.agent_dir}/remote.part0 "
+                 "(pmreplica-agent, TCP)")
+
+    # -- workload --------------------------------------------------------------------------
+    def workload(self, pool, label: str, count: int) -> None:
+        """``count`` transactions on a persistent dict, with a live progress line."""
+        root = pool.root
+        lat: list[float] = []
+        start = last = time.perf_counter()
+        for i in range(count):
+            key = f"k{self.rng.randrange(ENTRIES)}"
+            t = time.perf_counter()
+            with pool.transaction():
+                root[key] = root.get(key, 0) + 1
+                root["commits"] = root.get("commits", 0) + 1
+            lat.append(time.perf_counter() - t)
+            self.model[key] = self.model.get(key, 0) + 1
+            self.model["commits"] = self.model.get("commits", 0) + 1
+            now = time.perf_counter()
+            if self.live and now - last > 0.1:
+                last = now
+                self._progress(label, i + 1, now - start, lat[-200:])
+        self._progress(label, count, time.perf_counter() - start, lat, final=True)
+
+    def _progress(self, label: str, done: int, secs: float, lat: list[float],
+                  final: bool = False) -> None:
+        line = (f"  {label:<10} {done:6d} commits  {done / secs:8.0f} commits/s  "
+                f"commit latency p50 {statistics.median(lat) * 1e6:6.0f} us")
+        if final:
+            self.say(line)
+        else:
+            self.out.write("\r\033[K" + line)
+            self.out.flush()
+
+    def kill_agent(self) -> int:
+        """SIGKILL the agent serving the remote replica, as an operator's mistake would."""
+        me = os.getpid()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == me:
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if self.agent_dir.encode() in argv and any(b"pmreplica-agent" in a for a in argv):
+                os.kill(int(pid), signal.SIGKILL)
+                return int(pid)
+        raise RuntimeError("the remote replica's agent is not running")
+
+    # -- proof -----------------------------------------------------------------------------
+    def digests(self) -> dict[str, str]:
+        """SHA-256 of each replica's data (its header, with its own uuid, left out)."""
+        parts = {"master": f"{self.dir}/master.part0",
+                 "local replica": f"{self.dir}/replica.part0",
+                 "remote replica": f"{self.agent_dir}/remote.part0"}
+        out = {}
+        for name, path in parts.items():
+            with open(path, "rb") as f:
+                f.seek(4096)
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+        return out
+
+    def run(self) -> int:
+        from . import pmemobj, sync
+
+        self.setup()
+        # the failure hook below tells the story; the pool's own warning would repeat it
+        logging.getLogger("pmreplica.pool").setLevel(logging.ERROR)
+        events = _Events(self.say)
+        self.say("\n1. an object store on the pool set: every commit is durable on all replicas")
+        pool = pmemobj.PersistentObjectPool(self.set_path, flag="c", plugins=[events])
+        try:
+            pool.root = pool.new(pmemobj.PersistentDict)
+            self.workload(pool, "healthy", self.transactions)
+
+            pid = self.kill_agent()
+            self.say(f"\n2. the remote replica's agent (pid {pid}) is killed")
+            self.workload(pool, "degraded", self.transactions // 2)
+            states = ", ".join(f"{r.name.split(' (')[0]}: {r.state}" for r in pool.replicas)
+            self.say(f"  replicas: {states}")
+        finally:
+            pool.close()
+
+        self.say("\n3. the agent's host is reachable again: replica-sync repairs the replica")
+        report = sync.sync(self.set_path, progress=self.live)
+        for r in report.replicas:
+            if r.action:
+                self.say(f"  {r.name}: {r.action}, {r.copy_bytes} bytes copied")
+        self.say(f"  replica-sync: {report.status}")
+        if report.exit_code not in (0, 1):
+            self.say(f"  replica-sync could not repair the pool set: {report.reason}")
+            return 1
+
+        self.say("\n4. the replicas, byte for byte (data after each 4 KiB header):")
+        digests = self.digests()
+        for name, digest in digests.items():
+            self.say(f"  {name:15} sha256 {digest[:32]}")
+        identical = len(set(digests.values())) == 1
+        with pmemobj.PersistentObjectPool(self.set_path, flag="r") as pool:
+            content = {k: pool.root[k] for k in self.model}
+            healthy = all(r.state == "ok" for r in pool.replicas)
+        matches = content == self.model
+        self.say(f"  identical: {'yes' if identical else 'NO'}; the store holds "
+                 f"{len(self.model) - 1} entries and {self.model['commits']} commits, "
+                 f"as committed: {'yes' if matches else 'NO'}; all replicas ok: "
+                 f"{'yes' if healthy else 'NO'}")
+        return 0 if identical and matches and healthy else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo`` to the ``pmreplica`` command (cli.COMMAND_MODULES)."""
+    p = sub.add_parser("demo", help="replicate an object store, break a replica, repair it",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--transactions", type=int, default=2000, metavar="N",
+                   help="transactions in the healthy phase (default 2000)")
+    p.add_argument("--keep", action="store_true", help="keep the pool files (path printed)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    workdir = tempfile.mkdtemp(prefix="pmreplica-demo-",
+                               dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        return Demo(workdir, transactions=max(10, args.transactions)).run()
+    finally:
+        if args.keep:
+            print(f"pool files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
