@@ -158,7 +158,8 @@ def toy_site(tmp_path_factory) -> Path:
 
 
 ENTRY_POINT_CHILD = r"""
-import importlib.metadata, json, sys
+import importlib.metadata, json, logging, sys
+logging.basicConfig()  # an application that shows warnings
 from pmreplica import PoolSet
 path = sys.argv[1]
 eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="pmreplica")}
