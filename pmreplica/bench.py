@@ -4,6 +4,12 @@ Every figure is printed beside a baseline measured moments before it, as a ratio
 TCP ping-pong of the same size between two plain Python processes (for persist and read
 latency) and a raw TCP stream into an mmap'd file (for throughput). Baseline and pmreplica
 alternate in rounds, so noise from other work on the machine hits both alike.
+
+Placement is fixed, the same for baseline and pmreplica, because where the scheduler puts
+the two processes changes a figure by 2-3x from one run to the next on a small VM: latency
+is measured with client and server on one CPU (the software path, without cross-CPU
+wake-ups that cost 3-12 us depending on whether the other virtual CPU was halted), and
+throughput with them on two CPUs (copying in parallel, as two hosts would).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -63,6 +70,20 @@ while True:
 """
 
 
+def _cpus() -> tuple[int, int] | None:
+    """(client CPU, the other CPU), or None on a one-CPU machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def _pinned(argv: list[str], same_cpu: bool) -> list[str]:
+    """``argv`` run on the client's CPU or on the other one (util-linux's taskset)."""
+    pin = _cpus()
+    if pin is None or shutil.which("taskset") is None:
+        return argv
+    return ["taskset", "-c", str(pin[0] if same_cpu else pin[1]), *argv]
+
+
 @dataclass
 class Row:
     metric: str
@@ -78,7 +99,8 @@ class Peer:
     """A baseline peer process and connections to it."""
 
     def __init__(self, mode: str, n: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _PEER, mode, str(n)],
+        self.proc = subprocess.Popen(_pinned([sys.executable, "-c", _PEER, mode, str(n)],
+                                             same_cpu=mode == "pp"),
                                      stdout=subprocess.PIPE, text=True)
         self.port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
 
@@ -144,17 +166,19 @@ def _parallel(nlanes: int, work: Callable[[int], None]) -> float:
     return time.perf_counter() - t0
 
 
-def throughput(remote, size: int, nlanes: int, rounds: int, seconds: float) -> tuple[float, float]:
-    """(pmreplica bytes/s, raw stream bytes/s): ``size`` bytes per step split over lanes."""
+def throughput(remote, pool: memoryview, size: int, nlanes: int, rounds: int,
+               seconds: float) -> tuple[float, float]:
+    """(pmreplica bytes/s, raw stream bytes/s): ``size`` bytes per step split over lanes,
+    both sent from the same bytes of ``pool``."""
     chunk = size // nlanes
     steps = max(2, int(seconds * 3e9 / size))
     peer = Peer("stream", chunk)
     socks = [peer.connect() for _ in range(nlanes)]
-    payload = bytes(chunk)
     ours, base = [], []
 
     def raw(lane: int) -> None:
         s = socks[lane]
+        payload = pool[4096 + lane * chunk:4096 + (lane + 1) * chunk]
         s.sendall((steps * chunk).to_bytes(8, "big"))
         for _ in range(steps):
             s.sendall(payload)
@@ -176,8 +200,10 @@ def throughput(remote, size: int, nlanes: int, rounds: int, seconds: float) -> t
     return statistics.median(ours), statistics.median(base)
 
 
-def _agent_cmd(poolset_dir: str) -> str:
-    return shlex.join([sys.executable, "-m", "remote_agent.main", "--poolset-dir", poolset_dir])
+def _agent_cmd(poolset_dir: str, same_cpu: bool = True) -> str:
+    agent = os.path.join(os.path.dirname(sys.executable), "pmreplica-agent")
+    argv = [agent] if os.path.exists(agent) else [sys.executable, "-m", "remote_agent.main"]
+    return shlex.join(_pinned([*argv, "--poolset-dir", poolset_dir], same_cpu))
 
 
 def create_close(target: str, poolset_dir: str, count: int, fresh_login: bool) -> list[float]:
@@ -208,16 +234,22 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
     from .rpmem import RemotePool
     rounds, count, secs = (3, 300, 0.1) if quick else (7, 2000, 0.5)
     rows: list[Row] = []
+    pin = _cpus()
+    saved_affinity = os.sched_getaffinity(0)
+    if pin is not None:
+        os.sched_setaffinity(0, {pin[0]})
     with tempfile.TemporaryDirectory(prefix="pmreplica-bench-", dir="/dev/shm") as d:
         with open(os.path.join(d, "bench.set"), "w") as f:
             f.write(f"PMEMPOOLSET\n{POOL_SIZE >> 20}M {d}/bench.part\n")
         saved = {k: os.environ.get(k) for k in ("PMREPLICA_LAUNCHER", "RPMEM_CMD")}
-        os.environ.update(PMREPLICA_LAUNCHER="local", RPMEM_CMD=_agent_cmd(d))
+        os.environ["PMREPLICA_LAUNCHER"] = "local"
         try:
             pool = mmap.mmap(-1, POOL_SIZE)
-            remote = RemotePool.create("localhost", "bench.set", pool, nlanes=4,
-                                       attr=PoolAttr(b"BENCH", 1))
-            try:
+            pool.write(os.urandom(1 << 20) * (POOL_SIZE >> 20))  # real memory, not the zero page
+            view = memoryview(pool)
+            os.environ["RPMEM_CMD"] = _agent_cmd(d, same_cpu=True)
+            with RemotePool.create("localhost", "bench.set", pool, nlanes=4,
+                                   attr=PoolAttr(b"BENCH", 1)) as remote:
                 for n in LAT_SIZES:
                     ours, base = latency(remote, n, rounds, count)
                     target = "<= 1.5x" if n == 64 else ""
@@ -231,16 +263,18 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
                 ratio = _p(ours, .5) / _p(base, .5)
                 rows.append(Row("read 64 B median", _p(ours, .5), "us", _p(base, .5), ratio,
                                 "<= 1.2x", ratio <= 1.2))
+            os.environ["RPMEM_CMD"] = _agent_cmd(d, same_cpu=False)
+            with RemotePool.open("localhost", "bench.set", pool, nlanes=4) as remote:
                 for size, lanes in TPUT:
-                    ours_bps, base_bps = throughput(remote, size, lanes, rounds, secs)
+                    ours_bps, base_bps = throughput(remote, view, size, lanes, rounds, secs)
                     need = 0.85 if lanes == 1 else 0.90
                     ratio = ours_bps / base_bps
                     rows.append(Row(f"persist {_size(size)} x{lanes} lane{'s' * (lanes > 1)}",
                                     ours_bps / 1e9, "GB/s", base_bps / 1e9, ratio,
                                     f">= {need:.0%}", ratio >= need))
-            finally:
-                remote.close()
-                pool.close()
+            view.release()
+            pool.close()
+            os.environ["RPMEM_CMD"] = _agent_cmd(d)
             local = create_close("localhost", d, 3 if quick else 7, fresh_login=False)
             med = statistics.median(local)
             rows.append(Row("create+close, local launcher", med * 1e3, "ms", target="< 300 ms",
@@ -253,6 +287,7 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
                     os.environ[k] = v
         if ssh_target:
             rows += _ssh_rows(ssh_target, d, ssh_env or {}, quick)
+    os.sched_setaffinity(0, saved_affinity)
     _print(rows, out, as_json)
     return rows
 

@@ -156,6 +156,9 @@ class Mapping:
         self._flush = lib.pmem_flush if self.is_pmem and lib else None
         # on tmpfs msync is a system call that does nothing: the page cache is the storage
         self._msync = not all(memory_backed(fd) for fd in fds.values())
+        #: False when stores are durable as they are (RAM-backed files off pmem): callers on
+        #: a hot path may skip persist/flush calls then
+        self.flush_needed = self._flush is not None or self._msync
 
     def _map_segment(self, seg: Segment, fd: int) -> bool:
         """Map one segment over its place in the reservation; True if MAP_SYNC held."""

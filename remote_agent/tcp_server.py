@@ -28,9 +28,9 @@ HELLO_TIMEOUT = 10.0
 CONNECT_WINDOW = 60.0
 _OK = STATUS.pack(0)
 #: bytes read per recv: operations up to this size arrive in one system call
-STAGING = 64 << 10
+STAGING = 8 << 10
 MAX_ACKS = 256
-_OKS = _OK * MAX_ACKS
+_ACKS = [_OK * n for n in range(MAX_ACKS + 1)]  # n acknowledgements, ready to send
 
 
 def listen_address() -> str:
@@ -120,6 +120,7 @@ class TcpServer:
         view = memoryview(buf)
         pool = self.mapping.buf
         persist, deep = self.mapping.persist, self.mapping.deep_persist
+        flush_needed = self.mapping.flush_needed
         lo, hi = self.data_offset, self.pool_size
         recv_into, send = conn.recv_into, conn.sendall
         start = end = 0  # unparsed bytes are buf[start:end]
@@ -128,13 +129,15 @@ class TcpServer:
             while True:
                 if end - start < OP.size:
                     if acks:
-                        send(_OKS[:acks * STATUS.size])
+                        send(_ACKS[acks])
                         acks = 0
-                    if start:
+                    if start == end:
+                        start = end = 0
+                    elif start:
                         view[:end - start] = view[start:end]
                         end -= start
                         start = 0
-                    r = recv_into(view[end:])
+                    r = recv_into(view[end:] if end else view)
                     if not r:
                         return  # client closed the lane
                     end += r
@@ -144,7 +147,7 @@ class TcpServer:
                 stop = off + length
                 if op == OP_READ:
                     if acks:
-                        send(_OKS[:acks * STATUS.size])
+                        send(_ACKS[acks])
                         acks = 0
                     if stop > hi:
                         send(STATUS.pack(errno.EINVAL))
@@ -159,24 +162,27 @@ class TcpServer:
                 if op not in (OP_WRITE, OP_DEEP) or off < lo or stop > hi:
                     # never write outside the pool's data; the stream cannot be trusted
                     log.warning("lane %d: refused op %d at %d+%d", lane, op, off, length)
-                    send(_OKS[:acks * STATUS.size] + STATUS.pack(errno.EINVAL))
+                    send(_ACKS[acks] + STATUS.pack(errno.EINVAL))
                     return
-                have = min(end - start, length)
+                have = end - start
+                if have > length:
+                    have = length
                 if have:
                     pool[off:off + have] = view[start:start + have]
                     start += have
                 if have < length and not _fill(recv_into, pool[off + have:stop]):
                     return
-                try:
-                    if length:
+                if flush_needed and length:
+                    try:
                         (deep if op == OP_DEEP else persist)(off, length)
-                except OSError as e:
-                    log.error("lane %d: making %d+%d durable failed: %s", lane, off, length, e)
-                    send(_OKS[:acks * STATUS.size] + STATUS.pack(e.errno or errno.EIO))
-                    return
+                    except OSError as e:
+                        log.error("lane %d: making %d+%d durable failed: %s", lane, off, length,
+                                  e)
+                        send(_ACKS[acks] + STATUS.pack(e.errno or errno.EIO))
+                        return
                 acks += 1
                 if acks == MAX_ACKS:
-                    send(_OKS)
+                    send(_ACKS[acks])
                     acks = 0
         except OSError as e:
             if not self._closing:

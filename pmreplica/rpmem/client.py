@@ -268,9 +268,12 @@ class RemotePool:
 
     def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Send ``[offset, offset+length)`` of the local pool; return when durable remotely."""
-        if flags & ~PERSIST_RELAXED:
-            raise _bad_flags("persist", flags)
-        self._check(offset, length, lane)
+        # one test for every way the call can be wrong (the hot path), the details after
+        if (flags & ~PERSIST_RELAXED or self.closed or offset < self.data_offset or length < 0
+                or offset + length > self.size or not 0 <= lane < self.nlanes):
+            if flags & ~PERSIST_RELAXED:
+                raise _bad_flags("persist", flags)
+            self._check(offset, length, lane)
         self._data.persist(offset, length, lane, flags)
 
     def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
@@ -297,19 +300,24 @@ class RemotePool:
         # checked before the request goes out: a buffer refused after it would leave the
         # answer on the lane, to be taken for the answer of the next operation
         try:
-            dest = memoryview(buf).cast("B")
+            dest = memoryview(buf)
+            if dest.itemsize != 1 or dest.ndim != 1 or not dest.c_contiguous:
+                dest = dest.cast("B")  # TypeError for what cannot be a flat byte buffer
         except TypeError as e:
             raise PmReplicaError(errno.EINVAL,
                                  f"read buffer must be a writable buffer: {e}") from None
-        if dest.readonly:
-            raise PmReplicaError(errno.EINVAL, "read buffer is read-only")
-        if length > len(dest):
-            raise PmReplicaError(errno.EINVAL, f"buffer of {len(dest)} bytes cannot hold {length}")
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the remote "
-                                               f"pool [0, {self.size})")
-        self._check(self.data_offset, 0, lane)
-        self._data.read(dest[:length], offset, lane)
+        if (dest.readonly or length > len(dest) or offset < 0 or length < 0
+                or offset + length > self.size or self.closed or not 0 <= lane < self.nlanes):
+            if dest.readonly:
+                raise PmReplicaError(errno.EINVAL, "read buffer is read-only")
+            if length > len(dest):
+                raise PmReplicaError(errno.EINVAL,
+                                     f"buffer of {len(dest)} bytes cannot hold {length}")
+            if offset < 0 or length < 0 or offset + length > self.size:
+                raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the "
+                                                   f"remote pool [0, {self.size})")
+            self._check(self.data_offset, 0, lane)
+        self._data.read(dest if length == len(dest) else dest[:length], offset, lane)
 
     def set_attr(self, attr: PoolAttr | None) -> None:
         """Overwrite the remote pool's attributes (zeroed if ``attr`` is None)."""

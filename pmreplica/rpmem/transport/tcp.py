@@ -18,6 +18,7 @@ from .wire import HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, STATUS
 
 DEFAULT_WORK_QUEUE = 256
 _ZEROS = bytes(STATUS.size * 4096)
+_OK_WORD = bytes(STATUS.size)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -162,11 +163,27 @@ class TcpDataPath:
                 raise ln.broken
             try:
                 self._send_write(ln, op, offset, length, flags)
-                self._collect(ln)
+                if ln.pending == 1:  # nothing else outstanding: one status word, read here
+                    got = ln.sock.recv_into(ln.status_word)
+                    if got != STATUS.size or ln.status_word != _OK_WORD:
+                        self._finish_word(ln, got)
+                    ln.pending = 0
+                else:
+                    self._collect(ln)
             except RemoteError:
                 raise
             except OSError as e:
                 raise self._lost(ln, e) from e
+
+    def _finish_word(self, ln: TcpLane, got: int) -> None:
+        """Complete a status word of which ``got`` bytes arrived; raise unless it is 0."""
+        while got < STATUS.size:
+            r = ln.sock.recv_into(ln.status_word[got:])
+            if not r:
+                raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
+            got += r
+        if ln.status_word != _OK_WORD:
+            raise self._refused(ln, STATUS.unpack(ln.status_word)[0])
 
     def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
         self.persist(offset, length, lane, 0, OP_DEEP)
@@ -180,21 +197,20 @@ class TcpDataPath:
             try:
                 if ln.pending:
                     self._collect(ln)  # answers to earlier flushes come first
-                OP.pack_into(ln.hdr, 0, OP_READ, 0, offset, len(dest))
-                ln.sock.sendall(ln.hdr)
-                # status and data usually arrive together: receive both with one call
-                got = ln.sock.recvmsg_into((ln.status_word, dest))[0]
-                while got < STATUS.size:
-                    r = ln.sock.recv_into(ln.status_word[got:])
-                    if not r:
-                        raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
-                    got += r
-                if ln.status_word != _ZEROS[:STATUS.size]:
-                    raise self._refused(ln, STATUS.unpack(ln.status_word)[0])
-                got -= STATUS.size
                 n = len(dest)
+                sock = ln.sock
+                OP.pack_into(ln.hdr, 0, OP_READ, 0, offset, n)
+                sock.sendall(ln.hdr)
+                # status and data usually arrive together: receive both with one call
+                got = sock.recvmsg_into((ln.status_word, dest))[0]
+                if got == STATUS.size + n and ln.status_word == _OK_WORD:
+                    return
+                if got < STATUS.size or ln.status_word != _OK_WORD:
+                    self._finish_word(ln, got)  # raises unless the word completes as 0
+                    got = max(got, STATUS.size)
+                got -= STATUS.size
                 while got < n:
-                    r = ln.sock.recv_into(dest[got:], n - got)
+                    r = sock.recv_into(dest[got:], n - got)
                     if not r:
                         raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
                     got += r
