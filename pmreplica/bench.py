@@ -14,6 +14,7 @@ throughput with them on two CPUs (copying in parallel, as two hosts would).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -26,7 +27,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from .header import PoolAttr
 
@@ -200,6 +201,20 @@ def throughput(remote, pool: memoryview, size: int, nlanes: int, rounds: int,
     return statistics.median(ours), statistics.median(base)
 
 
+@contextlib.contextmanager
+def _environ_restored(*names: str) -> Iterator[None]:
+    """Let the body change the variables ``names``; restore them (or their absence) after."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _agent_cmd(poolset_dir: str, same_cpu: bool = True) -> str:
     agent = os.path.join(os.path.dirname(sys.executable), "pmreplica-agent")
     argv = [agent] if os.path.exists(agent) else [sys.executable, "-m", "remote_agent.main"]
@@ -241,9 +256,8 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
     with tempfile.TemporaryDirectory(prefix="pmreplica-bench-", dir="/dev/shm") as d:
         with open(os.path.join(d, "bench.set"), "w") as f:
             f.write(f"PMEMPOOLSET\n{POOL_SIZE >> 20}M {d}/bench.part\n")
-        saved = {k: os.environ.get(k) for k in ("PMREPLICA_LAUNCHER", "RPMEM_CMD")}
-        os.environ["PMREPLICA_LAUNCHER"] = "local"
-        try:
+        with _environ_restored("PMREPLICA_LAUNCHER", "RPMEM_CMD"):
+            os.environ["PMREPLICA_LAUNCHER"] = "local"
             pool = mmap.mmap(-1, POOL_SIZE)
             pool.write(os.urandom(1 << 20) * (POOL_SIZE >> 20))  # real memory, not the zero page
             view = memoryview(pool)
@@ -279,12 +293,6 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
             med = statistics.median(local)
             rows.append(Row("create+close, local launcher", med * 1e3, "ms", target="< 300 ms",
                             ok=med < 0.3))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         if ssh_target:
             rows += _ssh_rows(ssh_target, d, ssh_env or {}, quick)
     os.sched_setaffinity(0, saved_affinity)
@@ -293,19 +301,12 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
 
 
 def _ssh_rows(target: str, d: str, env: dict[str, str], quick: bool) -> list[Row]:
-    saved = {k: os.environ.get(k) for k in list(env) + ["RPMEM_CMD", "PMREPLICA_LAUNCHER"]}
-    os.environ.update(env)
-    os.environ["RPMEM_CMD"] = _agent_cmd(d)
-    os.environ.pop("PMREPLICA_LAUNCHER", None)
-    try:
+    with _environ_restored(*env, "RPMEM_CMD", "PMREPLICA_LAUNCHER"):
+        os.environ.update(env)
+        os.environ["RPMEM_CMD"] = _agent_cmd(d)
+        os.environ.pop("PMREPLICA_LAUNCHER", None)
         first = statistics.median(create_close(target, d, 3 if quick else 5, fresh_login=True))
         reuse = statistics.median(create_close(target, d, 5 if quick else 10, fresh_login=False)[1:])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return [Row("create+close through sshd (login)", first * 1e3, "ms", target="<= 500 ms",
                 ok=first <= 0.5),
             Row("create+close, reused SSH connection", reuse * 1e3, "ms", target="<= 50 ms",

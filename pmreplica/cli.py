@@ -1,4 +1,5 @@
-"""The ``pmreplica`` command: create, inspect and remove pool sets (more commands join later).
+"""The ``pmreplica`` command: create, inspect and remove pool sets here; the modules in
+COMMAND_MODULES add check, sync, demo and bench.
 
 Each command is a function taking the parsed arguments and returning the exit status, and a
 ``register(subparsers)`` function adds its parser. Errors the user can act on are ``OSError``
@@ -412,10 +413,6 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failures else 0
 
 
-def _report(e: OSError) -> None:
-    print(f"pmreplica: {error_message(e)}", file=sys.stderr)
-
-
 def _unlink(path: str, args: argparse.Namespace) -> int:
     """Remove one file; 1 if that failed (a missing file is fine with --force)."""
     try:
@@ -495,6 +492,11 @@ def error_message(e: OSError) -> str:
     return text
 
 
+def _report(e: OSError) -> None:
+    """The error's one line on stderr: ``pmreplica: <message>``."""
+    print(f"pmreplica: {error_message(e)}", file=sys.stderr)
+
+
 _OWN_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     register_create, register_info, register_rm)
 
@@ -537,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except OSError as e:
         log.debug("command failed", exc_info=True)
-        print(f"pmreplica: {error_message(e)}", file=sys.stderr)
+        _report(e)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -33,7 +33,6 @@ FEAT_SINGLEHDR = 0x1  # incompat
 FEAT_CKSUM_2K = 0x2  # incompat
 FEAT_SDS = 0x4  # incompat
 INCOMPAT_VALID = FEAT_SINGLEHDR | FEAT_CKSUM_2K | FEAT_SDS
-COMPAT_VALID = FEAT_CHECK_BAD_BLOCKS
 
 _HDR = struct.Struct("<8s4I16s16s16s16s16s16sQQBB4sH")
 _ARCH = struct.Struct("<QBB4sH")

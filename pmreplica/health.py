@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from .errors import PmReplicaError
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
-from .pool import describe
+from .pool import NamedReplica
 from .poolset import LocalReplica, PoolSetFile, RemoteReplica, Replica
 from .replica import LocalReplicaFiles
 from .state import ReplicaState
@@ -89,7 +89,7 @@ class Identity:
 
 
 @dataclass(eq=False)
-class Probe:
+class Probe(NamedReplica):
     """One replica as found: where it is, what is wrong with it, what its header says."""
 
     index: int
@@ -111,14 +111,6 @@ class Probe:
     repairable: bool = True
     #: fresh, stale or unknown (sound replicas only)
     freshness: str | None = None
-
-    @property
-    def name(self) -> str:
-        return describe(self.spec, self.index)
-
-    @property
-    def is_remote(self) -> bool:
-        return self.spec.is_remote
 
     @property
     def sound(self) -> bool:

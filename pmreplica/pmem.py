@@ -19,6 +19,7 @@ import mmap
 import os
 from collections import namedtuple
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import PmReplicaError
 
@@ -91,6 +92,17 @@ def memory_backed(fd: int) -> bool:
     return ctypes.c_long.from_buffer(buf).value in _MEMORY_FS
 
 
+def buffer_address(buf: Any) -> int:
+    """The address of a writable buffer's first byte (for libc, libpmem and pyverbs). The
+    ctypes object that reads it is dropped at once: a live export would block closing an
+    mmap."""
+    anchor = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
 def msync_range(addr: int, length: int) -> None:
     """``msync(MS_SYNC)`` over the pages covering ``[addr, addr+length)``; GIL released."""
     start = addr & _PAGE_MASK
@@ -140,9 +152,7 @@ class Mapping:
     def __init__(self, segments: Sequence[Segment], fds: dict[str, int]) -> None:
         self.size = max(s.pool_offset + s.length for s in segments)
         self._reservation = mmap.mmap(-1, self.size)
-        anchor = ctypes.c_char.from_buffer(self._reservation)
-        self.addr = ctypes.addressof(anchor)
-        del anchor  # do not keep an export that would block close()
+        self.addr = buffer_address(self._reservation)
         synced = True
         try:
             for seg in segments:

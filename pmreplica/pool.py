@@ -41,15 +41,20 @@ PENDING_RANGES = 16
 OK, FAILED, STALE = "ok", "failed", "stale"
 
 
-@dataclass(eq=False)
-class ReplicaStatus:
-    """One replica of an open pool set, as hooks and ``PoolSet.replicas`` show it."""
+def describe(spec: Replica, index: int) -> str:
+    """``replica 1 (/path/part0)`` or ``replica 2 (host:set)``, for messages."""
+    if spec.is_remote:
+        return f"replica {index} ({spec.node}:{spec.pool_set})"  # type: ignore[union-attr]
+    first = spec.parts[0].path if spec.parts else "?"  # type: ignore[union-attr]
+    return f"replica {index} ({first})"
+
+
+class NamedReplica:
+    """Mixin of records about one replica (fields ``index`` and ``spec``): its name for
+    messages and whether it is remote."""
 
     index: int
     spec: Replica
-    state: str = OK
-    error: BaseException | None = None
-    target: ReplicaTarget | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -60,12 +65,15 @@ class ReplicaStatus:
         return self.spec.is_remote
 
 
-def describe(spec: Replica, index: int) -> str:
-    """``replica 1 (/path/part0)`` or ``replica 2 (host:set)``, for messages."""
-    if spec.is_remote:
-        return f"replica {index} ({spec.node}:{spec.pool_set})"  # type: ignore[union-attr]
-    first = spec.parts[0].path if spec.parts else "?"  # type: ignore[union-attr]
-    return f"replica {index} ({first})"
+@dataclass(eq=False)
+class ReplicaStatus(NamedReplica):
+    """One replica of an open pool set, as hooks and ``PoolSet.replicas`` show it."""
+
+    index: int
+    spec: Replica
+    state: str = OK
+    error: BaseException | None = None
+    target: ReplicaTarget | None = field(default=None, repr=False)
 
 
 def load_set(path: str | os.PathLike[str], size: int | None = None) -> PoolSetFile:

@@ -11,7 +11,6 @@ refuses a WRITE to the header or past the pool's end.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -19,7 +18,7 @@ import mmap
 import os
 import threading
 
-from pmreplica.pmem import memory_backed
+from pmreplica.pmem import buffer_address, memory_backed
 from pmreplica.rpmem.transport.verbs_common import (
     AGENT_GID, AGENT_INFO, CLIENT_INFO, LANE_QP, MAX_DEPTH, MSG_DEEP, REPLY, RoceGid, Waiter,
     completion_channel, connect_rc_qp, create_rc_qp, device_limits, gid_for_address,
@@ -197,7 +196,7 @@ class VerbsServer:
         ln.view = memoryview(ln.buf)
         ln.thread = None
         self._lanes.append(ln)
-        ln.base = base = _address(ln.view)
+        ln.base = base = buffer_address(ln.view)
         ln.mr = mr = register(pv, self.pd, base, len(ln.buf), ev.IBV_ACCESS_LOCAL_WRITE,
                               f"lane {index} buffers")
         ln.channel, fd = completion_channel(pv, self.ctx)
@@ -297,11 +296,3 @@ class VerbsServer:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def _address(view: memoryview) -> int:
-    anchor = ctypes.c_char.from_buffer(view)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor

@@ -1,5 +1,6 @@
 """Helpers the tests share: writing pool set files and reading a replica's bytes the way
-PMDK lays parts out, computed here independently of pmreplica's own layout code."""
+PMDK lays parts out, computed here independently of pmreplica's own layout code; running
+fresh interpreters and threads; the environment a test's clients start from."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 HDR = 4096
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ROOT = Path(__file__).resolve().parent.parent
+#: client settings (librpmem's and pmreplica's variables) that must not leak from the test
+#: runner's own environment into the clients a test starts
+CLIENT_VARS = ("RPMEM_SSH", "RPMEM_CMD", "RPMEM_ENABLE_SOCKETS", "RPMEM_ENABLE_VERBS",
+               "RPMEM_MAX_NLANES", "RPMEM_WORK_QUEUE_SIZE", "PMREPLICA_LAUNCHER",
+               "PMREPLICA_SSH_CONFIG", "PMREPLICA_SSH_ACCEPT_NEW")
 
 
 def write_set(path: Path, *lines: str) -> Path:
@@ -59,3 +67,37 @@ def read_json_line(proc: subprocess.Popen, timeout: float = 30) -> dict:
         proc.wait()
         raise AssertionError(f"child exited {proc.returncode}: {proc.stderr.read()}")
     return json.loads(line)
+
+
+def environ_without_client_vars() -> dict[str, str]:
+    """This process's environment without any inherited :data:`CLIENT_VARS`."""
+    return {k: v for k, v in os.environ.items() if k not in CLIENT_VARS}
+
+
+def apply_overrides(env: dict[str, str], overrides: dict[str, str | None]) -> dict[str, str]:
+    """``env`` with ``overrides`` applied (a value sets a variable, None removes it)."""
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def run_threads(work: Callable[[int], None], n: int) -> list[BaseException]:
+    """Run ``work(0)`` .. ``work(n - 1)`` on ``n`` threads at once and wait for them; the
+    exceptions they raised (for the caller to assert on)."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as e:  # reported to the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -16,7 +16,6 @@ Use the fixtures by importing them into the test module::
 
 from __future__ import annotations
 
-import errno
 import json
 import mmap
 import os
@@ -40,7 +39,8 @@ from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import launch
 from pmreplica.rpmem.transport.wire import HELLO, OP, STATUS
 
-from .helpers import ROOT, write_set
+from .helpers import (CLIENT_VARS, ROOT, apply_overrides, environ_without_client_vars,
+                      write_set)
 
 AGENT = str(Path(sys.executable).parent / "pmreplica-agent")
 M = 1 << 20
@@ -51,10 +51,6 @@ TRANSPORT_ENV = {
     "tcp": {"RPMEM_ENABLE_SOCKETS": "1", "RPMEM_ENABLE_VERBS": "0"},
     "verbs": {"RPMEM_ENABLE_SOCKETS": "0", "RPMEM_ENABLE_VERBS": "1"},
 }
-#: variables of the test runner's own environment that must not leak into a node's clients
-_CLIENT_VARS = ("RPMEM_SSH", "RPMEM_CMD", "RPMEM_ENABLE_SOCKETS", "RPMEM_ENABLE_VERBS",
-                "RPMEM_MAX_NLANES", "RPMEM_WORK_QUEUE_SIZE", "PMREPLICA_LAUNCHER",
-                "PMREPLICA_SSH_CONFIG", "PMREPLICA_SSH_ACCEPT_NEW")
 
 
 def agent_command(poolset_dir: Path | str | None, *args: str, prefix: str = "") -> str:
@@ -75,7 +71,7 @@ class Node:
         self.target = target
         self.dir = poolset_dir
         self.base_env = dict(base_env if base_env is not None else
-                             {k: v for k, v in os.environ.items() if k not in _CLIENT_VARS})
+                             environ_without_client_vars())
         self.agent_args = agent_args
 
     def __repr__(self) -> str:
@@ -94,12 +90,7 @@ class Node:
         elif self.launcher != "paramiko":  # paramiko is the default: leave it unset
             env["PMREPLICA_LAUNCHER"] = self.launcher
         env["RPMEM_CMD"] = self.command()
-        for key, value in overrides.items():
-            if value is None:
-                env.pop(key, None)
-            else:
-                env[key] = value
-        return env
+        return apply_overrides(env, overrides)
 
     def config(self, **overrides: str | None) -> RpmemConfig:
         return RpmemConfig.from_env(self.env(**overrides))
@@ -107,7 +98,7 @@ class Node:
     def use_env(self, monkeypatch: pytest.MonkeyPatch, **overrides: str | None) -> None:
         """Make this node's settings the process environment (for PoolSet, which reads it)."""
         env = self.env(**overrides)
-        for key in _CLIENT_VARS:
+        for key in CLIENT_VARS:
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -324,7 +315,3 @@ def ssh_node(transport: str, launcher: str, sshd: Any, pool_dir: Path) -> Node:
     sets.mkdir(exist_ok=True)
     target = sshd.alias if launcher == "paramiko" else sshd.target
     return Node(transport, launcher, target, sets, base_env=sshd.env())
-
-
-def errno_name(err: int | None) -> str:
-    return errno.errorcode.get(err or 0, str(err))

@@ -21,6 +21,8 @@ from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import AgentChannel, close_connections, launch
 from pmreplica.rpmem.target import Target, parse_target
 
+from .helpers import run_threads
+
 PY = shlex.quote(sys.executable)
 LAUNCHERS = ["paramiko", "openssh", "local"]
 
@@ -194,22 +196,14 @@ def test_second_launch_reuses_the_ssh_connection(sshd):
 def test_concurrent_launches_share_one_connection(sshd):
     cfg = config(sshd, RPMEM_CMD="cat")
     channels: list[AgentChannel] = []
-    errors: list[BaseException] = []
     lock = threading.Lock()
 
-    def one() -> None:
-        try:
-            chan = launch(sshd.alias, [], config=cfg)
-            with lock:
-                channels.append(chan)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+    def one(_: int) -> None:
+        chan = launch(sshd.alias, [], config=cfg)
+        with lock:
+            channels.append(chan)
 
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_threads(one, 8)
     assert not errors and len(channels) == 8
     assert len({id(c.transport) for c in channels}) == 1
     for i, chan in enumerate(channels):

@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from pmreplica.errors import PmReplicaError
 from pmreplica.header import HDR_SIZE, PoolHeader
 from pmreplica.state import ReplicaState
 
-from .helpers import read_json_line, replica_bytes, start_python, write_set
+from .helpers import read_json_line, replica_bytes, run_threads, start_python, write_set
 
 M = 1 << 20
 
@@ -141,11 +140,7 @@ def test_lanes_persist_from_threads_at_once(pool_dir):
                 expected[off:off + len(data)] = data
                 pool.persist(off, len(data), lane)
 
-        threads = [threading.Thread(target=writer, args=(lane,)) for lane in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        assert run_threads(writer, 4) == []
         assert [r.state for r in pool.replicas] == ["ok", "ok", "ok"]
     for name, parts in GEOMETRY.items():
         image = replica_bytes([(s, pool_dir / f) for s, f in parts])

@@ -19,9 +19,9 @@ from pmreplica.pool import FAILED, OK, STALE, PoolSet
 from pmreplica.rpmem.client import RemotePool
 from pmreplica.rpmem.launch import close_connections
 
-from .helpers import run_python, write_set
-from .rpmem_helpers import (M, Node, check_no_agents_left, local_pool, pattern,  # noqa: F401
-                            remote_bytes, ssh_node, transport)
+from .helpers import run_python, run_threads, write_set
+from .rpmem_helpers import (M, Node, check_no_agents_left, local_node,  # noqa: F401
+                            local_pool, pattern, remote_bytes, ssh_node, transport)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -54,21 +54,22 @@ def node(request, transport, pool_dir):
     check_no_agents_left(node)
 
 
-@pytest.fixture
-def local_only(transport, pool_dir):
-    sets = pool_dir / "sets"
-    sets.mkdir()
-    node = Node(transport, "local", "localhost", sets)
-    yield node
-    check_no_agents_left(node)
-
-
 def pool_set(node: Node, d: Path, remote_sets: tuple[str, ...] = ("r.set",)) -> Path:
     """master + a local replica + one remote replica per name (8 MiB each)."""
     lines = [f"8M {d}/m", "REPLICA", f"8M {d}/l"]
     for name in remote_sets:
         lines.append(f"REPLICA {node.target} {name}")
     return write_set(d / "p.set", *lines)
+
+
+def created_pool_set(node: Node, d: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """:func:`pool_set` with its remote pool ``r.set``, created and closed, the node's
+    settings in the environment."""
+    node.use_env(monkeypatch)
+    node.make_set("r.set")
+    path = pool_set(node, d)
+    PoolSet.create(path).close()
+    return path
 
 
 def replica_files(d: Path) -> dict[str, bytes]:
@@ -105,22 +106,13 @@ def test_create_persist_reopen_with_local_and_remote_replicas(node, pool_dir, mo
         ps.buf[HDR_SIZE:] = data
         ps.persist(HDR_SIZE, SIZE - HDR_SIZE)
         # ranges on several lanes at once
-        errors = []
-
         def writer(lane: int) -> None:
-            try:
-                for i in range(20):
-                    off = M + lane * (M // 2) + i * 4096
-                    ps.buf[off:off + 100] = bytes([lane + i]) * 100
-                    ps.persist(off, 100, lane)
-            except BaseException as e:  # reported below
-                errors.append(e)
+            for i in range(20):
+                off = M + lane * (M // 2) + i * 4096
+                ps.buf[off:off + 100] = bytes([lane + i]) * 100
+                ps.persist(off, 100, lane)
 
-        threads = [threading.Thread(target=writer, args=(n,)) for n in range(ps.nlanes)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_threads(writer, ps.nlanes)
         assert not errors and ps.nlanes >= 2
         expected = bytes(ps.buf[HDR_SIZE:])
         master_hdr = ps.header
@@ -198,12 +190,9 @@ def test_remote_agent_killed_mid_session_degrades_and_marks_stale(node, pool_dir
     assert state_elsewhere(d / "m")["stale"] == [2]
 
 
-def test_unreachable_remote_replica_opens_degraded(local_only, pool_dir, monkeypatch):
-    node, d = local_only, pool_dir
-    node.use_env(monkeypatch)
-    node.make_set("r.set")
-    path = pool_set(node, d)
-    PoolSet.create(path).close()
+def test_unreachable_remote_replica_opens_degraded(local_node, pool_dir, monkeypatch):
+    node, d = local_node, pool_dir
+    path = created_pool_set(node, d, monkeypatch)
     # the agent cannot start: its pool-set directory is gone
     node.use_env(monkeypatch, RPMEM_CMD=node.command().replace(str(node.dir), str(d / "gone")))
     rec = Recorder()
@@ -219,12 +208,9 @@ def test_unreachable_remote_replica_opens_degraded(local_only, pool_dir, monkeyp
     assert state_elsewhere(d / "m")["stale"] == [2]
 
 
-def test_remote_pool_in_use_elsewhere_is_reported_not_fatal(local_only, pool_dir, monkeypatch):
-    node, d = local_only, pool_dir
-    node.use_env(monkeypatch)
-    node.make_set("r.set")
-    path = pool_set(node, d)
-    PoolSet.create(path).close()
+def test_remote_pool_in_use_elsewhere_is_reported_not_fatal(local_node, pool_dir, monkeypatch):
+    node, d = local_node, pool_dir
+    path = created_pool_set(node, d, monkeypatch)
     holder = RemotePool.open(node.target, "r.set", local_pool(SIZE, None), config=node.config())
     try:
         rec = Recorder()
@@ -235,8 +221,8 @@ def test_remote_pool_in_use_elsewhere_is_reported_not_fatal(local_only, pool_dir
         holder.close()
 
 
-def test_failed_create_removes_every_replica_made(local_only, pool_dir, monkeypatch):
-    node, d = local_only, pool_dir
+def test_failed_create_removes_every_replica_made(local_node, pool_dir, monkeypatch):
+    node, d = local_node, pool_dir
     node.use_env(monkeypatch)
     good = node.make_set("ok.set")
     path = pool_set(node, d, ("ok.set", "missing.set"))
@@ -248,8 +234,8 @@ def test_failed_create_removes_every_replica_made(local_only, pool_dir, monkeypa
     assert sorted(p.name for p in node.dir.iterdir()) == ["ok.set"]
 
 
-def test_remote_replica_too_small_for_the_master(local_only, pool_dir, monkeypatch):
-    node, d = local_only, pool_dir
+def test_remote_replica_too_small_for_the_master(local_node, pool_dir, monkeypatch):
+    node, d = local_node, pool_dir
     node.use_env(monkeypatch)
     small = node.make_set("r.set", (4 * M,))
     path = pool_set(node, d)
@@ -260,8 +246,8 @@ def test_remote_replica_too_small_for_the_master(local_only, pool_dir, monkeypat
     assert sorted(p.name for p in d.iterdir()) == ["p.set", "sets"]
 
 
-def test_remote_pool_of_another_pool_set_is_not_written(local_only, pool_dir, monkeypatch):
-    node, d = local_only, pool_dir
+def test_remote_pool_of_another_pool_set_is_not_written(local_node, pool_dir, monkeypatch):
+    node, d = local_node, pool_dir
     node.use_env(monkeypatch)
     rparts = node.make_set("r.set")
     PoolSet.create(pool_set(node, d)).close()  # r.set now belongs to p.set

@@ -16,6 +16,7 @@ from pmreplica.rpmem import client
 from pmreplica.rpmem.client import (FLUSH_RELAXED, PERSIST_RELAXED, REMOVE_FORCE,
                                     REMOVE_POOL_SET, RemotePool, check_version)
 
+from .helpers import run_threads
 from .rpmem_helpers import (M, attr, local_node, local_pool, pattern,  # noqa: F401 (fixtures)
                             remote_bytes, transport)
 
@@ -117,27 +118,19 @@ def test_lanes_from_threads_at_once(local_node):
     rp = create(local_node, "r.set", pool, nlanes=nlanes, attr=attr())
     assert rp.nlanes == nlanes
     region = (size - HDR_SIZE) // nlanes
-    errors: list[BaseException] = []
     start = threading.Barrier(nlanes)
 
     def writer(lane: int) -> None:
-        try:
-            base = HDR_SIZE + lane * region
-            data = pattern(region, lane)
-            start.wait()
-            step = 4096 + 13 * lane  # each lane its own unaligned rhythm
-            for off in range(0, region, step):
-                n = min(step, region - off)
-                pool[base + off:base + off + n] = data[off:off + n]
-                rp.persist(base + off, n, lane)
-        except BaseException as e:  # reported below
-            errors.append(e)
+        base = HDR_SIZE + lane * region
+        data = pattern(region, lane)
+        start.wait()
+        step = 4096 + 13 * lane  # each lane its own unaligned rhythm
+        for off in range(0, region, step):
+            n = min(step, region - off)
+            pool[base + off:base + off + n] = data[off:off + n]
+            rp.persist(base + off, n, lane)
 
-    threads = [threading.Thread(target=writer, args=(lane,)) for lane in range(nlanes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_threads(writer, nlanes)
     assert not errors
     on_disk = remote_bytes(parts)
     for lane in range(nlanes):

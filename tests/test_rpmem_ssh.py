@@ -5,7 +5,6 @@ came in on. Unknown host keys are refused before any agent runs."""
 from __future__ import annotations
 
 import errno
-import threading
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from pmreplica.rpmem import client
 from pmreplica.rpmem.client import REMOVE_POOL_SET, RemotePool
 from pmreplica.rpmem.launch import close_connections
 
+from .helpers import run_threads
 from .rpmem_helpers import (M, attr, check_no_agents_left, local_pool, pattern, remote_bytes,
                             ssh_node, transport)  # noqa: F401 (fixture)
 
@@ -42,22 +42,13 @@ def test_lifecycle_through_sshd(node, transport):
     cfg = node.config()
     rp = RemotePool.create(node.target, "r.set", pool, nlanes=4, attr=a, config=cfg)
     assert (rp.nlanes, rp.provider) == (4, transport)
-    errors = []
-
     def lane_writer(lane: int) -> None:
-        try:
-            base = HDR_SIZE + lane * M
-            pool[base:base + M] = pattern(M, lane)
-            for off in range(0, M, 64 << 10):
-                rp.persist(base + off, 64 << 10, lane)
-        except BaseException as e:  # reported below
-            errors.append(e)
+        base = HDR_SIZE + lane * M
+        pool[base:base + M] = pattern(M, lane)
+        for off in range(0, M, 64 << 10):
+            rp.persist(base + off, 64 << 10, lane)
 
-    threads = [threading.Thread(target=lane_writer, args=(lane,)) for lane in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_threads(lane_writer, 4)
     assert not errors
     back = bytearray(4 * M)
     rp.read(back, HDR_SIZE, 4 * M, 3)

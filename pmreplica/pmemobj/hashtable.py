@@ -38,9 +38,6 @@ class HashTable:
     def _ht_table(self) -> int:
         return self._p_mm.get_u64(self._p_oid + 16)  # type: ignore[attr-defined]
 
-    def _ht_used(self) -> int:
-        return self._p_mm.get_u64(self._p_oid + 8)  # type: ignore[attr-defined]
-
     def _ht_lookup(self, table: int, key: Any, h: int) -> tuple[int, int]:
         """(entry index or -1, index slot where ``key`` is or would go)."""
         mm = self._p_mm  # type: ignore[attr-defined]

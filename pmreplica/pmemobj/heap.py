@@ -331,7 +331,3 @@ class Heap:
                 i += max(1, e >> 32)
             else:
                 i += 1
-
-    def stats(self) -> dict[str, int]:
-        return {"chunks": self.geo.nchunks, "chunks_used": sum(self.used),
-                "runs": len(self.runs)}

@@ -36,16 +36,8 @@ CHUNK = 1 << CHUNK_SHIFT          # heap chunk: a run of equal units, or part of
 SB_SIZE = 4096
 PAGE = 4096
 
-# Superblock words (offsets from the superblock start).
-SB_W_MAGIC = 0
-SB_W_VERSION = 8
-SB_W_POOL_SIZE = 16
-SB_W_NCHUNKS = 24
-SB_W_CTAB = 32
-SB_W_LOG = 40
-SB_W_LOG_SIZE = 48
-SB_W_HEAP = 56
-SB_W_CSUM = 64                    # blake2b-8 of bytes [0, 64)
+# Superblock (offsets from its start): the static words magic, version, pool_size, nchunks,
+# ctab, log, log_size, heap (Geometry.static_words), then a blake2b-8 of them at SB_STATIC.
 SB_STATIC = 64
 # Logged (transactional) words, one cache line further.
 SB_W_ROOT = 128
@@ -55,8 +47,8 @@ SB_W_CLEAN = 144
 # Chunk table entry kinds (low byte).
 CH_FREE = 0
 CH_RUN = 1                        # | class << 8
-CH_HUGE = 2                       # | nchunks << 32, first chunk of a huge block
-CH_CONT = 3                       # a following chunk of a huge block
+CH_HUGE = 2                       # | nchunks << 32, first chunk of a huge block (the
+                                  # entries of its other chunks are not read)
 
 # Allocation header: 16 bytes in front of every payload.
 #   word 0: requested payload size

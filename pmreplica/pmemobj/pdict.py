@@ -6,6 +6,7 @@ from collections import abc
 from reprlib import recursive_repr
 from typing import Any, Iterable, Iterator
 
+from .collection import PersistentCollection
 from .hashing import stable_hash
 from .hashtable import HashTable
 from .layout import PDICTKEYSOBJECT_TYPE_NUM
@@ -13,10 +14,10 @@ from .layout import PDICTKEYSOBJECT_TYPE_NUM
 _MISSING = object()
 
 
-class PersistentDict(HashTable, abc.MutableMapping):
+class PersistentDict(PersistentCollection, HashTable, abc.MutableMapping):
     """Persistent version of the 'dict' type."""
 
-    __slots__ = ("_p_mm", "_p_oid", "__weakref__")
+    __slots__ = ()
     _WIDTH = 3
     _TABLE_TYPE = PDICTKEYSOBJECT_TYPE_NUM
 
@@ -26,15 +27,6 @@ class PersistentDict(HashTable, abc.MutableMapping):
                             f"got {len(args)}")
         if args or kw:
             self.update(*args, **kw)
-
-    def _p_new(self, manager: Any) -> None:
-        self._p_mm = manager
-        self._p_oid = manager.alloc_object(type(self), 24, bytes(24))
-        manager.register(self)
-
-    def _p_resurrect(self, manager: Any, oid: int) -> None:
-        self._p_mm = manager
-        self._p_oid = oid
 
     def _p_traverse(self) -> Iterator[int]:
         for _h, k, v in self._ht_entries():
@@ -52,11 +44,6 @@ class PersistentDict(HashTable, abc.MutableMapping):
         mm.free(self._ht_table())
 
     # -- mapping API ---------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        mm = self._p_mm
-        with mm.lock:
-            return mm.get_u64(self._p_oid + 8)
 
     def __getitem__(self, key: Any) -> Any:
         mm = self._p_mm

@@ -12,6 +12,7 @@ from collections import abc
 from reprlib import recursive_repr
 from typing import Any, Iterable, Iterator
 
+from .collection import PersistentSequence
 from .layout import LIST_POBJPTR_ARRAY_TYPE_NUM
 
 #: Shifting more items than this rewrites the array instead of logging each moved slot.
@@ -23,49 +24,19 @@ def _grow(n: int) -> int:
     return 0 if n == 0 else n + (n >> 3) + (3 if n < 9 else 6)
 
 
-class PersistentList(abc.MutableSequence):
+class PersistentList(PersistentSequence, abc.MutableSequence):
     """Persistent version of the 'list' type."""
 
-    __slots__ = ("_p_mm", "_p_oid", "__weakref__")
+    __slots__ = ()
     _ARRAY_TYPE = LIST_POBJPTR_ARRAY_TYPE_NUM
+    _BUILTIN = list
 
     def __init__(self, *args: Any) -> None:
-        if not args:
-            return
-        if len(args) != 1:
-            raise TypeError(f"{type(self).__name__} takes at most 1 argument, "
-                            f"{len(args)} given")
-        self.extend(args[0])
-
-    # -- Persistent protocol -------------------------------------------------------------
-
-    def _p_new(self, manager: Any) -> None:
-        self._p_mm = manager
-        self._p_oid = manager.alloc_object(type(self), 32, bytes(32))
-        manager.register(self)
-
-    def _p_resurrect(self, manager: Any, oid: int) -> None:
-        self._p_mm = manager
-        self._p_oid = oid
-
-    def _p_traverse(self) -> Iterator[int]:
-        return iter(self._oids())
-
-    def _p_substructures(self) -> Iterable[tuple[int, int]]:
-        return ((self._p_mm.get_u64(self._p_oid + 24), self._ARRAY_TYPE),)
-
-    def _p_deallocate(self) -> None:
-        mm = self._p_mm
-        for oid in self._oids():
-            mm.decref(oid)
-        mm.free(mm.get_u64(self._p_oid + 24))
+        self._check_init_args(args)
+        if args:
+            self.extend(args[0])
 
     # -- internals -----------------------------------------------------------------------
-
-    def _oids(self) -> list[int]:
-        mm = self._p_mm
-        size, _alloc, items = mm.get_words(self._p_oid + 8, 3)
-        return mm.get_words(items, size) if size else []
 
     def _store(self, oids: list[int], capacity: int | None = None) -> None:
         """Replace the items array with a fresh one holding ``oids`` (no refcount change)."""
@@ -80,21 +51,7 @@ class PersistentList(abc.MutableSequence):
         mm.set_words(self._p_oid + 8, (n, cap, new))
         mm.free(old)
 
-    @staticmethod
-    def _index(index: Any, size: int) -> int:
-        i = operator.index(index)
-        if i < 0:
-            i += size
-        if i < 0 or i >= size:
-            raise IndexError(f"{index} out of range")
-        return i
-
     # -- sequence API --------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        mm = self._p_mm
-        with mm.lock:
-            return mm.get_u64(self._p_oid + 8)
 
     def __getitem__(self, index: Any) -> Any:
         mm = self._p_mm
@@ -255,39 +212,6 @@ class PersistentList(abc.MutableSequence):
 
     def copy(self) -> list[Any]:
         return list(self)
-
-    # -- comparisons and display ---------------------------------------------------------
-
-    def _cmp_list(self, other: Any) -> list[Any] | None:
-        if isinstance(other, (PersistentList, list)):
-            return list(other)
-        return None
-
-    def __eq__(self, other: Any) -> bool:
-        o = self._cmp_list(other)
-        if o is None:
-            return NotImplemented
-        return list(self) == o
-
-    def __ne__(self, other: Any) -> bool:
-        eq = self.__eq__(other)
-        return eq if eq is NotImplemented else not eq
-
-    def __lt__(self, other: Any) -> bool:
-        o = self._cmp_list(other)
-        return NotImplemented if o is None else list(self) < o
-
-    def __le__(self, other: Any) -> bool:
-        o = self._cmp_list(other)
-        return NotImplemented if o is None else list(self) <= o
-
-    def __gt__(self, other: Any) -> bool:
-        o = self._cmp_list(other)
-        return NotImplemented if o is None else list(self) > o
-
-    def __ge__(self, other: Any) -> bool:
-        o = self._cmp_list(other)
-        return NotImplemented if o is None else list(self) >= o
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -11,6 +11,7 @@ from collections import abc
 from reprlib import recursive_repr
 from typing import Any, Iterable, Iterator
 
+from .collection import PersistentCollection
 from .hashing import stable_hash
 from .hashtable import HashTable
 from .layout import SET_POBJPTR_ARRAY_TYPE_NUM
@@ -27,30 +28,19 @@ def _lookup_key(key: Any) -> Any:
     return key
 
 
-class _SetBase(HashTable, abc.Set):
+class _SetBase(PersistentCollection, HashTable, abc.Set):
     __slots__ = ()
     _WIDTH = 2
     _TABLE_TYPE = SET_POBJPTR_ARRAY_TYPE_NUM
 
     def __init__(self, *args: Any) -> None:
+        self._check_init_args(args)
         if not args:
             return
-        if len(args) != 1:
-            raise TypeError(f"{type(self).__name__} takes at most 1 argument, "
-                            f"{len(args)} given")
         items = list(args[0])
         with self._p_mm.transaction():
             for item in items:
                 self._add(item)
-
-    def _p_new(self, manager: Any) -> None:
-        self._p_mm = manager
-        self._p_oid = manager.alloc_object(type(self), 24, bytes(24))
-        manager.register(self)
-
-    def _p_resurrect(self, manager: Any, oid: int) -> None:
-        self._p_mm = manager
-        self._p_oid = oid
 
     def _p_traverse(self) -> Iterator[int]:
         return iter(list(self._ht_key_oids()))
@@ -91,11 +81,6 @@ class _SetBase(HashTable, abc.Set):
         return self._p_mm.new(type(self), items)
 
     # -- set API -------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        mm = self._p_mm
-        with mm.lock:
-            return mm.get_u64(self._p_oid + 8)
 
     def __contains__(self, key: Any) -> bool:
         with self._p_mm.lock:
@@ -189,7 +174,7 @@ class _SetBase(HashTable, abc.Set):
 class PersistentSet(_SetBase, abc.MutableSet):
     """Persistent version of the 'set' type."""
 
-    __slots__ = ("_p_mm", "_p_oid", "__weakref__")
+    __slots__ = ()
     __hash__ = None  # type: ignore[assignment]
 
     def add(self, key: Any) -> None:
@@ -271,7 +256,7 @@ class PersistentSet(_SetBase, abc.MutableSet):
 class PersistentFrozenSet(_SetBase):
     """Persistent version of the 'frozenset' type (hashable)."""
 
-    __slots__ = ("_p_mm", "_p_oid", "__weakref__")
+    __slots__ = ()
 
     def add(self, key: Any) -> None:
         raise AttributeError(f"{type(self).__name__} has no attribute 'add'")

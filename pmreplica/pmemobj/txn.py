@@ -10,7 +10,7 @@ Commit (outermost level), on lane 0, drained once::
     [large fresh bytes]     flushed first when they exceed FRESH_INLINE
     record                  the overlay's words and the small fresh bytes, checksummed,
                             appended to the log area and flushed: one message per replica
-    apply                   the overlay is stored in place (the master only, for now)
+    apply                   the overlay is stored in place (on the master only)
     drain                   one wait for the master and every replica
 
 The in-place words reach the replicas at a checkpoint: when the log area is full, when
@@ -107,7 +107,6 @@ class Engine:
         self.log_end = geo.log + geo.log_size
         #: runs inside the transaction just before the outermost commit (deferred frees)
         self.pre_commit: Callable[[], None] | None = None
-        self.commits = 0
         self.spills = 0
         self.checkpoints = 0
 
@@ -159,9 +158,7 @@ class Engine:
         data = self.buf[off:off + n].tobytes()
         ov = self.ov
         if ov:
-            w0, w1 = off >> 3, (off + n + 7) >> 3
-            hits = [k for k in ov if w0 <= k < w1] if len(ov) < w1 - w0 else \
-                [k for k in range(w0, w1) if k in ov]
+            hits = self._logged_words(off, n)
             if hits:
                 b = bytearray(data)
                 for k in hits:
@@ -182,10 +179,7 @@ class Engine:
         if ov:
             # A logged word inside the range must carry the new bytes, or applying the
             # overlay at commit would write the old ones back.
-            w0, w1 = off >> 3, (off + n + 7) >> 3
-            hits = [k for k in ov if w0 <= k < w1] if len(ov) < w1 - w0 else \
-                [k for k in range(w0, w1) if k in ov]
-            for k in hits:
+            for k in self._logged_words(off, n):
                 word = bytearray(ov[k].to_bytes(8, "little"))
                 lo, hi = max(off, k << 3), min(off + n, (k << 3) + 8)
                 word[lo - (k << 3):hi - (k << 3)] = self.buf[lo:hi]
@@ -193,6 +187,15 @@ class Engine:
 
     def write_fresh_words(self, off: int, values: Any) -> None:
         self.write_fresh(off, memoryview(array("Q", values)).cast("B"))
+
+    def _logged_words(self, off: int, n: int) -> list[int]:
+        """Indexes of the overlay's words that overlap [off, off+n) (scanning the smaller
+        of the overlay and the range)."""
+        ov = self.ov
+        w0, w1 = off >> 3, (off + n + 7) >> 3
+        if len(ov) < w1 - w0:
+            return [k for k in ov if w0 <= k < w1]
+        return [k for k in range(w0, w1) if k in ov]
 
     def _refuse_write(self) -> None:
         if self.broken is not None:
@@ -230,14 +233,12 @@ class Engine:
         self.on_abort.clear()
         self.on_commit.clear()
 
-    def _pop(self) -> bool:
-        """Pop one level; True if it was the outermost."""
+    def _pop(self) -> None:
+        """Pop one level; after the outermost, reset and let other threads in."""
         self.stack.pop()
-        outer = not self.stack
-        if outer:
+        if not self.stack:
             self._finish()
         self.lock.release()
-        return outer
 
     def rollback(self) -> None:
         """Drop the overlay and undo volatile changes (reverse order).
@@ -277,13 +278,7 @@ class Engine:
             self._pop()
             raise RuntimeError("Non-context transaction open at context end.")
         if exc_type is None and self.stage == _WORK:
-            if len(self.stack) == 1:
-                try:
-                    self._commit_outer()
-                finally:
-                    self._pop()
-            else:
-                self._pop()
+            self._end_level()
             return
         if self.stage == _WORK:
             self.rollback()
@@ -300,6 +295,10 @@ class Engine:
         if self.stage == _ABORTED:
             self._pop()
             raise TransactionAborted(errno.ECANCELED, "transaction aborted")
+        self._end_level()
+
+    def _end_level(self) -> None:
+        """End a level that completed: the outermost commits first, then is popped."""
         if len(self.stack) == 1:
             try:
                 self._commit_outer()
@@ -400,7 +399,6 @@ class Engine:
             self.broken = e
             log.error("commit failed; the pool refuses further changes: %s", e)
             raise
-        self.commits += 1
         self._run_commit_hooks()
 
     def _commit_spilled(self, rec: Any, payload: Any, ranges: list[tuple[int, int]]) -> None:

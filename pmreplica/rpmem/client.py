@@ -8,13 +8,13 @@ returns once the range is durable on the remote node. Errors are :class:`RemoteE
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 from typing import TYPE_CHECKING, Any, Union
 
 from ..errors import PmReplicaError, PoolSetError, RemoteError
 from ..header import HDR_SIZE, PoolAttr
+from ..pmem import buffer_address
 from ..poolset import MIN_REMOTE_POOL, check_pool_set_name
 from . import checksum as _checksum
 from . import proto
@@ -111,10 +111,7 @@ def _pool_view(pool: Any) -> memoryview:
     size = len(view)
     if size == 0 or size % _PAGE:
         raise PmReplicaError(errno.EINVAL, f"pool size {size} is not a multiple of the page size")
-    anchor = ctypes.c_char.from_buffer(view)
-    addr = ctypes.addressof(anchor)
-    del anchor
-    if addr % _PAGE:
+    if buffer_address(view) % _PAGE:
         raise PmReplicaError(errno.EINVAL, "pool address is not page aligned")
     return view
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pmreplica import pmemobj
-from tests.helpers import run_python
+from tests.helpers import run_python, run_threads
 
 
 class NotPersistable:
@@ -259,33 +259,24 @@ def test_abort_and_commit_outside_transaction(ph) -> None:
     assert ph.pool.root == 10
 
 
-def test_nested_abort_aborts_everything(ph) -> None:
+@pytest.mark.parametrize("end, error", [
+    ("abort", OSError),          # an abort at any level
+    ("commit", RuntimeError),    # a non-context commit inside a context: an error
+], ids=["abort", "context-commit-error"])
+def test_nested_abort_or_commit_error_aborts_everything(ph, end, error) -> None:
     pool = ph.pool
-    with pytest.raises(OSError):
+    with pytest.raises(error):
         with pool.transaction():
             pool.root = 10
             with pool.transaction():
                 pool.root = 20
                 with pool.transaction() as trans:
                     pool.root = 30
-                    trans.abort()
+                    getattr(trans, end)()
     assert pool.root is None
     with pool.transaction():
         pool.root = 10
     assert pool.root == 10
-
-
-def test_nested_context_commit_error_aborts_everything(ph) -> None:
-    pool = ph.pool
-    with pytest.raises(RuntimeError):
-        with pool.transaction():
-            pool.root = 10
-            with pool.transaction():
-                pool.root = 20
-                with pool.transaction() as trans:
-                    pool.root = 30
-                    trans.commit()
-    assert pool.root is None
 
 
 def test_nested_commit_is_durable_only_with_the_outer(ph) -> None:
@@ -538,23 +529,14 @@ def test_read_only_mode(ph) -> None:
 def test_concurrent_transactions_are_serialized(big_ph) -> None:
     pool = big_ph.pool
     pool.root = pool.new(pmemobj.PersistentDict, counter=0, log=pool.new(pmemobj.PersistentList))
-    errors: list[BaseException] = []
-
     def worker(n: int) -> None:
-        try:
-            for i in range(150):
-                with pool.transaction():
-                    c = pool.root["counter"]
-                    pool.root["log"].append(f"{n}:{i}")
-                    pool.root["counter"] = c + 1
-        except BaseException as e:  # reported below
-            errors.append(e)
+        for i in range(150):
+            with pool.transaction():
+                c = pool.root["counter"]
+                pool.root["log"].append(f"{n}:{i}")
+                pool.root["counter"] = c + 1
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_threads(worker, 4)
     assert errors == []
     assert pool.root["counter"] == 600          # no lost update: no interleaving
     assert len(pool.root["log"]) == 600

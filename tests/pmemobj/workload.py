@@ -45,7 +45,7 @@ def ops_for(i: int, model: dict[str, Any]) -> tuple[list[tuple], bool]:
     """Operations of transaction ``i`` given the state before it; and whether it aborts."""
     rng = random.Random(i)
     ops: list[tuple] = []
-    d, lst, st, obj = model["d"], model["l"], model["s"], model["o"]
+    d, lst, st = model["d"], model["l"], model["s"]
     dkeys, llen, skeys = list(d), len(lst), sorted(st, key=repr)
     for _ in range(rng.randrange(1, 7)):
         r = rng.random()

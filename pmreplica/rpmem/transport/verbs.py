@@ -20,15 +20,16 @@ completion frees the queue. Ranges longer than the device's maximum message are 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import threading
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 from ...errors import PmReplicaError, RemoteError
+from ...pmem import buffer_address
 from .verbs_common import (AGENT_GID, AGENT_INFO, CLIENT_INFO, LANE_QP, MAX_DEPTH, MSG_DEEP,
                            REPLY, RoceGid, Waiter, completion_channel, connect_rc_qp,
                            create_rc_qp, device_limits, load_pyverbs, open_context, random_psn,
@@ -71,14 +72,6 @@ class _Lane:
         self.dirty_lo, self.dirty_hi = -1, -1
         self.bounce: mmap.mmap | None = None
         self.bounce_mr = None
-
-
-def _address(buf: memoryview) -> int:
-    anchor = ctypes.c_char.from_buffer(buf)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor
 
 
 class VerbsDataPath:
@@ -133,7 +126,7 @@ class VerbsDataPath:
             depth = max(4, min(work_queue, MAX_DEPTH, max_wr // 2))
             if MESSAGE_LIMIT:
                 max_msg = min(max_msg, MESSAGE_LIMIT)
-            self = cls(pv, ctx, name, pool, _address(pool), len(pool), data_offset, rkey,
+            self = cls(pv, ctx, name, pool, buffer_address(pool), len(pool), data_offset, rkey,
                        hdr_rkey, raddr, method, depth, max_msg, alive)
             self._setup(pv, gid, nlanes)
             hello = CLIENT_INFO.pack(gid.gid, mtu, depth) + b"".join(
@@ -170,7 +163,7 @@ class VerbsDataPath:
         per_lane = (scratch_off + _APM_READ + 63) & ~63
         self._ctrl = mmap.mmap(-1, max(per_lane * nlanes, mmap.PAGESIZE))
         self._ctrl_view = memoryview(self._ctrl)
-        self._ctrl_addr = _address(self._ctrl_view)
+        self._ctrl_addr = buffer_address(self._ctrl_view)
         self._ctrl_mr = register(pv, pd, self._ctrl_addr, len(self._ctrl),
                                  ev.IBV_ACCESS_LOCAL_WRITE, f"{self.name}: lane buffers")
         lkey, clkey = self._pool_mr.lkey, self._ctrl_mr.lkey
@@ -276,8 +269,13 @@ class VerbsDataPath:
         ln.sge.length = length
         wr = ln.w_alone
         wr.set_wr_rdma(self._rkey, self._raddr + offset)
+        self._post_counted(ln, wr, False)
+
+    def _post_counted(self, ln: _Lane, wr: Any, last: bool) -> None:
+        """Post one work request: signalled when it is the ``last`` of an operation or the
+        run since the last signalled one is long, unsignalled otherwise."""
         ln.posted += 1
-        if ln.run + 1 >= self._half:
+        if last or ln.run + 1 >= self._half:
             wr.send_flags = self._SIG
             wr.wr_id = ln.signalled = ln.posted
             ln.run = 0
@@ -416,7 +414,7 @@ class VerbsDataPath:
             if not n:
                 return
             try:
-                addr = _address(dest)
+                addr = buffer_address(dest)
                 if self._pool_addr <= addr and addr + n <= self._pool_addr + self._size:
                     self._read(ln, addr, self._pool_mr.lkey, offset, n)
                     return
@@ -424,7 +422,7 @@ class VerbsDataPath:
                 done = 0
                 while done < n:
                     k = min(len(buf), n - done)
-                    self._read(ln, _address(memoryview(buf)), mr.lkey, offset + done, k)
+                    self._read(ln, buffer_address(memoryview(buf)), mr.lkey, offset + done, k)
                     dest[done:done + k] = memoryview(buf)[:k]
                     done += k
             except self._pv.PyverbsError as e:
@@ -452,22 +450,14 @@ class VerbsDataPath:
             self._room(ln, 1)
             ln.sge.addr, ln.sge.length = local, stop - offset
             wr.set_wr_rdma(rkey, self._raddr + offset)
-            ln.posted += 1
-            if stop == end or ln.run + 1 >= self._half:
-                wr.send_flags = self._SIG
-                wr.wr_id = ln.signalled = ln.posted
-                ln.run = 0
-            else:
-                wr.send_flags = 0
-                ln.run += 1
-            ln.qp.post_send(wr)
+            self._post_counted(ln, wr, stop == end)
             local += stop - offset
             offset = stop
 
     def _bounce(self, ln: _Lane) -> tuple[mmap.mmap, object]:
         if ln.bounce is None:
             buf = mmap.mmap(-1, BOUNCE)
-            ln.bounce_mr = register(self._pv, self._pd, _address(memoryview(buf)), BOUNCE,
+            ln.bounce_mr = register(self._pv, self._pd, buffer_address(memoryview(buf)), BOUNCE,
                                     self._pv.ev.IBV_ACCESS_LOCAL_WRITE,
                                     f"{self.name}: read buffer of lane {ln.index}")
             ln.bounce = buf
