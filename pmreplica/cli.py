@@ -25,7 +25,7 @@ from .errors import HeaderError, PmReplicaError
 from .header import (FEAT_CHECK_BAD_BLOCKS, FEAT_CKSUM_2K, FEAT_SDS, FEAT_SINGLEHDR, HDR_SIZE,
                      ArchFlags, PoolHeader)
 from .poolset import LocalReplica, PoolSetFile, RemoteReplica
-from .replica import LocalReplicaFiles, PartHeader
+from .replica import LocalReplicaFiles, PartHeader, lock_pool
 from .state import ReplicaState
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,14 @@ def _signature_arg(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"invalid signature {text!r} (1 to 8 printable ASCII "
                                          "characters)")
     return text.encode("ascii")
+
+
+def _ctime(seconds: int) -> str:
+    """A header's creation time as pmempool shows it; a corrupted value is shown as such."""
+    try:
+        return time.strftime("%a %b %d %Y %H:%M:%S", time.localtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds} (not a valid time)"
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -300,7 +308,7 @@ def _render_header(out: list[str], h: dict[str, Any], part_file: bool = False) -
     _line(out, "Next part UUID", h["next_part"])
     _line(out, "Previous replica UUID", h["prev_repl"])
     _line(out, "Next replica UUID", h["next_repl"])
-    _line(out, "Creation Time", time.strftime("%a %b %d %Y %H:%M:%S", time.localtime(h["crtime"])))
+    _line(out, "Creation Time", _ctime(h["crtime"]))
     _line(out, "Alignment Descriptor",
           f"0x{h['alignment_desc']:016x}[{'OK' if h['arch_ok'] else 'wrong'}]")
     _line(out, "Class", {1: "32", 2: "64"}.get(h["class"], f"unknown ({h['class']})"))
@@ -434,6 +442,19 @@ def _rm_one(path: str, args: argparse.Namespace) -> int:
     if not os.path.lexists(path) or not _poolset.is_poolset_file(path):
         return _unlink(path, args)  # a single-file pool (or whatever the user named)
     set_file = _poolset.parse(path)
+    try:  # the lock an open PoolSet (or a running replica-sync) holds: never pull parts away
+        lock_fd = lock_pool(set_file.master.parts[0].path,
+                            f"{path}: the pool set is open in another process; not removed")
+    except FileNotFoundError:
+        lock_fd = -1
+    try:
+        return _rm_parts(path, set_file, args)
+    finally:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+
+
+def _rm_parts(path: str, set_file: PoolSetFile, args: argparse.Namespace) -> int:
     failures = 0
     pm = None
     for index, rep in enumerate(set_file.replicas):

@@ -192,7 +192,10 @@ class Demo:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo`` to the ``pmreplica`` command (cli.COMMAND_MODULES)."""
     p = sub.add_parser("demo", help="replicate an object store, break a replica, repair it",
-                       description=__doc__.splitlines()[0])
+                       description="The whole story on one machine, with nothing to set up: "
+                                   "an object store replicated to a local and a remote "
+                                   "replica, the remote agent killed, the replica repaired "
+                                   "by replica-sync, the replicas proved identical.")
     p.add_argument("--transactions", type=int, default=2000, metavar="N",
                    help="transactions in the healthy phase (default 2000)")
     p.add_argument("--keep", action="store_true", help="keep the pool files (path printed)")

@@ -19,7 +19,6 @@ import mmap
 import os
 from collections import namedtuple
 from collections.abc import Sequence
-from typing import Any
 
 from .errors import PmReplicaError
 
@@ -92,7 +91,7 @@ def memory_backed(fd: int) -> bool:
     return ctypes.c_long.from_buffer(buf).value in _MEMORY_FS
 
 
-def buffer_address(buf: Any) -> int:
+def buffer_address(buf: object) -> int:
     """The address of a writable buffer's first byte (for libc, libpmem and pyverbs). The
     ctypes object that reads it is dropped at once: a live export would block closing an
     mmap."""
@@ -129,9 +128,12 @@ def open_part(path: str, size: int, *, create: bool, mode: int = 0o666,
                 os.ftruncate(fd, size)
             else:
                 os.posix_fallocate(fd, 0, size)
-        except OSError:
+        except BaseException as e:
             os.close(fd)
             os.unlink(path)
+            if isinstance(e, OSError):
+                raise PmReplicaError(e.errno or errno.EIO, f"{path}: cannot allocate {size} "
+                                                           f"bytes: {e.strerror}") from None
             raise
         return fd
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

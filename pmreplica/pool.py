@@ -10,7 +10,6 @@ and dropped from the write path; the pool keeps working on the rest (degraded mo
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import threading
@@ -27,7 +26,7 @@ from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeade
 from .pmem import Mapping
 from .plugin_manager import make_plugin_manager
 from .poolset import LocalReplica, PoolSetFile, Replica
-from .replica import LocalReplicaFiles, raise_if_broken
+from .replica import LocalReplicaFiles, lock_pool, raise_if_broken
 from .state import OFFSET as STATE_OFFSET, SIZE as STATE_SIZE, ReplicaState, store_copy
 from .target import ReplicaTarget
 
@@ -213,7 +212,8 @@ class PoolSet:
     def _map(cls, set_file: PoolSetFile, master: LocalReplicaFiles,
              plugins: Iterable[object], nlanes: int) -> "PoolSet":
         """Lock and map the master; the replicas are listed but not yet opened."""
-        lock_fd = _lock(set_file.master.parts[0].path)
+        first = set_file.master.parts[0].path
+        lock_fd = lock_pool(first, f"{first}: pool is open in another process")
         try:
             mapping = master.open()
         except BaseException:
@@ -282,7 +282,7 @@ class PoolSet:
         for status, target in active:
             try:
                 target.flush(offset, length, lane, flags)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, e, offset, length)
         self.mapping.persist(offset, length)
         for status, target in active:
@@ -290,7 +290,7 @@ class PoolSet:
                 continue
             try:
                 target.drain(lane)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, e, offset, length)
 
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
@@ -315,7 +315,7 @@ class PoolSet:
         for status, target in self._active:
             try:
                 target.flush(offset, length, lane, flags)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, e, offset, length)
         self.mapping.flush(offset, length)
 
@@ -327,7 +327,7 @@ class PoolSet:
         for status, target in self._active:
             try:
                 target.drain(lane)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, e)
         self._npending[lane] = 0
 
@@ -344,15 +344,21 @@ class PoolSet:
         for status, target in self._active:
             try:
                 target.deep_persist(offset, length, lane)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, e, offset, length)
         self.mapping.deep_persist(offset, length)
 
     # -- failures and state ----------------------------------------------------------------
-    def _fail(self, status: ReplicaStatus, error: OSError, offset: int | None = None,
+    def _fail(self, status: ReplicaStatus, error: Exception, offset: int | None = None,
               length: int = 0) -> None:
         """Take a replica off the write path, record it stale with what it may have missed
-        (the failed range and every lane's undrained flushes), tell the host application."""
+        (the failed range and every lane's undrained flushes), tell the host application.
+        The target is closed at once, so that the failed storage is let go (a disk can be
+        unmounted and replaced while the application runs); a target must therefore bear
+        being closed while another lane's thread is in one of its calls."""
+        if not isinstance(error, OSError):  # a plugin's bug: still the replica's failure
+            log.error("%s raised %r", status.name, error, exc_info=error)
+            error = ReplicaError(errno.EIO, f"{status.name}: {type(error).__name__}: {error}")
         with self._state_lock:
             changed = offset is not None and self.state.mark_dirty(offset, length)
             for lane, n in enumerate(self._npending):
@@ -420,7 +426,13 @@ class PoolSet:
                 self._store_state()
             status.state, status.error = OK, None
             self._degraded = any(s.state != OK for s in self.replicas)
-        self.plugin_manager.hook.pmreplica_replica_restored(replica=status)
+        self._notify_restored(status)
+
+    def _notify_restored(self, status: ReplicaStatus) -> None:
+        try:
+            self.plugin_manager.hook.pmreplica_replica_restored(replica=status)
+        except Exception:  # a host application's hook must not break the pool
+            log.exception("pmreplica_replica_restored hook raised")
 
     def resync(self, index: int, *, chunk: int = 8 << 20) -> int:
         """Bring failed or stale replica ``index`` of this open pool up to date online and put
@@ -470,7 +482,7 @@ class PoolSet:
         finally:
             with self._state_lock:
                 self._resync_marks = None
-        self.plugin_manager.hook.pmreplica_replica_restored(replica=status)
+        self._notify_restored(status)
         return copied
 
     def _resync_copy(self, status: ReplicaStatus, target: ReplicaTarget,
@@ -552,17 +564,6 @@ class PoolSet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _lock(path: str) -> int:
-    """Hold an exclusive lock on the master's first part while the pool is open."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise PmReplicaError(errno.EBUSY, f"{path}: pool is open in another process") from None
-    return fd
 
 
 def _close_quietly(target: ReplicaTarget) -> None:

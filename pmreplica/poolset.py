@@ -25,6 +25,9 @@ MIN_PART = 2 << 20
 #: Smallest remote pool librpmem accepts (RPMEM_MIN_POOL).
 MIN_REMOTE_POOL = 8 << 10
 
+#: the largest size a part line may give (PMDK's size_t)
+MAX_SIZE = 2**64 - 1
+
 OPT_SINGLEHDR = "SINGLEHDR"
 OPT_NOHDRS = "NOHDRS"
 OPTIONS = (OPT_SINGLEHDR, OPT_NOHDRS)
@@ -42,7 +45,10 @@ def parse_size(text: str) -> int:
     m = _SIZE_RE.fullmatch(text)
     if not m or m.group(2) not in _SUFFIXES or int(m.group(1)) == 0:
         raise ValueError(f"incorrect format of size: {text!r}")
-    return int(m.group(1)) * _SUFFIXES[m.group(2)]
+    size = int(m.group(1)) * _SUFFIXES[m.group(2)]
+    if size > MAX_SIZE:  # PMDK reads sizes into a size_t
+        raise ValueError(f"incorrect format of size: {text!r} does not fit in 64 bits")
+    return size
 
 
 def format_size(size: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import os
 import uuid as _uuid
 from collections import namedtuple
@@ -211,6 +212,18 @@ class ReplicaWriter:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
+
+
+def lock_pool(path: str, busy: str) -> int:
+    """Take the exclusive lock an open pool holds on its first part (flock, released when
+    the returned fd is closed); EBUSY with the message ``busy`` if someone holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PmReplicaError(errno.EBUSY, busy) from None
+    return fd
 
 
 def remove_parts(replica: LocalReplica, force: bool = False) -> None:

@@ -109,16 +109,26 @@ class ReplicaState:
         return True
 
     def mark_dirty(self, offset: int, length: int) -> bool:
-        """Record that ``[offset, offset+length)`` was written; True if a new bit was set."""
+        """Record that ``[offset, offset+length)`` was written; True if a new bit was set.
+        Whole bytes of the bitmap are set at once: a large range costs no per-chunk loop."""
         first = offset // self.chunk
-        last = (offset + max(length, 1) - 1) // self.chunk
-        changed = False
+        last = min((offset + max(length, 1) - 1) // self.chunk, BITMAP_BYTES * 8 - 1)
+        if first > last:
+            return False
+        b0, b1 = first >> 3, last >> 3
         bitmap = self.bitmap
-        for c in range(first, min(last, BITMAP_BYTES * 8 - 1) + 1):
-            byte, bit = divmod(c, 8)
-            if not bitmap[byte] >> bit & 1:
-                bitmap[byte] |= 1 << bit
+        if b0 == b1:
+            masks = [((1 << (last - first + 1)) - 1) << (first & 7)]
+        else:
+            masks = [(0xFF << (first & 7)) & 0xFF, (1 << ((last & 7) + 1)) - 1]
+        changed = False
+        for byte, mask in zip((b0, b1), masks):
+            if bitmap[byte] & mask != mask:
+                bitmap[byte] |= mask
                 changed = True
+        if b1 - b0 > 1 and bitmap[b0 + 1:b1].count(0xFF) != b1 - b0 - 1:
+            bitmap[b0 + 1:b1] = b"\xff" * (b1 - b0 - 1)
+            changed = True
         if changed:
             self.generation += 1
         return changed

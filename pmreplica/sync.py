@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import fcntl
 import logging
 import mmap
 import os
@@ -70,7 +69,7 @@ from .plugin_manager import make_plugin_manager
 from .pmem import Mapping
 from .pool import ReplicaStatus, load_set
 from .poolset import LocalReplica, RemoteReplica
-from .replica import ReplicaWriter
+from .replica import ReplicaWriter, lock_pool
 from .rpmem import checksum as _checksum
 from .state import ReplicaState, chunk_size_for, store_copy
 
@@ -293,15 +292,10 @@ class _Run:
         """Hold the master's lock (the one an open PoolSet holds) for the whole run."""
         path = self.set_file.master.parts[0].path
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = lock_pool(path, f"{self.path}: the pool set is open in another process; "
+                                 "close it before replica-sync")
         except FileNotFoundError:
             return  # nothing can have it open; taken once the repair recreates it
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise PmReplicaError(errno.EBUSY, f"{self.path}: the pool set is open in another "
-                                              "process; close it before replica-sync") from None
         self.lock_fd = fd
 
     def _probe(self) -> None:

@@ -46,7 +46,8 @@ def _description(check_only: bool) -> str:
         return ("Check every replica of POOLSET: local parts (present, sizes, header "
                 "checksums, uuid links), remote pools through their agents (reachable, size, "
                 "header health), the replica links, and which replicas are stale. Changes "
-                "nothing. " + _EXIT_TEXT)
+                "nothing. Exit status: 0 healthy, 4 problems found, 8 could not run, "
+                "2 usage error.")
     return ("Check every replica of POOLSET, pick the lowest-numbered healthy and up-to-date "
             "replica as the source, recreate missing or broken parts and remote pools, copy "
             "the data into every broken or stale replica (for a stale one only the chunks "

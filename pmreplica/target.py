@@ -63,4 +63,6 @@ class ReplicaTarget(Protocol):
         """Size and header health, without opening the replica for writing."""
 
     def close(self) -> None:
-        """Release the replica; its data stays."""
+        """Release the replica; its data stays. A pool closes a failed target at once, while
+        another lane's thread may still be in one of its calls: that call must then fail
+        (or finish) without touching anything the close released."""

@@ -17,8 +17,8 @@ USER_CONFIG = "~/.pmreplica-agent.conf"
 
 
 class AgentConfig(namedtuple("AgentConfig", "poolset_dir log_file log_level persist_apm "
-                                           "persist_general max_lanes",
-                              defaults=("~", None, "warning", False, True, 64))):
+                                           "max_lanes",
+                              defaults=("~", None, "warning", False, 64))):
     """``log_file`` None logs to stderr (which the client shows on failures); ``persist_apm``
     says the platform makes RDMA writes durable without a flush (allows APM)."""
 
@@ -30,7 +30,7 @@ class AgentConfig(namedtuple("AgentConfig", "poolset_dir log_file log_level pers
 
 
 def _coerce(name: str, value: str, where: str) -> object:
-    if name in ("persist_apm", "persist_general"):
+    if name == "persist_apm":
         v = value.lower()
         if v in ("yes", "true", "1", "on"):
             return True

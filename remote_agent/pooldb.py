@@ -8,7 +8,6 @@ holds an exclusive lock on its first part, so a second open of the same pool is 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 
@@ -16,7 +15,7 @@ from pmreplica import poolset
 from pmreplica.errors import PmReplicaError, PoolSetError
 from pmreplica.header import FEAT_SINGLEHDR, HDR_SIZE, PoolAttr
 from pmreplica.pmem import Mapping
-from pmreplica.replica import LocalReplicaFiles, remove_parts
+from pmreplica.replica import LocalReplicaFiles, lock_pool, remove_parts
 
 log = logging.getLogger("remote_agent.pooldb")
 
@@ -114,7 +113,7 @@ class PoolDB:
         files.create(None if attr.is_zeroed else attr.to_header())
         try:
             return self._map(name, set_file, files, pool_size, True, attr)
-        except PoolError as e:
+        except OSError as e:
             # EBUSY: another session opened the new pool between its creation and our lock;
             # its parts are in use now and stay
             if e.errno != errno.EBUSY:
@@ -183,10 +182,5 @@ class PoolDB:
 
 
 def lock(path: str, name: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise PoolError(errno.EBUSY, f"remote pool {name} is open in another session") from None
-    return fd
+    """Lock the pool whose first part is ``path`` for this session (EBUSY if it is open)."""
+    return lock_pool(path, f"remote pool {name} is open in another session")

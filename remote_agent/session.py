@@ -10,9 +10,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import TYPE_CHECKING
 
 from pmreplica.header import PoolAttr
+from pmreplica.poolset import MIN_REMOTE_POOL, PAGE_SIZE
 from pmreplica.rpmem import proto
 from pmreplica.rpmem.proto import Request, Response
 
@@ -20,6 +20,8 @@ from .config import AgentConfig
 from .pooldb import OpenPool, PoolDB, PoolError
 from .tcp_server import TcpServer
 
+# typing.TYPE_CHECKING without importing typing into every agent start
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .verbs_server import VerbsServer
 
@@ -69,7 +71,7 @@ class Session:
                 rtype, size = proto.REQ_HDR.unpack(raw)
                 if rtype not in proto.REQUEST_TYPES or not proto.REQ_HDR.size <= size <= proto.MAX_MESSAGE:
                     log.warning("garbage on the control channel (type %d, size %d)", rtype, size)
-                    self._reply(Response(rtype + 1, proto.ERR_BADPROTO,
+                    self._reply(Response((rtype + 1) & 0xFFFFFFFF, proto.ERR_BADPROTO,
                                          message=f"unknown message (type {rtype}, size {size})"))
                     return 1
                 body = self.io.read_exact(size - proto.REQ_HDR.size)
@@ -122,6 +124,10 @@ class Session:
             if e.filename:  # an OSError of the OS names the file: keep it in the message
                 text = f"{e.filename}: {text}"
             return Response(rtype, proto.status_for_errno(e.errno), message=text)
+        except Exception:  # a bug of ours must not end the session without an answer
+            log.exception("%s failed", _NAMES.get(req.type, req.type))
+            return Response(rtype, proto.ERR_FATAL,
+                            message="internal error on the agent (see its log)")
 
     def _start(self, req: Request) -> Response:
         rtype = req.type + 1
@@ -133,6 +139,10 @@ class Session:
                                     f"(agent speaks {proto.PROTO_MAJOR}.{proto.PROTO_MINOR})")
         if req.nlanes < 1:
             return Response(rtype, proto.ERR_BADNLANES, message="nlanes must be at least 1")
+        if req.pool_size < MIN_REMOTE_POOL or req.pool_size % PAGE_SIZE:
+            return Response(rtype, proto.ERR_BADSIZE,
+                            message=f"pool size {req.pool_size} is not a multiple of the page "
+                                    f"size of at least {MIN_REMOTE_POOL} bytes")
         if req.provider not in (proto.PROV_TCP, proto.PROV_VERBS):
             return Response(rtype, proto.ERR_BADPROVIDER,
                             message=f"provider {req.provider} is not available on this agent")

@@ -165,23 +165,34 @@ def check(path: Path, env: dict[str, str], *extra: str) -> tuple[int, dict]:
 
 
 # ---------------------------------------------------------------------------------------
-# Crash loop: a fault, new data, a replica-sync SIGKILLed at a random moment, then a check
-# that no replica reported healthy holds anything but the newest data, then a full sync.
+# Crash loop: a fault, new data, a replica-sync SIGKILLed while it runs, then a check that
+# no replica reported healthy holds anything but the newest data, then a full sync. The
+# kill times come from an undisturbed sync of the same fault, timed first.
 
 SYNC_CHILD = r"""
-import sys
+import sys, time
 from pmreplica import hookimpl, sync
 
 class Events:
+    handshake = sys.argv[2] == "handshake"
+    resumed = 0.0
+
     @hookimpl
     def pmreplica_sync_progress(self, replica, phase, done, total):
         if done == 0:
             print(f"{phase} {replica.index}", flush=True)
+            if self.handshake and phase == "copy":
+                self.handshake = False
+                sys.stdin.readline()
+                self.resumed = time.monotonic()
 
+events = Events()
 print("ready", flush=True)
 sys.stdin.readline()
-sync.sync(sys.argv[1], plugins=[Events()])
-print("done", flush=True)
+started = time.monotonic()
+sync.sync(sys.argv[1], plugins=[events])
+# when it started, resumed after the handshake, and finished, on the system's monotonic clock
+print("done", started, events.resumed, time.monotonic(), flush=True)
 """
 
 
@@ -194,24 +205,78 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
         sel.close()
 
 
-def _kill_sync_at_random(path: Path, env: dict[str, str], delay: float,
-                         after_copy_starts: bool) -> str:
-    """Start a sync in its own process group and SIGKILL the group (the sync and the agents
-    it started) ``delay`` seconds after it began or, with ``after_copy_starts``, after its
-    first copy began. Returns when it died: "before copying", "while repairing" or
-    "after finishing"."""
-    proc = subprocess.Popen([sys.executable, "-c", SYNC_CHILD, str(path)], cwd=ROOT, env=env,
+@contextlib.contextmanager
+def _sync_process(path: Path, env: dict[str, str],
+                  handshake: bool) -> Iterator[subprocess.Popen]:
+    """A sync in its own process group (with the agents it starts), imported and waiting:
+    :func:`_go` starts it. With ``handshake`` it waits again when its first copy begins,
+    until :func:`_go` is called once more: the caller's clock then starts where the copy
+    does, whatever the pipe's latency. Killed and reaped on the way out."""
+    proc = subprocess.Popen([sys.executable, "-c", SYNC_CHILD, str(path),
+                             "handshake" if handshake else "free"], cwd=ROOT, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline() == "ready\n", proc.stderr.read()
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        copying = False
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            stream.close()
+
+
+def _go(proc: subprocess.Popen) -> None:
+    """Let the waiting sync go on."""
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def _first_copy(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait for the sync's first line, which must say that its first copy began."""
+    line = _readline(proc, timeout)
+    assert line.startswith("copy"), f"the sync printed {line!r}: {proc.stderr.read()}"
+
+
+@dataclass(frozen=True)
+class SyncTiming:
+    """An undisturbed sync of one fault, in seconds: from its start to its first copy, and
+    from there (the handshake of :func:`_sync_process`) to its end."""
+
+    copy: float
+    repair: float
+
+    @property
+    def done(self) -> float:
+        return self.copy + self.repair
+
+
+def time_sync(path: Path, env: dict[str, str], timeout: float = 60) -> SyncTiming:
+    """Run a sync to its end, timing it as :func:`_kill_sync` sees one. The times are the
+    sync's own (CLOCK_MONOTONIC is one clock for all processes): the pipe's latency in
+    telling its end would make the window look longer than it is."""
+    with _sync_process(path, env, handshake=True) as proc:
+        _go(proc)
+        _first_copy(proc, timeout)
+        _go(proc)
+        for line in proc.stdout:
+            if line.startswith("done "):
+                started, resumed, finished = map(float, line.split()[1:])
+                assert proc.wait(timeout) == 0, proc.stderr.read()
+                return SyncTiming(resumed - started, finished - resumed)
+        raise AssertionError(f"the sync did not finish: {proc.stderr.read()}")
+
+
+def _kill_sync(path: Path, env: dict[str, str], delay: float, after_copy_starts: bool) -> str:
+    """Start a sync and SIGKILL its process group (the sync and the agents it started)
+    ``delay`` seconds after it began or, with ``after_copy_starts``, after its first copy
+    began. Returns when it died: "before copying", "while repairing" or "after finishing"."""
+    with _sync_process(path, env, handshake=after_copy_starts) as proc:
+        _go(proc)
         if after_copy_starts:
-            line = _readline(proc, 30)
-            assert line, f"sync printed nothing: {proc.stderr.read()}"
-            copying = line.startswith("copy")
+            _first_copy(proc)
+            _go(proc)
         time.sleep(delay)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -221,13 +286,7 @@ def _kill_sync_at_random(path: Path, env: dict[str, str], delay: float,
         rest = proc.stdout.read()
         if "done" in rest.split():
             return "after finishing"
-        return "while repairing" if copying or "copy" in rest else "before copying"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            stream.close()
+        return "while repairing" if after_copy_starts or "copy" in rest else "before copying"
 
 
 FAULTS = ("replica part deleted", "master part deleted", "remote pool removed",
@@ -258,9 +317,10 @@ def apply_fault(layout: PoolLayout, fault: str, env: dict[str, str], seed: int) 
         return 0
     if fault == "remote replica stale":
         # the agent cannot be started while the pool is written: the remote replica fails
-        # at open, misses these writes, and the master records it stale
+        # at open, misses these writes, and the master records it stale; enough of them
+        # (several MiB) that the copy of the missed ranges takes a few milliseconds
         bad = dict(env, RPMEM_CMD="/nonexistent/pmreplica-agent")
-        states = write_random(layout.path, bad, seed + 1)
+        states = write_random(layout.path, bad, seed + 1, count=64)
         assert states[2] == "failed", states
         return 0
     raise ValueError(fault)
@@ -273,23 +333,64 @@ class CrashResult:
     kills: dict[str, int] = field(default_factory=dict)
     #: replicas a check after the kill reported healthy (and that held the newest data)
     checked_healthy: int = 0
+    #: the undisturbed sync of each fault that the kill times were drawn from
+    timings: dict[str, SyncTiming] = field(default_factory=dict)
 
 
-def crash_loop(layout: PoolLayout, runs: int, seed: int, max_delay: float = 0.2,
-               log=print) -> CrashResult:
-    """``runs`` rounds of fault, SIGKILLed sync, check, full sync; asserts as it goes."""
+#: one run in this many is killed while the sync probes the replicas; the others while it
+#: repairs (prime to the number of faults, so that a long loop probes each of them)
+PROBE_EVERY = 7
+#: the repair window is cut into this many equal strata, and a fault's successive runs
+#: draw their kill delays from successive strata: a spread that chance cannot bunch up
+STRATA = 4
+
+
+def crash_layout(d: Path) -> PoolLayout:
+    """The pool set of the crash loop: 16 MiB replicas, so that a repair lasts a few
+    milliseconds a kill can aim at, and a run still takes well under a second."""
+    return PoolLayout(d, master=[8 * M, 8 * M], replicas=[[16 * M], "remote"],
+                      remote_size=16 * M)
+
+
+def _assert_all_hold(layout: PoolLayout, expected: bytes, what: str) -> None:
+    for i in range(len(layout.parts)):
+        assert layout.data(i) == expected, f"{what}: replica {i} differs"
+
+
+def crash_loop(layout: PoolLayout, runs: int, seed: int, log=print) -> CrashResult:
+    """``runs`` rounds of fault, SIGKILLed sync, check, full sync; asserts as it goes.
+
+    First each fault is caused once and synced undisturbed, timed: a sync of a small pool
+    spends most of its time probing, and repairs for a few milliseconds only, so a delay
+    drawn over its whole length would mostly kill it before or after the repair. A run
+    kills the sync after a delay drawn from the repair window, counted from its first copy
+    (one run in :data:`PROBE_EVERY`: drawn from the probing time, counted from its start)."""
     env = layout.env()
     rng = random.Random(seed)
     out = CrashResult()
+    for fault in FAULTS:
+        timings = []
+        for _ in range(2):  # the shorter of two: a load spike must not stretch the window
+            fresh = apply_fault(layout, fault, env, rng.randrange(1 << 30))
+            expected = layout.data(fresh)
+            timings.append(time_sync(layout.path, env))
+            _assert_all_hold(layout, expected, f"undisturbed sync of {fault}")
+        timing = out.timings[fault] = min(timings, key=lambda t: t.repair)
+        log(f"{fault}: probes for {timing.copy * 1e3:.1f} ms, "
+            f"repairs for {timing.repair * 1e3:.1f} ms")
+    repairs_killed = dict.fromkeys(FAULTS, 0)
     for run in range(runs):
         fault = FAULTS[run % len(FAULTS)]
         fresh = apply_fault(layout, fault, env, rng.randrange(1 << 30))
         expected = layout.data(fresh)
-        # every other run the kill lands shortly after the first copy began (in the copy,
-        # the header rewrite or the record updates); the others anywhere in the run
-        after_copy = run % 2 == 1
-        delay = rng.uniform(0, 0.01 if after_copy else max_delay)
-        when = _kill_sync_at_random(layout.path, env, delay, after_copy)
+        timing = out.timings[fault]
+        if run % PROBE_EVERY == 0:
+            when = _kill_sync(layout.path, env, rng.uniform(0, timing.copy), False)
+        else:
+            stratum = repairs_killed[fault] % STRATA
+            repairs_killed[fault] += 1
+            delay = (stratum + rng.random()) / STRATA * timing.repair
+            when = _kill_sync(layout.path, env, delay, True)
         out.kills[when] = out.kills.get(when, 0) + 1
         status, rep = check(layout.path, env)
         assert status in (0, 1, 4), rep
@@ -301,8 +402,7 @@ def crash_loop(layout: PoolLayout, runs: int, seed: int, max_delay: float = 0.2,
                 out.checked_healthy += 1
         status, rep = report(layout.path, env=env)
         assert status in (0, 1), (run, fault, rep)
-        for i in range(len(layout.parts)):
-            assert layout.data(i) == expected, f"run {run} ({fault}): replica {i} differs"
+        _assert_all_hold(layout, expected, f"run {run} ({fault})")
         out.runs += 1
         log(f"run {run}: {fault}, killed {when}: ok")
     return out

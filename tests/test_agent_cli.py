@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -191,3 +192,17 @@ def test_unreadable_config_file_is_named(local_node, pool_dir):
                           config=node.config(RPMEM_CMD=node.command("--config", str(conf),
                                                                     prefix=prefix)))
     assert e.value.errno == errno.EACCES and str(conf) in str(e.value)
+
+
+def test_agent_start_imports_stay_lean():
+    """Every pool's create or open starts an agent, and a further pool on a reused SSH
+    connection is to take <= 50 ms: the agent's start must not pull in the heavy modules
+    (dataclasses and typing import inspect and more; pluggy, paramiko and hashlib are
+    for the client, replica-sync and verify only)."""
+    code = ("import sys, remote_agent.main, remote_agent.session, remote_agent.pooldb, "
+            "remote_agent.tcp_server; print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout.split())
+    heavy = {"typing", "dataclasses", "inspect", "pluggy", "paramiko", "hashlib", "secrets",
+             "pyverbs"} & loaded
+    assert not heavy, f"agent start imports {sorted(heavy)}"

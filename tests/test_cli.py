@@ -338,3 +338,33 @@ def test_a_command_module_is_one_line_away(tmp_path, monkeypatch, capsys):
 def test_main_turns_oserrors_into_exit_1(capsys, pool_dir):
     assert cli.main(["info", str(pool_dir / "nope")]) == 1
     assert capsys.readouterr().err == f"pmreplica: {pool_dir}/nope: No such file or directory\n"
+
+
+def test_rm_refuses_a_pool_set_that_is_open(pool_dir, pmreplica_cmd):
+    """pmreplica rm must not pull the parts away from a pool another process has open."""
+    from pmreplica import PoolSet
+
+    path = pool_dir / "open.set"
+    path.write_text(f"PMEMPOOLSET\n4M {pool_dir}/m0\nREPLICA\n4M {pool_dir}/r0\n")
+    with PoolSet.create(path):
+        r = subprocess.run([*pmreplica_cmd, "rm", str(path)], capture_output=True, text=True)
+        assert r.returncode == 1
+        assert r.stderr.strip() == (f"pmreplica: {path}: the pool set is open in another "
+                                    "process; not removed (EBUSY)")
+        assert (pool_dir / "m0").exists() and (pool_dir / "r0").exists()
+    r = subprocess.run([*pmreplica_cmd, "rm", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not (pool_dir / "m0").exists() and not (pool_dir / "r0").exists()
+
+
+def test_info_shows_a_corrupted_creation_time_instead_of_failing(pool_dir, pmreplica_cmd):
+    path = pool_dir / "p.set"
+    path.write_text(f"PMEMPOOLSET\n4M {pool_dir}/m0\n")
+    subprocess.run([*pmreplica_cmd, "create", str(path)], check=True)
+    with open(pool_dir / "m0", "r+b") as f:  # crtime's top byte: a year no clock can show
+        f.seek(127)
+        f.write(b"\x7f")
+    r = subprocess.run([*pmreplica_cmd, "info", str(path)], capture_output=True, text=True)
+    assert "(not a valid time)" in r.stdout
+    assert "[wrong]" in r.stdout  # and the checksum says the header is corrupted
+    assert "Traceback" not in r.stderr

@@ -392,7 +392,7 @@ def test_config_defaults():
     cfg = RpmemConfig.from_env({})
     assert cfg.commands == ("pmreplica-agent",)
     assert (cfg.launcher, cfg.ssh_command, cfg.ssh_accept_new) == ("paramiko", None, False)
-    assert (cfg.enable_sockets, cfg.enable_verbs) == (False, True)
+    assert (cfg.enable_sockets, cfg.enable_verbs, cfg.sockets_allowed) == (None, True, True)
     assert (cfg.max_nlanes, cfg.work_queue_size) == (None, None)
     assert cfg.ssh_config_path == os.path.expanduser("~/.ssh/config")
 
@@ -405,6 +405,7 @@ def test_config_reads_every_variable():
     assert cfg.ssh_command == ("ssh", "-v") and cfg.launcher == "openssh"
     assert cfg.commands == ("a --x", "cd /d && b")
     assert (cfg.enable_sockets, cfg.enable_verbs, cfg.max_nlanes) == (True, False, 8)
+    assert not RpmemConfig.from_env({"RPMEM_ENABLE_SOCKETS": "0"}).sockets_allowed
     assert cfg.work_queue_size == 2**32 - 1  # capped at UINT_MAX as librpmem did
     assert (cfg.ssh_config_path, cfg.ssh_accept_new) == ("/etc/x", True)
 

@@ -231,3 +231,67 @@ def test_remote_storage_failure_is_eio_on_the_client(local_node, failing_fs):
     failing_fs.remount()
     with open(fs / "r.part0", "rb") as f:  # what was durable before the failure survived
         assert os.pread(f.fileno(), 6, HDR_SIZE) == pool[HDR_SIZE:HDR_SIZE + 6]
+
+
+def test_stopped_agent_fails_the_call_after_the_op_timeout_not_never(local_node):
+    """A live but stuck agent (SIGSTOP: its kernel still acknowledges data) must fail the
+    lane with ETIMEDOUT after PMREPLICA_OP_TIMEOUT instead of hanging the application."""
+    local_node.make_set("r.set")
+    pool = local_pool(8 * M, seed=2)
+    rp = RemotePool.create(local_node.target, "r.set", pool, nlanes=1, attr=attr(),
+                           config=local_node.config(PMREPLICA_OP_TIMEOUT="1"))
+    rp.persist(HDR_SIZE, 4096)
+    pids = local_node.kill_agents(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            rp.persist(HDR_SIZE, 4096)
+        waited = time.monotonic() - t0
+        assert e.value.errno == errno.ETIMEDOUT
+        assert "did not answer within 1 s" in str(e.value)
+        assert 0.9 < waited < 10
+        with pytest.raises(OSError) as e:  # the lane stays failed, at once
+            rp.persist(HDR_SIZE, 4096)
+        assert e.value.errno == errno.ETIMEDOUT
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        local_node.wait_agents_gone()
+    with pytest.raises(OSError):
+        rp.close()
+
+
+SIGPIPE_CHILD = r"""
+import json, os, signal, sys, time
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a C host embedding Python may run
+from pmreplica.header import HDR_SIZE, PoolAttr
+from pmreplica.rpmem.client import RemotePool
+import mmap
+pool = mmap.mmap(-1, 8 << 20)
+rp = RemotePool.create("localhost", "r.set", pool, nlanes=1, attr=PoolAttr(b"SIGPIPE", 1))
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()  # the test kills the agent meanwhile
+errors = []
+for _ in range(3):  # the first send may still fit in the socket buffer
+    try:
+        rp.persist(HDR_SIZE, 1 << 20)
+    except OSError as e:
+        errors.append(e.errno)
+print(json.dumps({"errors": errors}), flush=True)
+"""
+
+
+def test_a_dead_agent_is_an_error_not_a_sigpipe(local_node):
+    local_node.make_set("r.set")
+    child = start_python(SIGPIPE_CHILD, env=local_node.env())
+    try:
+        assert read_json_line(child) == {"ready": True}
+        local_node.kill_agents()
+        local_node.wait_agents_gone()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out = read_json_line(child)
+        assert child.wait(30) == 0
+    finally:
+        child.kill()
+    assert out["errors"] and set(out["errors"]) <= set(LOST)

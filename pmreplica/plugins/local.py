@@ -5,18 +5,26 @@ A persist writes the range from the master's mapping into the replica's part fil
 or whose file system fails then gives an errno instead of a SIGBUS that would kill the host
 process. A part file unlinked under an open pool is noticed (its link count drops to zero)
 and reported as a failed replica, since writes to it would reach no file.
+
+On storage where fdatasync has real work to do, a replica's writes run on a thread of its
+own (flush queues, drain waits), so that the replicas of a pool are written in parallel,
+with each other and with the network waits of remote replicas, not one after another. On
+tmpfs, where fdatasync has nothing to do, the writes are made at once: handing them to a
+thread would cost more than they do.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import errno
 import os
+import threading
 
 from ..errors import ReplicaError
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
-from ..pmem import Mapping
+from ..pmem import Mapping, memory_backed
 from ..pool import describe
 from ..poolset import LocalReplica
 from ..replica import LocalReplicaFiles, raise_if_broken, remove_parts
@@ -37,6 +45,12 @@ class LocalTarget:
         self._src = master.buf
         self._fds: list[int] = []
         self._starts = [s.pool_offset for s in files.segments]
+        self._background: _Background | None = None
+        # calls using the fds right now: close() leaves the fds to the last of them, so that a
+        # closed number cannot be reused under a write still in flight on another lane
+        self._use_lock = threading.Lock()
+        self._inflight = 0
+        self._closing = False
 
     def create(self, attr: PoolAttr) -> None:
         self.files.create(attr.to_header())
@@ -55,24 +69,39 @@ class LocalTarget:
         except OSError as e:
             self.close()
             raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e}") from e
+        if not all(memory_backed(fd) for fd in self._fds):
+            self._background = _Background(self._write, self.name)
 
-    def _pieces(self, offset: int, length: int):
+    def _acquire_fds(self) -> list[int]:
+        with self._use_lock:
+            if not self._fds or self._closing:
+                raise ReplicaError(errno.EBADF, f"{self.name} is not open")
+            self._inflight += 1
+            return self._fds
+
+    def _release_fds(self) -> None:
+        with self._use_lock:
+            self._inflight -= 1
+            if self._closing and not self._inflight:
+                self._close_fds()
+
+    def _pieces(self, fds: list[int], offset: int, length: int):
         """(fd, file offset, pool offset, length) of each part the range touches."""
-        if not self._fds:
-            raise ReplicaError(errno.EBADF, f"{self.name} is not open")
         segs = self.files.segments
         i = bisect.bisect_right(self._starts, offset) - 1
         end = offset + length
         while offset < end:
             seg = segs[i]
             n = min(end, seg.pool_offset + seg.length) - offset
-            yield self._fds[i], seg.file_offset + offset - seg.pool_offset, offset, n
+            yield fds[i], seg.file_offset + offset - seg.pool_offset, offset, n
             offset += n
             i += 1
 
-    def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+    def _write(self, offset: int, length: int) -> None:
+        """Copy the master's range into the part files and make it durable there."""
+        fds = self._acquire_fds()
         try:
-            for fd, foff, poff, n in self._pieces(offset, length):
+            for fd, foff, poff, n in self._pieces(fds, offset, length):
                 if os.pwrite(fd, self._src[poff:poff + n], foff) != n:
                     raise ReplicaError(errno.EIO, f"{self.name}: short write")
                 os.fdatasync(fd)
@@ -82,20 +111,38 @@ class LocalTarget:
             raise
         except OSError as e:
             raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e.strerror}") from e
+        finally:
+            self._release_fds()
 
-    # pwrite+fdatasync completes at once: flush is persist, drain has nothing left to wait for
-    flush = persist
-    deep_persist = persist
+    def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        if self._background is not None:
+            self._background.submit(offset, length)
+        else:
+            self._write(offset, length)
 
     def drain(self, lane: int = 0) -> None:
-        if not self._fds:
+        if not self._fds or self._closing:
             raise ReplicaError(errno.EBADF, f"{self.name} is not open")
+        background = self._background
+        if background is not None:
+            background.wait()
+
+    def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        self.flush(offset, length, lane, flags)
+        self.drain(lane)
+
+    deep_persist = persist  # fdatasync reaches the deepest domain a file system offers
 
     def read(self, dest: memoryview, offset: int, lane: int = 0) -> None:
-        for fd, foff, poff, n in self._pieces(offset, len(dest)):
-            at = poff - offset
-            if os.preadv(fd, [dest[at:at + n]], foff) != n:
-                raise ReplicaError(errno.EIO, f"{self.name}: short read at {poff}")
+        self.drain(lane)  # what was flushed before is what a read must see
+        fds = self._acquire_fds()
+        try:
+            for fd, foff, poff, n in self._pieces(fds, offset, len(dest)):
+                at = poff - offset
+                if os.preadv(fd, [dest[at:at + n]], foff) != n:
+                    raise ReplicaError(errno.EIO, f"{self.name}: short read at {poff}")
+        finally:
+            self._release_fds()
 
     def set_attr(self, attr: PoolAttr) -> None:
         """Rewrite the attributes in every part header; the other parts' uuids stay."""
@@ -110,9 +157,78 @@ class LocalTarget:
                           detail="; ".join(problems))
 
     def close(self) -> None:
+        background, self._background = self._background, None
+        if background is not None:
+            background.close()
+        with self._use_lock:
+            self._closing = True
+            if not self._inflight:
+                self._close_fds()
+
+    def _close_fds(self) -> None:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
+
+
+class _Background:
+    """A replica's writes, applied in order on a thread of their own: ``submit`` queues a
+    range, ``wait`` returns when every queued range is durable or raises the first error
+    (after which the replica takes no more writes)."""
+
+    def __init__(self, write, name: str) -> None:
+        self._write = write
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[int, int]] = collections.deque()
+        self._busy = 0  # ranges queued or being written
+        self._error: OSError | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"pmreplica writer {name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, offset: int, length: int) -> None:
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            self._queue.append((offset, length))
+            self._busy += 1
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            while self._busy and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                offset, length = self._queue.popleft()
+            try:
+                self._write(offset, length)
+                error = None
+            except OSError as e:
+                error = e
+            with self._cond:
+                self._busy -= 1
+                if error is not None and self._error is None:
+                    self._error = error
+                    self._busy -= len(self._queue)
+                    self._queue.clear()  # the replica failed: what is queued need not go
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Finish what is queued and stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
 
 
 @hookimpl(trylast=True)

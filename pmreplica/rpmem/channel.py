@@ -299,7 +299,9 @@ class ProcessChannel(AgentChannel):
         return self._proc.pid
 
     def _send(self, data: bytes | bytearray | memoryview) -> None:
-        self._tx.sendall(data)
+        # MSG_NOSIGNAL: an agent that exited must be an error here, not a SIGPIPE for a host
+        # application that runs with SIGPIPE at its default
+        self._tx.sendall(data, socket.MSG_NOSIGNAL)
 
     def _recv(self, buf: memoryview) -> int:
         return self._rx.recv_into(buf)

@@ -212,7 +212,8 @@ class RemotePool:
             else:
                 data = TcpDataPath.connect(channel.peer_address, resp.port, resp.blob,
                                            min(nlanes, resp.nlanes), view, name,
-                                           config.work_queue_size or DEFAULT_WORK_QUEUE)
+                                           config.work_queue_size or DEFAULT_WORK_QUEUE,
+                                           op_timeout=config.op_timeout)
         except BaseException:
             # do not leave a half-made pool behind: CLOSE with REMOVE undoes a CREATE
             flags = proto.CLOSE_REMOVE if rtype == proto.CREATE else 0

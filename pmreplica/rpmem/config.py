@@ -11,13 +11,13 @@ librpmem's variables keep their meaning (librpmem(7), ENVIRONMENT):
     are opened, round robin over the life of the process. Each is a remote shell command
     line (``cd /x && ./agent`` works); the launcher appends its own, quoted, arguments.
 ``RPMEM_ENABLE_SOCKETS``, ``RPMEM_ENABLE_VERBS``
-    Integers, non-zero enables; librpmem's defaults are kept (sockets 0, verbs 1). The data
-    path is chosen in this order (``transport/provider.py``): ``RPMEM_ENABLE_SOCKETS=1``
-    selects TCP; else verbs (RDMA) when ``RPMEM_ENABLE_VERBS`` is not 0 and an RDMA device
-    carries the route to the target; else TCP, which unlike librpmem's sockets provider is
-    a fallback even when ``RPMEM_ENABLE_SOCKETS`` is unset. Only an explicit
+    Integers, non-zero enables; librpmem's defaults are kept (sockets off, verbs on), and
+    so is its order (``transport/provider.py``): verbs (RDMA) when ``RPMEM_ENABLE_VERBS``
+    is not 0 and an RDMA device carries the route to the target, whatever
+    ``RPMEM_ENABLE_SOCKETS`` says; else TCP, which unlike librpmem's sockets provider is a
+    fallback even when ``RPMEM_ENABLE_SOCKETS`` is unset. Only an explicit
     ``RPMEM_ENABLE_SOCKETS=0`` forbids TCP: then a pool that cannot use verbs fails to open
-    with ENOMEDIUM.
+    with ENOMEDIUM. ``RPMEM_ENABLE_VERBS=0`` forces TCP.
 ``RPMEM_MAX_NLANES``, ``RPMEM_WORK_QUEUE_SIZE``
     Positive integers: a cap on the lanes per pool and the suggested work queue depth.
 
@@ -33,6 +33,9 @@ pmreplica's own:
     ``1`` accepts and records host keys not yet in known_hosts (like OpenSSH's
     ``StrictHostKeyChecking=accept-new``); the default ``0`` refuses them. A key that
     differs from a recorded one is refused either way.
+``PMREPLICA_OP_TIMEOUT``
+    Seconds a data-path operation may wait for the agent (default 60): a stuck agent then
+    fails the replica with ETIMEDOUT instead of hanging the application.
 
 An empty variable counts as unset. A value that cannot be used is an ``EINVAL`` error
 naming the variable.
@@ -102,6 +105,19 @@ def _shell_words(name: str, value: str) -> tuple[str, ...]:
     return words
 
 
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    value = _get(environ, name)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 1e6:
+        raise _bad(name, value, "must be a positive number of seconds")
+    return seconds
+
+
 def _commands(environ: Mapping[str, str]) -> tuple[str, ...]:
     value = _get(environ, "RPMEM_CMD")
     if value is None:
@@ -120,14 +136,14 @@ class RpmemConfig:
 
     commands: tuple[str, ...] = (DEFAULT_CMD,)
     ssh_command: tuple[str, ...] | None = None
-    enable_sockets: bool = False
+    enable_sockets: bool | None = None  # None: RPMEM_ENABLE_SOCKETS unset
     enable_verbs: bool = True
-    sockets_allowed: bool = True  # False only with an explicit RPMEM_ENABLE_SOCKETS=0
     max_nlanes: int | None = None
     work_queue_size: int | None = None
     launcher: LauncherName = "paramiko"
     ssh_config: str | None = None
     ssh_accept_new: bool = False
+    op_timeout: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "RpmemConfig":
@@ -156,19 +172,23 @@ class RpmemConfig:
         else:
             raise _bad("PMREPLICA_SSH_ACCEPT_NEW", accept_value, "must be 0 or 1")
 
-        sockets = _int_flag(environ, "RPMEM_ENABLE_SOCKETS", None)
         return cls(
             commands=_commands(environ),
             ssh_command=ssh_command,
-            enable_sockets=bool(sockets),
+            enable_sockets=_int_flag(environ, "RPMEM_ENABLE_SOCKETS", None),
             enable_verbs=bool(_int_flag(environ, "RPMEM_ENABLE_VERBS", True)),
-            sockets_allowed=sockets is not False,
             max_nlanes=_positive(environ, "RPMEM_MAX_NLANES"),
             work_queue_size=_positive(environ, "RPMEM_WORK_QUEUE_SIZE"),
             launcher=launcher,
             ssh_config=_get(environ, "PMREPLICA_SSH_CONFIG"),
             ssh_accept_new=accept_new,
+            op_timeout=_seconds(environ, "PMREPLICA_OP_TIMEOUT", 60.0),
         )
+
+    @property
+    def sockets_allowed(self) -> bool:
+        """TCP may carry the data: only an explicit ``RPMEM_ENABLE_SOCKETS=0`` forbids it."""
+        return self.enable_sockets is not False
 
     @property
     def ssh_config_path(self) -> str:

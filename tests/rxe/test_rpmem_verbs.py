@@ -237,29 +237,67 @@ def librpmem_env(**env: str) -> RpmemConfig:
     return RpmemConfig.from_env({"PMREPLICA_LAUNCHER": "local", **env})
 
 
+# librpmem's order: verbs first whenever it can be used, RPMEM_ENABLE_SOCKETS=1 does not
+# override it; TCP otherwise, unless RPMEM_ENABLE_SOCKETS=0 (then ENOMEDIUM with the reason)
 @pytest.mark.parametrize("env,loopback,expect", [
     ({}, False, "verbs"),
-    ({"RPMEM_ENABLE_SOCKETS": "1"}, False, "tcp"),
-    ({"RPMEM_ENABLE_SOCKETS": "1", "RPMEM_ENABLE_VERBS": "1"}, False, "tcp"),
-    ({"RPMEM_ENABLE_VERBS": "0"}, False, "tcp"),
+    ({"RPMEM_ENABLE_SOCKETS": "1"}, False, "verbs"),
+    ({"RPMEM_ENABLE_SOCKETS": "1", "RPMEM_ENABLE_VERBS": "1"}, False, "verbs"),
     ({"RPMEM_ENABLE_SOCKETS": "0"}, False, "verbs"),
+    ({"RPMEM_ENABLE_VERBS": "0"}, False, "tcp"),
+    ({"RPMEM_ENABLE_SOCKETS": "1", "RPMEM_ENABLE_VERBS": "0"}, False, "tcp"),
     ({}, True, "tcp"),
+    ({"RPMEM_ENABLE_SOCKETS": "1"}, True, "tcp"),
     ({"RPMEM_ENABLE_SOCKETS": "0"}, True, "no RDMA device carries the route to 127.0.0.1"),
     ({"RPMEM_ENABLE_SOCKETS": "0", "RPMEM_ENABLE_VERBS": "0"}, False, "RPMEM_ENABLE_VERBS=0"),
 ])
-def test_provider_follows_librpmems_variables(rxe_device, env, loopback, expect):
+def test_provider_follows_librpmems_order(rxe_device, env, loopback, expect):
     address = "127.0.0.1" if loopback else rxe_device.ip
     config = librpmem_env(**env)
     if expect in ("verbs", "tcp"):
         choice = provider.choose(address, config)
-        assert choice.name == expect
+        assert choice.name == expect, choice
         if expect == "verbs":
             assert (choice.gid.device, choice.gid.address) == (rxe_device.name, rxe_device.ip)
+        elif not loopback:
+            assert choice.reason == "RPMEM_ENABLE_VERBS=0", choice
         return
     with pytest.raises(OSError) as e:
         provider.choose(address, config)
     assert e.value.errno == errno.ENOMEDIUM
     assert expect in str(e.value) and "RPMEM_ENABLE_SOCKETS=0" in str(e.value), e.value
+
+
+_CHOOSE_WITHOUT_PYVERBS = r"""
+import json, os, sys
+# the folders that would give this interpreter pyverbs are taken away: importing it fails
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "pyverbs"))]
+from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.transport import provider, verbs_common
+verbs_common.DEBIAN_PYVERBS = "/nonexistent/pyverbs"
+for env in map(json.loads, sys.argv[2:]):
+    try:
+        choice = provider.choose(sys.argv[1], RpmemConfig.from_env(env))
+        print(json.dumps({"name": choice.name, "reason": choice.reason}), flush=True)
+    except OSError as e:
+        print(json.dumps({"errno": e.errno, "message": str(e)}), flush=True)
+"""
+
+
+def test_provider_without_pyverbs_on_the_client(rxe_device):
+    # the device carries the route, but this client cannot import pyverbs: TCP whether
+    # RPMEM_ENABLE_SOCKETS is unset or 1, ENOMEDIUM naming pyverbs when it is 0
+    envs = [{}, {"RPMEM_ENABLE_SOCKETS": "1"}, {"RPMEM_ENABLE_SOCKETS": "0"}]
+    run = subprocess.run([sys.executable, "-c", _CHOOSE_WITHOUT_PYVERBS, rxe_device.ip,
+                          *map(json.dumps, envs)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    unset, sockets, no_sockets = map(json.loads, run.stdout.splitlines())
+    for got in (unset, sockets):
+        assert got["name"] == "tcp" and "pyverbs cannot be imported" in got["reason"], got
+    assert no_sockets["errno"] == errno.ENOMEDIUM, no_sockets
+    assert "pyverbs cannot be imported" in no_sockets["message"], no_sockets
+    assert "RPMEM_ENABLE_SOCKETS=0" in no_sockets["message"], no_sockets
 
 
 def test_provider_is_shown_by_pmreplica_info(rxe_device, pmreplica_cmd, pool_dir):
@@ -275,18 +313,26 @@ def test_provider_is_shown_by_pmreplica_info(rxe_device, pmreplica_cmd, pool_dir
     assert "tcp (no RDMA device carries the route to 127.0.0.1)" in lines[1], lines
 
 
-def test_pool_opened_with_verbs_disabled_uses_tcp(local_node):
+def test_pool_open_follows_librpmems_order(local_node):
+    # for real, on a pool: RPMEM_ENABLE_SOCKETS=1 with a device on the route is still verbs;
+    # RPMEM_ENABLE_VERBS=0 forces TCP; with both disabled there is no data path
     parts = local_node.make_set("r.set")
     pool = local_pool(8 * M, seed=25)
-    config = local_node.config(RPMEM_ENABLE_SOCKETS=None, RPMEM_ENABLE_VERBS="0")
+    config = local_node.config(RPMEM_ENABLE_SOCKETS="1", RPMEM_ENABLE_VERBS=None)
     with RemotePool.create(local_node.target, "r.set", pool, attr=attr(), config=config) as rp:
+        assert rp.provider == "verbs"
+        rp.persist(HDR_SIZE, 1000)
+    assert on_node(parts)[HDR_SIZE:HDR_SIZE + 1000] == pool[HDR_SIZE:HDR_SIZE + 1000]
+    pool[HDR_SIZE:HDR_SIZE + 1000] = bytes(range(200)) * 5
+    config = local_node.config(RPMEM_ENABLE_SOCKETS="1", RPMEM_ENABLE_VERBS="0")
+    with RemotePool.open(local_node.target, "r.set", pool, config=config) as rp:
         assert rp.provider == "tcp"
         rp.persist(HDR_SIZE, 1000)
     assert on_node(parts)[HDR_SIZE:HDR_SIZE + 1000] == pool[HDR_SIZE:HDR_SIZE + 1000]
     config = local_node.config(RPMEM_ENABLE_SOCKETS="0", RPMEM_ENABLE_VERBS="0")
     with pytest.raises(OSError) as e:
         RemotePool.open(local_node.target, "r.set", pool, config=config)
-    assert e.value.errno == errno.ENOMEDIUM, e.value
+    assert e.value.errno == errno.ENOMEDIUM and "RPMEM_ENABLE_VERBS=0" in str(e.value), e.value
 
 
 def test_agent_without_pyverbs(local_node, caplog):

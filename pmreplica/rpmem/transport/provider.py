@@ -1,15 +1,15 @@
-"""Which data path a remote pool uses, chosen as librpmem chose its provider.
+"""Which data path a remote pool uses, in librpmem's provider order (verbs before sockets).
 
-In order:
-
-1. ``RPMEM_ENABLE_SOCKETS=1``: TCP (the user asked for it).
-2. ``RPMEM_ENABLE_VERBS`` not 0, an RDMA (RoCE v2) device carries the route to the target
-   and pyverbs imports: verbs.
-3. Otherwise TCP, unless ``RPMEM_ENABLE_SOCKETS=0`` was set explicitly: then neither data
+1. Verbs, when ``RPMEM_ENABLE_VERBS`` is not 0, an RDMA (RoCE v2) device carries the route
+   to the target and pyverbs imports. ``RPMEM_ENABLE_SOCKETS=1`` does not override this, as
+   in librpmem; ``RPMEM_ENABLE_VERBS=0`` is how TCP is forced with a device present.
+2. Otherwise TCP, unless ``RPMEM_ENABLE_SOCKETS=0`` was set explicitly: then neither data
    path is allowed and the open fails with ENOMEDIUM, saying why verbs could not be used.
+   Unset counts as allowed because pmreplica's TCP path, unlike libfabric's sockets
+   provider, is always there.
 
 An agent that cannot serve verbs (no pyverbs or no device on its node) refuses it with
-EMEDIUMTYPE; the client then falls back to TCP under rule 3, on the same session.
+EMEDIUMTYPE; the client then falls back to TCP under rule 2, on the same session.
 """
 
 from __future__ import annotations
@@ -82,8 +82,6 @@ def choose(address: str | None, config: RpmemConfig, pool_size: int = 0) -> Choi
     """The data path for a pool of ``pool_size`` bytes on the node at ``address``; ENOMEDIUM
     if none is allowed. Verbs with a memlock limit too small for the pool is ENOMEM saying
     so, before the remote pool is made (not a silent fall back to TCP)."""
-    if config.enable_sockets:
-        return Choice(PROV_TCP, None, "RPMEM_ENABLE_SOCKETS=1")
     gid, why = _verbs_obstacle(address, config)
     if gid is not None:
         if pool_size:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 import threading
 
 from ...errors import RemoteError
@@ -21,6 +22,12 @@ _ZEROS = bytes(STATUS.size * 4096)
 _OK_WORD = bytes(STATUS.size)
 
 
+DEFAULT_OP_TIMEOUT = 60.0
+# sends never raise SIGPIPE: a host application with SIGPIPE at its default would die of
+# a replica whose agent went away
+_NOSIGNAL = socket.MSG_NOSIGNAL
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # a peer that vanishes without a FIN/RST fails the connection instead of hanging it
@@ -29,6 +36,16 @@ def _tune(sock: socket.socket) -> None:
                        ("TCP_USER_TIMEOUT", 30_000)):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+def _deadline(sock: socket.socket, op_timeout: float) -> None:
+    """Bound every send and receive of a blocking socket by the kernel (SO_RCVTIMEO and
+    SO_SNDTIMEO), so that a live but stuck agent fails the lane with EAGAIN instead of
+    hanging it, at no cost per call (a Python socket timeout polls before each recv)."""
+    whole = int(op_timeout)
+    timeval = struct.pack("ll", whole, int((op_timeout - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class TcpLane:
@@ -50,30 +67,35 @@ class TcpDataPath:
     """The lanes of one remote pool over TCP; ``pool`` is the client's pool buffer."""
 
     def __init__(self, pool: memoryview, lanes: list[TcpLane], name: str,
-                 work_queue: int = DEFAULT_WORK_QUEUE) -> None:
+                 work_queue: int = DEFAULT_WORK_QUEUE,
+                 op_timeout: float = DEFAULT_OP_TIMEOUT) -> None:
         self._pool = pool
         self._lanes = lanes
         self.name = name
+        self.op_timeout = op_timeout
         self.nlanes = len(lanes)
         self._wq = max(1, min(work_queue, 4096))
 
     @classmethod
     def connect(cls, host: str, port: int, secret: bytes, nlanes: int, pool: memoryview,
                 name: str, work_queue: int = DEFAULT_WORK_QUEUE,
-                timeout: float = 30.0) -> "TcpDataPath":
-        """Open and authenticate ``nlanes`` connections to the agent's data port."""
+                timeout: float = 30.0,
+                op_timeout: float = DEFAULT_OP_TIMEOUT) -> "TcpDataPath":
+        """Open and authenticate ``nlanes`` connections to the agent's data port; an
+        operation the agent does not answer within ``op_timeout`` seconds fails its lane."""
         lanes: list[TcpLane] = []
         try:
             for lane in range(nlanes):
                 sock = socket.create_connection((host, port), timeout=timeout)
                 lanes.append(TcpLane(sock))
                 _tune(sock)
-                sock.sendall(HELLO.pack(secret, lane))
+                sock.sendall(HELLO.pack(secret, lane), _NOSIGNAL)
                 answer = _recv_exact(sock, STATUS.size)
                 (status,) = STATUS.unpack(answer)
                 if status:
                     raise RemoteError(status, f"{name}: agent refused data lane {lane}")
                 sock.settimeout(None)  # blocking from here: no poll() before each recv
+                _deadline(sock, op_timeout)
         except OSError as e:
             for lane_ in lanes:
                 lane_.sock.close()
@@ -82,12 +104,16 @@ class TcpDataPath:
             raise RemoteError(e.errno or errno.ECONNREFUSED,
                               f"{name}: cannot open data connection to {host}:{port}: "
                               f"{e.strerror or e}") from e
-        return cls(pool, lanes, name, work_queue)
+        return cls(pool, lanes, name, work_queue, op_timeout)
 
     # -- operations -------------------------------------------------------------------------
     def _lost(self, lane: TcpLane, e: BaseException) -> RemoteError:
         err = getattr(e, "errno", None) or errno.ECONNRESET
-        lane.broken = RemoteError(err, f"{self.name}: data connection lost ({e})")
+        if err in (errno.EAGAIN, errno.EWOULDBLOCK):  # the kernel's deadline (_deadline)
+            lane.broken = RemoteError(errno.ETIMEDOUT, f"{self.name}: the agent did not answer "
+                                                       f"within {self.op_timeout:g} s")
+        else:
+            lane.broken = RemoteError(err, f"{self.name}: data connection lost ({e})")
         try:
             lane.sock.close()
         except OSError:
@@ -104,13 +130,13 @@ class TcpDataPath:
 
     def _send_write(self, lane: TcpLane, op: int, offset: int, length: int, flags: int) -> None:
         OP.pack_into(lane.hdr, 0, op, flags, offset, length)
-        sent = lane.sock.sendmsg((lane.hdr, self._pool[offset:offset + length]))
+        sent = lane.sock.sendmsg((lane.hdr, self._pool[offset:offset + length]), (), _NOSIGNAL)
         total = OP.size + length
         if sent < total:  # rare: only on signals or huge ranges
             done = max(0, sent - OP.size)
             if sent < OP.size:
-                lane.sock.sendall(memoryview(lane.hdr)[sent:])
-            lane.sock.sendall(self._pool[offset + done:offset + length])
+                lane.sock.sendall(memoryview(lane.hdr)[sent:], _NOSIGNAL)
+            lane.sock.sendall(self._pool[offset + done:offset + length], _NOSIGNAL)
         lane.pending += 1
 
     def _collect(self, lane: TcpLane) -> None:
@@ -200,7 +226,7 @@ class TcpDataPath:
                 n = len(dest)
                 sock = ln.sock
                 OP.pack_into(ln.hdr, 0, OP_READ, 0, offset, n)
-                sock.sendall(ln.hdr)
+                sock.sendall(ln.hdr, _NOSIGNAL)
                 # status and data usually arrive together: receive both with one call
                 got = sock.recvmsg_into((ln.status_word, dest))[0]
                 if got == STATUS.size + n and ln.status_word == _OK_WORD:
