@@ -19,16 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import unavailable
+
 pytest_plugins = ["tests.fixtures.sshd"]
 
 SHM = Path("/dev/shm")
 
 
-def unavailable(reason: str) -> None:
-    """CI must have every real part; elsewhere a missing one skips, saying what is missing."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture

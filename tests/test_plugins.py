@@ -19,7 +19,7 @@ from pmreplica import PoolSet, ReplicaError, hookimpl
 from pmreplica.header import HDR_SIZE, PoolAttr, PoolHeader
 from pmreplica.poolset import LocalReplica, RemoteReplica
 
-from .conftest import unavailable
+from .helpers import unavailable
 from .helpers import ROOT, replica_bytes, run_python, write_set
 
 M = 1 << 20

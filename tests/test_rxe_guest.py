@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import unavailable
+
 ROOT = Path(__file__).resolve().parent.parent
 RXEVM = ROOT / "tools" / "rxevm"
 GUEST_SECONDS = 240  # boot (~4 s under TCG) plus every test in tests/rxe
 
 
-def unavailable(reason: str) -> None:
-    """CI must be able to run the guest; elsewhere a missing part skips, saying what is missing."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.mark.timeout(GUEST_SECONDS + 60)

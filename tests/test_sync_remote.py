@@ -24,7 +24,7 @@ from pmreplica.rpmem import client, proto
 from pmreplica.rpmem.client import ControlChannel
 from pmreplica.rpmem.launch import close_connections, launch
 
-from .conftest import unavailable
+from .helpers import unavailable
 from .sync_harness import M, PoolLayout, check, environ, fill, report, write_random
 
 
