@@ -66,5 +66,6 @@ def pmreplica_replica_restored(replica: "ReplicaStatus") -> None:
 @hookspec
 def pmreplica_sync_progress(replica: "ReplicaStatus", phase: str, done: int,
                             total: int) -> None:
-    """Progress of replica-sync repairing ``replica``: ``done`` of ``total`` bytes in
-    ``phase`` ("copy", "verify", ...)."""
+    """Progress of repairing or checking ``replica``: ``done`` of ``total`` bytes in
+    ``phase``: "copy" (replica-sync copying into it), "checksum" (digests of the source for
+    --verify), "verify" (digests of this replica) or "resync" (``PoolSet.resync`` online)."""
