@@ -217,33 +217,40 @@ class TcpDataPath:
     def read(self, dest: memoryview, offset: int, lane: int = 0) -> None:
         """Fill ``dest`` with the remote pool's bytes at ``offset``, received in place."""
         ln = self._lanes[lane]
-        with ln.lock:
+        lock = ln.lock
+        lock.acquire()
+        try:
             if ln.broken:
                 raise ln.broken
-            try:
-                if ln.pending:
-                    self._collect(ln)  # answers to earlier flushes come first
-                n = len(dest)
-                sock = ln.sock
-                OP.pack_into(ln.hdr, 0, OP_READ, 0, offset, n)
-                sock.sendall(ln.hdr, _NOSIGNAL)
-                # status and data usually arrive together: receive both with one call
-                got = sock.recvmsg_into((ln.status_word, dest))[0]
-                if got == STATUS.size + n and ln.status_word == _OK_WORD:
-                    return
-                if got < STATUS.size or ln.status_word != _OK_WORD:
-                    self._finish_word(ln, got)  # raises unless the word completes as 0
-                    got = max(got, STATUS.size)
-                got -= STATUS.size
-                while got < n:
-                    r = sock.recv_into(dest[got:], n - got)
-                    if not r:
-                        raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
-                    got += r
-            except RemoteError:
-                raise
-            except OSError as e:
-                raise self._lost(ln, e) from e
+            if ln.pending:
+                self._collect(ln)  # answers to earlier flushes come first
+            n = len(dest)
+            sock = ln.sock
+            OP.pack_into(ln.hdr, 0, OP_READ, 0, offset, n)
+            sock.sendall(ln.hdr, _NOSIGNAL)
+            # status and data usually arrive together: receive both with one call
+            got = sock.recvmsg_into((ln.status_word, dest))[0]
+            if got != STATUS.size + n or ln.status_word != _OK_WORD:
+                self._finish_read(ln, dest, got)
+        except RemoteError:
+            raise
+        except OSError as e:
+            raise self._lost(ln, e) from e
+        finally:
+            lock.release()
+
+    def _finish_read(self, ln: TcpLane, dest: memoryview, got: int) -> None:
+        """The rest of a read's answer, when it did not arrive in one piece."""
+        if got < STATUS.size or ln.status_word != _OK_WORD:
+            self._finish_word(ln, got)  # raises unless the word completes as 0
+            got = max(got, STATUS.size)
+        got -= STATUS.size
+        n = len(dest)
+        while got < n:
+            r = ln.sock.recv_into(dest[got:], n - got)
+            if not r:
+                raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
+            got += r
 
     def close(self) -> None:
         for ln in self._lanes:
