@@ -1,8 +1,9 @@
 """Persist benchmark: pmreplica's remote pool against raw TCP baselines in the same run.
 
 Every figure is printed beside a baseline measured moments before it, as a ratio: a raw
-TCP ping-pong of the same size between two plain Python processes (for persist and read
-latency) and a raw TCP stream into an mmap'd file (for throughput). Baseline and pmreplica
+TCP ping-pong of the same size between two plain Python processes (for a persist, n bytes
+out and a word back; for a read, a request out and n bytes back) and a raw TCP stream into
+an mmap'd file (for throughput). Baseline and pmreplica
 alternate in rounds, so noise from other work on the machine hits both alike.
 
 Placement is fixed, the same for baseline and pmreplica, because where the scheduler puts
@@ -36,8 +37,9 @@ LAT_SIZES = (64, 4096, 65536)
 TPUT = ((1 << 20, 1), (16 << 20, 1), (1 << 20, 4), (16 << 20, 4))
 
 # The baseline peer: plain Python, one connection per client socket. Mode "pp" answers each
-# n-byte message with a 4-byte word; mode "stream" receives into an mmap'd file and answers
-# one byte after `total` bytes.
+# n-byte message with a 4-byte word (the baseline of a persist); mode "get" answers each
+# 8-byte request with n bytes (of a read: the payload travels the other way); mode "stream"
+# receives into an mmap'd file and answers one byte after `total` bytes.
 _PEER = r"""
 import mmap, os, socket, sys, threading
 mode, n = sys.argv[1], int(sys.argv[2])
@@ -51,6 +53,15 @@ def pingpong(c):
             if not r: return
             got += r
         c.sendall(b"\0\0\0\0")
+def get(c):
+    req, data = memoryview(bytearray(8)), bytes(n)
+    while True:
+        got = 0
+        while got < 8:
+            r = c.recv_into(req[got:])
+            if not r: return
+            got += r
+        c.sendall(data)
 def stream(c):
     path = f"/dev/shm/pmreplica-bench-{os.getpid()}-{c.fileno()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -67,7 +78,8 @@ def stream(c):
 while True:
     c, _ = ls.accept()
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    threading.Thread(target=pingpong if mode == "pp" else stream, args=(c,), daemon=True).start()
+    serve = {"pp": pingpong, "get": get, "stream": stream}[mode]
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
 
 
@@ -101,7 +113,7 @@ class Peer:
 
     def __init__(self, mode: str, n: int) -> None:
         self.proc = subprocess.Popen(_pinned([sys.executable, "-c", _PEER, mode, str(n)],
-                                             same_cpu=mode == "pp"),
+                                             same_cpu=mode != "stream"),
                                      stdout=subprocess.PIPE, text=True)
         self.port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
 
@@ -131,22 +143,31 @@ def _p(samples: list[int], q: float) -> float:
 
 
 def latency(remote, n: int, rounds: int, count: int, read: bool = False) -> tuple[list[int], list[int]]:
-    """(pmreplica samples, ping-pong samples) in ns, alternating rounds."""
-    peer = Peer("pp", n)
+    """(pmreplica samples, baseline samples) in ns, alternating rounds. The baseline of a
+    persist sends n bytes and waits for a word; that of a read asks and receives n bytes."""
+    peer = Peer("get" if read else "pp", n)
     sock = peer.connect()
     payload, ack = bytes(n), bytearray(4)
+    request, dest = bytes(8), bytearray(n)
+    view = memoryview(dest)
 
     def pingpong() -> None:
         sock.sendall(payload)
         sock.recv_into(ack, 4)
 
-    dest = bytearray(n)
+    def get() -> None:
+        sock.sendall(request)
+        got = 0
+        while got < n:
+            got += sock.recv_into(view[got:])
+
     ours_fn = (lambda: remote.read(dest, 4096, n)) if read else (lambda: remote.persist(4096, n))
+    base_fn = get if read else pingpong
     ours: list[int] = []
     base: list[int] = []
     try:
         for _ in range(rounds):
-            base += _samples(pingpong, count)
+            base += _samples(base_fn, count)
             ours += _samples(ours_fn, count)
     finally:
         sock.close()
