@@ -283,15 +283,15 @@ class PoolSet:
             try:
                 target.flush(offset, length, lane, flags)
             except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
-                self._fail(status, e, offset, length)
+                self._fail(status, target, e, offset, length)
         self.mapping.persist(offset, length)
         for status, target in active:
-            if status.target is None:
+            if status.target is not target:  # failed during the flush above (or replaced)
                 continue
             try:
                 target.drain(lane)
             except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
-                self._fail(status, e, offset, length)
+                self._fail(status, target, e, offset, length)
 
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Start making a range durable everywhere; :meth:`drain` on the lane waits for it.
@@ -316,7 +316,7 @@ class PoolSet:
             try:
                 target.flush(offset, length, lane, flags)
             except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
-                self._fail(status, e, offset, length)
+                self._fail(status, target, e, offset, length)
         self.mapping.flush(offset, length)
 
     def drain(self, lane: int = 0) -> None:
@@ -328,7 +328,7 @@ class PoolSet:
             try:
                 target.drain(lane)
             except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
-                self._fail(status, e)
+                self._fail(status, target, e)
         self._npending[lane] = 0
 
     def _reset_pending(self, nlanes: int) -> None:
@@ -345,17 +345,19 @@ class PoolSet:
             try:
                 target.deep_persist(offset, length, lane)
             except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
-                self._fail(status, e, offset, length)
+                self._fail(status, target, e, offset, length)
         self.mapping.deep_persist(offset, length)
 
     # -- failures and state ----------------------------------------------------------------
-    def _fail(self, status: ReplicaStatus, error: Exception, offset: int | None = None,
-              length: int = 0) -> None:
+    def _fail(self, status: ReplicaStatus, target: ReplicaTarget, error: Exception,
+              offset: int | None = None, length: int = 0) -> None:
         """Take a replica off the write path, record it stale with what it may have missed
         (the failed range and every lane's undrained flushes), tell the host application.
         The target is closed at once, so that the failed storage is let go (a disk can be
         unmounted and replaced while the application runs); a target must therefore bear
-        being closed while another lane's thread is in one of its calls."""
+        being closed while another lane's thread is in one of its calls. ``target`` is the
+        one that failed: if the replica no longer uses it (failed already, or resynced with
+        a new target meanwhile), only what this call may have missed is recorded."""
         if not isinstance(error, OSError):  # a plugin's bug: still the replica's failure
             log.error("%s raised %r", status.name, error, exc_info=error)
             error = ReplicaError(errno.EIO, f"{status.name}: {type(error).__name__}: {error}")
@@ -365,12 +367,13 @@ class PoolSet:
                 pend = self._pending[lane]
                 for i in range(min(n, PENDING_RANGES)):
                     changed |= self.state.mark_dirty(pend[2 * i], pend[2 * i + 1] - pend[2 * i])
-            target, status.target = status.target, None
-            if target is None:
-                # failed already (by another lane): what this call sent may be missing too
+            if status.target is not target:
+                # failed already (by another lane) or replaced by a resync meanwhile: what
+                # this call sent may be missing from the replica all the same
                 if changed:
                     self._store_state()
                 return
+            status.target = None
             self._active = tuple(p for p in self._active if p[0] is not status)
             self._degraded = True
         _close_quietly(target)
