@@ -13,23 +13,13 @@ import sys
 
 from _local_agent import local_agent_dir, scratch_dir
 from pmreplica import hookimpl, pmemobj, sync
+from remote_agent.processes import running_agents
 
 
 class Watcher:
     @hookimpl
     def pmreplica_replica_failed(self, replica, error):
         print(f"  {replica.name} failed ({error.strerror}); going on degraded")
-
-
-def agent_pids(agent_dir):
-    """The agents serving ``agent_dir`` (found by their command line)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if agent_dir.encode() in f.read().split(b"\0"):
-                    yield int(pid)
-        except OSError:
-            pass
 
 
 def data_digest(path):
@@ -54,7 +44,7 @@ def main() -> int:
             with pool.transaction():
                 pool.root[f"key{i % 100}"] = i
         print("500 transactions committed on all three replicas")
-        for pid in agent_pids(agent):
+        for pid in running_agents(agent):
             os.kill(pid, signal.SIGKILL)
         for i in range(500, 800):
             with pool.transaction():

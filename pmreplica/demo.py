@@ -115,19 +115,13 @@ class Demo:
 
     def kill_agent(self) -> int:
         """SIGKILL the agent serving the remote replica, as an operator's mistake would."""
-        me = os.getpid()
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) == me:
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if self.agent_dir.encode() in argv and any(b"pmreplica-agent" in a for a in argv):
-                os.kill(int(pid), signal.SIGKILL)
-                return int(pid)
-        raise RuntimeError("the remote replica's agent is not running")
+        from remote_agent.processes import running_agents
+        pids = running_agents(self.agent_dir)
+        if not pids:
+            raise RuntimeError("the remote replica's agent is not running")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids[0]
 
     # -- proof -----------------------------------------------------------------------------
     def digests(self) -> dict[str, str]:

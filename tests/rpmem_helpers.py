@@ -38,6 +38,7 @@ from pmreplica.rpmem.channel import AgentChannel
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import launch
 from pmreplica.rpmem.transport.wire import HELLO, OP, STATUS
+from remote_agent.processes import running_agents
 
 from .helpers import (CLIENT_VARS, ROOT, apply_overrides, environ_without_client_vars,
                       write_set)
@@ -121,20 +122,8 @@ class Node:
 
     # -- the agent processes ---------------------------------------------------------------
     def agent_pids(self) -> list[int]:
-        """Agents running on this node's pool-set directory (found by their command line)."""
-        want = str(self.dir).encode()
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if any(a.endswith(b"pmreplica-agent") for a in argv) and want in argv:
-                pids.append(int(entry))
-        return pids
+        """Agents running on this node's pool-set directory."""
+        return running_agents(self.dir)
 
     def kill_agents(self, sig: int = signal.SIGKILL) -> list[int]:
         pids = self.agent_pids()

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from remote_agent.processes import running_agents
+
 from .helpers import HDR, ROOT, replica_bytes, write_set
 
 M = 1 << 20
@@ -76,24 +78,14 @@ class PoolLayout:
         return shlex.join([str(AGENT), "--poolset-dir", str(self.agent_dir)])
 
     def kill_agents(self) -> int:
-        """SIGKILL every agent serving this layout (and the shells that started them);
-        returns how many processes were killed."""
-        needle = self.agent_command.encode()
+        """SIGKILL every agent serving this layout; returns how many were killed."""
         killed = 0
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
+        for pid in running_agents(self.agent_dir):
             try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if needle in cmdline:
-                try:
-                    os.kill(int(entry), signal.SIGKILL)
-                    killed += 1
-                except ProcessLookupError:
-                    pass
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
         return killed
 
     def env(self, **extra: str) -> dict[str, str]:
