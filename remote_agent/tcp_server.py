@@ -30,6 +30,7 @@ _OK = STATUS.pack(0)
 #: bytes read per recv: operations up to this size arrive in one system call
 STAGING = 8 << 10
 MAX_ACKS = 256
+_WAITALL = socket.MSG_WAITALL
 _ACKS = [_OK * n for n in range(MAX_ACKS + 1)]  # n acknowledgements, ready to send
 
 
@@ -122,12 +123,13 @@ class TcpServer:
         persist, deep = self.mapping.persist, self.mapping.deep_persist
         flush_needed = self.mapping.flush_needed
         lo, hi = self.data_offset, self.pool_size
-        recv_into, send = conn.recv_into, conn.sendall
+        recv_into, send, send_some = conn.recv_into, conn.sendall, conn.send
+        hdr_size, unpack = OP.size, OP.unpack_from
         start = end = 0  # unparsed bytes are buf[start:end]
         acks = 0  # operations applied but not yet acknowledged
         try:
             while True:
-                if end - start < OP.size:
+                while end - start < hdr_size:  # refill until a whole header is in
                     if acks:
                         send(_ACKS[acks])
                         acks = 0
@@ -141,23 +143,20 @@ class TcpServer:
                     if not r:
                         return  # client closed the lane
                     end += r
-                    continue
-                op, _flags, off, length = OP.unpack_from(buf, start)
-                start += OP.size
+                op, _flags, off, length = unpack(buf, start)
+                start += hdr_size
                 stop = off + length
                 if op == OP_READ:
                     if acks:
                         send(_ACKS[acks])
                         acks = 0
                     if stop > hi:
-                        send(STATUS.pack(errno.EINVAL))
+                        # a read's answer is its bytes alone (wire.py): refuse by closing
+                        log.warning("lane %d: refused read at %d+%d", lane, off, length)
                         return
-                    sent = conn.sendmsg((_OK, pool[off:stop]))  # status and data, one call
-                    if sent < STATUS.size:
-                        send(_OK[sent:])
-                        sent = STATUS.size
-                    if sent < STATUS.size + length:  # a large read: send the rest
-                        send(pool[off + sent - STATUS.size:stop])
+                    sent = send_some(pool[off:stop])
+                    if sent < length:  # a large read: the rest
+                        send(pool[off + sent:stop])
                     continue
                 if op not in (OP_WRITE, OP_DEEP) or off < lo or stop > hi:
                     # never write outside the pool's data; the stream cannot be trusted
@@ -211,10 +210,12 @@ class TcpServer:
 
 
 def _fill(recv_into, view: memoryview) -> bool:
-    """Receive exactly ``len(view)`` bytes into ``view``; False on end of stream."""
+    """Receive exactly ``len(view)`` bytes into ``view``; False on end of stream. MSG_WAITALL
+    lets the kernel gather the whole payload in one call, with the GIL released throughout,
+    so the lanes' threads do not take turns at the GIL for every segment."""
     got, n = 0, len(view)
     while got < n:
-        r = recv_into(view[got:] if got else view)
+        r = recv_into(view[got:] if got else view, 0, _WAITALL)
         if not r:
             return False
         got += r

@@ -5,6 +5,7 @@ Bytes are checked in the remote pool's part files as another process reads them.
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import threading
@@ -178,6 +179,10 @@ def test_read_checks_its_arguments(local_node):
             with pytest.raises(OSError) as e:
                 rp.read(*args)
             assert e.value.errno == errno.EINVAL, args
+        rp.read(bytearray(0), M, 0)  # nothing asked: no request, and the lane stays in step
+        words = array.array("I", bytes(400))  # a buffer of 4-byte items is filled bytewise
+        rp.read(words, M + 3, 400)
+        assert words.tobytes() == pool[M + 3:M + 403]
         for lane in (0, 1):  # the pool still works after the refusals, on every lane
             rp.read(buf, M + lane, 100, lane)
             assert buf[:100] == pool[M + lane:M + lane + 100]

@@ -297,25 +297,22 @@ class RemotePool:
         """Read ``length`` bytes of the remote pool at ``offset`` into ``buf``."""
         # checked before the request goes out: a buffer refused after it would leave the
         # answer on the lane, to be taken for the answer of the next operation
-        try:
-            dest = memoryview(buf)
-            if dest.itemsize != 1 or dest.ndim != 1 or not dest.c_contiguous:
-                dest = dest.cast("B")  # TypeError for what cannot be a flat byte buffer
-        except TypeError as e:
-            raise PmReplicaError(errno.EINVAL,
-                                 f"read buffer must be a writable buffer: {e}") from None
-        if (dest.readonly or length > len(dest) or offset < 0 or length < 0
-                or offset + length > self.size or self.closed or not 0 <= lane < self.nlanes):
-            if dest.readonly:
-                raise PmReplicaError(errno.EINVAL, "read buffer is read-only")
-            if length > len(dest):
-                raise PmReplicaError(errno.EINVAL,
-                                     f"buffer of {len(dest)} bytes cannot hold {length}")
+        if type(buf) is bytearray:  # the common case needs no memoryview: a byte per item
+            dest, size = buf, len(buf)
+        else:
+            dest = _byte_view(buf)
+            size = len(dest)
+        if (length > size or offset < 0 or length <= 0 or offset + length > self.size
+                or self.closed or not 0 <= lane < self.nlanes):
+            if length > size:
+                raise PmReplicaError(errno.EINVAL, f"buffer of {size} bytes cannot hold {length}")
             if offset < 0 or length < 0 or offset + length > self.size:
                 raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the "
                                                    f"remote pool [0, {self.size})")
             self._check(self.data_offset, 0, lane)
-        self._data.read(dest if length == len(dest) else dest[:length], offset, lane)
+            if not length:
+                return
+        self._data.read(dest if length == size else memoryview(dest)[:length], offset, lane)
 
     def set_attr(self, attr: PoolAttr | None) -> None:
         """Overwrite the remote pool's attributes (zeroed if ``attr`` is None)."""
@@ -347,6 +344,20 @@ class RemotePool:
             return _checksum.decode_response(resp.blob, _checksum.nblocks(length, block))
         except _checksum.ChecksumError as e:
             raise RemoteError(errno.EPROTO, f"{self._data.name}: {e}") from None
+
+
+def _byte_view(buf: Any) -> memoryview:
+    """``buf`` as a flat, writable view of bytes; EINVAL for what cannot be read into."""
+    try:
+        view = memoryview(buf)
+        if view.itemsize != 1 or view.ndim != 1 or not view.c_contiguous:
+            view = view.cast("B")  # TypeError for what cannot be a flat byte buffer
+    except TypeError as e:
+        raise PmReplicaError(errno.EINVAL,
+                             f"read buffer must be a writable buffer: {e}") from None
+    if view.readonly:
+        raise PmReplicaError(errno.EINVAL, "read buffer is read-only")
+    return view
 
 
 def _bad_flags(call: str, flags: int) -> PmReplicaError:

@@ -214,24 +214,23 @@ class TcpDataPath:
     def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
         self.persist(offset, length, lane, 0, OP_DEEP)
 
-    def read(self, dest: memoryview, offset: int, lane: int = 0) -> None:
+    def read(self, dest: memoryview | bytearray, offset: int, lane: int = 0) -> None:
         """Fill ``dest`` with the remote pool's bytes at ``offset``, received in place."""
+        n = len(dest)
+        if not n:
+            return  # nothing is asked, nothing would answer
         ln = self._lanes[lane]
         lock = ln.lock
         lock.acquire()
         try:
-            if ln.broken:
-                raise ln.broken
-            if ln.pending:
-                self._collect(ln)  # answers to earlier flushes come first
-            n = len(dest)
-            sock = ln.sock
+            if ln.broken or ln.pending:
+                self._settle(ln)  # answers to earlier flushes come first
             OP.pack_into(ln.hdr, 0, OP_READ, 0, offset, n)
+            sock = ln.sock
             sock.sendall(ln.hdr, _NOSIGNAL)
-            # status and data usually arrive together: receive both with one call
-            got = sock.recvmsg_into((ln.status_word, dest))[0]
-            if got != STATUS.size + n or ln.status_word != _OK_WORD:
-                self._finish_read(ln, dest, got)
+            got = sock.recv_into(dest)
+            if got != n:
+                self._finish_read(ln, memoryview(dest), got)
         except RemoteError:
             raise
         except OSError as e:
@@ -239,17 +238,22 @@ class TcpDataPath:
         finally:
             lock.release()
 
-    def _finish_read(self, ln: TcpLane, dest: memoryview, got: int) -> None:
+    def _settle(self, ln: TcpLane) -> None:
+        """Before a read: raise the lane's failure, or collect the flushes it still owes."""
+        if ln.broken:
+            raise ln.broken
+        self._collect(ln)
+
+    @staticmethod
+    def _finish_read(ln: TcpLane, dest: memoryview, got: int) -> None:
         """The rest of a read's answer, when it did not arrive in one piece."""
-        if got < STATUS.size or ln.status_word != _OK_WORD:
-            self._finish_word(ln, got)  # raises unless the word completes as 0
-            got = max(got, STATUS.size)
-        got -= STATUS.size
         n = len(dest)
-        while got < n:
-            r = ln.sock.recv_into(dest[got:], n - got)
+        while got < n:  # MSG_WAITALL: the rest in one call, unless the deadline cuts it short
+            r = ln.sock.recv_into(dest[got:], n - got, socket.MSG_WAITALL)
             if not r:
-                raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
+                raise ConnectionResetError(errno.ECONNRESET, "the agent closed the lane during "
+                                                             "a read (it refuses a read outside "
+                                                             "the pool)")
             got += r
 
     def close(self) -> None:

@@ -3,7 +3,10 @@
 A lane connection opens with HELLO (the session's one-time secret and the lane number) and
 the agent's one-word status. Then each operation is an OP header: a WRITE or DEEP carries
 ``length`` payload bytes and is answered by a one-word status once the range is durable;
-a READ is answered by the status and, if it is 0, ``length`` bytes.
+a READ is answered by the ``length`` bytes alone. Like an RDMA READ, a read's answer has no
+status: it is the data, or the lane closes (the agent refuses only a read outside the pool,
+which a client checked before asking). One buffer to receive into saves a scatter receive
+on the client and a gather send on the agent: 0.7 of the 5.8 us a 64-byte read took.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ STATUS = struct.Struct(">I")  # 0 or an errno
 
 OP_WRITE = 1  # payload follows; made durable, then acknowledged
 OP_DEEP = 2  # like WRITE, through the deepest durability domain
-OP_READ = 3  # no payload; answered with status and data
+OP_READ = 3  # no payload; answered with the data alone
 
 #: the GPSPM persist message RDMA peers exchange: flags, lane, address (pool offset), size
 PERSIST_MSG = struct.Struct(">IIQQ")
