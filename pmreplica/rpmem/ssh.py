@@ -8,8 +8,9 @@ to the same target open a new session channel on that connection, which costs tw
 trips instead of a key exchange and a login. A connection that died is dropped and
 replaced; when the server's MaxSessions is reached a further connection is opened.
 
-Not supported (use PMREPLICA_LAUNCHER=openssh): ProxyJump, Include in the config file
-(paramiko's parser skips it), host certificates, password or keyboard-interactive logins.
+Include is expanded before paramiko parses the file (ssh_config.py). Not supported (use
+PMREPLICA_LAUNCHER=openssh): ProxyJump, an Include of Host or Match blocks from inside a
+block, host certificates, password or keyboard-interactive logins.
 StrictHostKeyChecking in the file is not read: unknown host keys are refused unless
 PMREPLICA_SSH_ACCEPT_NEW=1.
 """
@@ -34,7 +35,7 @@ from typing import Any
 import paramiko
 
 from pmreplica.errors import PmReplicaError, RemoteError
-from pmreplica.rpmem import known_hosts
+from pmreplica.rpmem import known_hosts, ssh_config
 from pmreplica.rpmem.channel import AgentChannel, StderrTail
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.target import Target
@@ -72,31 +73,31 @@ class SshSettings:
         return known_hosts.host_key_name(self.host_key_alias or self.hostname, self.port)
 
 
-_config_cache: dict[str, tuple[tuple[int, int], paramiko.SSHConfig]] = {}
+_config_cache: dict[str, tuple[ssh_config.Stamp, list[str], paramiko.SSHConfig]] = {}
 _config_lock = threading.Lock()
 
 
 def _load_ssh_config(config: RpmemConfig) -> paramiko.SSHConfig:
-    """Parse the ssh config file, once per change of the file."""
+    """Parse the ssh config file and what it includes, again only when one of them changed."""
     path = config.ssh_config_path
+    with _config_lock:
+        cached = _config_cache.get(path)
+    if cached is not None and ssh_config.stamp(cached[1]) == cached[0]:
+        return cached[2]
     try:
-        st = os.stat(path)
+        text, sources = ssh_config.expand(path)
+        parsed = paramiko.SSHConfig.from_text(text)
     except FileNotFoundError:
         if config.ssh_config is not None:
             raise PmReplicaError(errno.ENOENT, f"environment variable PMREPLICA_SSH_CONFIG="
                                  f"{config.ssh_config!r}: no such file") from None
         return paramiko.SSHConfig()
-    stamp = (st.st_mtime_ns, st.st_size)
-    with _config_lock:
-        cached = _config_cache.get(path)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-    try:
-        parsed = paramiko.SSHConfig.from_path(path)
+    except PmReplicaError:
+        raise  # an Include that cannot be followed, already named
     except (OSError, paramiko.ConfigParseError) as exc:
         raise PmReplicaError(errno.EINVAL, f"ssh config {path}: {exc}") from None
     with _config_lock:
-        _config_cache[path] = (stamp, parsed)
+        _config_cache[path] = (ssh_config.stamp(sources), sources, parsed)
     return parsed
 
 
