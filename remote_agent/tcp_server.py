@@ -27,11 +27,8 @@ HELLO_TIMEOUT = 10.0
 #: lanes must connect within this long after the pool was created or opened
 CONNECT_WINDOW = 60.0
 _OK = STATUS.pack(0)
-#: bytes read per recv: operations up to this size arrive in one system call
-STAGING = 8 << 10
-MAX_ACKS = 256
+_EINVAL = STATUS.pack(errno.EINVAL)
 _WAITALL = socket.MSG_WAITALL
-_ACKS = [_OK * n for n in range(MAX_ACKS + 1)]  # n acknowledgements, ready to send
 
 
 def listen_address() -> str:
@@ -113,43 +110,24 @@ class TcpServer:
             self._threads.append(t)
 
     def _serve_lane(self, lane: int, conn: socket.socket) -> None:
-        """Apply the lane's operations in order. Reads go through a staging buffer so a small
-        operation costs one recv (librpmem's inline persist did the same for small sizes);
-        payload beyond what the staging read brought in is received straight into the pool.
-        Acknowledgements of operations that arrived together go out in one send."""
-        buf = bytearray(STAGING)
-        view = memoryview(buf)
+        """Apply the lane's operations in order. Each header is received on its own, so that
+        the payload behind it is received straight into the pool, never through a buffer:
+        two receives per operation, with MSG_WAITALL each one system call."""
+        hdr = memoryview(bytearray(OP.size))
         pool = self.mapping.buf
         persist, deep = self.mapping.persist, self.mapping.deep_persist
         flush_needed = self.mapping.flush_needed
         lo, hi = self.data_offset, self.pool_size
         recv_into, send, send_some = conn.recv_into, conn.sendall, conn.send
-        hdr_size, unpack = OP.size, OP.unpack_from
-        start = end = 0  # unparsed bytes are buf[start:end]
-        acks = 0  # operations applied but not yet acknowledged
+        unpack, hdr_size = OP.unpack, OP.size
         try:
             while True:
-                while end - start < hdr_size:  # refill until a whole header is in
-                    if acks:
-                        send(_ACKS[acks])
-                        acks = 0
-                    if start == end:
-                        start = end = 0
-                    elif start:
-                        view[:end - start] = view[start:end]
-                        end -= start
-                        start = 0
-                    r = recv_into(view[end:] if end else view)
-                    if not r:
-                        return  # client closed the lane
-                    end += r
-                op, _flags, off, length = unpack(buf, start)
-                start += hdr_size
+                got = recv_into(hdr, 0, _WAITALL)  # _fill's loop only after a short receive
+                if got != hdr_size and (not got or not _fill(recv_into, hdr[got:])):
+                    return  # the client closed the lane
+                op, _flags, off, length = unpack(hdr)
                 stop = off + length
                 if op == OP_READ:
-                    if acks:
-                        send(_ACKS[acks])
-                        acks = 0
                     if stop > hi:
                         # a read's answer is its bytes alone (wire.py): refuse by closing
                         log.warning("lane %d: refused read at %d+%d", lane, off, length)
@@ -161,28 +139,21 @@ class TcpServer:
                 if op not in (OP_WRITE, OP_DEEP) or off < lo or stop > hi:
                     # never write outside the pool's data; the stream cannot be trusted
                     log.warning("lane %d: refused op %d at %d+%d", lane, op, off, length)
-                    send(_ACKS[acks] + STATUS.pack(errno.EINVAL))
+                    send(_EINVAL)
                     return
-                have = end - start
-                if have > length:
-                    have = length
-                if have:
-                    pool[off:off + have] = view[start:start + have]
-                    start += have
-                if have < length and not _fill(recv_into, pool[off + have:stop]):
-                    return
+                if length:
+                    got = recv_into(pool[off:stop], 0, _WAITALL)
+                    if got != length and (not got or not _fill(recv_into, pool[off + got:stop])):
+                        return
                 if flush_needed and length:
                     try:
                         (deep if op == OP_DEEP else persist)(off, length)
                     except OSError as e:
                         log.error("lane %d: making %d+%d durable failed: %s", lane, off, length,
                                   e)
-                        send(_ACKS[acks] + STATUS.pack(e.errno or errno.EIO))
+                        send(STATUS.pack(e.errno or errno.EIO))
                         return
-                acks += 1
-                if acks == MAX_ACKS:
-                    send(_ACKS[acks])
-                    acks = 0
+                send(_OK)
         except OSError as e:
             if not self._closing:
                 log.info("lane %d: connection lost: %s", lane, e)

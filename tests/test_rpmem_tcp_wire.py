@@ -67,6 +67,31 @@ def test_a_lane_with_the_secret_writes_and_reads(opened):
     assert on_disk[2 * M:2 * M + 200] == b"".join(bytes([i]) * 10 for i in range(20))
 
 
+def test_an_operation_sent_in_pieces_lands_whole(opened):
+    # the header and the payload each split over several segments, and a read asked for
+    # in pieces: the agent waits for each whole, never taking a piece for something else
+    session, resp, parts = opened
+    sock, _ = session.lane(resp, 0)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = os.urandom(3000)
+    message = OP.pack(OP_WRITE, 0, HDR_SIZE + 7, len(data)) + data
+    cuts = (0, 5, 17, 24, 1000, 2500, len(message))
+    for a, b in zip(cuts, cuts[1:]):
+        sock.sendall(message[a:b])
+        time.sleep(0.02)
+    assert recv_status(sock) == 0
+    request = OP.pack(OP_READ, 0, HDR_SIZE + 7, len(data))
+    sock.sendall(request[:10])
+    time.sleep(0.02)
+    sock.sendall(request[10:])
+    back = b""
+    while len(back) < len(data):
+        back += sock.recv(len(data) - len(back))
+    assert back == data
+    sock.close()
+    assert remote_bytes(parts)[HDR_SIZE + 7:HDR_SIZE + 7 + len(data)] == data
+
+
 def test_a_lane_without_the_secret_is_refused(opened):
     session, resp, parts = opened
     before = remote_bytes(parts)
