@@ -2,18 +2,22 @@
 
 The TCP tests of tests/test_rpmem_lifecycle.py and tests/test_rpmem_faults.py whose
 assertions hold for any transport run here again, over verbs (the fixtures of
-tests/rxe/conftest.py). The tests below cover what only the RDMA path has: GPSPM and APM,
-message splitting and the bounded work queue, range checks on both sides, queue-pair
-errors, memlock limits, the provider choice and the CONNECT exchange. Under emulation a
-session costs seconds, so each test makes few."""
+tests/rxe/conftest.py). The tests below cover what only the RDMA path has: GPSPM and APM
+(and GPSPM in APM's place where storage sits behind the page cache), message splitting and
+the bounded work queue, range checks on both sides, queue-pair errors, memlock limits, the
+provider choice and the CONNECT exchange. Under emulation a session costs seconds, so each
+test makes few."""
 
 from __future__ import annotations
 
 import errno
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,8 +30,9 @@ from pmreplica.rpmem.client import FLUSH_RELAXED, RemotePool
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.transport import provider, verbs
 from pmreplica.rpmem.transport.verbs_common import CLIENT_INFO, LANE_QP
-from tests.helpers import ROOT, replica_bytes, write_set
-from tests.rpmem_helpers import M, RawSession, attr, local_pool
+from tests.helpers import ROOT, replica_bytes, unavailable, write_set
+from tests.rpmem_helpers import (M, Node, RawSession, attr, check_no_agents_left,
+                                  local_pool)
 # the transport-independent remote-pool tests, collected here with the verbs fixtures
 from tests.test_rpmem_faults import test_agent_killed_mid_session  # noqa: F401
 from tests.test_rpmem_lifecycle import (  # noqa: F401
@@ -86,6 +91,37 @@ def test_every_operation_with_each_persist_method(local_node):
         assert (rp.attr, rp.persist_method) == (new, want)
         rp.read(again, 0, size)
     assert again[HDR_SIZE:] == on_disk[HDR_SIZE:]
+
+
+def test_persist_apm_on_storage_behind_a_page_cache_serves_gpspm(rxe_device):
+    # --persist-apm says RDMA writes reach persistence, which is true of pmem and RAM only.
+    # A pool on a file system with storage behind its pages (9p with cache=mmap: the guest's
+    # page cache in front of the host's file) must still be written back: the agent serves
+    # GPSPM and msyncs each range. read() on that mount bypasses the guest's page cache, so
+    # it sees what reached the host, and only that.
+    out = os.environ.get("RXEVM_OUT")
+    if not out or not Path(out).is_dir():
+        unavailable("RXEVM_OUT (a 9p folder shared with the host) is set only in the rxevm guest")
+    sets = Path(tempfile.mkdtemp(prefix="pmreplica-9p-", dir=out))
+    try:
+        node = Node("verbs", "local", rxe_device.ip, sets, agent_args=("--persist-apm",))
+        parts = node.make_set("r.set", (8 * M,))
+        pool = local_pool(8 * M, seed=31)
+        with create(node, "r.set", pool, nlanes=1, attr=attr()) as rp:
+            assert (rp.provider, rp.persist_method) == ("verbs", "GPSPM")
+            rp.persist(HDR_SIZE + 10, 5000)
+            rp.flush(3 * M, 70_000)
+            rp.drain()
+            fd = os.open(parts[0][1], os.O_RDONLY)
+            try:
+                assert os.pread(fd, 5000, HDR_SIZE + 10) == pool[HDR_SIZE + 10:HDR_SIZE + 5010]
+                assert os.pread(fd, 70_000, 3 * M) == pool[3 * M:3 * M + 70_000]
+                assert os.pread(fd, 100, 5 * M) == bytes(100)  # nothing else was sent
+            finally:
+                os.close(fd)
+        check_no_agents_left(node)
+    finally:
+        shutil.rmtree(sets, ignore_errors=True)
 
 
 @pytest.mark.parametrize("local_node", ["gpspm", "apm"], indirect=True)
