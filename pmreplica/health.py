@@ -304,7 +304,7 @@ def _authority(probes: list[Probe], reference: Probe | None,
     newest = max(st.generation for _, st in found)
     holders = [i for i, st in found if st.generation == newest]
     state: ReplicaState | None = None
-    for i, st in found:
+    for _, st in found:
         if st.generation != newest:
             continue
         if state is None:

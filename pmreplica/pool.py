@@ -555,8 +555,8 @@ class PoolSet:
         try:
             self.mapping.close()
         except BufferError:
-            raise PmReplicaError(errno.EBUSY, "pool is still referenced: release every "
-                                              "memoryview taken from PoolSet.buf before close()")
+            raise PmReplicaError(errno.EBUSY, "pool is still referenced: release every memoryview "
+                                              "taken from PoolSet.buf before close()") from None
         finally:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
