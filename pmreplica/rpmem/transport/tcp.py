@@ -184,22 +184,25 @@ class TcpDataPath:
     def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0,
                 op: int = OP_WRITE) -> None:
         ln = self._lanes[lane]
-        with ln.lock:
+        lock = ln.lock
+        lock.acquire()  # not `with`: half the cost, on the hot path
+        try:
             if ln.broken:
                 raise ln.broken
-            try:
-                self._send_write(ln, op, offset, length, flags)
-                if ln.pending == 1:  # nothing else outstanding: one status word, read here
-                    got = ln.sock.recv_into(ln.status_word)
-                    if got != STATUS.size or ln.status_word != _OK_WORD:
-                        self._finish_word(ln, got)
-                    ln.pending = 0
-                else:
-                    self._collect(ln)
-            except RemoteError:
-                raise
-            except OSError as e:
-                raise self._lost(ln, e) from e
+            self._send_write(ln, op, offset, length, flags)
+            if ln.pending == 1:  # nothing else outstanding: one status word, read here
+                got = ln.sock.recv_into(ln.status_word)
+                if got != STATUS.size or ln.status_word != _OK_WORD:
+                    self._finish_word(ln, got)
+                ln.pending = 0
+            else:
+                self._collect(ln)
+        except RemoteError:
+            raise
+        except OSError as e:
+            raise self._lost(ln, e) from e
+        finally:
+            lock.release()
 
     def _finish_word(self, ln: TcpLane, got: int) -> None:
         """Complete a status word of which ``got`` bytes arrived; raise unless it is 0."""
