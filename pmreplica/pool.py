@@ -425,11 +425,15 @@ class PoolSet:
         """Replica ``index`` was repaired to match the master (by replica-sync)."""
         status = self.replicas[index]
         with self._state_lock:
-            if self.state.clear_stale(index):
-                self._store_state()
-            status.state, status.error = OK, None
-            self._degraded = any(s.state != OK for s in self.replicas)
+            self._restored(status)
         self._notify_restored(status)
+
+    def _restored(self, status: ReplicaStatus) -> None:
+        """Record a replica back in step with the master (the state lock is held)."""
+        status.state, status.error = OK, None
+        if self.state.clear_stale(status.index):
+            self._store_state()
+        self._degraded = any(s.state != OK for s in self.replicas)
 
     def _notify_restored(self, status: ReplicaStatus) -> None:
         try:
@@ -522,10 +526,7 @@ class PoolSet:
                     copy(lo, off + n - lo)
             status.target = target
             self._active = self._active + ((status, target),)
-            status.state, status.error = OK, None
-            if self.state.clear_stale(status.index):
-                self._store_state()
-            self._degraded = any(s.state != OK for s in self.replicas)
+            self._restored(status)
         log.info("%s resynced online (%d bytes copied)", status.name, done)
         return done
 

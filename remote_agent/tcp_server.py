@@ -19,7 +19,7 @@ from _operator import _compare_digest as compare_digest
 
 from pmreplica.pmem import Mapping
 from pmreplica.rpmem.transport.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE,
-                                            SECRET_LEN, STATUS)
+                                            SECRET_LEN, STATUS, recv_exact)
 
 log = logging.getLogger("remote_agent.tcp")
 
@@ -78,7 +78,7 @@ class TcpServer:
         """Check the secret and lane of a new connection; start its thread or drop it."""
         try:
             conn.settimeout(HELLO_TIMEOUT)
-            raw = _recv_exact(conn, HELLO.size)
+            raw = recv_exact(conn, HELLO.size)
             secret, lane = HELLO.unpack(raw)
             if not compare_digest(secret, self.secret):
                 log.warning("data connection from %s refused: wrong session secret", peer)
@@ -191,10 +191,3 @@ def _fill(recv_into, view: memoryview) -> bool:
             return False
         got += r
     return True
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    if not _fill(conn.recv_into, memoryview(buf)):
-        raise ConnectionResetError(errno.ECONNRESET, "connection closed during hello")
-    return bytes(buf)

@@ -22,8 +22,8 @@ from pmreplica.pmem import buffer_address, memory_backed
 from pmreplica.rpmem.transport.verbs_common import (
     AGENT_GID, AGENT_INFO, CLIENT_INFO, LANE_QP, MAX_DEPTH, MSG_DEEP, REPLY, RoceGid, Waiter,
     completion_channel, connect_rc_qp, create_rc_qp, device_limits, gid_for_address,
-    gid_toward, load_pyverbs, open_context, random_psn, register, roce_gids, verbs_error,
-    wc_status_text)
+    gid_toward, is_loopback, load_pyverbs, open_context, random_psn, register, roce_gids,
+    verbs_error, wc_status_text)
 from pmreplica.rpmem.transport.wire import PERSIST_MSG
 
 from .pooldb import OpenPool, PoolError
@@ -40,13 +40,6 @@ def _ssh_connection() -> tuple[str, str] | None:
     return (fields[0], fields[2]) if len(fields) == 4 else None
 
 
-def _loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def choose_gid() -> RoceGid | None:
     """The GID the agent serves from: the one holding the address the client reached
     (SSH_CONNECTION's server address), else the one on the route back to the client. A
@@ -56,7 +49,7 @@ def choose_gid() -> RoceGid | None:
     if peers is not None:
         client, server = peers
         gid = gid_for_address(server) or gid_toward(client)
-        if gid is not None or not (_loopback(client) and _loopback(server)):
+        if gid is not None or not (is_loopback(client) and is_loopback(server)):
             return gid
     gids = roce_gids()
     if len({g.device for g in gids}) != 1:

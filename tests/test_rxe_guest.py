@@ -17,8 +17,6 @@ RXEVM = ROOT / "tools" / "rxevm"
 GUEST_SECONDS = 240  # boot (~4 s under TCG) plus every test in tests/rxe
 
 
-
-
 @pytest.mark.timeout(GUEST_SECONDS + 60)
 def test_rxe_tests_pass_in_guest(tmp_path):
     check = subprocess.run([RXEVM / "check"], capture_output=True, text=True)

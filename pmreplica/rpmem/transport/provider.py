@@ -15,15 +15,14 @@ EMEDIUMTYPE; the client then falls back to TCP under rule 2, on the same session
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 from dataclasses import dataclass
 
 from ...errors import PmReplicaError
 from ..config import RpmemConfig
 from ..proto import PROV_TCP, PROV_VERBS, PROVIDER_NAMES
-from .verbs_common import (RoceGid, check_memlock, gid_toward, load_pyverbs, resolve,
-                           roce_gids)
+from .verbs_common import (RoceGid, check_memlock, gid_toward, is_loopback, load_pyverbs,
+                           resolve, roce_gids)
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +44,10 @@ class Choice:
         return f"{self.name} ({self.reason})"
 
 
-def _loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def data_address(host: str, peer_address: str | None) -> str | None:
     """The address the data path goes to: where the SSH connection went (``peer_address``),
     or, when that is loopback (the local launcher), the target host's own address."""
-    if peer_address and not _loopback(peer_address):
+    if peer_address and not is_loopback(peer_address):
         return peer_address
     return resolve(host) or peer_address
 

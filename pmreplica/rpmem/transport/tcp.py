@@ -15,7 +15,7 @@ import struct
 import threading
 
 from ...errors import RemoteError
-from .wire import HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, STATUS
+from .wire import HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, STATUS, recv_exact
 
 DEFAULT_WORK_QUEUE = 256
 _ZEROS = bytes(STATUS.size * 4096)
@@ -90,7 +90,7 @@ class TcpDataPath:
                 lanes.append(TcpLane(sock))
                 _tune(sock)
                 sock.sendall(HELLO.pack(secret, lane), _NOSIGNAL)
-                answer = _recv_exact(sock, STATUS.size)
+                answer = recv_exact(sock, STATUS.size)
                 (status,) = STATUS.unpack(answer)
                 if status:
                     raise RemoteError(status, f"{name}: agent refused data lane {lane}")
@@ -172,10 +172,8 @@ class TcpDataPath:
     def drain(self, lane: int = 0) -> None:
         ln = self._lanes[lane]
         with ln.lock:
-            if ln.broken:
-                raise ln.broken
             try:
-                self._collect(ln)
+                self._settle(ln)
             except RemoteError:
                 raise
             except OSError as e:
@@ -242,7 +240,7 @@ class TcpDataPath:
             lock.release()
 
     def _settle(self, ln: TcpLane) -> None:
-        """Before a read: raise the lane's failure, or collect the flushes it still owes."""
+        """Raise the lane's failure, or collect the answers to the flushes it still owes."""
         if ln.broken:
             raise ln.broken
         self._collect(ln)
@@ -265,15 +263,3 @@ class TcpDataPath:
                 ln.sock.close()
             except OSError:
                 pass
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        r = sock.recv_into(view[got:], n - got)
-        if not r:
-            raise ConnectionResetError(errno.ECONNRESET, "connection closed by the agent")
-        got += r
-    return bytes(buf)

@@ -128,6 +128,14 @@ def roce_gids() -> list[RoceGid]:
     return found
 
 
+def is_loopback(address: str) -> bool:
+    """True for a loopback IP address (a zone suffix allowed); False for anything else."""
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def gid_bytes(address: str) -> bytes:
     """The RoCE v2 GID an IP address has: IPv4 mapped into IPv6, IPv6 as it is."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])

@@ -11,6 +11,8 @@ on the client and a gather send on the agent: 0.7 of the 5.8 us a 64-byte read t
 
 from __future__ import annotations
 
+import errno
+import socket
 import struct
 
 SECRET_LEN = 32
@@ -24,3 +26,18 @@ OP_READ = 3  # no payload; answered with the data alone
 
 #: the GPSPM persist message RDMA peers exchange: flags, lane, address (pool offset), size
 PERSIST_MSG = struct.Struct(">IIQQ")
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``sock`` (a HELLO, or the status answering it), for both ends;
+    ConnectionResetError if the peer closes first."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        r = sock.recv_into(view[got:], n - got)
+        if not r:
+            raise ConnectionResetError(errno.ECONNRESET,
+                                       f"connection closed after {got} of {n} bytes")
+        got += r
+    return bytes(buf)
