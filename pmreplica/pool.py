@@ -321,8 +321,7 @@ class PoolSet:
 
     def drain(self, lane: int = 0) -> None:
         """Wait until everything flushed on ``lane`` is durable on every working replica."""
-        if not 0 <= lane < self.nlanes:
-            raise PmReplicaError(errno.EINVAL, f"lane {lane} out of range (nlanes={self.nlanes})")
+        self._check(self.data_offset, 0, lane)
         self.mapping.drain()
         for status, target in self._active:
             try:
