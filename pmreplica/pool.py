@@ -348,6 +348,15 @@ class PoolSet:
         self.mapping.deep_persist(offset, length)
 
     # -- failures and state ----------------------------------------------------------------
+    def target_failed(self, target: ReplicaTarget, error: OSError) -> None:
+        """A target reports, from any thread, a failure found outside the pool's calls (its
+        peer was found dead by a heartbeat, say): its replica is failed as if a persist had
+        met the error. Nothing happens if the target is not (or no longer) on the write
+        path."""
+        status = next((s for s, t in self._active if t is target), None)
+        if status is not None:
+            self._fail(status, target, error)
+
     def _fail(self, status: ReplicaStatus, target: ReplicaTarget, error: Exception,
               offset: int | None = None, length: int = 0) -> None:
         """Take a replica off the write path, record it stale with what it may have missed

@@ -9,6 +9,7 @@ import os
 import sys
 
 from pmreplica.errors import PmReplicaError
+from pmreplica.rpmem import proto
 
 from .config import AgentConfig, load
 from .pooldb import PoolDB
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # the first word the client reads is the status: make it say why
         print(f"pmreplica-agent: {e.strerror or e}", file=sys.stderr)
-        io.write((e.errno or errno.EINVAL).to_bytes(4, "big"))
+        io.write(proto.encode_ready(e.errno or errno.EINVAL))
         return e.errno or errno.EINVAL
     if args.remove is not None:
         try:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             log.error("removing %s failed: %s", args.remove, e.strerror or e)
             status = e.errno or errno.EIO
-        io.write(status.to_bytes(4, "big"))
+        io.write(proto.encode_ready(status))
         return status
     return Session(db, config, io).run()
 

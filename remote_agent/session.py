@@ -17,8 +17,9 @@ from pmreplica.rpmem import proto
 from pmreplica.rpmem.proto import Request, Response
 
 from .config import AgentConfig
+from .heartbeat import Heartbeat
 from .pooldb import OpenPool, PoolDB, PoolError
-from .tcp_server import TcpServer
+from .tcp_server import TcpServer, listen_address
 
 # typing.TYPE_CHECKING without importing typing into every agent start
 TYPE_CHECKING = False
@@ -61,7 +62,8 @@ class Session:
 
     def run(self) -> int:
         """Serve requests until the session ends; the exit status of the agent."""
-        self.io.write(proto.READY.pack(0))
+        self.heartbeat = Heartbeat(listen_address(), self._client_lost)
+        self.io.write(proto.encode_ready(0, self.heartbeat.blob))
         try:
             while True:
                 raw = self.io.read_exact(proto.REQ_HDR.size)
@@ -88,7 +90,18 @@ class Session:
                 if req.type == proto.CLOSE:
                     return 0
         finally:
+            self.heartbeat.stop()
             self._end(remove=False)
+
+    def _client_lost(self, reason: str) -> None:
+        """The client went silent (heartbeat.py): end the agent now, from the heartbeat's
+        thread, whatever the session's thread waits for. Every acknowledged write is durable
+        already; exiting releases the pool's lock for the client's next session."""
+        log.warning("ending the session: %s", reason)
+        if self.server is not None:
+            self.server.close()
+        logging.shutdown()
+        os._exit(errno.ETIMEDOUT)
 
     def _reply(self, resp: Response) -> None:
         self.io.write(proto.encode_response(resp))

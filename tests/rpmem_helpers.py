@@ -35,6 +35,7 @@ import pytest
 from pmreplica.header import PoolAttr
 from pmreplica.rpmem import proto
 from pmreplica.rpmem.channel import AgentChannel
+from pmreplica.rpmem.client import read_ready
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import launch
 from pmreplica.rpmem.transport.wire import HELLO, OP, STATUS
@@ -204,7 +205,7 @@ class RawSession:
         self.node = node
         self.chan: AgentChannel = launch(node.target, argv, config=node.config(**env))
         self.chan.settimeout(20)
-        (self.ready,) = proto.READY.unpack(self.chan.recv_exact(proto.READY.size))
+        self.ready, self.announced = read_ready(self.chan, "raw session")
 
     def send(self, data: bytes) -> None:
         self.chan.sendall(data)

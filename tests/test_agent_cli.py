@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from pmreplica.header import HDR_SIZE
+from pmreplica.rpmem import proto
 from pmreplica.rpmem.client import RemotePool
 
 from .rpmem_helpers import (AGENT, M, agent_command, attr, local_node, local_pool,  # noqa: F401
@@ -35,7 +36,7 @@ def make_pool(node, name, sizes=(8 * M,)):
 def remove(node, name, *flags):
     done = agent("--poolset-dir", str(node.dir), "--remove", name, *flags)
     # the status word on stdout (what the client reads) says what the exit code says
-    assert done.stdout == done.returncode.to_bytes(4, "big"), done
+    assert done.stdout == proto.encode_ready(done.returncode), done
     return done
 
 
@@ -57,7 +58,7 @@ def test_remove_mode_exit_codes(local_node):
     for name in ("/etc/passwd", "../a.set", "x/../../a.set"):
         assert remove(node, name).returncode == errno.EINVAL, name
     done = agent("--poolset-dir", str(node.dir / "none"), "--remove", "a.set")
-    assert done.returncode == errno.ENOENT and done.stdout == errno.ENOENT.to_bytes(4, "big")
+    assert done.returncode == errno.ENOENT and done.stdout == proto.encode_ready(errno.ENOENT)
 
 
 def test_remove_mode_refuses_an_inconsistent_pool_without_force(local_node):

@@ -15,6 +15,7 @@ import pytest
 from pmreplica.header import HDR_SIZE, PoolAttr
 from pmreplica.rpmem import proto
 from pmreplica.rpmem.launch import launch
+from pmreplica.rpmem.client import read_ready
 
 from .rpmem_helpers import (M, RawSession, attr, local_node, remote_bytes,  # noqa: F401
                             transport)
@@ -185,7 +186,7 @@ def test_pool_set_directory_must_exist(local_node):
     cmd = local_node.command().replace(str(local_node.dir), str(missing))
     chan = launch(local_node.target, (), config=local_node.config(RPMEM_CMD=cmd))
     chan.settimeout(10)
-    (status,) = proto.READY.unpack(chan.recv_exact(4))  # the ready word says why
+    status, _ = read_ready(chan, "agent")  # the ready word says why
     assert status == errno.ENOENT
     assert chan.close() == errno.ENOENT
     assert str(missing) in chan.stderr_tail()

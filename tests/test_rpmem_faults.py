@@ -42,6 +42,14 @@ def killed_then(call, *args) -> OSError:
     return e.value
 
 
+def failing_call(call, *args) -> tuple[OSError, float]:
+    """Run ``call``, which must fail: its error and how long it took."""
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as e:
+        call(*args)
+    return e.value, time.monotonic() - t0
+
+
 # -- the agent dies -----------------------------------------------------------------------------
 def test_agent_killed_mid_session(local_node):
     parts = local_node.make_set("r.set")
@@ -234,21 +242,21 @@ def test_remote_storage_failure_is_eio_on_the_client(local_node, failing_fs):
 
 
 def test_stopped_agent_fails_the_call_after_the_op_timeout_not_never(local_node):
-    """A live but stuck agent (SIGSTOP: its kernel still acknowledges data) must fail the
-    lane with ETIMEDOUT after PMREPLICA_OP_TIMEOUT instead of hanging the application."""
+    """A stuck agent whose host still answers must fail the lane with ETIMEDOUT after
+    PMREPLICA_OP_TIMEOUT instead of hanging the application. (SIGSTOP stops the agent's
+    heartbeat too; a peer timeout longer than the op timeout leaves the lane's own
+    deadline to act first.)"""
     local_node.make_set("r.set")
     pool = local_pool(8 * M, seed=2)
     rp = RemotePool.create(local_node.target, "r.set", pool, nlanes=1, attr=attr(),
-                           config=local_node.config(PMREPLICA_OP_TIMEOUT="1"))
+                           config=local_node.config(PMREPLICA_OP_TIMEOUT="1",
+                                                    PMREPLICA_PEER_TIMEOUT="30"))
     rp.persist(HDR_SIZE, 4096)
     pids = local_node.kill_agents(signal.SIGSTOP)
     try:
-        t0 = time.monotonic()
-        with pytest.raises(OSError) as e:
-            rp.persist(HDR_SIZE, 4096)
-        waited = time.monotonic() - t0
-        assert e.value.errno == errno.ETIMEDOUT
-        assert "did not answer within 1 s" in str(e.value)
+        err, waited = failing_call(rp.persist, HDR_SIZE, 4096)
+        assert err.errno == errno.ETIMEDOUT
+        assert "did not answer within 1 s" in str(err)
         assert 0.9 < waited < 10
         with pytest.raises(OSError) as e:  # the lane stays failed, at once
             rp.persist(HDR_SIZE, 4096)
@@ -259,6 +267,81 @@ def test_stopped_agent_fails_the_call_after_the_op_timeout_not_never(local_node)
         local_node.wait_agents_gone()
     with pytest.raises(OSError):
         rp.close()
+
+
+def test_a_frozen_agent_fails_within_the_peer_timeout_busy_or_idle(local_node):
+    """SIGSTOP of the agent is a frozen host (its kernel still acknowledges data, nothing
+    answers): a persist that waits returns ETIMEDOUT within PMREPLICA_PEER_TIMEOUT, and an
+    idle pool learns it through on_lost without any call; nothing waits on it again."""
+    local_node.make_set("r.set")
+    local_node.make_set("s.set")
+    cfg = local_node.config(PMREPLICA_PEER_TIMEOUT="0.5")
+    busy = RemotePool.create(local_node.target, "r.set", local_pool(8 * M, seed=2), nlanes=1,
+                             attr=attr(), config=cfg)
+    idle = RemotePool.create(local_node.target, "s.set", local_pool(8 * M, seed=3), nlanes=1,
+                             attr=attr(), config=cfg)
+    busy.persist(HDR_SIZE, 4096)
+    lost: list[tuple[float, OSError]] = []
+    idle.on_lost(lambda err: lost.append((time.monotonic(), err)))
+    pids = local_node.kill_agents(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        err, waited = failing_call(busy.persist, HDR_SIZE, 4096)
+        assert err.errno == errno.ETIMEDOUT
+        assert "PMREPLICA_PEER_TIMEOUT" in str(err) and "0.5 s" in str(err)
+        assert waited < 1.5, waited
+        deadline = time.monotonic() + 2
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lost and lost[0][1].errno == errno.ETIMEDOUT and lost[0][0] - t0 < 1.5
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:  # at once: the session is given up
+            idle.persist(HDR_SIZE, 4096)
+        assert e.value.errno == errno.ETIMEDOUT
+        busy.abort()
+        with pytest.raises(OSError) as e:  # the librpmem close says why it could not CLOSE
+            idle.close()
+        assert e.value.errno == errno.ETIMEDOUT
+        assert time.monotonic() - t0 < 0.5, "giving a frozen host up waited on it"
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+        local_node.wait_agents_gone()
+
+
+def test_a_short_stall_is_not_a_failure(local_node):
+    """An agent that stops for well under the peer timeout (a scheduling hiccup, swapping)
+    costs a slower persist, never the replica."""
+    parts = local_node.make_set("r.set")
+    pool = local_pool(8 * M, seed=2)
+    rp = RemotePool.create(local_node.target, "r.set", pool, nlanes=2, attr=attr(),
+                           config=local_node.config(PMREPLICA_PEER_TIMEOUT="1"))
+    lost: list[OSError] = []
+    rp.on_lost(lost.append)
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            rp.persist(HDR_SIZE, 64 << 10, 1)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.2)
+            pids = local_node.kill_agents(signal.SIGSTOP)
+            time.sleep(0.3)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(1.2)  # a full timeout after the last stall: still no verdict
+    finally:
+        stop.set()
+        t.join(10)
+    assert not lost
+    rp.persist(HDR_SIZE, 4096, 0)
+    rp.close()
+    assert remote_bytes(parts)[HDR_SIZE:HDR_SIZE + 4096] == pool[HDR_SIZE:HDR_SIZE + 4096]
 
 
 SIGPIPE_CHILD = r"""

@@ -21,7 +21,8 @@ import pytest
 from pmreplica import PoolSet, sync
 from pmreplica.header import HDR_SIZE
 from pmreplica.rpmem import client, proto
-from pmreplica.rpmem.client import ControlChannel
+from pmreplica.rpmem.client import start_session
+from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import close_connections, launch
 
 from .helpers import unavailable
@@ -207,9 +208,8 @@ def test_checksums_from_the_agent_match_the_data(local_layout):
                 .digest() for o in range(HDR_SIZE, HDR_SIZE + 5 * (64 << 10) + 100, 64 << 10)]
         assert got == want and len(got) == 6
         # without an open pool, and with a malformed request, the agent says EINVAL
-        ctl = ControlChannel(launch(layout.node, ()), "test")
+        ctl = start_session(layout.node, "test", RpmemConfig.from_env())
         try:
-            ctl.wait_ready()
             for blob in (b"", b"\0" * 24):
                 with pytest.raises(OSError) as e:
                     ctl.call(proto.Request(proto.CHECKSUM, blob=blob))

@@ -9,6 +9,7 @@ extra call on the hot path.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 from ..errors import ReplicaError
 from ..header import PoolAttr
@@ -22,16 +23,20 @@ from ..target import TargetStat
 class RpmemTarget:
     """A remote replica of an open pool set."""
 
-    def __init__(self, spec: RemoteReplica, name: str, pool: memoryview, nlanes: int) -> None:
+    def __init__(self, spec: RemoteReplica, name: str, pool: memoryview, nlanes: int,
+                 on_failure: Callable[["RpmemTarget", OSError], None]) -> None:
         self.spec = spec
         self.name = name
         self._pool = pool
         self.nlanes = nlanes
+        self._on_failure = on_failure
         self.remote: client.RemotePool | None = None
 
     def _attach(self, remote: client.RemotePool) -> None:
         self.remote = remote
         self.nlanes = remote.nlanes
+        # the heartbeat finds a dead host while the pool is idle too: report it at once
+        remote.on_lost(lambda error: self._on_failure(self, error))
         data = remote.data_path
         self.persist, self.flush, self.drain = data.persist, data.flush, data.drain
         self.deep_persist, self.read = data.deep_persist, data.read
@@ -65,7 +70,11 @@ class RpmemTarget:
         remote, self.remote = self.remote, None
         for name in ("persist", "flush", "drain", "deep_persist", "read"):
             self.__dict__.pop(name, None)
-        if remote is not None:
+        if remote is None:
+            return
+        if remote.failure is not None:
+            remote.abort()  # a failed replica is let go without waiting on its host
+        else:
             remote.close()
 
 
@@ -73,7 +82,8 @@ class RpmemTarget:
 def pmreplica_open_replica(spec, index, poolset, create):
     if not isinstance(spec, RemoteReplica):
         return None
-    return RpmemTarget(spec, describe(spec, index), poolset.buf, poolset.nlanes)
+    return RpmemTarget(spec, describe(spec, index), poolset.buf, poolset.nlanes,
+                       poolset.target_failed)
 
 
 @hookimpl(trylast=True)

@@ -221,6 +221,21 @@ class AgentChannel(abc.ABC):
             self._release()
         return self._exit_status
 
+    def abort(self) -> None:
+        """Give the agent up without waiting on it (its host stopped answering): calls that
+        are blocked on the channel, or come later, fail now; what the channel holds is
+        released in a background thread. Idempotent."""
+        if self._closed or self._failure_seen is not None:
+            return
+        self._failure_seen = AgentConnectionLost(errno.ECONNRESET,
+                                                 f"{self.target}: the agent was given up")
+        threading.Thread(target=self._abandon, name=f"abandon {self.target}",
+                         daemon=True).start()
+
+    def _abandon(self) -> None:
+        """Release the channel of an agent given up (in a background thread)."""
+        self.close(timeout=0.0)
+
     def __enter__(self) -> "AgentChannel":
         return self
 
@@ -243,6 +258,8 @@ class AgentChannel(abc.ABC):
 
     def _lost(self) -> RemoteError:
         """The error for a stream that ended: wait briefly for the exit status and stderr."""
+        if self._failure_seen is not None:  # given up (abort): nothing more to wait for
+            return self._failure_seen
         status = self._wait_exit(_EXIT_WAIT)
         if status is not None:
             self._exit_status = status
@@ -328,8 +345,9 @@ class ProcessChannel(AgentChannel):
         try:
             status = self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            log.warning("%s: agent did not exit within %.1f s of its stdin closing; killing it",
-                        self.target, timeout)
+            if timeout:
+                log.warning("%s: agent did not exit within %.1f s of its stdin closing; "
+                            "killing it", self.target, timeout)
             self._proc.kill()
             self._proc.wait()
             status = None

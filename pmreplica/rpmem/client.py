@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union
 
 from ..errors import PmReplicaError, PoolSetError, RemoteError
@@ -17,12 +20,12 @@ from ..header import HDR_SIZE, PoolAttr
 from ..pmem import buffer_address
 from ..poolset import MIN_REMOTE_POOL, check_pool_set_name
 from . import checksum as _checksum
-from . import proto
+from . import heartbeat, proto
 from .channel import AgentChannel
 from .config import RpmemConfig
 from .launch import launch
 from .target import parse_target
-from .transport import provider
+from .transport import provider, wire
 from .transport.tcp import DEFAULT_WORK_QUEUE, TcpDataPath
 
 if TYPE_CHECKING:
@@ -41,7 +44,12 @@ REMOVE_FORCE = 1
 REMOVE_POOL_SET = 2
 
 DEFAULT_NLANES = 4
+#: how long a live agent may take to answer a control request (the heartbeat catches a
+#: dead host much sooner)
 CONTROL_TIMEOUT = 60.0
+#: how long a started agent may take to announce itself (an interpreter starting on a busy
+#: host)
+READY_TIMEOUT = 15.0
 _PAGE = 4096
 
 
@@ -57,24 +65,84 @@ def check_version(major_required: int, minor_required: int) -> str | None:
 
 
 class ControlChannel:
-    """Requests and responses over the agent's stdin/stdout."""
+    """Requests and responses over the agent's stdin/stdout, and the session's heartbeat.
+
+    Once the heartbeat declares the agent's host dead, the channel is given up at once
+    (nothing waits on that host again), calls fail with the heartbeat's error, and the
+    callbacks registered with :meth:`on_lost` run."""
 
     def __init__(self, channel: AgentChannel, name: str) -> None:
         self.channel = channel
         self.name = name
+        #: the heartbeat's verdict, once the agent's host was found dead
+        self.lost: RemoteError | None = None
+        self._watch: heartbeat.Watch | None = None
+        self._listeners: list[Callable[[RemoteError], None]] = []
+        self._lock = threading.Lock()
+        self._closing = False
 
-    def wait_ready(self) -> None:
-        (status,) = proto.READY.unpack(self.channel.recv_exact(proto.READY.size))
+    def wait_ready(self, config: RpmemConfig) -> None:
+        """Read the agent's announcement; start watching its heartbeat."""
+        status, blob = read_ready(self.channel, self.name)
         if status:
-            # the agent exits right after this word; its reason is on stderr, which may not
-            # have been read yet: wait for the exit (and the stderr reader) before quoting it
-            self.channel.close()
-            raise RemoteError(status, f"{self.name}: agent failed to start "
-                                      f"({errno.errorcode.get(status, status)})"
-                                      + _tail(self.channel))
+            raise self._start_failed(status)
+        try:
+            port, secret = wire.HEARTBEAT.unpack(blob)
+        except struct.error:
+            raise RemoteError(errno.EPROTO, f"{self.name}: the agent announced no heartbeat "
+                                            "(an older pmreplica-agent?)") from None
+        self._watch = heartbeat.connect(self.channel.peer_address, port, secret,
+                                        config.peer_timeout, config.connect_timeout, self.name,
+                                        self._peer_lost)
+
+    def _start_failed(self, status: int) -> RemoteError:
+        # the agent exits right after its status; its reason is on stderr, which may not
+        # have been read yet: wait for the exit (and the stderr reader) before quoting it
+        self.channel.close()
+        return RemoteError(status, f"{self.name}: agent failed to start "
+                                   f"({errno.errorcode.get(status, status)})"
+                                   + _tail(self.channel))
+
+    def on_lost(self, callback: Callable[[RemoteError], None]) -> None:
+        """Call ``callback(error)`` (from another thread) when the agent's host is found dead;
+        at once, in this thread, if it was found dead already."""
+        with self._lock:
+            lost = self.lost
+            if lost is None:
+                self._listeners.append(callback)
+        if lost is not None:
+            callback(lost)
+
+    def _peer_lost(self, error: RemoteError) -> None:
+        with self._lock:
+            if self._closing and error.errno != errno.ETIMEDOUT:
+                # CLOSE is on its way and the agent exits after answering it, its heartbeat
+                # with it: that is the session ending, and the answer is still to be read
+                return
+            self.lost = error
+            listeners, self._listeners = ([] if self._closing else self._listeners), []
+        self.channel.abort()
+        for callback in listeners:
+            callback(error)
+
+    def end(self, flags: int = 0) -> None:
+        """Send CLOSE (with ``flags``) and wait for its answer: the session's last request."""
+        with self._lock:
+            self._closing = True
+        self.call(proto.Request(proto.CLOSE, flags=flags))
 
     def call(self, req: proto.Request) -> proto.Response:
         """Send ``req``, return its response; an error status raises RemoteError."""
+        try:
+            return self._call(req)
+        except RemoteError:
+            if self.lost is not None:  # the channel was given up under this call
+                raise self.lost from None
+            raise
+
+    def _call(self, req: proto.Request) -> proto.Response:
+        if self.lost is not None:
+            raise self.lost
         self.channel.sendall(proto.encode_request(req))
         status, rtype, size = proto.RESP_HDR.unpack(self.channel.recv_exact(proto.RESP_HDR.size))
         if rtype != req.type + 1 or not proto.RESP_HDR.size <= size <= proto.MAX_MESSAGE:
@@ -92,7 +160,66 @@ class ControlChannel:
         return resp
 
     def close(self) -> int | None:
-        return self.channel.close()
+        """End the session: close the channel and wait for the agent to exit (not if its host
+        was found dead), then stop the heartbeat."""
+        if self.lost is not None:
+            self.abort()
+            return None
+        with self._lock:
+            self._closing = True
+        try:
+            return self.channel.close()  # the agent ends on the end of its input...
+        finally:
+            if self._watch is not None:  # ...not on the end of its heartbeat
+                self._watch.cancel()
+
+    def abort(self) -> None:
+        """Give the session up without waiting on the agent (its host failed)."""
+        if self._watch is not None:
+            self._watch.cancel()
+        self.channel.abort()
+
+
+def read_ready(channel: AgentChannel, name: str) -> tuple[int, bytes]:
+    """The agent's announcement (proto.READY_MARKER, status, blob), found after whatever a
+    login shell printed first; EPROTO quoting that output if no agent announces itself."""
+    marker = proto.READY_MARKER
+    buf = bytearray()
+    chunk = bytearray(4096)
+
+    def more() -> None:
+        try:
+            n = channel.recv_into(chunk)
+        except RemoteError as e:
+            if buf.find(marker) < 0 and buf.strip():
+                raise type(e)(e.errno, f"{e.strerror}; the login printed: "
+                                       f"{_printed(buf)}") from None
+            raise
+        buf.extend(memoryview(chunk)[:n])
+
+    while (at := buf.find(marker)) < 0:
+        if len(buf) > proto.MAX_LOGIN_OUTPUT:
+            raise RemoteError(errno.EPROTO, f"{name}: no agent announced itself in the first "
+                                            f"{proto.MAX_LOGIN_OUTPUT} bytes; the login "
+                                            f"printed: {_printed(buf)}")
+        more()
+    start = at + len(marker) + proto.READY.size
+    while len(buf) < start:
+        more()
+    status, size = proto.READY.unpack_from(buf, at + len(marker))
+    if size > proto.MAX_MESSAGE:
+        raise RemoteError(errno.EPROTO, f"{name}: malformed agent announcement")
+    while len(buf) < start + size:
+        more()
+    if at:
+        log.info("%s: the login printed before the agent started: %s", name, _printed(buf[:at]))
+    return status, bytes(buf[start:start + size])
+
+
+def _printed(output: bytes | bytearray) -> str:
+    """What a login printed, on one line, shortened."""
+    text = " ".join(bytes(output).decode("utf-8", "replace").split())
+    return repr(text[:200] + ("..." if len(text) > 200 else ""))
 
 
 def _tail(channel: AgentChannel) -> str:
@@ -136,6 +263,7 @@ class RemotePool:
         # a pool with attributes has a header the data path must not overwrite
         self.data_offset = 0 if attr.is_zeroed else HDR_SIZE
         self.closed = False
+        ctl.on_lost(data.abort)  # first: the lanes fail before anyone is told
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -178,11 +306,9 @@ class RemotePool:
     def _connect(cls, rtype: int, target: str, pool_set_name: str, view: memoryview,
                  nlanes: int, attr: PoolAttr | None, config: RpmemConfig,
                  name: str) -> "RemotePool":
-        channel = launch(target, (), config=config)
-        ctl = ControlChannel(channel, name)
+        ctl = start_session(target, name, config)
+        channel = ctl.channel
         try:
-            channel.settimeout(CONTROL_TIMEOUT)
-            ctl.wait_ready()
             choice = provider.choose(provider.data_address(parse_target(target).host,
                                                            channel.peer_address), config,
                                      len(view))
@@ -208,17 +334,18 @@ class RemotePool:
                     resp.raddr, resp.blob, resp.persist_method, min(nlanes, resp.nlanes), name,
                     config.work_queue_size or DEFAULT_WORK_QUEUE,
                     lambda blob: ctl.call(proto.Request(proto.CONNECT, blob=blob)).blob,
-                    lambda: channel.exit_status is None)
+                    lambda: ctl.lost is None and channel.exit_status is None)
             else:
                 data = TcpDataPath.connect(channel.peer_address, resp.port, resp.blob,
                                            min(nlanes, resp.nlanes), view, name,
                                            config.work_queue_size or DEFAULT_WORK_QUEUE,
+                                           timeout=config.connect_timeout,
                                            op_timeout=config.op_timeout)
         except BaseException:
             # do not leave a half-made pool behind: CLOSE with REMOVE undoes a CREATE
             flags = proto.CLOSE_REMOVE if rtype == proto.CREATE else 0
             try:
-                ctl.call(proto.Request(proto.CLOSE, flags=flags))
+                ctl.end(flags)
             except OSError as e:
                 log.debug("%s: close after failed setup: %s", name, e)
             ctl.close()
@@ -229,17 +356,42 @@ class RemotePool:
         return cls(ctl, data, view, got_attr, resp.persist_method, target, pool_set_name,
                    choice.name)
 
+    def on_lost(self, callback: Callable[[RemoteError], None]) -> None:
+        """Call ``callback(error)``, from another thread, when the heartbeat finds the agent's
+        host dead; by then every lane has failed with ``error``, so calls blocked on the
+        pool return it, and so do later ones."""
+        self._ctl.on_lost(callback)
+
+    @property
+    def failure(self) -> RemoteError | None:
+        """Why the session failed (its host was found dead, or a lane broke); None while not."""
+        return self._ctl.lost or self._data.failure
+
     def close(self) -> None:
-        """Close the remote pool; its data stays on the target."""
+        """Close the remote pool; its data stays on the target. If the agent's host was
+        found dead, the session is given up (as :meth:`abort`) and its error raised."""
         if self.closed:
             return
         self.closed = True
         try:
-            self._ctl.call(proto.Request(proto.CLOSE, flags=0))
+            if self._ctl.lost is not None:
+                raise self._ctl.lost
+            self._ctl.end()
         finally:
-            self._data.close()
-            self._ctl.close()
-            self._pool.release()  # the caller may unmap its pool now
+            self._release()
+
+    def abort(self) -> None:
+        """Give the session up without a word to the agent and without waiting on it (after
+        a failure: the host may be gone); the agent ends when it misses the client."""
+        if not self.closed:
+            self.closed = True
+            self._ctl.abort()
+            self._release()
+
+    def _release(self) -> None:
+        self._data.close()
+        self._ctl.close()
+        self._pool.release()  # the caller may unmap its pool now
 
     def __enter__(self) -> "RemotePool":
         return self
@@ -384,8 +536,8 @@ def remove(target: str, pool_set_name: str, flags: int = 0, *,
     channel = launch(target, argv, config=config)
     try:
         channel.settimeout(CONTROL_TIMEOUT)
-        # in removal mode the agent's one status word is the result
-        (status,) = proto.READY.unpack(channel.recv_exact(proto.READY.size))
+        # in removal mode the agent's start status is the result
+        status, _ = read_ready(channel, f"{target}:{pool_set_name}")
     finally:
         channel.close()
     if status:
@@ -393,18 +545,28 @@ def remove(target: str, pool_set_name: str, flags: int = 0, *,
                                   f"{errno.errorcode.get(status, status)}" + _tail(channel))
 
 
+def start_session(target: str, name: str, config: RpmemConfig) -> ControlChannel:
+    """Start an agent on ``target`` and wait for it; its heartbeat is watched from here on."""
+    ctl = ControlChannel(launch(target, (), config=config), name)
+    try:
+        ctl.channel.settimeout(READY_TIMEOUT)
+        ctl.wait_ready(config)
+        ctl.channel.settimeout(CONTROL_TIMEOUT)
+    except BaseException:
+        ctl.close()
+        raise
+    return ctl
+
+
 def stat(target: str, pool_set_name: str, *, config: RpmemConfig | None = None) -> proto.Response:
     """Size and header health of a remote pool without opening it (a STAT request)."""
     _check_name(pool_set_name)
-    name = f"{target}:{pool_set_name}"
-    ctl = ControlChannel(launch(target, (), config=config), name)
+    ctl = start_session(target, f"{target}:{pool_set_name}", config or RpmemConfig.from_env())
     try:
-        ctl.channel.settimeout(CONTROL_TIMEOUT)
-        ctl.wait_ready()
         return ctl.call(proto.Request(proto.STAT, pool_desc=pool_set_name))
     finally:
         try:
-            ctl.call(proto.Request(proto.CLOSE, flags=0))
+            ctl.end()
         except OSError:
             pass
         ctl.close()

@@ -33,9 +33,16 @@ pmreplica's own:
     ``1`` accepts and records host keys not yet in known_hosts (like OpenSSH's
     ``StrictHostKeyChecking=accept-new``); the default ``0`` refuses them. A key that
     differs from a recorded one is refused either way.
+``PMREPLICA_PEER_TIMEOUT``
+    Seconds without an answer from an agent's host after which it is declared dead
+    (default 1): every session keeps a heartbeat (``heartbeat.py``), so a host that lost
+    its network, froze or crashed fails its replica within this bound, busy or idle, and
+    the pool goes on degraded. Lower is faster failover; higher tolerates longer stalls
+    of a live host (scheduling, swapping, a congested link) without a needless resync.
 ``PMREPLICA_OP_TIMEOUT``
-    Seconds a data-path operation may wait for the agent (default 60): a stuck agent then
-    fails the replica with ETIMEDOUT instead of hanging the application.
+    Seconds a data-path operation may wait for an agent whose host does answer (default
+    60): storage that hangs under a live agent then fails the replica with ETIMEDOUT
+    instead of hanging the application.
 
 An empty variable counts as unset. A value that cannot be used is an ``EINVAL`` error
 naming the variable.
@@ -144,6 +151,7 @@ class RpmemConfig:
     ssh_config: str | None = None
     ssh_accept_new: bool = False
     op_timeout: float = 60.0
+    peer_timeout: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "RpmemConfig":
@@ -183,7 +191,14 @@ class RpmemConfig:
             ssh_config=_get(environ, "PMREPLICA_SSH_CONFIG"),
             ssh_accept_new=accept_new,
             op_timeout=_seconds(environ, "PMREPLICA_OP_TIMEOUT", 60.0),
+            peer_timeout=_seconds(environ, "PMREPLICA_PEER_TIMEOUT", 1.0),
         )
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds a data or heartbeat connection to an agent that answered over SSH may take
+        (a lost SYN is resent after 1 s and 3 s: two losses are tolerated)."""
+        return max(3 * self.peer_timeout, 4.0)
 
     @property
     def sockets_allowed(self) -> bool:

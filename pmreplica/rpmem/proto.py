@@ -73,9 +73,22 @@ def status_for_errno(err: int | None) -> int:
     return _ERRNO_STATUS.get(err or 0, ERR_FATAL)
 
 
+def encode_ready(status: int, blob: bytes = b"") -> bytes:
+    """The agent's announcement: marker, start status, blob."""
+    return READY_MARKER + READY.pack(status, len(blob)) + blob
+
+
 REQ_HDR = struct.Struct(">IQ")
 RESP_HDR = struct.Struct(">IIQ")
-READY = struct.Struct(">I")
+
+#: The agent's first words on stdout: this marker, then READY (its start status, 0 or an
+#: errno, and the length of a blob that follows: the session's heartbeat port and secret,
+#: :data:`~pmreplica.rpmem.transport.wire.HEARTBEAT`, when the status is 0). A remote login
+#: shell may print before the agent runs (a banner in .bashrc): the client scans up to
+#: :data:`MAX_LOGIN_OUTPUT` bytes for the marker and shows what came before it on failure.
+READY_MARKER = b"\0pmreplica-agent\0"
+READY = struct.Struct(">II")  # status, blob length
+MAX_LOGIN_OUTPUT = 64 << 10
 _COMMON = struct.Struct(">HHQIIQ")  # major, minor, pool_size, nlanes, provider, buff_size
 _IBC = struct.Struct(">IIQQI")  # port, persist_method, rkey, raddr, nlanes
 _U32 = struct.Struct(">I")

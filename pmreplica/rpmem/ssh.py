@@ -399,7 +399,8 @@ class ConnectionPool:
         with self._lock:
             return list(self._transports.get(s, ()))
 
-    def _drop(self, s: SshSettings, t: paramiko.Transport) -> None:
+    def discard(self, s: SshSettings, t: paramiko.Transport) -> None:
+        """Forget and close the connection ``t`` (dead, or to a host that stopped answering)."""
         with self._lock:
             pool = self._transports.get(s, [])
             if t in pool:
@@ -410,7 +411,7 @@ class ConnectionPool:
         """A session channel on ``t``; None when ``t`` is dead (then dropped) or full."""
         if not t.is_active():
             log.info("%s: SSH connection lost; reconnecting", s.target)
-            self._drop(s, t)
+            self.discard(s, t)
             return None
         try:
             return t.open_session(timeout=s.connect_timeout)
@@ -419,7 +420,7 @@ class ConnectionPool:
             return None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             log.info("%s: SSH connection failed (%s); reconnecting", s.target, exc)
-            self._drop(s, t)
+            self.discard(s, t)
             return None
 
     def open_session(self, s: SshSettings,
@@ -445,7 +446,7 @@ class ConnectionPool:
         try:
             return t, t.open_session(timeout=s.connect_timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            self._drop(s, t)
+            self.discard(s, t)
             raise RemoteError(errno.ECONNABORTED,
                               f"{s.target}: server refused a session channel: {exc}") from None
 
@@ -478,11 +479,13 @@ class ParamikoChannel(AgentChannel):
     """An agent on an SSH exec channel of a (shared) paramiko transport."""
 
     def __init__(self, target: Target, command: str, transport: paramiko.Transport,
-                 channel: paramiko.Channel, settings: SshSettings) -> None:
+                 channel: paramiko.Channel, settings: SshSettings,
+                 pool: "ConnectionPool") -> None:
         super().__init__(target, command)
         self.transport = transport  # shared with other channels to the same target
         self._chan = channel
         self._settings = settings
+        self._pool = pool
         self._peer_address: str | None = None
         self._stderr = StderrTail(channel.recv_stderr, str(target))
 
@@ -519,13 +522,18 @@ class ParamikoChannel(AgentChannel):
         status = self._chan.exit_status
         return status if status >= 0 else None
 
+    def _abandon(self) -> None:
+        # the connection leads to a host that stopped answering: no later launch may use it
+        self._pool.discard(self._settings, self.transport)
+        super()._abandon()
+
     def _shutdown(self, timeout: float) -> int | None:
         try:
             self._chan.shutdown_write()
         except (OSError, EOFError, paramiko.SSHException):
             pass
         status = self._wait_exit(timeout)
-        if status is None and not self._chan.status_event.is_set():
+        if status is None and timeout and not self._chan.status_event.is_set():
             log.warning("%s: agent did not exit within %.1f s of its stdin closing; closing "
                         "its channel", self.target, timeout)
         self._chan.close()
@@ -550,9 +558,9 @@ class ParamikoLauncher:
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 chan.close()
                 if attempt == 1 and not t.is_active():
-                    self.pool._drop(s, t)
+                    self.pool.discard(s, t)
                     continue  # the cached connection died under us: once more on a new one
                 raise RemoteError(errno.ECONNABORTED,
                                   f"{target}: server refused to run {command!r}: {exc}") from None
-            return ParamikoChannel(target, command, t, chan, s)
+            return ParamikoChannel(target, command, t, chan, s, self.pool)
         raise AssertionError("unreachable")

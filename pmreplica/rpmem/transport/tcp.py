@@ -23,6 +23,8 @@ _OK_WORD = bytes(STATUS.size)
 
 
 DEFAULT_OP_TIMEOUT = 60.0
+#: how long close() waits for a call still running on a lane it shut down
+CLOSE_WAIT = 5.0
 # sends never raise SIGPIPE: a host application with SIGPIPE at its default would die of
 # a replica whose agent went away
 _NOSIGNAL = socket.MSG_NOSIGNAL
@@ -109,7 +111,9 @@ class TcpDataPath:
     # -- operations -------------------------------------------------------------------------
     def _lost(self, lane: TcpLane, e: BaseException) -> RemoteError:
         err = getattr(e, "errno", None) or errno.ECONNRESET
-        if err in (errno.EAGAIN, errno.EWOULDBLOCK):  # the kernel's deadline (_deadline)
+        if lane.broken is not None:
+            pass  # aborted (abort): the reason is the heartbeat's, not the shut-down socket's
+        elif err in (errno.EAGAIN, errno.EWOULDBLOCK):  # the kernel's deadline (_deadline)
             lane.broken = RemoteError(errno.ETIMEDOUT, f"{self.name}: the agent did not answer "
                                                        f"within {self.op_timeout:g} s")
         else:
@@ -257,9 +261,36 @@ class TcpDataPath:
                                                              "the pool)")
             got += r
 
-    def close(self) -> None:
+    @property
+    def failure(self) -> RemoteError | None:
+        """The error of the first lane that failed, if any did."""
+        return next((ln.broken for ln in self._lanes if ln.broken is not None), None)
+
+    def abort(self, error: RemoteError) -> None:
+        """Fail every lane with ``error`` (the agent's host was found dead), from any thread:
+        a call blocked on a lane returns it now, later calls at once."""
         for ln in self._lanes:
+            if ln.broken is None:
+                ln.broken = error
+            _shut(ln.sock)
+
+    def close(self) -> None:
+        """Close every lane, also while other threads are in calls on them: each socket is
+        shut down first (which returns those calls), and closed once its lane is free, so
+        that its descriptor cannot be reused under a call still running."""
+        for ln in self._lanes:
+            _shut(ln.sock)
+        for ln in self._lanes:
+            free = ln.lock.acquire(timeout=CLOSE_WAIT)
             try:
                 ln.sock.close()
-            except OSError:
-                pass
+            finally:
+                if free:
+                    ln.lock.release()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected any more, or closed already

@@ -44,7 +44,7 @@ MESSAGE_LIMIT: int | None = None
 BOUNCE = 256 << 10  # per-lane registered buffer for reads into memory outside the pool
 POLL_BATCH = 16
 SPIN = 64  # polls of an empty CQ before sleeping on the completion channel
-WAIT_SLICE = 1.0  # s between checks that the agent is still there while waiting
+WAIT_SLICE = 0.1  # s between checks that the session still stands while waiting
 REPLY_TIMEOUT = 60.0  # s without any completion before a lane is declared dead
 _APM_READ = 8
 _SLOT = PERSIST_MSG.size
@@ -91,6 +91,7 @@ class VerbsDataPath:
         self._half = max(1, depth // 2)
         self._max_msg = max_msg
         self._alive = alive
+        self._aborted: RemoteError | None = None
         self._lanes: list[_Lane] = []
         self.nlanes = 0
         self._pd = self._pool_mr = self._ctrl_mr = None
@@ -244,6 +245,9 @@ class VerbsDataPath:
                 return
             if waiter.wait(WAIT_SLICE):
                 continue
+            if self._aborted is not None:
+                ln.broken = self._aborted
+                raise self._aborted
             if not self._alive():
                 raise self._lost(ln, errno.ECONNRESET, "the agent exited")
             if time.monotonic() > deadline:
@@ -462,6 +466,20 @@ class VerbsDataPath:
                                     f"{self.name}: read buffer of lane {ln.index}")
             ln.bounce = buf
         return ln.bounce, ln.bounce_mr
+
+    @property
+    def failure(self) -> RemoteError | None:
+        """The error of the first lane that failed, if any did."""
+        return self._aborted or next((ln.broken for ln in self._lanes if ln.broken is not None),
+                                     None)
+
+    def abort(self, error: RemoteError) -> None:
+        """Fail every lane with ``error`` (the agent's host was found dead), from any thread:
+        a call waiting for a completion returns it within :data:`WAIT_SLICE`."""
+        self._aborted = error
+        for ln in self._lanes:
+            if ln.broken is None:
+                ln.broken = error
 
     def close(self) -> None:
         """Destroy the queue pairs and deregister the memory (the agent's side goes with

@@ -24,6 +24,14 @@ OP_WRITE = 1  # payload follows; made durable, then acknowledged
 OP_DEEP = 2  # like WRITE, through the deepest durability domain
 OP_READ = 3  # no payload; answered with the data alone
 
+#: Liveness (heartbeat.py on both ends): READY's blob names the session's heartbeat port and
+#: secret; the client connects there, sends HEARTBEAT_HELLO (the secret and its peer timeout
+#: in milliseconds, so that the agent can judge the client's silence by the same bound),
+#: gets a status word, then sends a PING every quarter of the timeout, each echoed at once.
+HEARTBEAT = struct.Struct(">H32s")  # port, secret
+HEARTBEAT_HELLO = struct.Struct(">32sI")  # secret, client's peer timeout (ms)
+PING = struct.Struct(">Q")  # sequence number
+
 #: the GPSPM persist message RDMA peers exchange: flags, lane, address (pool offset), size
 PERSIST_MSG = struct.Struct(">IIQQ")
 
