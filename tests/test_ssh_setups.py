@@ -85,6 +85,19 @@ def client(user: ClientUser, target: str = ALIAS, **env: str | None) -> tuple[di
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
 
 
+def remote_pool(user: ClientUser, **env: str | None) -> Path:
+    """Create, write and close a remote pool as the user through the real agent (run as the
+    user on the target); the part file, checked to hold what was written."""
+    sets = user.mkdir("sets")
+    user.write("sets/r.set", f"PMEMPOOLSET\n{8 * M} {sets}/r.part0\n")
+    done = user.python(POOL_CLIENT, ALIAS, str(8 * M), env=user.env(
+        RPMEM_CMD=agent_command(sets), RPMEM_ENABLE_VERBS="0", **env))
+    assert done.returncode == 0, done.stderr
+    part = sets / "r.part0"
+    assert part.read_bytes()[4096:] == bytes(range(256)) * ((8 * M - 4096) // 256)
+    return part
+
+
 def plain_ssh(user: ClientUser, target: str = ALIAS, **env: str | None) -> subprocess.CompletedProcess:
     """The reference: OpenSSH's own client, as the user, in BatchMode."""
     return user.run(["ssh", "-o", "BatchMode=yes", target, "echo", "in"], env=user.env(**env))
@@ -264,6 +277,7 @@ def test_openssh_launcher_reaches_an_alias_for_an_ipv6_address(client_user, serv
         result, _ = client(client_user, PMREPLICA_LAUNCHER=launcher)
         assert result.get("echo") == "ping\n", result
         assert result["peer"] == "::1"
+    remote_pool(client_user, PMREPLICA_LAUNCHER="openssh")  # its data lanes go to ::1 too
 
 
 # -- the agent as the login user ----------------------------------------------------------------
@@ -271,11 +285,5 @@ def test_the_agent_runs_for_the_login_user(client_user, server):
     key = client_user.authorized_key(passphrase="pw", keep_pub=False)
     agent = client_user.agent_holding(key, "pw")
     setup(client_user, server)
-    sets = client_user.mkdir("sets")
-    client_user.write("sets/r.set", f"PMEMPOOLSET\n{8 * M} {sets}/r.part0\n")
-    done = client_user.python(POOL_CLIENT, ALIAS, str(8 * M), env=client_user.env(
-        SSH_AUTH_SOCK=agent, RPMEM_CMD=agent_command(sets), RPMEM_ENABLE_VERBS="0"))
-    assert done.returncode == 0, done.stderr
-    data = (sets / "r.part0").read_bytes()
-    assert data[4096:8 * M] == bytes(range(256)) * ((8 * M - 4096) // 256)
-    assert (sets / "r.part0").stat().st_uid == client_user.uid
+    part = remote_pool(client_user, SSH_AUTH_SOCK=agent)
+    assert part.stat().st_uid == client_user.uid
