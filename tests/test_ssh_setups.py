@@ -155,6 +155,19 @@ def test_nothing_usable_is_one_eacces_line_saying_why_for_each_key(client_user, 
     assert "offered, not accepted by the server" in message
 
 
+def test_a_key_the_agent_will_not_sign_with_is_named_as_ssh_names_it(client_user, server):
+    key = client_user.authorized_key()
+    agent = client_user.start_agent(deny_confirmation=True)
+    client_user.ssh_add(agent, key, "", "-c")  # each use needs a confirmation, denied
+    (client_user.ssh_dir / "id_ed25519").unlink()  # only the agent has it
+    setup(client_user, server)
+    message = assert_both_refuse(client_user, SSH_AUTH_SOCK=agent)
+    assert "agent key ED25519" in message and "agent refused operation" in message
+    # ssh goes on with the agent's next key; so does the launcher (on a new connection)
+    client_user.ssh_add(agent, client_user.authorized_key(".ssh/second"))
+    assert_both_log_in(client_user, SSH_AUTH_SOCK=agent)
+
+
 def test_identity_agent_in_the_config_with_tokens(client_user, server):
     key = client_user.authorized_key()
     agent = client_user.start_agent("agents/for-127.0.0.1.sock")

@@ -133,9 +133,9 @@ def _proxy_connect(s: SshSettings) -> socket.socket:
     return sock
 
 
-def connect(s: SshSettings, accept_new: bool) -> paramiko.Transport:
-    """A new authenticated transport, host key checked; errors carry errno and the target."""
-    known = known_hosts.load(s.known_hosts + s.global_known_hosts, s.host_key_name)
+def _handshake(s: SshSettings, known: known_hosts.HostKeys,
+               accept_new: bool) -> paramiko.Transport:
+    """A new transport to ``s`` whose host key has been checked, not yet logged in."""
     sock = _proxy_connect(s) if s.proxy_command else _tcp_connect(s)
     t = paramiko.Transport(sock)
     try:
@@ -147,20 +147,19 @@ def connect(s: SshSettings, accept_new: bool) -> paramiko.Transport:
             raise RemoteError(errno.ECONNABORTED, f"{s.target}: SSH handshake with {s.hostname} "
                               f"port {s.port} failed: {exc or type(exc).__name__}") from None
         ssh_host_key.check(t, s, known, accept_new)
-        try:
-            ssh_auth.authenticate(t, s)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            if isinstance(exc, RemoteError):
-                raise
-            raise RemoteError(errno.ECONNABORTED, f"{s.target}: SSH connection to {s.hostname} "
-                              f"port {s.port} failed during login: "
-                              f"{exc or type(exc).__name__}") from None
-        if s.server_alive_interval > 0:
-            t.set_keepalive(s.server_alive_interval)
         return t
     except BaseException:
         t.close()
         raise
+
+
+def connect(s: SshSettings, accept_new: bool) -> paramiko.Transport:
+    """A new authenticated transport, host key checked; errors carry errno and the target."""
+    known = known_hosts.load(s.known_hosts + s.global_known_hosts, s.host_key_name)
+    t = ssh_auth.login(s, lambda: _handshake(s, known, accept_new))
+    if s.server_alive_interval > 0:
+        t.set_keepalive(s.server_alive_interval)
+    return t
 
 
 # -- the connection cache -------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paramiko
@@ -33,6 +34,21 @@ _OPENSSH_KEY = re.compile(rb"-----BEGIN OPENSSH PRIVATE KEY-----(.*?)-----END OP
 _OPENSSH_MAGIC = b"openssh-key-v1\0"
 
 
+class _AgentKey(paramiko.AgentKey):
+    """An agent's key that remembers when the agent would not sign with it (a key added with
+    ``ssh-add -c`` whose use was not confirmed): paramiko's transport dies of that, and the
+    login goes on with the next key on a new connection, where ssh goes on on the same one."""
+
+    refused = False
+
+    def sign_ssh_data(self, data: bytes, algorithm: str | None = None) -> bytes:
+        try:
+            return super().sign_ssh_data(data, algorithm)
+        except paramiko.SSHException:
+            self.refused = True
+            raise
+
+
 class _Agent(AgentSSH):
     """An ssh-agent at a given socket (paramiko's Agent only reads ``$SSH_AUTH_SOCK``)."""
 
@@ -45,6 +61,7 @@ class _Agent(AgentSSH):
         except BaseException:
             sock.close()
             raise
+        self._keys = tuple(_AgentKey(self, k.blob, k.comment) for k in self._keys)
 
     def close(self) -> None:
         self._close()
@@ -57,7 +74,7 @@ class _Identity:
     label: str
     public: bytes | None = None
     path: str | None = None
-    agent_key: paramiko.AgentKey | None = None
+    agent_key: _AgentKey | None = None
 
 
 def _describe(key: paramiko.PKey, where: str) -> str:
@@ -159,8 +176,27 @@ def _agent(s: SshSettings) -> tuple[_Agent | None, str]:
         return None, f"ssh-agent at {s.identity_agent}: cannot connect: {why}"
 
 
-def authenticate(t: paramiko.Transport, s: SshSettings) -> None:
-    """Log in with the first key the server accepts; EACCES listing what was tried."""
+def _offer(t: paramiko.Transport, s: SshSettings, ident: _Identity,
+           key: paramiko.PKey) -> bool:
+    """Offer one key; True when the login is complete, False when the server said no."""
+    try:
+        remaining = t.auth_publickey(s.user, key)
+    except paramiko.BadAuthenticationType as exc:
+        raise RemoteError(errno.EACCES, f"{s.target}: Permission denied for user {s.user}: the "
+                          f"server does not take public keys (it allows "
+                          f"{', '.join(exc.allowed_types)})") from None
+    except paramiko.AuthenticationException:
+        return False
+    if remaining:
+        raise RemoteError(errno.EACCES, f"{s.target}: server wants further authentication "
+                          f"({', '.join(remaining)}) after key {ident.label}")
+    return True
+
+
+def login(s: SshSettings, connect: Callable[[], paramiko.Transport]) -> paramiko.Transport:
+    """A transport from ``connect`` logged in with the first key the server accepts (another
+    one when the agent refused to sign); EACCES listing what was tried."""
+    t = connect()  # first, as ssh: a host that cannot be reached or trusted is said so
     agent, agent_note = _agent(s)
     try:
         identities, notes = _identities(s, agent)
@@ -174,31 +210,32 @@ def authenticate(t: paramiko.Transport, s: SshSettings) -> None:
                     notes.append(f"{ident.label}: {why}")
                     continue
                 ident.label = _describe(key, ident.label)
+            if not t.is_active():  # the agent's refusal ended the last one
+                t = connect()
             try:
-                remaining = t.auth_publickey(s.user, key)
-            except paramiko.BadAuthenticationType as exc:
-                raise RemoteError(errno.EACCES, f"{s.target}: Permission denied for user "
-                                  f"{s.user}: the server does not take public keys (it allows "
-                                  f"{', '.join(exc.allowed_types)})") from None
-            except paramiko.AuthenticationException:
-                notes.append(f"{ident.label}: offered, not accepted by the server")
+                if _offer(t, s, ident, key):
+                    return t
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                if isinstance(exc, RemoteError):
+                    raise
+                if ident.agent_key is None or not ident.agent_key.refused:
+                    raise RemoteError(errno.ECONNABORTED, f"{s.target}: SSH connection to "
+                                      f"{s.hostname} port {s.port} failed during login: "
+                                      f"{exc or type(exc).__name__}") from None
+                notes.append(f"{ident.label}: agent refused operation")
                 continue
-            except paramiko.SSHException as exc:
-                if key is ident.agent_key and t.is_active():  # the agent would not sign
-                    notes.append(f"{ident.label}: agent refused operation ({exc})")
-                    continue
-                raise RemoteError(errno.ECONNABORTED, f"{s.target}: SSH connection failed "
-                                  f"during login: {exc}") from None
-            if remaining:
-                raise RemoteError(errno.EACCES, f"{s.target}: server wants further "
-                                  f"authentication ({', '.join(remaining)}) after key "
-                                  f"{ident.label}")
-            return
+            notes.append(f"{ident.label}: offered, not accepted by the server")
+    except BaseException:
+        t.close()
+        raise
     finally:
         if agent is not None:
             agent.close()
+    t.close()
     if not identities and not notes:
-        notes.append("no keys: no ssh-agent (SSH_AUTH_SOCK unset, no IdentityAgent) and none "
-                     f"of {', '.join(s.identity_files) or 'no IdentityFile'} exists")
+        agent_said = (f"the ssh-agent at {s.identity_agent} holds none" if s.identity_agent
+                      else "no ssh-agent (SSH_AUTH_SOCK unset, no IdentityAgent)")
+        notes.append(f"no keys: {agent_said}, and none of "
+                     f"{', '.join(s.identity_files) or 'no IdentityFile'} exists")
     raise RemoteError(errno.EACCES, f"{s.target}: Permission denied (publickey) for user "
                       f"{s.user}; tried: {'; '.join(notes)}")
