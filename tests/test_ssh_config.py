@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -111,3 +112,20 @@ def test_a_file_added_where_a_pattern_looks_is_read_at_the_next_launch(tmp_path)
     assert settings(main).port == 2210
     (tmp_path / "conf.d" / "10-early").write_text("Host node\n    Port 22100\n")  # edited
     assert settings(main).port == 22100
+
+
+def test_tokens_expand_as_ssh_expands_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("PMR_TEST_DIR", str(tmp_path))
+    conf = tmp_path / "config"
+    conf.write_text("Host alias\n    HostName real-%h.example\n    Port 2222\n    User bob\n"
+                    "    HostKeyAlias keyname\n"
+                    "    UserKnownHostsFile ~/kh_%h_%p_%r_%n_%k_%%_%C ${PMR_TEST_DIR}/%L_%l_%i_%u_%d\n"
+                    "    IdentityAgent ~/agent_%C\n")
+    ours = settings(conf, "alias")
+    done = subprocess.run(["ssh", "-G", "-F", str(conf), "alias"], capture_output=True,
+                          text=True, check=True, stdin=subprocess.DEVNULL)
+    theirs = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert ours.hostname == theirs["hostname"] == "real-alias.example"
+    assert " ".join(ours.known_hosts) == theirs["userknownhostsfile"]
+    assert ours.identity_agent == theirs["identityagent"]
+    assert "%" in ours.known_hosts[0] and str(tmp_path) in ours.known_hosts[1]
