@@ -119,7 +119,8 @@ def test_tokens_expand_as_ssh_expands_them(tmp_path, monkeypatch):
     conf = tmp_path / "config"
     conf.write_text("Host alias\n    HostName real-%h.example\n    Port 2222\n    User bob\n"
                     "    HostKeyAlias keyname\n"
-                    "    UserKnownHostsFile ~/kh_%h_%p_%r_%n_%k_%%_%C ${PMR_TEST_DIR}/%L_%l_%i_%u_%d\n"
+                    "    UserKnownHostsFile ~/kh_%h_%p_%r_%n_%k_%%_%C"
+                    " ${PMR_TEST_DIR}/%L_%l_%i_%u_%d\n"
                     "    IdentityAgent ~/agent_%C\n")
     ours = settings(conf, "alias")
     done = subprocess.run(["ssh", "-G", "-F", str(conf), "alias"], capture_output=True,

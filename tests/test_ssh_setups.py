@@ -98,7 +98,8 @@ def remote_pool(user: ClientUser, **env: str | None) -> Path:
     return part
 
 
-def plain_ssh(user: ClientUser, target: str = ALIAS, **env: str | None) -> subprocess.CompletedProcess:
+def plain_ssh(user: ClientUser, target: str = ALIAS,
+              **env: str | None) -> subprocess.CompletedProcess:
     """The reference: OpenSSH's own client, as the user, in BatchMode."""
     return user.run(["ssh", "-o", "BatchMode=yes", target, "echo", "in"], env=user.env(**env))
 
@@ -199,7 +200,8 @@ def test_passwd_home_not_home_variable(client_user, server, tmp_path):
     # $HOME points elsewhere, at a key the server refuses and no known host: both ignore it
     elsewhere = client_user.mkdir("elsewhere")
     client_user.keygen("elsewhere/.ssh/id_ed25519")
-    client_user.write("elsewhere/.ssh/config", f"Host {ALIAS}\n    HostName 127.0.0.1\n    Port 1\n")
+    client_user.write("elsewhere/.ssh/config",
+                      f"Host {ALIAS}\n    HostName 127.0.0.1\n    Port 1\n")
     assert_both_log_in(client_user, HOME=str(elsewhere))
 
 
