@@ -211,6 +211,12 @@ def _local_replica_info(set_file: PoolSetFile, index: int, rep: LocalReplica
     return info, None, None
 
 
+def _launcher(node: str) -> str:
+    """How the agent on ``node`` would be started from here (launcher, why)."""
+    from .rpmem.launch import describe
+    return describe(node)
+
+
 def _transport(node: str) -> str:
     """The data path a pool on ``node`` gets from here (RDMA device, environment), why."""
     from .rpmem.transport.provider import describe
@@ -342,6 +348,7 @@ def _render_set(info: dict[str, Any]) -> list[str]:
         if rep["kind"] == "remote":
             out.append(f"{name} - remote: node {rep['node']}, pool set {rep['pool_set']}")
             _line(out, "health", rep["health"])
+            _line(out, "launcher", _launcher(rep["node"]))
             _line(out, "transport", _transport(rep["node"]))
             continue
         out.append(f"{name} - local, {len(rep['parts'])} part(s):")

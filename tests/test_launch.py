@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pwd
 import shlex
 import signal
 import subprocess
@@ -394,7 +395,7 @@ def test_config_defaults():
     assert (cfg.launcher, cfg.ssh_command, cfg.ssh_accept_new) == ("paramiko", None, False)
     assert (cfg.enable_sockets, cfg.enable_verbs, cfg.sockets_allowed) == (None, True, True)
     assert (cfg.max_nlanes, cfg.work_queue_size) == (None, None)
-    assert cfg.ssh_config_path == os.path.expanduser("~/.ssh/config")
+    assert cfg.ssh_config_path == os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".ssh/config")
 
 
 def test_config_reads_every_variable():

@@ -1,19 +1,21 @@
 """Include in the ssh config read by the paramiko launcher: included host entries reach a
-real sshd, scopes after and inside an Include mean what OpenSSH makes of them, and what
-cannot be followed is refused naming the file and line."""
+real sshd, scopes after and inside an Include mean what OpenSSH makes of them, what cannot
+be followed is refused naming the file and line, and what paramiko cannot read goes to
+the OpenSSH client."""
 
 from __future__ import annotations
 
 import errno
 import os
 import shlex
+import subprocess
 import sys
 
 import pytest
 
 from pmreplica.rpmem.config import RpmemConfig
-from pmreplica.rpmem.launch import close_connections, launch
-from pmreplica.rpmem.ssh import resolve
+from pmreplica.rpmem.launch import OpenSSHChannel, close_connections, describe, launch
+from pmreplica.rpmem.ssh import NeedsOpenSSH, resolve
 from pmreplica.rpmem.target import Target
 
 
@@ -60,14 +62,21 @@ def test_an_include_inside_a_block_adds_options_under_its_condition(tmp_path):
     assert (settings(main, "other").user, settings(main, "other").port) == ("bob", 22)
 
 
-def test_blocks_included_inside_a_block_are_refused_naming_the_line(tmp_path):
-    (tmp_path / "blocks").write_text("Host *\n    User mallory\n")
-    main = tmp_path / "config"
-    main.write_text(f"# settings\nHost node\n    Include {tmp_path}/blocks\n")
-    with pytest.raises(OSError) as info:
-        settings(main)
-    assert info.value.errno == errno.EOPNOTSUPP
-    assert f"{main}, line 3" in str(info.value) and "PMREPLICA_LAUNCHER=openssh" in str(info.value)
+def test_blocks_included_inside_a_block_hand_the_target_to_openssh(sshd, tmp_path, caplog):
+    (tmp_path / "blocks").write_text("Host *\n    ServerAliveInterval 5\n")
+    main = sshd.write_ssh_config(tmp_path / "config")
+    lines = main.read_text().count("\n")
+    main.write_text(main.read_text() + f"    Include {tmp_path}/blocks\n")
+    with pytest.raises(NeedsOpenSSH) as info:  # paramiko's config cannot say it
+        settings(main, sshd.alias)
+    assert info.value.errno == errno.EOPNOTSUPP and f"{main}, line {lines + 1}" in str(info.value)
+    env = sshd.env(RPMEM_CMD="cat", PMREPLICA_SSH_CONFIG=str(main))
+    chan = launch(sshd.alias, [], config=RpmemConfig.from_env(env))  # OpenSSH reads it
+    assert isinstance(chan, OpenSSHChannel)
+    chan.sendall(b"ok")
+    assert chan.recv_exact(2) == b"ok" and chan.close() == 0
+    assert "using the OpenSSH client" in caplog.text and f"{main}, line" in caplog.text
+    assert describe(sshd.alias, RpmemConfig.from_env(env)).startswith("openssh (the paramiko")
 
 
 def test_an_include_loop_is_eloop(tmp_path):
@@ -103,3 +112,21 @@ def test_a_file_added_where_a_pattern_looks_is_read_at_the_next_launch(tmp_path)
     assert settings(main).port == 2210
     (tmp_path / "conf.d" / "10-early").write_text("Host node\n    Port 22100\n")  # edited
     assert settings(main).port == 22100
+
+
+def test_tokens_expand_as_ssh_expands_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("PMR_TEST_DIR", str(tmp_path))
+    conf = tmp_path / "config"
+    conf.write_text("Host alias\n    HostName real-%h.example\n    Port 2222\n    User bob\n"
+                    "    HostKeyAlias keyname\n"
+                    "    UserKnownHostsFile ~/kh_%h_%p_%r_%n_%k_%%_%C"
+                    " ${PMR_TEST_DIR}/%L_%l_%i_%u_%d\n"
+                    "    IdentityAgent ~/agent_%C\n")
+    ours = settings(conf, "alias")
+    done = subprocess.run(["ssh", "-G", "-F", str(conf), "alias"], capture_output=True,
+                          text=True, check=True, stdin=subprocess.DEVNULL)
+    theirs = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert ours.hostname == theirs["hostname"] == "real-alias.example"
+    assert " ".join(ours.known_hosts) == theirs["userknownhostsfile"]
+    assert ours.identity_agent == theirs["identityagent"]
+    assert "%" in ours.known_hosts[0] and str(tmp_path) in ours.known_hosts[1]

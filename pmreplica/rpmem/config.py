@@ -27,8 +27,8 @@ pmreplica's own:
     ``paramiko`` (default), ``openssh`` or ``local`` (run the agent as a local process, no
     SSH, for one-machine use).
 ``PMREPLICA_SSH_CONFIG``
-    The ssh_config(5) file to honour (default ``~/.ssh/config``; with OpenSSH, ``-F`` is
-    passed only when this is set).
+    The ssh_config(5) file to honour (default ``~/.ssh/config`` in the passwd home, as ssh
+    reads it; with OpenSSH, ``-F`` is passed only when this is set).
 ``PMREPLICA_SSH_ACCEPT_NEW``
     ``1`` accepts and records host keys not yet in known_hosts (like OpenSSH's
     ``StrictHostKeyChecking=accept-new``); the default ``0`` refuses them. A key that
@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pmreplica.errors import PmReplicaError
+from pmreplica.rpmem import account
 
 LauncherName = Literal["paramiko", "openssh", "local"]
 LAUNCHERS: tuple[LauncherName, ...] = ("paramiko", "openssh", "local")
@@ -207,8 +208,11 @@ class RpmemConfig:
 
     @property
     def ssh_config_path(self) -> str:
-        """The ssh_config(5) file the paramiko launcher reads (may not exist)."""
-        return os.path.expanduser(self.ssh_config or DEFAULT_SSH_CONFIG)
+        """The ssh_config(5) file the paramiko launcher reads (may not exist): by default the
+        one in the passwd home, as ssh reads it, whatever ``$HOME`` says."""
+        if self.ssh_config is None:
+            return account.expand_tilde(DEFAULT_SSH_CONFIG)
+        return os.path.expanduser(self.ssh_config)
 
     @property
     def ssh_argv0(self) -> tuple[str, ...]:

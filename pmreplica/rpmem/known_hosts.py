@@ -1,8 +1,9 @@
 """Host key checking against OpenSSH known_hosts files (sshd(8), SSH_KNOWN_HOSTS FILE FORMAT).
 
 Hand-rolled rather than paramiko's ``HostKeys`` because that class skips what a careful
-check needs: ``@revoked`` lines, wildcard and negated patterns, several keys of one type
-for a host, and it rewrites whole files when saving. Here a file is only ever appended to.
+check needs: ``@revoked`` and ``@cert-authority`` lines, wildcard and negated patterns,
+several keys of one type for a host, and it rewrites whole files when saving. Here a file
+is only ever appended to.
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ class KnownKey:
 
 @dataclass(slots=True)
 class HostKeys:
-    """The keys the known_hosts files hold for one host name, and all revoked keys."""
+    """The keys the known_hosts files hold for one host name, the certificate authorities
+    trusted for it, and all revoked keys."""
 
     name: str
     keys: list[KnownKey] = field(default_factory=list)
     revoked: list[KnownKey] = field(default_factory=list)
+    authorities: list[KnownKey] = field(default_factory=list)
 
     @property
     def keytypes(self) -> list[str]:
@@ -128,9 +131,8 @@ def load(paths: list[str] | tuple[str, ...], name: str) -> HostKeys:
             key = KnownKey(path, lineno, keytype, blob)
             if marker == "@revoked":
                 found.revoked.append(key)  # revoked for every host, whatever the pattern
-            elif marker is None and _hosts_match(hosts, name):
-                found.keys.append(key)
-            # @cert-authority: host certificates are not supported; such lines match nothing.
+            elif _hosts_match(hosts, name):
+                (found.keys if marker is None else found.authorities).append(key)
     return found
 
 

@@ -4,9 +4,10 @@ The remote command line is the next ``RPMEM_CMD`` entry (round robin, as librpme
 as written, followed by ``argv`` quoted for the remote shell. Three launchers run it:
 
 ``paramiko`` (default)
-    An exec channel on a cached, host-key-checked SSH connection (:mod:`.ssh`).
+    An exec channel on a cached, host-key-checked SSH connection (:mod:`.ssh`). A target
+    whose ssh config needs what only OpenSSH does (ProxyJump, ...) goes to ``openssh``.
 ``openssh``
-    ``$RPMEM_SSH`` (default ``ssh``) as a child process: ``ssh -T -4 -oBatchMode=yes
+    ``$RPMEM_SSH`` (default ``ssh``) as a child process: ``ssh -T -oBatchMode=yes
     [-F file] [-p port] [-l user] host -- command``. Host keys are OpenSSH's business
     (its StrictHostKeyChecking setting, never turned off here; PMREPLICA_SSH_ACCEPT_NEW=1
     adds ``-oStrictHostKeyChecking=accept-new``).
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shlex
 import socket
 import subprocess
@@ -36,10 +36,11 @@ from typing import Protocol
 from pmreplica.errors import RemoteError
 from pmreplica.rpmem.channel import AgentChannel, AgentConnectionLost, ProcessChannel, exit_error
 from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.ssh_config import NeedsOpenSSH
 from pmreplica.rpmem.target import Target, parse_target
 
 __all__ = ["AgentChannel", "Launcher", "LocalLauncher", "OpenSSHLauncher", "close_connections",
-           "command_line", "launch", "next_command"]
+           "command_line", "describe", "launch", "next_command"]
 
 LOCAL_SSH_CONNECTION = "127.0.0.1 0 127.0.0.1 0"
 
@@ -131,13 +132,23 @@ class OpenSSHChannel(ProcessChannel):
         return exit_error(self.target, self.command, status, stderr)
 
 
-def _first_address(host: str) -> str:
-    """The address a host name resolves to, IPv4 first (as ``ssh -4``); the name if none."""
+_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
+
+
+def _reached_address(host: str, port: int, family: int, probe: bool) -> str:
+    """The address ssh reaches ``host`` at: the first of getaddrinfo's answers, in its order
+    and for the AddressFamily, that takes a TCP connection on ``port`` (ssh's own loop);
+    without ``probe`` (a ProxyCommand decides) or when none answers, the first one."""
     try:
-        infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
     except socket.gaierror:
         return host
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    if probe and len(infos) > 1:
+        for fam, kind, proto, _, address in infos:
+            with socket.socket(fam, kind, proto) as sock:
+                sock.settimeout(5.0)
+                if sock.connect_ex(address) == 0:
+                    return str(address[0])
     return str(infos[0][4][0]) if infos else host
 
 
@@ -160,27 +171,31 @@ class OpenSSHLauncher:
         return options
 
     def argv(self, target: Target, command: str) -> list[str]:
-        """The ssh client command line that runs ``command`` on ``target``."""
-        ipv4 = [] if target.is_ipv6 else ["-4"]
+        """The ssh client command line that runs ``command`` on ``target`` (ssh chooses the
+        address family, as its AddressFamily setting says)."""
         accept_new = ["-oStrictHostKeyChecking=accept-new"] if self.config.ssh_accept_new else []
-        return [*self.config.ssh_argv0, "-T", *ipv4, "-oBatchMode=yes", *accept_new,
+        return [*self.config.ssh_argv0, "-T", "-oBatchMode=yes", *accept_new,
                 *self._options(target), target.host, "--", command]
 
     def _peer(self, target: Target) -> str:
-        """The host ssh connects to, from ``ssh -G`` (HostName applied), resolved IPv4 first."""
+        """The address ssh connects to: ``ssh -G`` applies the config (HostName, Port,
+        AddressFamily, ProxyCommand, ProxyJump), then the address is chosen as ssh does."""
         if target.is_ipv6:
             return target.host
-        host = target.host
+        found = {"hostname": target.host, "port": "22", "addressfamily": "any"}
         try:
             out = subprocess.run([*self.config.ssh_argv0, "-G", *self._options(target),
                                   target.host], capture_output=True, text=True, timeout=10,
                                  stdin=subprocess.DEVNULL)
-            found = re.search(r"^hostname (\S+)$", out.stdout, re.MULTILINE)
-            if out.returncode == 0 and found:
-                host = found.group(1)
+            if out.returncode == 0:
+                found.update(line.split(" ", 1) for line in out.stdout.splitlines()
+                             if " " in line)
         except (OSError, subprocess.SubprocessError):
             pass  # an RPMEM_SSH that is not OpenSSH: the target's own host name it is
-        return _first_address(host)
+        port = int(found["port"]) if found["port"].isdigit() else 22
+        return _reached_address(found["hostname"], port,
+                                _FAMILIES.get(found["addressfamily"], socket.AF_UNSPEC),
+                                probe=not {"proxycommand", "proxyjump"} & found.keys())
 
     def launch(self, target: Target, command: str) -> AgentChannel:
         return OpenSSHChannel(target, command, self.argv(target, command), None,
@@ -219,6 +234,24 @@ def launch(target: str | Target, argv: Sequence[str] = (), *, config: RpmemConfi
     else:
         chosen = launcher
     return chosen.launch(target, command_line(next_command(config), argv))
+
+
+def describe(node: str, config: RpmemConfig | None = None) -> str:
+    """The launcher that would start the agent on ``node`` ([user@]host[:port]) and why, as
+    ``pmreplica info`` shows it: the paramiko launcher hands targets whose ssh config needs
+    the OpenSSH client (ProxyJump, ...) to the openssh launcher."""
+    try:
+        config = config or RpmemConfig.from_env()
+        if config.launcher != "paramiko":
+            chosen_by = "RPMEM_SSH" if config.ssh_command else "PMREPLICA_LAUNCHER"
+            return f"{config.launcher} ({chosen_by})"
+        from pmreplica.rpmem.ssh_settings import resolve  # paramiko loads only when used
+        resolve(parse_target(node), config)
+    except NeedsOpenSSH as why:
+        return f"openssh (the paramiko launcher cannot do {why.strerror})"
+    except OSError as e:
+        return f"none ({e.strerror})"
+    return "paramiko"
 
 
 def close_connections() -> None:

@@ -1,170 +1,53 @@
 """The paramiko launcher: one authenticated SSH connection per target, an exec channel per agent.
 
-The first launch to a target connects (honouring ssh_config(5): HostName, User, Port,
-IdentityFile, IdentitiesOnly, UserKnownHostsFile, GlobalKnownHostsFile, HostKeyAlias,
-HashKnownHosts, ProxyCommand, ConnectTimeout, ServerAliveInterval; the ssh-agent; the
-default keys), checks the host key against known_hosts and authenticates. Later launches
-to the same target open a new session channel on that connection, which costs two round
-trips instead of a key exchange and a login. A connection that died is dropped and
-replaced; when the server's MaxSessions is reached a further connection is opened.
+The first launch to a target connects as its ssh config says (:mod:`.ssh_settings`: HostName,
+User, Port, IdentityFile, IdentitiesOnly, IdentityAgent, UserKnownHostsFile,
+GlobalKnownHostsFile, HostKeyAlias, HashKnownHosts, ProxyCommand, AddressFamily,
+ConnectTimeout, ServerAliveInterval, with Include and %-tokens), checks the host key
+(:mod:`.ssh_host_key`: known_hosts, @revoked, @cert-authority) and logs in
+(:mod:`.ssh_auth`: the agent's keys, then key files). Later launches to the same target
+open a new session channel on that connection, which costs two round trips instead of a
+key exchange and a login. A connection that died is dropped and replaced; when the
+server's MaxSessions is reached a further connection is opened.
 
-Include is expanded before paramiko parses the file (ssh_config.py). Not supported (use
-PMREPLICA_LAUNCHER=openssh): ProxyJump, an Include of Host or Match blocks from inside a
-block, host certificates, password or keyboard-interactive logins.
-StrictHostKeyChecking in the file is not read: unknown host keys are refused unless
-PMREPLICA_SSH_ACCEPT_NEW=1.
+A target whose config asks for what paramiko cannot do (ProxyJump, CertificateFile, Match
+exec, ...: :class:`NeedsOpenSSH`) is handed to the OpenSSH launcher, said once in the log.
+Password and keyboard-interactive logins are never tried (BatchMode). StrictHostKeyChecking
+in the file is not read: unknown host keys are refused unless PMREPLICA_SSH_ACCEPT_NEW=1.
 """
 
 from __future__ import annotations
 
 import atexit
-import base64
-import binascii
 import errno
-import getpass
 import logging
 import os
-import re
-import shlex
 import socket
 import subprocess
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import paramiko
 
-from pmreplica.errors import PmReplicaError, RemoteError
-from pmreplica.rpmem import known_hosts, ssh_config
+from pmreplica.errors import RemoteError
+from pmreplica.rpmem import known_hosts, ssh_auth, ssh_host_key
 from pmreplica.rpmem.channel import AgentChannel, StderrTail
 from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.launch import OpenSSHLauncher
+from pmreplica.rpmem.ssh_settings import NeedsOpenSSH, SshSettings, resolve
 from pmreplica.rpmem.target import Target
+
+__all__ = ["ConnectionPool", "NeedsOpenSSH", "POOL", "ParamikoChannel", "ParamikoLauncher",
+           "SshSettings", "close_connections", "connect", "resolve"]
 
 log = logging.getLogger("pmreplica.rpmem.launch")
 
-DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
-DEFAULT_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
-DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
-DEFAULT_CONNECT_TIMEOUT = 15.0
-
-
-# -- settings -------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class SshSettings:
-    """Everything that decides how a connection is made and checked; also the cache key, so a
-    connection is reused only under the same host key and identity settings."""
-
-    target: Target = field(compare=False)  # for messages only: aliases share connections
-    hostname: str
-    port: int
-    user: str
-    identity_files: tuple[str, ...]
-    identities_only: bool
-    known_hosts: tuple[str, ...]
-    global_known_hosts: tuple[str, ...]
-    host_key_alias: str | None
-    hash_known_hosts: bool
-    proxy_command: str | None
-    connect_timeout: float
-    server_alive_interval: int
-
-    @property
-    def host_key_name(self) -> str:
-        return known_hosts.host_key_name(self.host_key_alias or self.hostname, self.port)
-
-
-_config_cache: dict[str, tuple[ssh_config.Stamp, list[str], paramiko.SSHConfig]] = {}
-_config_lock = threading.Lock()
-
-
-def _load_ssh_config(config: RpmemConfig) -> paramiko.SSHConfig:
-    """Parse the ssh config file and what it includes, again only when one of them changed."""
-    path = config.ssh_config_path
-    with _config_lock:
-        cached = _config_cache.get(path)
-    if cached is not None and ssh_config.stamp(cached[1]) == cached[0]:
-        return cached[2]
-    try:
-        text, sources = ssh_config.expand(path)
-        parsed = paramiko.SSHConfig.from_text(text)
-    except FileNotFoundError:
-        if config.ssh_config is not None:
-            raise PmReplicaError(errno.ENOENT, f"environment variable PMREPLICA_SSH_CONFIG="
-                                 f"{config.ssh_config!r}: no such file") from None
-        return paramiko.SSHConfig()
-    except PmReplicaError:
-        raise  # an Include that cannot be followed, already named
-    except (OSError, paramiko.ConfigParseError) as exc:
-        raise PmReplicaError(errno.EINVAL, f"ssh config {path}: {exc}") from None
-    with _config_lock:
-        _config_cache[path] = (ssh_config.stamp(sources), sources, parsed)
-    return parsed
-
-
-def _paths(value: str | None, default: tuple[str, ...], path: str) -> tuple[str, ...]:
-    try:
-        words = shlex.split(value) if value else list(default)
-    except ValueError as exc:
-        raise PmReplicaError(errno.EINVAL, f"ssh config {path}: {value!r}: {exc}") from None
-    return tuple(os.path.expanduser(w) for w in words if w.lower() != "none")
-
-
-def _number(options: dict[str, Any], key: str, path: str, default: float) -> float:
-    value = options.get(key)
-    if value is None:
-        return default
-    try:
-        return float(int(value))
-    except ValueError:
-        raise PmReplicaError(errno.EINVAL,
-                             f"ssh config {path}: {key} {value!r} is not a number") from None
-
-
-def _expand_proxy_command(command: str, target: Target, hostname: str, port: int,
-                          user: str) -> str:
-    # ssh_config(5) TOKENS for ProxyCommand, expanded here because paramiko's own expansion
-    # takes %p from the config file even when the target names another port.
-    tokens = {"%h": hostname, "%p": str(port), "%r": user, "%n": target.host, "%%": "%"}
-    return os.path.expanduser(re.sub(r"%[hprn%]", lambda m: tokens[m.group(0)], command))
-
-
-def resolve(target: Target, config: RpmemConfig) -> SshSettings:
-    """Apply the ssh config to ``target``: what the target says wins over the file."""
-    path = config.ssh_config_path
-    try:
-        options = _load_ssh_config(config).lookup(target.host)
-    except paramiko.SSHException as exc:  # a Match that cannot be evaluated, canonicalization
-        raise PmReplicaError(errno.EINVAL, f"{target}: ssh config {path}: {exc}") from None
-    if options.get("proxyjump") and options["proxyjump"].lower() != "none":
-        raise PmReplicaError(errno.EOPNOTSUPP, f"{target}: ProxyJump (ssh config {path}) is not "
-                             "supported by the paramiko launcher; use PMREPLICA_LAUNCHER=openssh")
-    hostname = options.get("hostname", target.host)
-    port = target.port if target.port is not None else int(_number(options, "port", path, 22))
-    user = target.user or options.get("user") or getpass.getuser()
-    identities = tuple(os.path.expanduser(p) for p in options.get("identityfile", ()))
-    proxy = options.get("proxycommand")
-    return SshSettings(
-        target=target,
-        hostname=hostname,
-        port=port,
-        user=user,
-        identity_files=identities or tuple(os.path.expanduser(p) for p in DEFAULT_IDENTITIES),
-        identities_only=options.get("identitiesonly", "no").lower() == "yes",
-        known_hosts=_paths(options.get("userknownhostsfile"), DEFAULT_KNOWN_HOSTS, path),
-        global_known_hosts=_paths(options.get("globalknownhostsfile"), DEFAULT_GLOBAL_KNOWN_HOSTS,
-                                  path),
-        host_key_alias=options.get("hostkeyalias"),
-        hash_known_hosts=options.get("hashknownhosts", "no").lower() == "yes",
-        proxy_command=_expand_proxy_command(proxy, target, hostname, port, user) if proxy else None,
-        connect_timeout=_number(options, "connecttimeout", path, DEFAULT_CONNECT_TIMEOUT),
-        server_alive_interval=int(_number(options, "serveraliveinterval", path, 0)),
-    )
-
 
 # -- connecting -----------------------------------------------------------------------------
-def _addresses(host: str, port: int) -> list[tuple[Any, ...]]:
-    """getaddrinfo, IPv4 first (librpmem ran ``ssh -4``; IPv6 only when there is no IPv4)."""
-    infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+def _addresses(s: SshSettings) -> list[tuple[Any, ...]]:
+    """getaddrinfo for the AddressFamily; with ``any``, IPv4 first (librpmem ran ``ssh -4``;
+    IPv6 when there is no IPv4)."""
+    infos = socket.getaddrinfo(s.hostname, s.port, s.address_family, socket.SOCK_STREAM)
     return sorted(infos, key=lambda info: info[0] != socket.AF_INET)
 
 
@@ -188,7 +71,7 @@ class _QuickAckSocket(socket.socket):
 
 def _tcp_connect(s: SshSettings) -> socket.socket:
     try:
-        infos = _addresses(s.hostname, s.port)
+        infos = _addresses(s)
     except socket.gaierror as exc:
         raise RemoteError(errno.EHOSTUNREACH, f"{s.target}: cannot resolve host name "
                           f"{s.hostname!r}: {exc.strerror}") from None
@@ -250,139 +133,33 @@ def _proxy_connect(s: SshSettings) -> socket.socket:
     return sock
 
 
-def _check_host_key(t: paramiko.Transport, s: SshSettings, known: known_hosts.HostKeys,
-                    accept_new: bool) -> None:
-    key = t.get_remote_server_key()
-    keytype, blob = key.get_name(), key.asbytes()
-    shown = f"{keytype} key {known_hosts.fingerprint(blob)}"
-    files = s.known_hosts + s.global_known_hosts
-    for bad in known.revoked:
-        if bad.blob == blob:
-            raise RemoteError(errno.EACCES, f"{s.target}: host key of {known.name} ({shown}) is "
-                              f"marked revoked in {bad.where}; refusing to connect")
-    if any(k.blob == blob for k in known.keys):
-        return
-    if known.keys:
-        where = ", ".join(k.where for k in known.keys)
-        raise RemoteError(errno.EACCES, f"{s.target}: HOST KEY MISMATCH for {known.name}: the "
-                          f"server offers {shown}, which is not the key recorded in {where} "
-                          "(possible man-in-the-middle attack); if the host key was changed on "
-                          f"purpose, remove the old entry with: ssh-keygen -R '{known.name}' "
-                          f"-f {known.keys[0].path}")
-    if not accept_new:
-        record = s.known_hosts[0] if s.known_hosts else "~/.ssh/known_hosts"
-        raise RemoteError(errno.EACCES, f"{s.target}: host key of {known.name} is not known "
-                          f"({shown}; checked {', '.join(files) or 'no files'}); verify the "
-                          f"fingerprint and add the key to {record} (for example by connecting "
-                          "once with ssh), or set PMREPLICA_SSH_ACCEPT_NEW=1 to accept and "
-                          "record new host keys")
-    if not s.known_hosts:
-        raise RemoteError(errno.EACCES, f"{s.target}: host key of {known.name} is not known and "
-                          "UserKnownHostsFile is none, so it cannot be recorded")
-    known_hosts.append(s.known_hosts[0], known.name, keytype, blob, s.hash_known_hosts)
-    log.warning("%s: recorded new host key of %s (%s) in %s", s.target, known.name, shown,
-                s.known_hosts[0])
-
-
-def _prefer_known_key_types(t: paramiko.Transport, known: known_hosts.HostKeys) -> None:
-    """Negotiate a host key type already on record, as OpenSSH does, so that a host known by
-    its RSA key is not taken for a changed host when it also offers ed25519."""
-    options = t.get_security_options()
-    offered = list(options.key_types)
-    wanted: list[str] = []
-    for keytype in known.keytypes:
-        names = ["rsa-sha2-512", "rsa-sha2-256"] if keytype == "ssh-rsa" else [keytype]
-        wanted += [n for n in names if n in offered and n not in wanted]
-    if wanted:
-        options.key_types = wanted + [n for n in offered if n not in wanted]
-
-
-def _public_blob(path: str) -> bytes | None:
-    try:
-        with open(path + ".pub", encoding="ascii", errors="replace") as f:
-            fields = f.read().split()
-        return base64.b64decode(fields[1]) if len(fields) >= 2 else None
-    except (OSError, ValueError, binascii.Error):
-        return None
-
-
-def _authenticate(t: paramiko.Transport, s: SshSettings) -> None:
-    """Public key authentication only (BatchMode): the config's identities, the agent's keys,
-    then the default keys; a key that needs a passphrase is skipped unless the agent holds it."""
-    agent = paramiko.Agent() if os.environ.get("SSH_AUTH_SOCK") else None
-    try:
-        agent_keys = list(agent.get_keys()) if agent is not None else []
-        candidates: list[tuple[str, paramiko.PKey | None, str | None]] = []
-        used: set[bytes] = set()
-        for path in s.identity_files:
-            blob = _public_blob(path)
-            match = next((k for k in agent_keys if blob is not None and k.asbytes() == blob), None)
-            if match is not None:
-                candidates.append((f"{path} (agent)", match, None))
-                used.add(match.asbytes())
-            elif os.path.exists(path):
-                candidates.append((path, None, path))
-        if not s.identities_only:
-            candidates += [(f"agent key {k.get_fingerprint().hex()[:16]}", k, None)
-                           for k in agent_keys if k.asbytes() not in used]
-        tried: list[str] = []
-        for name, key, path in candidates:
-            if key is None:
-                try:
-                    key = paramiko.PKey.from_path(path)
-                except paramiko.PasswordRequiredException:
-                    tried.append(f"{name} (needs a passphrase; load it into ssh-agent)")
-                    continue
-                except (OSError, paramiko.SSHException, ValueError) as exc:
-                    tried.append(f"{name} (unreadable: {exc})")
-                    continue
-            try:
-                remaining = t.auth_publickey(s.user, key)
-            except paramiko.AuthenticationException:
-                tried.append(name)
-                continue
-            except paramiko.SSHException as exc:
-                raise RemoteError(errno.ECONNABORTED, f"{s.target}: SSH connection failed "
-                                  f"during login: {exc}") from None
-            if remaining:
-                raise RemoteError(errno.EACCES, f"{s.target}: server wants further "
-                                  f"authentication ({', '.join(remaining)}) after key {name}")
-            return
-        raise RemoteError(errno.EACCES, f"{s.target}: permission denied (publickey) for user "
-                          f"{s.user}; tried {', '.join(tried) or 'no keys (none found)'}")
-    finally:
-        if agent is not None:
-            agent.close()
-
-
-def connect(s: SshSettings, accept_new: bool) -> paramiko.Transport:
-    """A new authenticated transport, host key checked; errors carry errno and the target."""
-    known = known_hosts.load(s.known_hosts + s.global_known_hosts, s.host_key_name)
+def _handshake(s: SshSettings, known: known_hosts.HostKeys,
+               accept_new: bool) -> paramiko.Transport:
+    """A new transport to ``s`` whose host key has been checked, not yet logged in."""
     sock = _proxy_connect(s) if s.proxy_command else _tcp_connect(s)
     t = paramiko.Transport(sock)
     try:
         t.banner_timeout = t.auth_timeout = t.handshake_timeout = s.connect_timeout
-        _prefer_known_key_types(t, known)
+        ssh_host_key.prefer_known_key_types(t, known)
         try:
             t.start_client(timeout=s.connect_timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise RemoteError(errno.ECONNABORTED, f"{s.target}: SSH handshake with {s.hostname} "
                               f"port {s.port} failed: {exc or type(exc).__name__}") from None
-        _check_host_key(t, s, known, accept_new)
-        try:
-            _authenticate(t, s)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            if isinstance(exc, RemoteError):
-                raise
-            raise RemoteError(errno.ECONNABORTED, f"{s.target}: SSH connection to {s.hostname} "
-                              f"port {s.port} failed during login: "
-                              f"{exc or type(exc).__name__}") from None
-        if s.server_alive_interval > 0:
-            t.set_keepalive(s.server_alive_interval)
+        ssh_host_key.check(t, s, known, accept_new)
         return t
     except BaseException:
         t.close()
         raise
+
+
+def connect(s: SshSettings, accept_new: bool) -> paramiko.Transport:
+    """A new authenticated transport, host key checked; errors carry errno and the target."""
+    known = known_hosts.load(s.known_hosts + s.global_known_hosts, s.host_key_name)
+    t = ssh_auth.login(s, lambda: _handshake(s, known, accept_new))
+    if s.server_alive_interval > 0:
+        t.set_keepalive(s.server_alive_interval)
+    return t
 
 
 # -- the connection cache -------------------------------------------------------------------
@@ -496,7 +273,7 @@ class ParamikoChannel(AgentChannel):
             if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
                 self._peer_address = str(sock.getpeername()[0])
             else:  # through a ProxyCommand: where the host name leads
-                infos = _addresses(self._settings.hostname, self._settings.port)
+                infos = _addresses(self._settings)
                 self._peer_address = str(infos[0][4][0])
         return self._peer_address
 
@@ -541,7 +318,8 @@ class ParamikoChannel(AgentChannel):
 
 
 class ParamikoLauncher:
-    """Starts agents over paramiko SSH connections from the shared :data:`POOL`."""
+    """Starts agents over paramiko SSH connections from the shared :data:`POOL`; a target whose
+    config needs the OpenSSH client is started through :class:`OpenSSHLauncher` instead."""
 
     name = "paramiko"
 
@@ -549,8 +327,11 @@ class ParamikoLauncher:
         self.config = config
         self.pool = pool
 
-    def launch(self, target: Target, command: str) -> ParamikoChannel:
-        s = resolve(target, self.config)
+    def launch(self, target: Target, command: str) -> AgentChannel:
+        try:
+            s = resolve(target, self.config)
+        except NeedsOpenSSH as why:
+            return self._through_openssh(target, command, why.strerror)
         for attempt in (1, 2):
             t, chan = self.pool.open_session(s, self.config.ssh_accept_new)
             try:
@@ -564,3 +345,14 @@ class ParamikoLauncher:
                                   f"{target}: server refused to run {command!r}: {exc}") from None
             return ParamikoChannel(target, command, t, chan, s, self.pool)
         raise AssertionError("unreachable")
+
+    def _through_openssh(self, target: Target, command: str, why: str) -> AgentChannel:
+        if (target, why) not in _HANDED_OVER:
+            _HANDED_OVER.add((target, why))
+            log.warning("%s: using the OpenSSH client (%s): the paramiko launcher cannot do %s",
+                        target, " ".join(self.config.ssh_argv0), why)
+        return OpenSSHLauncher(self.config).launch(target, command)
+
+
+#: (target, reason) pairs already said in the log, so a reconnecting pool says it once
+_HANDED_OVER: set[tuple[Target, str]] = set()

@@ -4,14 +4,17 @@ paramiko reads one file and skips ``Include``, so a host defined in an included 
 usual ``Include config.d/*`` layout) would silently fall back to defaults: another user,
 port or key than ``ssh`` uses. Here each Include is replaced by the files it names, in
 place, as OpenSSH reads them: glob patterns in lexical order, relative names under
-``~/.ssh``, a pattern that matches nothing skipped, at most 16 levels deep. Two rules keep
+``~/.ssh``, a pattern that matches nothing skipped, at most 16 levels deep (``~`` is
+``$HOME`` here, unlike everywhere else in ssh: OpenSSH globs Include patterns with
+GLOB_TILDE, which reads ``$HOME``). Two rules keep
 the flattened text meaning what OpenSSH makes of the files:
 
 - after an included file that opened Host or Match blocks, a ``Host *`` line returns the
   lines that follow the Include to the scope they were written in (the global one);
 - inside a Host or Match block an Include may bring in options only. An included file
   with blocks of its own would apply under both conditions at once, which paramiko's
-  config cannot say; it is refused with the file and line rather than read differently.
+  config cannot say; it raises :class:`NeedsOpenSSH` naming the file and line rather
+  than being read differently, and the launcher hands such a config to OpenSSH.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from pmreplica.errors import PmReplicaError
 MAX_DEPTH = 16  # OpenSSH's READCONF_MAX_DEPTH
 _SETTING = re.compile(r"(\w+)(?:\s*=\s*|\s+)(.+)")  # the keyword split paramiko uses
 _BLOCKS = ("host", "match")
+
+class NeedsOpenSSH(PmReplicaError):
+    """The ssh config asks for something only the OpenSSH client does (ProxyJump, ...);
+    the message says what and where. The paramiko launcher hands such targets to OpenSSH."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.EOPNOTSUPP, reason)
+
 
 #: what a stamp records per source: (mtime_ns, size), or None for a missing path
 Stamp = tuple[tuple[str, tuple[int, int] | None], ...]
@@ -83,11 +94,8 @@ def _read(path: str, top: str, depth: int, in_block: bool,
                 raise PmReplicaError(e.errno or errno.EIO,
                                      f"{where}: cannot read {included}: {e.strerror}") from None
             if has_blocks and in_block:
-                raise PmReplicaError(errno.EOPNOTSUPP, f"{where}: {included} has Host or Match "
-                                     "blocks and is included inside a block; the paramiko "
-                                     "launcher cannot nest them (move the Include above the "
-                                     "first Host or Match line, or use "
-                                     "PMREPLICA_LAUNCHER=openssh)")
+                raise NeedsOpenSSH(f"{where}: {included} has Host or Match blocks and is "
+                                   "included inside a block")
             out += lines
             if has_blocks:
                 out.append("Host *\n")  # back to the global scope the Include stood in
@@ -103,7 +111,7 @@ def _included(value: str, where: str, sources: list[str]) -> list[str]:
         raise PmReplicaError(errno.EINVAL, f"{where}: Include {value!r}: {e}") from None
     files: list[str] = []
     for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
+        pattern = os.path.expanduser(pattern)  # $HOME, as OpenSSH's glob(3) GLOB_TILDE
         if not os.path.isabs(pattern):
             pattern = os.path.join(os.path.expanduser("~/.ssh"), pattern)
         if glob.has_magic(pattern):  # watch where a new match would appear
