@@ -302,3 +302,24 @@ def test_the_agent_runs_for_the_login_user(client_user, server):
     setup(client_user, server)
     part = remote_pool(client_user, SSH_AUTH_SOCK=agent)
     assert part.stat().st_uid == client_user.uid
+
+
+def test_a_login_shell_that_prints_a_banner(client_user, tmp_path):
+    """Debian's bash runs ~/.bashrc for ssh commands: what it prints on stdout comes before
+    the agent's announcement, which the client finds past it (both launchers); when no agent
+    announces itself, the error quotes what the login printed."""
+    subprocess.run(["usermod", "--shell", "/bin/bash", client_user.name], check=True)
+    client_user.write(".bashrc", "echo 'Welcome to node: 4 updates, 1 reboot pending'\n"
+                                 "printf '\\000\\001 binary noise\\n'\n")
+    client_user.authorized_key()
+    with start_sshd(tmp_path, login_rc=True) as server:
+        setup(client_user, server)
+        ref = plain_ssh(client_user)
+        assert ref.stdout.startswith("Welcome to node"), ref  # the login does print it
+        for launcher in ("paramiko", "openssh"):
+            remote_pool(client_user, PMREPLICA_LAUNCHER=launcher).unlink()
+        done = client_user.python(POOL_CLIENT, ALIAS, str(8 * M), env=client_user.env(
+            RPMEM_CMD="/nonexistent/pmreplica-agent"))
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "command not found" in last and "the login printed: 'Welcome to node" in last, last
