@@ -54,8 +54,10 @@ def pmreplica_replica_failed(replica: "ReplicaStatus", error: BaseException) -> 
 
     The pool keeps working on its other replicas (degraded mode) and the replica is marked
     stale in the master's metadata, so that replica-sync repairs it. Called from the thread
-    whose persist found the failure: keep implementations short and do not call back into
-    the pool from here."""
+    whose persist found the failure, or from the thread of a target that found it on its
+    own (the rpmem plugin's heartbeat, when a host stops answering an idle pool; a plugin
+    reports such failures with ``poolset.target_failed(target, error)``): keep
+    implementations short and do not call back into the pool from here."""
 
 
 @hookspec

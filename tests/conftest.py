@@ -21,7 +21,7 @@ import pytest
 
 from .helpers import unavailable
 
-pytest_plugins = ["tests.fixtures.sshd", "tests.fixtures.client_user"]
+pytest_plugins = ["tests.fixtures.sshd", "tests.fixtures.client_user", "tests.fixtures.hosts"]
 
 SHM = Path("/dev/shm")
 
