@@ -6,6 +6,7 @@ byte-exact copies, and once the host is back replica-sync copies only what it mi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,23 @@ def make_set(bed: HostBed, d: Path, names: tuple[str, ...]) -> Path:
                      *(f"REPLICA {name} r.set" for name in names))
 
 
+def replica_sync(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The replica-sync command, as another process."""
+    return subprocess.run([str(Path(sys.executable).parent / "replica-sync"), *args,
+                           str(path)], capture_output=True, text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def created(bed: HostBed, d: Path, names: tuple[str, ...]) -> Iterator[tuple[Path, PoolSet,
+                                                                             Events]]:
+    """:func:`make_set`, created, then opened with an :class:`Events` recorder."""
+    path = make_set(bed, d, names)
+    PoolSet.create(path).close()
+    events = Events()
+    with PoolSet.open(path, plugins=[events]) as pool:
+        yield path, pool, events
+
+
 def data(path: Path) -> bytes:
     """The pool's data range as a part file holds it (read by another process)."""
     return remote_bytes([(SIZE, path)])[HDR_SIZE:]
@@ -113,10 +132,7 @@ def bed(hosts: HostBed, monkeypatch: pytest.MonkeyPatch) -> HostBed:
 
 def test_a_silent_cut_degrades_within_the_peer_timeout_and_the_others_stay_exact(
         bed, pool_dir):
-    path = make_set(bed, pool_dir, ("h1", "h2", "h3"))
-    events = Events()
-    PoolSet.create(path).close()
-    with PoolSet.open(path, plugins=[events]) as pool:
+    with created(bed, pool_dir, ("h1", "h2", "h3")) as (path, pool, events):
         writers = [Writer(pool, lane, seed=lane) for lane in range(2)]
         for w in writers:
             w.start()
@@ -162,8 +178,7 @@ def test_heal_then_replica_sync_copies_only_what_was_missed(bed, pool_dir):
         assert pool.replicas[2].state == FAILED
     bed["h2"].heal()
     assert not bed["h2"].wait_agents_gone(), "the cut-off agent did not give its client up"
-    done = subprocess.run([str(Path(sys.executable).parent / "replica-sync"), "--json",
-                           str(path)], capture_output=True, text=True, timeout=60)
+    done = replica_sync(path, "--json")
     report = json.loads(done.stdout)
     assert done.returncode == 1, report
     r2 = report["replicas"][2]
@@ -180,10 +195,7 @@ def test_heal_then_replica_sync_copies_only_what_was_missed(bed, pool_dir):
 
 
 def test_heal_then_online_resync_copies_only_what_was_missed(bed, pool_dir):
-    path = make_set(bed, pool_dir, ("h1", "h2"))
-    PoolSet.create(path).close()
-    events = Events()
-    with PoolSet.open(path, plugins=[events]) as pool:
+    with created(bed, pool_dir, ("h1", "h2")) as (path, pool, events):
         bed["h2"].cut()
         rng = random.Random(4)
         for _ in range(40):  # the first persist finds h2 gone; the rest go on without it
@@ -202,10 +214,7 @@ def test_heal_then_online_resync_copies_only_what_was_missed(bed, pool_dir):
 
 
 def test_a_crashed_host_fails_at_once_and_comes_back(bed, pool_dir):
-    path = make_set(bed, pool_dir, ("h1", "h2"))
-    events = Events()
-    PoolSet.create(path).close()
-    with PoolSet.open(path, plugins=[events]) as pool:
+    with created(bed, pool_dir, ("h1", "h2")) as (path, pool, events):
         w = Writer(pool)
         w.start()
         time.sleep(0.3)
@@ -215,17 +224,13 @@ def test_a_crashed_host_fails_at_once_and_comes_back(bed, pool_dir):
         assert [i for _, i, _ in events.failed] == [2]
         assert w.longest < 1.0, w.longest
     bed["h2"].restart()
-    done = subprocess.run([str(Path(sys.executable).parent / "replica-sync"), str(path)],
-                          capture_output=True, text=True, timeout=60)
+    done = replica_sync(path)
     assert done.returncode == 1, done.stderr
     assert data(bed["h2"].dir / "r.part0") == data(pool_dir / "m")
 
 
 def test_a_frozen_host_fails_and_a_short_stall_does_not(bed, pool_dir):
-    path = make_set(bed, pool_dir, ("h1", "h2"))
-    events = Events()
-    PoolSet.create(path).close()
-    with PoolSet.open(path, plugins=[events]) as pool:
+    with created(bed, pool_dir, ("h1", "h2")) as (path, pool, events):
         w = Writer(pool)
         w.start()
         for _ in range(3):  # sshd and agent stop for 0.3 s: slower persists, no failure
@@ -249,10 +254,7 @@ def test_a_frozen_host_fails_and_a_short_stall_does_not(bed, pool_dir):
 
 
 def test_a_large_persist_over_four_lanes_returns_when_a_host_is_cut(bed, pool_dir):
-    path = make_set(bed, pool_dir, ("h1", "h2"))
-    events = Events()
-    PoolSet.create(path).close()
-    with PoolSet.open(path, plugins=[events]) as pool:
+    with created(bed, pool_dir, ("h1", "h2")) as (path, pool, events):
         assert pool.nlanes == 4
         quarter = (SIZE - HDR_SIZE) // 4 // 4096 * 4096
         pool.buf[HDR_SIZE:] = random.Random(3).randbytes(SIZE - HDR_SIZE)
