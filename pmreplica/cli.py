@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 #: ``register(subparsers)``: it adds its parsers and sets ``func`` (args -> exit status) on
 #: them with ``set_defaults``; ``-v/--verbose`` is added to every command here. Adding a
 #: command module is one line in this tuple.
-COMMAND_MODULES: tuple[str, ...] = ("pmreplica.sync_cli", "pmreplica.demo", "pmreplica.bench")
+COMMAND_MODULES: tuple[str, ...] = ("pmreplica.sync_cli", "pmreplica.promote", "pmreplica.demo",
+                                    "pmreplica.bench")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

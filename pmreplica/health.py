@@ -33,7 +33,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import generation
 from .errors import PmReplicaError
+from .generation import AHEAD, Generation
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
 from .pool import NamedReplica
 from .poolset import LocalReplica, PoolSetFile, RemoteReplica, Replica
@@ -111,6 +113,12 @@ class Probe(NamedReplica):
     repairable: bool = True
     #: fresh, stale or unknown (sound replicas only)
     freshness: str | None = None
+    #: the generation the replica records (generation.py), None if none
+    generation: Generation | None = None
+    #: to be repaired by comparing checksums with the source (it may hold what it lacks)
+    compare: bool = False
+    #: what the generations say of it, beside its problems
+    remarks: list[str] = field(default_factory=list)
 
     @property
     def sound(self) -> bool:
@@ -142,6 +150,7 @@ def probe_local(set_file: PoolSetFile, index: int, spec: LocalReplica,
     if not problems and headers and headers[0].header is not None:
         probe.header = headers[0].header
         probe.identity = Identity.of_header(headers[0].header)
+        probe.generation = generation.of_page(headers[0].raw)  # type: ignore[arg-type]
     elif not headers:
         probe.problems.append("replica has no headers")
     return probe
@@ -166,6 +175,10 @@ def probe_remote(index: int, spec: RemoteReplica, pool_size: int, buffer: memory
             probe.repairable = False
         else:
             probe.identity = Identity.of_attr(attr)
+            try:
+                probe.generation = Generation.unpack(probe.remote.stat().blob)
+            except OSError as e:
+                log.debug("%s: no generation: %s", probe.name, e)
         return probe
     try:
         st = client.stat(spec.node, spec.pool_set)
@@ -173,6 +186,7 @@ def probe_remote(index: int, spec: RemoteReplica, pool_size: int, buffer: memory
         probe.reachable = False
         probe.problems.append(_message(e))
         return probe
+    probe.generation = Generation.unpack(st.blob) if st.blob else None
     if st.size < pool_size:
         probe.repairable = False
         probe.problems.append(f"the remote pool set gives {st.size} bytes, the pool needs "
@@ -214,11 +228,17 @@ class Judgement:
     holders: list[int]
     #: each replica's uuid as the repaired pool set will have it
     canonical: list[_uuid.UUID]
+    #: why nothing may be repaired without the operator's choice (split brain, superseded)
+    conflict: str | None = None
+    #: the newest generation of the replicas (None: none recorded)
+    newest: Generation | None = None
 
 
-def judge(probes: list[Probe], pool_size: int) -> Judgement:
+def judge(probes: list[Probe], pool_size: int,
+          discard: frozenset[int] = frozenset()) -> Judgement:
     """Judge the probed replicas together; adds identity and link problems to the probes
-    and sets their freshness."""
+    and sets their freshness (``discard``: replicas whose data the operator gives up, see
+    :func:`_generations`)."""
     n = len(probes)
     reference = _reference(probes)
     if reference is not None:
@@ -262,7 +282,57 @@ def judge(probes: list[Probe], pool_size: int) -> Judgement:
             p.link_problems.append(f"next replica uuid does not name replica {nxt}")
         if ident.prev_repl != canonical[prv]:
             p.link_problems.append(f"previous replica uuid does not name replica {prv}")
-    return Judgement(reference, state, holders, canonical)
+        if state is not None and state.is_stale(p.index) and state.needs_compare(p.index):
+            p.compare = True
+    conflict, newest = _generations(probes, canonical[0], discard)
+    return Judgement(reference, state, holders, canonical, conflict, newest)
+
+
+def _generations(probes: list[Probe], master: _uuid.UUID, discard: frozenset[int]
+                 ) -> tuple[str | None, Generation | None]:
+    """Judge the replicas' generations (generation.py): a replica behind the newest one
+    missed acknowledged writes (stale, repaired by comparison: it may also hold writes the
+    newest line lacks); replicas in ``discard`` are treated as behind, whatever they hold.
+    Returns why the pool set cannot be repaired without a choice (two lines of generations
+    that both took writes: split brain; or the newest begun by another master: this set was
+    superseded), and the newest generation."""
+    gens = {p.index: p.generation for p in probes
+            if p.sound and p.generation is not None and p.index not in discard}
+    heads = [i for i, g in gens.items()
+             if not any(gens[j].relation(g) == AHEAD for j in gens if j != i)]
+    lines: dict[bytes, list[int]] = {}
+    for i in heads:
+        lines.setdefault(gens[i].id, []).append(i)
+    behind = [p for p in probes if p.sound and (p.index in discard or (
+        p.index in gens and gens[p.index].id not in lines))]
+    for p in behind:
+        if p.freshness != STALE or p.index in discard:  # what it lacks is not on record
+            p.compare = True
+        p.freshness = STALE
+        p.remarks.append(f"discarded (--discard {p.index}): repaired from the source"
+                         if p.index in discard else
+                         f"behind: it missed acknowledged writes ({gens[p.index].describe()})")
+    if len(lines) > 1:
+        sides = [probes[ids[0]] for ids in lines.values()]
+        a, b = sides[0], sides[1]
+        ga, gb = gens[a.index], gens[b.index]
+        parted = ga.parted(gb)
+        since = f"generation {parted}" if parted is not None else "a generation no longer recorded"
+        return (f"split brain: {a.name} and {b.name} both took writes after they parted at "
+                f"{since} ({a.name}: {ga.describe()}; {b.name}: {gb.describe()}); nothing is "
+                f"overwritten until you choose the side to lose with --discard "
+                f"{a.index} or --discard {b.index}"), None
+    if not lines:
+        return None, None
+    (ids,) = lines.values()
+    newest = gens[ids[0]]
+    if newest.master != master.bytes:
+        holder = probes[ids[0]]
+        return (f"this pool set was superseded: {holder.name} holds newer data "
+                f"({newest.describe()}) under another master (a replica promoted since); "
+                f"rejoin this set's master as a replica of that pool instead, or keep this "
+                f"set's data with --discard {' --discard '.join(map(str, ids))}"), newest
+    return None, newest
 
 
 def _reference(probes: list[Probe]) -> Probe | None:

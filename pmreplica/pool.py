@@ -20,8 +20,10 @@ from typing import Iterable
 
 import pluggy
 
+from . import generation as _generation
 from . import poolset as _poolset
 from .errors import HeaderError, PmReplicaError, ReplicaError
+from .generation import AHEAD, BEHIND, DIVERGED, Generation  # noqa: F401
 from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
 from .pmem import Mapping
 from .plugin_manager import make_plugin_manager
@@ -107,6 +109,8 @@ class PoolSet:
         self.replicas: list[ReplicaStatus] = [ReplicaStatus(0, set_file.replicas[0])]
         self._active: tuple[tuple[ReplicaStatus, ReplicaTarget], ...] = ()
         self.state = ReplicaState.load(self.buf[:HDR_SIZE], self.size, len(set_file.replicas))
+        #: the generation the master is in (generation.py); None for a pool made before them
+        self.generation: Generation | None = _generation.of_page(self.buf[:HDR_SIZE])
         self._degraded = False
         self._reset_pending(nlanes)
         #: chunks written while :meth:`resync` copies (None when no resync runs)
@@ -159,6 +163,8 @@ class PoolSet:
                     raise
                 status.target = target
             self._activate()
+            with self._state_lock:
+                self._advance_generation()  # the first: every replica in step
             return self
         except BaseException:
             self._discard_created()
@@ -182,6 +188,8 @@ class PoolSet:
         self = cls._map(set_file, master, plugins, nlanes)
         try:
             hdr = headers[0].header if headers else None
+            if hdr is not None:
+                self._check_master_role(hdr)
             nexts: dict[int, bytes] = {} if hdr is None else {0: hdr.next_repl.bytes_le}
             for status in self.replicas[1:]:
                 if self.state.is_stale(status.index):
@@ -190,8 +198,15 @@ class PoolSet:
                                 "`replica-sync` to bring it up to date)", status.name)
                 try:
                     target = self._target(status.spec, status.index, create=False)
+                except OSError as e:
+                    self._report_failed(status, e)
+                    continue
+                try:
                     attr = target.open()
                 except OSError as e:
+                    if e.errno in (errno.EBUSY, errno.EINVAL):  # there, but not to be had:
+                        self._compare_generation(status, target)  # promoted elsewhere?
+                    _close_quietly(target)
                     self._report_failed(status, e)
                     continue
                 status.target = target
@@ -202,11 +217,54 @@ class PoolSet:
                         _close_quietly(target)
                         status.target = None
                         self._report_failed(status, ReplicaError(errno.EINVAL, problem))
+                        continue
+                self._compare_generation(status, target)
             self._activate()
+            with self._state_lock:
+                self._advance_generation(only_if_changed=True)
             return self
         except BaseException:
             self.close()
             raise
+
+    def _check_master_role(self, hdr: PoolHeader) -> None:
+        """Refuse to open a replica of another master as a master (``pmreplica promote``
+        makes it one)."""
+        gen = self.generation
+        if gen is not None and not gen.is_master(hdr.uuid):
+            raise HeaderError(errno.EPERM, f"{self.set_file.path}: this is a replica of "
+                                           f"another pool set's master (replica uuid "
+                                           f"{hdr.uuid}, {gen.describe()} of master "
+                                           f"{_uuid.UUID(bytes=gen.master)}): run `pmreplica "
+                                           "promote` to make it a master")
+
+    def _compare_generation(self, status: "ReplicaStatus", target: ReplicaTarget) -> None:
+        """Compare replica ``status``'s generation with the master's: a replica behind is
+        stale; a replica ahead (this master was superseded: a replica was promoted) or
+        diverged from it (both took writes: split brain) stops the open, since writing here
+        would overwrite or fork acknowledged data."""
+        mine = self.generation
+        stat = getattr(target, "stat", None)
+        if mine is None or stat is None:
+            return
+        try:
+            theirs = getattr(stat(), "generation", None)
+        except OSError as e:
+            log.debug("%s: its generation cannot be read: %s", status.name, e)
+            return
+        if theirs is None:
+            return
+        relation = mine.relation(theirs)
+        if relation == AHEAD:
+            if not self.state.is_stale(status.index):
+                log.warning("%s is behind the master (%s, the master's %s): stale",
+                            status.name, theirs.describe(), mine.describe())
+                self.state.mark_stale(status.index, full=True, compare=True)
+                self._store_state()
+            status.state = STALE
+        elif relation in (BEHIND, DIVERGED):
+            raise PmReplicaError(errno.ESTALE, split_message(
+                self.set_file.path, mine, status.index, status.name, theirs, relation))
 
     @classmethod
     def _map(cls, set_file: PoolSetFile, master: LocalReplicaFiles,
@@ -360,7 +418,9 @@ class PoolSet:
     def _fail(self, status: ReplicaStatus, target: ReplicaTarget, error: Exception,
               offset: int | None = None, length: int = 0) -> None:
         """Take a replica off the write path, record it stale with what it may have missed
-        (the failed range and every lane's undrained flushes), tell the host application.
+        (the failed range and every lane's undrained flushes), start a new generation among
+        the replicas left (recorded on each before any persist that skips this replica can
+        return: degraded persists wait for the state lock), tell the host application.
         The target is closed at once, so that the failed storage is let go (a disk can be
         unmounted and replaced while the application runs); a target must therefore bear
         being closed while another lane's thread is in one of its calls. ``target`` is the
@@ -381,22 +441,70 @@ class PoolSet:
                 if changed:
                     self._store_state()
                 return
-            status.target = None
-            self._active = tuple(p for p in self._active if p[0] is not status)
-            self._degraded = True
-        _close_quietly(target)
-        self._report_failed(status, error)
+            dropped = self._drop([(status, error)])
+        for st, tgt, err in dropped:
+            _close_quietly(tgt)
+            self._announce_failed(st, err)
+
+    def _drop(self, failures: list[tuple[ReplicaStatus, OSError]]
+              ) -> list[tuple[ReplicaStatus, ReplicaTarget, OSError]]:
+        """Take failed replicas off the write path, mark them stale and start a new
+        generation without them (the state lock is held); a replica that cannot record the
+        new generation fails too. Returns every replica dropped, with its target."""
+        dropped = []
+        while failures:
+            self._degraded = True  # before _active shrinks: persist reads them in this order
+            for status, error in failures:
+                target = status.target
+                status.target = None
+                self._active = tuple(p for p in self._active if p[0] is not status)
+                status.state, status.error = FAILED, error
+                self.state.mark_stale(status.index)
+                dropped.append((status, target, error))
+            self._store_state()
+            failures = self._advance_generation()
+        return dropped  # type: ignore[return-value]
+
+    def _advance_generation(self, only_if_changed: bool = False
+                            ) -> list[tuple[ReplicaStatus, OSError]]:
+        """Start a new generation among the master and the replicas on the write path and
+        record it on each (the state lock is held); ``only_if_changed``: not when those are
+        the members of the current one. Returns the replicas that could not record it."""
+        members = 1 | sum(1 << s.index for s, _ in self._active if s.state == OK)
+        gen = self.generation
+        if only_if_changed and gen is not None and gen.members == members:
+            return []
+        master = self.header.uuid
+        gen = Generation.first(master, members) if gen is None else gen.next(members, master)
+        at = _generation.OFFSET
+        self.buf[at:at + _generation.SIZE] = gen.pack()
+        self.mapping.persist(at, _generation.SIZE)
+        self.generation = gen
+        failed: list[tuple[ReplicaStatus, OSError]] = []
+        for status, target in self._active:
+            store = getattr(target, "store_generation", None)
+            if store is None or status.state != OK:  # a stale one is not in step: behind
+                continue
+            try:
+                store(gen)
+            except OSError as e:
+                failed.append((status, e))
+        return failed
 
     def _report_failed(self, status: ReplicaStatus, error: BaseException) -> None:
-        # the traceback's frames may hold views of the pool (a failed target's locals); kept
-        # with the error, they would stop the pool from ever being unmapped (close: EBUSY)
-        error.__traceback__ = None
-        status.state, status.error = FAILED, error
-        log.warning("%s failed: %s", status.name, error)
+        """A replica that could not be opened: marked failed and stale, announced."""
         with self._state_lock:
+            status.state, status.error = FAILED, error
             self._degraded = True
             self.state.mark_stale(status.index)
             self._store_state()
+        self._announce_failed(status, error)
+
+    def _announce_failed(self, status: ReplicaStatus, error: BaseException) -> None:
+        # the traceback's frames may hold views of the pool (a failed target's locals); kept
+        # with the error, they would stop the pool from ever being unmapped (close: EBUSY)
+        error.__traceback__ = None
+        log.warning("%s failed: %s", status.name, error)
         try:
             self.plugin_manager.hook.pmreplica_replica_failed(replica=status, error=error)
         except Exception:  # a host application's hook must not break the write path
@@ -429,19 +537,14 @@ class PoolSet:
         stay so until replica-sync (or :meth:`resync`) brings them up to date."""
         return [s for s in self.replicas if self.state.is_stale(s.index)]
 
-    def mark_restored(self, index: int) -> None:
-        """Replica ``index`` was repaired to match the master (by replica-sync)."""
-        status = self.replicas[index]
-        with self._state_lock:
-            self._restored(status)
-        self._notify_restored(status)
-
-    def _restored(self, status: ReplicaStatus) -> None:
-        """Record a replica back in step with the master (the state lock is held)."""
+    def _restored(self, status: ReplicaStatus) -> list[tuple[ReplicaStatus, OSError]]:
+        """Record a replica back in step with the master and start a generation with it
+        (the state lock is held); returns the replicas that could not record it."""
         status.state, status.error = OK, None
         if self.state.clear_stale(status.index):
             self._store_state()
         self._degraded = any(s.state != OK for s in self.replicas)
+        return self._advance_generation()
 
     def _notify_restored(self, status: ReplicaStatus) -> None:
         try:
@@ -534,7 +637,10 @@ class PoolSet:
                     copy(lo, off + n - lo)
             status.target = target
             self._active = self._active + ((status, target),)
-            self._restored(status)
+            dropped = self._drop(self._restored(status))
+        for st, tgt, err in dropped:  # a replica that could not record the new generation
+            _close_quietly(tgt)
+            self._announce_failed(st, err)
         log.info("%s resynced online (%d bytes copied)", status.name, done)
         return done
 
@@ -583,6 +689,23 @@ def _close_quietly(target: ReplicaTarget) -> None:
         target.close()
     except OSError as e:
         log.debug("closing replica target: %s", e)
+
+
+def split_message(path: str, master: Generation, index: int, name: str, replica: Generation,
+                  relation: str) -> str:
+    """Why a master cannot be used beside replica ``index``: it was superseded by it
+    (``relation`` BEHIND) or both took writes after they parted (DIVERGED)."""
+    if relation == BEHIND:
+        return (f"{path}: this master was superseded: {name} holds newer data ({replica.describe()}"
+                f", this master's is {master.describe()}), a replica promoted since; rejoin "
+                f"this copy as a replica of the promoted pool (replica-sync there), or keep "
+                f"this copy's data instead with `replica-sync --discard {index}`")
+    parted = master.parted(replica)
+    since = f"generation {parted}" if parted is not None else "a generation no longer recorded"
+    return (f"{path}: split brain: this master and {name} both took writes after they parted "
+            f"at {since} (this master: {master.describe()}, {name}: {replica.describe()}); "
+            f"nothing is overwritten until you choose: `replica-sync --discard {index}` keeps "
+            f"this master's data, `replica-sync --discard 0` keeps {name}'s")
 
 
 def _attr_problem(attr: PoolAttr, master: PoolHeader, index: int,

@@ -19,7 +19,12 @@ from .errors import HeaderError, PmReplicaError
 from .header import HDR_SIZE, PoolHeader, replica_headers
 from .pmem import Mapping, Segment, open_part
 from .poolset import LocalReplica, PoolSetFile
+from .generation import OFFSET as GEN_OFFSET
 from .state import OFFSET as STATE_OFFSET
+
+#: the end of what pmreplica keeps in part 0's page after the header (state record and
+#: generation), where PMDK's shutdown state begins
+RECORDS_END = 4024
 
 
 class PartHeader(namedtuple("PartHeader", "path raw header problems")):
@@ -81,14 +86,21 @@ class LocalReplicaFiles:
 
     def write_headers(self, template: PoolHeader, part_uuids: list[_uuid.UUID],
                       prev_repl: _uuid.UUID, next_repl: _uuid.UUID,
-                      state: bytes | None = None) -> None:
+                      state: bytes | None = None, gen: bytes | None = None) -> None:
         """Write the headers of all parts into their files' first page, durably; ``state``
-        (a packed replica-state record) goes into part 0's page with its header."""
+        (a packed replica-state record) and ``gen`` (a packed generation) go into part 0's
+        page with its header, in the same write. What part 0's page holds beyond the header
+        and is not given (the replica-state record, the generation) stays."""
         for i, (part, hdr) in enumerate(zip(self.replica.parts, replica_headers(
                 template, part_uuids, prev_repl, next_repl))):
             page = hdr.pack()
-            if i == 0 and state is not None:
-                page = page[:STATE_OFFSET] + state + page[STATE_OFFSET + len(state):]
+            if i == 0:
+                kept = _read_page(part.path)[STATE_OFFSET:RECORDS_END]
+                page = page[:STATE_OFFSET] + kept.ljust(RECORDS_END - STATE_OFFSET, b"\0") \
+                    + page[RECORDS_END:]
+                for at, record in ((STATE_OFFSET, state), (GEN_OFFSET, gen)):
+                    if record is not None:
+                        page = page[:at] + record + page[at + len(record):]
             _pwrite_durable(part.path, page, 0)
 
     def clear_header(self, state: bytes | None = None) -> None:
@@ -251,6 +263,15 @@ def _link_problems(hdrs: list[PoolHeader], paths: list[str]) -> list[str]:
         if h.next_part != hdrs[(i + 1) % n].uuid or h.prev_part != hdrs[i - 1].uuid:
             out.append(f"{paths[i]}: part links are broken (next/prev part uuid)")
     return out
+
+
+def _read_page(path: str) -> bytes:
+    """The header page of the part file ``path`` as it is (b"" if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(HDR_SIZE)
+    except OSError:
+        return b""
 
 
 def _pwrite_durable(path: str, data: bytes, offset: int) -> None:

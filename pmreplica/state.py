@@ -10,7 +10,9 @@ Copies of the record are kept at the same place in the part-0 header of every lo
 that takes writes, so that replica-sync can still tell stale replicas from fresh ones when
 the master itself is lost. Every change raises ``generation``: the newest copy wins.
 A replica in ``full_mask`` needs a complete resync (the bitmap does not cover what it
-lacks: replica-sync was recreating it, or its header was broken).
+lacks: replica-sync was recreating it, or its header was broken); one in ``compare_mask``
+is brought in line by comparing checksums and copying what differs (it may hold writes the
+source lacks: in flight when a master was lost and a replica promoted in its place).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ OFFSET = 2048
 MAGIC = b"PMRSTATE"
 VERSION = 2
 BITMAP_BYTES = 1536
-# magic, version, reserved, stale mask, full-resync mask, generation, chunk size
+# magic, version, compare mask (formerly reserved: 0), stale mask, full-resync mask,
+# generation, chunk size
 _HEAD = struct.Struct("<8sIIQQQQ")
 SIZE = _HEAD.size + BITMAP_BYTES + 4
 MIN_CHUNK = 64 << 10
@@ -43,10 +46,11 @@ class ReplicaState:
 
     def __init__(self, chunk: int, stale_mask: int = 0, generation: int = 0,
                  bitmap: bytearray | None = None, intact: bool = True,
-                 full_mask: int = 0) -> None:
+                 full_mask: int = 0, compare_mask: int = 0) -> None:
         self.chunk = chunk
         self.stale_mask = stale_mask
         self.full_mask = full_mask
+        self.compare_mask = compare_mask
         self.generation = generation
         self.bitmap = bitmap if bitmap is not None else bytearray(BITMAP_BYTES)
         #: False when the stored record was damaged: callers must resync replicas in full
@@ -63,18 +67,19 @@ class ReplicaState:
         raw = bytes(header_page[OFFSET:OFFSET + SIZE])
         if raw == bytes(SIZE):
             return cls(chunk=chunk_size_for(pool_size))
-        magic, version, _, mask, full, gen, chunk = _HEAD.unpack_from(raw)
+        magic, version, compare, mask, full, gen, chunk = _HEAD.unpack_from(raw)
         crc = struct.unpack_from("<I", raw, SIZE - 4)[0]
         if magic != MAGIC or version != VERSION or crc != zlib.crc32(raw[:SIZE - 4]) or not chunk:
             all_but_master = ((1 << nreplicas) - 1) & ~1
             return cls(chunk=chunk_size_for(pool_size), stale_mask=all_but_master,
                        intact=False, full_mask=all_but_master)
         bitmap = bytearray(raw[_HEAD.size:_HEAD.size + BITMAP_BYTES])
-        return cls(chunk=chunk, stale_mask=mask, generation=gen, bitmap=bitmap, full_mask=full)
+        return cls(chunk=chunk, stale_mask=mask, generation=gen, bitmap=bitmap, full_mask=full,
+                   compare_mask=compare)
 
     def pack(self) -> bytes:
-        body = _HEAD.pack(MAGIC, VERSION, 0, self.stale_mask, self.full_mask, self.generation,
-                          self.chunk) + bytes(self.bitmap)
+        body = _HEAD.pack(MAGIC, VERSION, self.compare_mask & 0xFFFFFFFF, self.stale_mask,
+                          self.full_mask, self.generation, self.chunk) + bytes(self.bitmap)
         return body + struct.pack("<I", zlib.crc32(body))
 
     def is_stale(self, index: int) -> bool:
@@ -84,14 +89,21 @@ class ReplicaState:
         """True if replica ``index`` needs a complete resync, not just the dirty chunks."""
         return bool(self.full_mask >> index & 1) or not self.intact
 
-    def mark_stale(self, index: int, full: bool = False) -> bool:
-        """Mark replica ``index`` stale (``full``: needing a complete resync); True if that
-        changed the record."""
-        before = (self.stale_mask, self.full_mask)
+    def needs_compare(self, index: int) -> bool:
+        """True if replica ``index`` is to be compared with the source and what differs
+        copied (it may hold writes the source does not)."""
+        return bool(self.compare_mask >> index & 1)
+
+    def mark_stale(self, index: int, full: bool = False, compare: bool = False) -> bool:
+        """Mark replica ``index`` stale (``full``: needing a complete resync; ``compare``: to
+        be compared, see :meth:`needs_compare`); True if that changed the record."""
+        before = (self.stale_mask, self.full_mask, self.compare_mask)
         self.stale_mask |= 1 << index
         if full:
             self.full_mask |= 1 << index
-        if (self.stale_mask, self.full_mask) == before:
+        if compare:
+            self.compare_mask |= 1 << index
+        if (self.stale_mask, self.full_mask, self.compare_mask) == before:
             return False
         self.generation += 1
         return True
@@ -102,6 +114,7 @@ class ReplicaState:
             return False
         self.stale_mask &= ~(1 << index)
         self.full_mask &= ~(1 << index)
+        self.compare_mask &= ~(1 << index)
         if not self.stale_mask:
             self.bitmap[:] = bytes(BITMAP_BYTES)
             self.intact = True
@@ -138,6 +151,7 @@ class ReplicaState:
         that disagree): stale and full-resync marks and dirty chunks of both."""
         self.stale_mask |= other.stale_mask
         self.full_mask |= other.full_mask
+        self.compare_mask |= other.compare_mask
         if other.chunk != self.chunk:
             self.full_mask |= self.stale_mask
         else:
@@ -162,14 +176,15 @@ class ReplicaState:
         return out
 
 
-def store_copy(path: str, record: bytes) -> None:
-    """Write ``record`` (from :meth:`ReplicaState.pack`) into the header page of the part file
-    ``path`` at :data:`OFFSET`, durably. The file must already hold a full header page."""
+def store_copy(path: str, record: bytes, offset: int = OFFSET) -> None:
+    """Write ``record`` (from :meth:`ReplicaState.pack`, or another record of the header
+    page) into the header page of the part file ``path`` at ``offset``, durably. The file
+    must already hold a full header page."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        if os.fstat(fd).st_size < OFFSET + len(record):
+        if os.fstat(fd).st_size < offset + len(record):
             raise OSError(errno.EINVAL, f"{path}: too short to hold a pool header")
-        if os.pwrite(fd, record, OFFSET) != len(record):
+        if os.pwrite(fd, record, offset) != len(record):
             raise OSError(errno.EIO, f"{path}: short write")
         os.fdatasync(fd)
     finally:

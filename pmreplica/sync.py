@@ -61,8 +61,9 @@ import uuid as _uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator
 
-from . import health
+from . import generation, health
 from .errors import PmReplicaError
+from .generation import Generation
 from .header import HDR_SIZE, PoolAttr, PoolHeader
 from .health import BROKEN, HEALTHY, STALE, UNKNOWN, Probe
 from .plugin_manager import make_plugin_manager
@@ -149,12 +150,16 @@ def check(path: str | os.PathLike[str], *, verify: bool = False,
 
 def sync(path: str | os.PathLike[str], *, dry_run: bool = False, verify: bool = False,
          repair: bool = False, source: int | None = None, plugins: Iterable[object] = (),
-         progress: bool = False, block: int = _checksum.DEFAULT_BLOCK) -> Report:
+         progress: bool = False, block: int = _checksum.DEFAULT_BLOCK,
+         discard: Iterable[int] = ()) -> Report:
     """Repair the pool set at ``path`` from its healthy source and report.
 
     ``dry_run`` only reports. ``verify`` compares the healthy replicas with the source by
     ``block``-byte checksums; ``repair`` then copies the differing ranges from the source.
-    ``source`` names the replica to repair from when none is known to be up to date.
+    ``source`` names the replica to repair from when none is known to be up to date;
+    ``discard`` the replicas whose data to give up when their generations conflict with the
+    others' (split brain, or a set superseded by a promoted replica): they are repaired by
+    comparison, never a source.
     ``progress`` draws a bar on stderr; hosts can follow ``pmreplica_sync_progress`` through
     ``plugins``. Errors that stop the run before it starts (the pool set file is invalid,
     the pool set is open: EBUSY) are raised; a replica that cannot be repaired is reported."""
@@ -164,7 +169,8 @@ def sync(path: str | os.PathLike[str], *, dry_run: bool = False, verify: bool = 
         raise PmReplicaError(errno.EINVAL, f"verify block size {block} is not a multiple of "
                                            f"{_checksum.MIN_BLOCK} up to {_checksum.MAX_BLOCK}")
     return _Run(path, dry_run=dry_run, verify=verify, repair=repair, forced=source,
-                plugins=plugins, progress=progress, block=block).run()
+                plugins=plugins, progress=progress, block=block,
+                discard=frozenset(discard)).run()
 
 
 class _Progress:
@@ -228,8 +234,9 @@ class _Run:
 
     def __init__(self, path: str | os.PathLike[str], *, dry_run: bool, verify: bool,
                  repair: bool, forced: int | None, plugins: Iterable[object], progress: bool,
-                 block: int) -> None:
+                 block: int, discard: frozenset[int] = frozenset()) -> None:
         self.path = os.fspath(path)
+        self.discard = discard
         self.set_file = load_set(self.path)
         self.set_file.validate()
         self.size = self.set_file.pool_size
@@ -248,15 +255,22 @@ class _Run:
         self.state: ReplicaState | None = None
         self.judgement: health.Judgement | None = None
         self.source: int | None = None
+        self._source_digests: list[tuple[int, int, bytes]] | None = None
+        self._run_gen: Generation | None = None
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> Report:
         try:
             self._lock()
             self._probe()
-            self.judgement = health.judge(self.probes, self.size)
+            if any(not 0 <= i < len(self.probes) for i in self.discard):
+                raise PmReplicaError(errno.EINVAL, f"--discard: the pool set has replicas 0 to "
+                                                   f"{len(self.probes) - 1}")
+            self.judgement = health.judge(self.probes, self.size, self.discard)
             report = self._report_found()
             self.source, why = health.choose_source(self.probes, self.forced)
+            if self.judgement.conflict is not None:
+                self.source, why = None, self.judgement.conflict
             report.source = self.source
             if self.source is None:
                 report.reason, report.status = why, FAILED
@@ -318,7 +332,7 @@ class _Run:
                              "for it (the master's was lost)"]}.get(p.health, [])
             self.reports.append(ReplicaReport(
                 index=p.index, name=p.name, kind="remote" if p.is_remote else "local",
-                health=p.health, problems=p.problems + p.link_problems + why))
+                health=p.health, problems=p.problems + p.link_problems + p.remarks + why))
             if p.health != HEALTHY:
                 log.info("%s is %s%s", p.name, p.health,
                          ": " + "; ".join(p.problems) if p.problems else "")
@@ -351,6 +365,8 @@ class _Run:
                 r.action = "rewrite headers" if p.link_problems else None
             elif not p.reachable or not p.repairable:
                 r.action = "cannot repair"
+            elif p.compare and p.sound:
+                r.action = "copy differing ranges"  # how much: known once compared
             else:
                 r.action = ("recreate and copy" if p.health == BROKEN else
                             "full copy" if self._full(p) else "resync dirty chunks")
@@ -412,10 +428,13 @@ class _Run:
         self._start_record()
         assert self.state is not None
         for p, _, full in plans:
-            self.state.mark_stale(p.index, full=full)
+            self.state.mark_stale(p.index, full=full, compare=p.compare and p.sound)
         self._store_record()
         for p, ranges, _ in plans:
             r = self.reports[p.index]
+            if r.action == "copy differing ranges":
+                self._repair_by_comparison(p, r)
+                continue
             try:
                 self._repair_one(p, ranges)
             except OSError as e:
@@ -462,13 +481,15 @@ class _Run:
             uuids = [canon[p.index]] + [_uuid.uuid4() for _ in range(p.files.nhdrs - 1)]
             state = self.state.pack() if self.state is not None else None
             p.files.write_headers(self._template(), uuids, canon[(p.index - 1) % n],
-                                  canon[(p.index + 1) % n], state=state)
+                                  canon[(p.index + 1) % n], state=state,
+                                  gen=self._generation().pack())
             return
         if remote is None:
             if p.remote is None:
                 p.remote = self._open_remote(p, memoryview(self.scratch))
             remote = p.remote
         remote.set_attr(self._attr(p))
+        remote.store_generation(self._generation().pack())
 
     def _open_remote(self, p: Probe, buffer: memoryview, create: bool = False) -> Any:
         from .rpmem import client
@@ -645,6 +666,61 @@ class _Run:
             else:
                 out.append((off, n))
         return out
+
+    def _repair_by_comparison(self, p: Probe, r: ReplicaReport) -> None:
+        """Compare ``p`` with the source by checksums and copy what differs (a replica that
+        may hold writes the source lacks: behind by generation, or discarded)."""
+        try:
+            if self._source_digests is None:
+                assert self.source is not None
+                self._source_digests = self._digests(self.probes[self.source], "checksum")
+            r.differing = self._differences(self._source_digests, self._digests(p, "verify"))
+        except OSError as e:
+            r.result, r.error = "failed", f"compare: {_text(e)}"
+            return
+        self._repair_differing(p, r)
+
+    def _generation(self) -> Generation:
+        """The generation this run leaves the pool in, after the newest one found: recorded
+        first on the source and the replicas in step with it, then on each replica as it is
+        repaired, with its headers. A run cut short leaves the replicas it did not finish
+        behind (or without headers), never ahead of the source; and a discarded side can
+        never win again."""
+        if self._run_gen is not None:
+            return self._run_gen
+        j = self.judgement
+        assert j is not None and self.source is not None
+        members = [p for p, r in zip(self.probes, self.reports) if p.index == self.source or (
+            p.health == HEALTHY and r.action in (None, "rewrite headers"))]
+        mask = sum(1 << p.index for p in self.probes if p.sound or p.index in members)
+        master = j.canonical[0]
+        gen = Generation.first(master, mask) if j.newest is None else j.newest.next(mask, master)
+        for p in members:
+            if p.index != self.source and self.reports[p.index].action == "rewrite headers":
+                continue  # gets it with its headers
+            try:
+                self._store_generation(p, gen)
+            except OSError as e:
+                if p.index == self.source:
+                    raise PmReplicaError(e.errno or errno.EIO, f"{p.name}: cannot record the "
+                                                               f"new generation: {_text(e)}")
+                log.warning("%s: cannot record the new generation (it stays behind): %s",
+                            p.name, _text(e))
+        self._run_gen = gen
+        return gen
+
+    def _store_generation(self, p: Probe, gen: Generation) -> None:
+        if not p.is_remote:
+            generation.store(p.spec.parts[0].path, gen)  # type: ignore[union-attr]
+            return
+        remote = p.remote
+        if remote is None:
+            remote = self._open_remote(p, memoryview(self.scratch))
+        try:
+            remote.store_generation(gen.pack())
+        finally:
+            if remote is not p.remote:
+                remote.close()
 
     def _repair_differing(self, p: Probe, r: ReplicaReport) -> None:
         """Mark ``p`` stale with its differing chunks dirty, copy them, clear the mark."""

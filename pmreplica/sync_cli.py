@@ -39,6 +39,10 @@ def _add_sync_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", type=int, metavar="N",
                    help="repair from replica N when no replica is known to be up to date "
                         "(the replica-state record was lost with the master)")
+    p.add_argument("--discard", type=int, metavar="N", action="append", default=[],
+                   help="give up replica N's data when replicas took writes apart (split "
+                        "brain) or a replica was promoted elsewhere: N is repaired from "
+                        "the other side (repeatable)")
 
 
 def _description(check_only: bool) -> str:
@@ -87,7 +91,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         return 2
     return _run(args, lambda progress: _sync.sync(
         args.poolset, dry_run=args.dry_run, verify=args.verify, repair=args.repair,
-        source=args.source, progress=progress))
+        source=args.source, discard=args.discard, progress=progress))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

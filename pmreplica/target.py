@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from .generation import Generation
 from .header import PoolAttr
 
 #: ``persist``/``flush`` flag: the caller does not need ordering with other lanes (librpmem's
@@ -21,11 +22,22 @@ RELAXED = 1
 
 @dataclass(frozen=True)
 class TargetStat:
-    """``stat()`` of a replica: its usable size and whether its header checks out."""
+    """``stat()`` of a replica: its usable size, whether its header checks out, and the
+    generation it records (None: none, or the target cannot keep one)."""
 
     size: int
     healthy: bool
     detail: str = ""
+    generation: Generation | None = None
+
+
+class GenerationKeeper(Protocol):
+    """What a target offers to keep the pool's generation (:mod:`pmreplica.generation`).
+    Optional: a target without it is never known to be ahead of, behind or diverged from
+    the others, and promotion and split-brain detection cannot use it."""
+
+    def store_generation(self, record: Generation) -> None:
+        """Record ``record`` on the replica, durably; ``stat().generation`` returns it."""
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ import errno
 import logging
 import os
 
-from pmreplica import poolset
+from pmreplica import generation, poolset
 from pmreplica.errors import PmReplicaError, PoolSetError
 from pmreplica.header import FEAT_SINGLEHDR, HDR_SIZE, PoolAttr
 from pmreplica.pmem import Mapping
@@ -50,6 +50,16 @@ class OpenPool:
         # part 0 takes the attributes' uuid, as PMDK's util_replica_set_attr does
         self.files.write_headers(hdr, [hdr.uuid] + uuids[1:], hdr.prev_repl, hdr.next_repl)
         self.attr = attr
+
+    def store_generation(self, raw: bytes) -> None:
+        """Record the pool's generation in part 0's header page, durably."""
+        if not self.set_file.has_headers:
+            raise PoolError(errno.EINVAL, "a pool without headers (NOHDRS) keeps no generation")
+        if generation.Generation.unpack(raw) is None or len(raw) != generation.SIZE:
+            raise PoolError(errno.EINVAL, "malformed generation record")
+        at = generation.OFFSET
+        self.mapping.buf[at:at + len(raw)] = raw
+        self.mapping.persist(at, len(raw))
 
     def close(self, remove: bool = False) -> None:
         self.mapping.close()
@@ -152,12 +162,32 @@ class PoolDB:
         return OpenPool(name, set_file, files, mapping, fd, pool_size,
                         HDR_SIZE if set_file.has_headers else 0, created, attr)
 
-    def stat(self, name: str) -> tuple[int, bool, str]:
-        """Size, health and what is wrong, without opening or locking the pool."""
-        set_file = self.load(name)
+    def stat(self, name: str) -> tuple[int, bool, str, bytes]:
+        """Size, health, what is wrong, and the generation record of part 0, without opening
+        or locking the pool. The record is read from a set that is no replica any more, too
+        (a promoted one, with replicas of its own): its generation is what tells a returning
+        master that it was superseded."""
+        try:
+            set_file = self.load(name)
+        except PoolError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            record = self._generation(self.resolve(name))
+            if not record:
+                raise
+            return 0, False, e.strerror or str(e), record
         files = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
         _, problems = files.check(remote=True)
-        return set_file.pool_size, not problems, "; ".join(problems)
+        return (set_file.pool_size, not problems, "; ".join(problems),
+                _generation_of(set_file))
+
+    @staticmethod
+    def _generation(path: str) -> bytes:
+        """The generation record of the master part of the set file at ``path`` (b"": none)."""
+        try:
+            return _generation_of(poolset.parse(path))
+        except (OSError, PoolSetError):
+            return b""
 
     def remove(self, name: str, force: bool, remove_pool_set: bool) -> None:
         """Delete the pool's parts (a consistent pool only, unless ``force``) and maybe its
@@ -179,6 +209,14 @@ class PoolDB:
         if remove_pool_set:
             # the set file by the name given (a symlink, not what it points to), as rpmemd
             os.unlink(os.path.join(self.root, name))
+
+
+def _generation_of(set_file: poolset.PoolSetFile) -> bytes:
+    """The generation record in the header page of the set's first part (b"": none)."""
+    if not set_file.has_headers or not set_file.master.parts:
+        return b""
+    found = generation.load(set_file.master.parts[0].path)
+    return found.pack() if found is not None else b""
 
 
 def lock(path: str, name: str) -> int:

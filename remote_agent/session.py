@@ -120,8 +120,13 @@ class Session:
                 self.pool.set_attr(req.attr or PoolAttr())
                 return Response(rtype)
             if req.type == proto.STAT:
-                size, healthy, detail = self.db.stat(req.pool_desc)
-                return Response(rtype, size=size, healthy=healthy, message=detail)
+                size, healthy, detail, record = self.db.stat(req.pool_desc)
+                return Response(rtype, size=size, healthy=healthy, message=detail, blob=record)
+            if req.type == proto.GENERATION:
+                if self.pool is None:
+                    raise PoolError(errno.EINVAL, "no pool is open in this session")
+                self.pool.store_generation(req.blob)
+                return Response(rtype)
             if req.type == proto.CONNECT:  # the client's RDMA queue pairs, for ours
                 connect = getattr(self.server, "connect_lanes", None)
                 if connect is None:
@@ -201,4 +206,4 @@ class Session:
 
 _NAMES = {proto.CREATE: "CREATE", proto.OPEN: "OPEN", proto.CLOSE: "CLOSE",
           proto.SET_ATTR: "SET_ATTR", proto.STAT: "STAT", proto.CONNECT: "CONNECT",
-          proto.CHECKSUM: "CHECKSUM"}
+          proto.CHECKSUM: "CHECKSUM", proto.GENERATION: "GENERATION"}

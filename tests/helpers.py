@@ -112,3 +112,30 @@ def unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
+
+
+def promoted(path: Path) -> Path:
+    """``path`` (a replica's part file or set, or a copy of one) promoted to master on its
+    own, as after losing the master (``pmreplica promote --force``): it opens as a pool."""
+    from pmreplica.promote import promote
+
+    promote(path, force=True)
+    return path
+
+
+def wait_stopped(pids: list[int], timeout: float = 5.0) -> None:
+    """Wait until every thread of ``pids`` is stopped: SIGSTOP takes effect asynchronously
+    (a thread running on another CPU stops at its next entry to the kernel)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while True:
+            try:
+                states = [Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1]
+                          .split()[0] for t in os.listdir(f"/proc/{pid}/task")]
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                break  # gone
+            if all(st in "tTZX" for st in states) or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)

@@ -42,7 +42,7 @@ from pmreplica.rpmem.transport.wire import HELLO, OP, STATUS
 from remote_agent.processes import running_agents
 
 from .helpers import (CLIENT_VARS, ROOT, apply_overrides, environ_without_client_vars,
-                      write_set)
+                      wait_stopped, write_set)
 
 AGENT = str(Path(sys.executable).parent / "pmreplica-agent")
 M = 1 << 20
@@ -131,6 +131,8 @@ class Node:
         assert pids, f"no agent is running on {self.dir}"
         for pid in pids:
             os.kill(pid, sig)
+        if sig == signal.SIGSTOP:
+            wait_stopped(pids)
         return pids
 
     def wait_agents_gone(self, timeout: float = 5.0) -> list[int]:

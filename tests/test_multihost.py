@@ -340,3 +340,85 @@ def test_a_cut_during_replica_sync_fails_that_replica_quickly(bed, pool_dir):
     assert data(part) == data(pool_dir / "m")
     with PoolSet.open(path) as pool:
         assert STALE not in [r.state for r in pool.replicas]
+
+
+#: the application: writes numbered records into slots, printing each number once its
+#: persist returned (acknowledged); argv: pool set, first number, how many (0: forever)
+APP = r"""
+import struct, sys
+from pmreplica import PoolSet
+path, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+SLOTS, REC = 512, struct.Struct("<Q56s")
+with PoolSet.open(path) as pool:
+    i = first
+    while count == 0 or i < first + count:
+        off = 4096 + (i % SLOTS) * REC.size
+        REC.pack_into(pool.buf, off, i, (b"%d" % i) * (56 // len(b"%d" % i)))
+        pool.persist(off, REC.size)
+        print(i, flush=True)
+        i += 1
+print("closed", flush=True)
+"""
+
+
+def records(path: Path) -> dict[int, int]:
+    """Slot -> the record number a part file holds there (the records APP writes)."""
+    import struct
+    raw = data(path)
+    rec = struct.Struct("<Q56s")
+    out = {}
+    for slot in range(512):
+        number, body = rec.unpack_from(raw, slot * rec.size)
+        if number or body.strip(b"\0"):
+            text = b"%d" % number
+            assert body == (text * (56 // len(text))).ljust(56, b"\0"), "a torn record"
+            out[slot] = number
+    return out
+
+
+def test_master_host_lost_promote_go_on_then_the_old_master_rejoins(bed, pool_dir):
+    h1, h2, h3 = bed["h1"], bed["h2"], bed["h3"]
+    env = dict(os.environ)
+    py, cli = sys.executable, Path(sys.executable).parent
+    for h in (h2, h3):
+        (h.dir / "r.set").write_text(f"PMEMPOOLSET\n{SIZE} {h.dir}/r.part0\n")
+    old = write_set(h1.dir / "m.set", f"{SIZE} {h1.dir}/m.part0", "REPLICA h2 r.set",
+                    "REPLICA h3 r.set")
+    done = h1.run([str(cli / "pmreplica"), "create", str(old)], env)
+    assert done.returncode == 0, done.stderr
+    app = h1.start([py, "-c", APP, str(old), "1", "0"], env)
+    acked = [int(app.stdout.readline()) for _ in range(300)]
+    h1.crash()  # the master's host is lost, the application with it
+    app.wait(10)
+    acked += [int(line) for line in app.stdout.read().split() if line.isdigit()]
+    app.stdout.close(), app.stderr.close(), app.stdin.close()
+    assert h2.wait_agents_gone() == [] and h3.wait_agents_gone() == []
+
+    new = write_set(h2.dir / "new.set", f"{SIZE} {h2.dir}/r.part0", "REPLICA h3 r.set")
+    done = h2.run([str(cli / "pmreplica"), "promote", str(new)], env)
+    assert done.returncode == 0 and "replica 1 (h3:r.set): in step" in done.stdout, done
+    done = h2.run([str(cli / "replica-sync"), str(new)], env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    # every persist the application saw return is on the promoted pool
+    held = records(h2.dir / "r.part0")
+    for number in acked:
+        assert held.get(number % 512, 0) >= number, number
+    assert records(h3.dir / "r.part0") == held
+    # the application goes on there
+    last = max(acked)
+    done = h2.run([py, "-c", APP, str(new), str(last + 1), "200"], env)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "closed", done.stderr
+    assert records(h3.dir / "r.part0") == records(h2.dir / "r.part0")
+
+    h1.restart()  # the old master's host is back: its pool opens no more as a master
+    done = h1.run([py, "-c", f"from pmreplica import PoolSet; PoolSet.open({str(old)!r})"], env)
+    assert done.returncode != 0 and "superseded" in done.stderr, done.stderr
+    # ... and rejoins as a replica of the promoted one
+    (h1.dir / "old.set").write_text(f"PMEMPOOLSET\n{SIZE} {h1.dir}/m.part0\n")
+    write_set(new, f"{SIZE} {h2.dir}/r.part0", "REPLICA h3 r.set", "REPLICA h1 old.set")
+    done = h2.run([str(cli / "replica-sync"), "--json", str(new)], env)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1, done.stdout
+    assert report["replicas"][2]["action"] == "copy differing ranges"
+    assert 0 < report["copied"] < SIZE // 4  # what was written since, not the whole pool
+    assert data(h1.dir / "m.part0") == data(h2.dir / "r.part0") == data(h3.dir / "r.part0")

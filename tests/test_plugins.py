@@ -120,8 +120,11 @@ def test_plugin_passed_to_open_serves_its_replica_and_gets_notified(pool_dir):
         assert error.errno == errno.EIO and "asked to fail" in str(error)
         assert ("close", "sets/x.set") in plugin.calls
         assert replica_bytes([(4 * M, d / "r")])[HDR_SIZE:HDR_SIZE + 8] == b"FAIL now"
-        pool.mark_restored(2)
+        pool.buf[HDR_SIZE:HDR_SIZE + 8] = b"fine now"  # (the plugin's replica is away)
+        pool.persist(HDR_SIZE, 8)
+        pool.resync(2)  # back, online: told so
         assert _calls(plugin, "restored") == [("restored", pool.replicas[2])]
+        assert plugin.stores["sets/x.set"][HDR_SIZE][:8] == b"fine now"
     plugin.calls.clear()
     with PoolSet.open(path, plugins=[plugin]) as pool:
         assert [c[4] for c in _calls(plugin, "open_replica")] == [False, False]

@@ -21,6 +21,7 @@ import errno
 import os
 import threading
 
+from .. import generation
 from ..errors import ReplicaError
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
@@ -152,9 +153,18 @@ class LocalTarget:
         self.files.write_headers(hdr, uuids, hdr.prev_repl, hdr.next_repl)
 
     def stat(self) -> TargetStat:
-        _, problems = self.files.check()
+        headers, problems = self.files.check()
+        page = headers[0].raw if headers else None
         return TargetStat(size=self.files.pool_size, healthy=not problems,
-                          detail="; ".join(problems))
+                          detail="; ".join(problems),
+                          generation=generation.of_page(page) if page else None)
+
+    def store_generation(self, record: generation.Generation) -> None:
+        try:
+            generation.store(self.files.paths[0], record)
+        except OSError as e:
+            raise ReplicaError(e.errno or errno.EIO, f"{self.name}: cannot record the "
+                                                     f"generation: {e.strerror or e}") from e
 
     def close(self) -> None:
         background, self._background = self._background, None

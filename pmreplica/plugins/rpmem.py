@@ -12,6 +12,7 @@ import errno
 from collections.abc import Callable
 
 from ..errors import ReplicaError
+from ..generation import Generation
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
 from ..pool import describe
@@ -64,7 +65,13 @@ class RpmemTarget:
     def stat(self) -> TargetStat:
         resp = (self.remote.stat() if self.remote is not None
                 else client.stat(self.spec.node, self.spec.pool_set))
-        return TargetStat(size=resp.size, healthy=resp.healthy, detail=resp.message)
+        return TargetStat(size=resp.size, healthy=resp.healthy, detail=resp.message,
+                          generation=Generation.unpack(resp.blob) if resp.blob else None)
+
+    def store_generation(self, record: Generation) -> None:
+        if self.remote is None:
+            self._not_open()
+        self.remote.store_generation(record.pack())  # type: ignore[union-attr]
 
     def close(self) -> None:
         remote, self.remote = self.remote, None

@@ -474,8 +474,16 @@ class RemotePool:
         self.attr = attr or PoolAttr()
 
     def stat(self) -> proto.Response:
-        """The open remote pool's size and header health, as the agent sees them."""
+        """The open remote pool's size, header health and generation record (the blob), as
+        the agent sees them."""
         return self._ctl.call(proto.Request(proto.STAT, pool_desc=self.pool_set))
+
+    def store_generation(self, record: bytes) -> None:
+        """Record the pool's generation (:mod:`pmreplica.generation`) in the remote pool's
+        header page, durably."""
+        if self.closed:
+            raise RemoteError(errno.EBADF, f"{self._data.name}: pool is closed")
+        self._ctl.call(proto.Request(proto.GENERATION, blob=record))
 
     def checksum(self, offset: int, length: int,
                  block: int = _checksum.DEFAULT_BLOCK) -> list[bytes]:

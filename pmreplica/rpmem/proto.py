@@ -4,7 +4,7 @@ The layout is librpmem's (``rpmem_proto.h``, packed, big-endian): requests start
 ``type:u32 size:u64``, responses with ``status:u32 type:u32 size:u64``; ``size`` counts the
 whole message. pmreplica adds, after librpmem's fields: a provider-specific connection blob
 in CREATE/OPEN responses (the TCP secret, RDMA queue-pair data), an optional UTF-8 message
-in error responses, and the STAT and CONNECT requests.
+in error responses, and the STAT, CONNECT, CHECKSUM and GENERATION requests.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ SET_ATTR, SET_ATTR_RESP = 7, 8
 STAT, STAT_RESP = 9, 10  # pool size and header health (librpmem could not tell)
 CONNECT, CONNECT_RESP = 11, 12  # client's connection data, for providers that need it (verbs)
 CHECKSUM, CHECKSUM_RESP = 13, 14  # range checksums computed where the data lives (sync --verify)
-REQUEST_TYPES = (CREATE, OPEN, CLOSE, SET_ATTR, STAT, CONNECT, CHECKSUM)
+GENERATION, GENERATION_RESP = 15, 16  # record the pool's generation (generation.py)
+REQUEST_TYPES = (CREATE, OPEN, CLOSE, SET_ATTR, STAT, CONNECT, CHECKSUM, GENERATION)
 
 # providers (librpmem: RPMEM_PROV_LIBFABRIC_VERBS = 1, _SOCKETS = 2)
 PROV_VERBS = 1
@@ -168,7 +169,7 @@ def encode_request(req: Request) -> bytes:
         body = (req.attr or PoolAttr()).pack()
     elif t == STAT:
         body = _desc(req.pool_desc)
-    elif t in (CONNECT, CHECKSUM):
+    elif t in (CONNECT, CHECKSUM, GENERATION):
         body = _blob(req.blob)
     else:
         raise ValueError(f"unknown request type {t}")
@@ -198,7 +199,7 @@ def decode_request(t: int, body: bytes) -> Request:
             if at != len(body):
                 raise ProtocolError("trailing bytes after the pool descriptor")
             return Request(t, pool_desc=desc)
-        if t in (CONNECT, CHECKSUM):
+        if t in (CONNECT, CHECKSUM, GENERATION):
             return Request(t, blob=_read_blob(body, 0))
     except struct.error as e:
         raise ProtocolError(f"truncated message: {e}") from None
@@ -214,8 +215,8 @@ def encode_response(resp: Response) -> bytes:
         if t == OPEN_RESP:
             body += (resp.attr or PoolAttr()).pack()
         body += _blob(resp.blob)
-    elif t == STAT_RESP:
-        body = _STAT.pack(resp.size, int(resp.healthy)) + _desc(resp.message)
+    elif t == STAT_RESP:  # the pool's generation record as the blob
+        body = _STAT.pack(resp.size, int(resp.healthy)) + _desc(resp.message) + _blob(resp.blob)
     elif t in (CONNECT_RESP, CHECKSUM_RESP):
         body = _blob(resp.blob)
     else:
@@ -237,11 +238,12 @@ def decode_response(status: int, t: int, body: bytes) -> Response:
             return Response(t, status, port, pm, rkey, raddr, nlanes, attr, _read_blob(body, at))
         if t == STAT_RESP:
             size, healthy = _STAT.unpack_from(body)
-            detail, _ = _read_desc(body, _STAT.size)
-            return Response(t, status, size=size, healthy=bool(healthy), message=detail)
+            detail, at = _read_desc(body, _STAT.size)
+            return Response(t, status, size=size, healthy=bool(healthy), message=detail,
+                            blob=_read_blob(body, at))
         if t in (CONNECT_RESP, CHECKSUM_RESP):
             return Response(t, status, blob=_read_blob(body, 0))
-        if t in (CLOSE_RESP, SET_ATTR_RESP) and not body:
+        if t in (CLOSE_RESP, SET_ATTR_RESP, GENERATION_RESP) and not body:
             return Response(t, status)
     except struct.error as e:
         raise ProtocolError(f"truncated response: {e}") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pmreplica import pmemobj
 from pmreplica.pmemobj import layout
-from tests.helpers import ROOT, write_set
+from tests.helpers import ROOT, promoted, write_set
 from tests.pmemobj import workload
 
 POOL_SIZE = 32 << 20
@@ -183,7 +183,7 @@ def test_sigkill_at_every_step_of_commits_with_a_replica(pool_dir: Path) -> None
             status = run_writer(set_file, progress, "step", step, rng)
             rec = read_progress(progress)
             shutil.copyfile(replica, copy)
-            check_pool(copy, rec)
+            check_pool(promoted(copy), rec)
             check_pool(set_file, rec)
             if status == 3:
                 break
@@ -205,7 +205,7 @@ def test_sigkill_with_a_local_replica(pool_dir: Path) -> None:
     def check_replica(rec: int) -> None:
         # the replica as it was left by the killed writer, before the master's recovery
         shutil.copyfile(replica, copy)
-        check_pool(copy, rec)
+        check_pool(promoted(copy), rec)
         copy.unlink()
 
     rng = random.Random(11)
@@ -220,7 +220,7 @@ def test_sigkill_with_a_local_replica(pool_dir: Path) -> None:
     m, r = master.read_bytes(), replica.read_bytes()
     assert [m[a:b] for a, b in ranges] == [r[a:b] for a, b in ranges]
     shutil.copyfile(replica, copy)
-    with pmemobj.open(str(copy)) as pool:
+    with pmemobj.open(str(promoted(copy))) as pool:
         assert workload.snapshot(pool) == expected
 
 

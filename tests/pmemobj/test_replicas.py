@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pmreplica import hookimpl, pmemobj
-from tests.helpers import write_set
+from pmreplica import hookimpl, pmemobj, sync
+from pmreplica.promote import promote
+from tests.helpers import promoted, write_set
 
 SIZE = 16 << 20
 HDR = 4096
@@ -35,7 +36,7 @@ def snapshot_of(path: Path, pool_dir: Path) -> dict:
     copy = pool_dir / "copy.pool"
     shutil.copyfile(path, copy)
     try:
-        with pmemobj.open(str(copy)) as pool:
+        with pmemobj.open(str(promoted(copy))) as pool:
             return {k: list(v) for k, v in pool.root.items()}
     finally:
         copy.unlink()
@@ -82,7 +83,7 @@ def test_checkpoint_when_the_log_fills(pool_dir: Path) -> None:
         assert pool._eng.checkpoints > before
         expected = list(pool.root)
     assert data(master) == data(replica)
-    with pmemobj.open(str(replica)) as pool:       # the replica on its own
+    with pmemobj.open(str(promoted(replica))) as pool:  # the replica on its own
         assert list(pool.root) == expected
 
 
@@ -106,9 +107,14 @@ def test_replica_promoted_to_master_has_the_same_objects(pool_dir: Path) -> None
     # a set that lists the old replica as the master (and the old master as its replica)
     swapped = write_set(pool_dir / "swapped.set", f"{SIZE} {replica}", "REPLICA",
                         f"{SIZE} {master}")
+    promote(swapped)  # the old master is listed, and in step: no --force needed
     with pmemobj.open(str(swapped)) as pool:
         assert pool.root == expected
         pool.root["c"] = "written through the promoted replica"
+    with pytest.raises(OSError):  # the old master is a replica of the promoted one now
+        pmemobj.open(str(set_file))
+    assert sync.sync(swapped).exit_code == 1  # brought in line...
+    promote(set_file)  # ...and promoted back
     with pmemobj.open(str(set_file)) as pool:
         assert pool.root["c"] == "written through the promoted replica"
 
@@ -220,10 +226,10 @@ def test_remote_replica_gets_every_commit(pool_dir: Path, monkeypatch) -> None:
         expected = {k: list(v) for k, v in pool.root.items()}
         # the replica's copy, before any checkpoint: the commits are there as records
         shutil.copyfile(rpart, pool_dir / "early.pool")
-    with pmemobj.open(str(pool_dir / "early.pool")) as pool:
+    with pmemobj.open(str(promoted(pool_dir / "early.pool"))) as pool:
         assert {k: list(v) for k, v in pool.root.items()} == expected
     assert data(pool_dir / "m.part") == data(rpart)    # after close: byte-identical
-    with pmemobj.open(str(rpart)) as pool:             # the remote copy as a master
+    with pmemobj.open(str(promoted(rpart))) as pool:   # the remote copy as a master
         assert {k: list(v) for k, v in pool.root.items()} == expected
 
 
