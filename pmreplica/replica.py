@@ -12,10 +12,12 @@ import bisect
 import errno
 import fcntl
 import os
+import stat
 import uuid as _uuid
 from collections import namedtuple
 
 from .errors import HeaderError, PmReplicaError
+from .files import kind_of, open_regular
 from .header import HDR_SIZE, PoolHeader, replica_headers
 from .pmem import Mapping, Segment, open_part
 from .poolset import LocalReplica, PoolSetFile
@@ -108,7 +110,7 @@ class LocalReplicaFiles:
             if not os.path.lexists(p.path):
                 os.close(open_part(p.path, p.aligned_size, create=True, mode=mode))
                 continue
-            fd = os.open(p.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = open_regular(p.path, os.O_RDWR)
             try:
                 if os.fstat(fd).st_size < p.aligned_size:
                     os.posix_fallocate(fd, 0, p.aligned_size)
@@ -125,10 +127,14 @@ class LocalReplicaFiles:
         out = []
         for p in self.replica.parts[: self.nhdrs]:
             try:
-                with open(p.path, "rb") as f:
-                    raw = f.read(HDR_SIZE)
+                fd = open_regular(p.path)
+                try:
+                    raw = os.pread(fd, HDR_SIZE, 0)
+                finally:
+                    os.close(fd)
             except OSError as e:
-                out.append(PartHeader(p.path, None, None, (f"cannot read: {e.strerror}",)))
+                why = e.strerror.removeprefix(p.path + ": ") if e.strerror else str(e)
+                out.append(PartHeader(p.path, None, None, (f"cannot read: {why}",)))
                 continue
             if len(raw) < HDR_SIZE:
                 out.append(PartHeader(p.path, raw, None, ("file shorter than a pool header",)))
@@ -146,11 +152,14 @@ class LocalReplicaFiles:
         problems = []
         for p in self.replica.parts:
             try:
-                size = os.stat(p.path).st_size
+                st = os.stat(p.path)
             except OSError as e:
                 problems.append(f"{p.path}: {e.strerror}")
                 continue
-            if size < p.aligned_size:
+            size = st.st_size
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{p.path}: not a regular file ({kind_of(st.st_mode)})")
+            elif size < p.aligned_size:
                 problems.append(f"{p.path}: size {size} is smaller than {p.aligned_size}")
         headers = self.read_headers(remote) if self.nhdrs else []
         for h in headers:
@@ -184,7 +193,7 @@ class ReplicaWriter:
         self._fds: list[int] = []
         try:
             for seg in files.segments:
-                self._fds.append(os.open(seg.path, os.O_RDWR | os.O_CLOEXEC))
+                self._fds.append(open_regular(seg.path, os.O_RDWR))
         except BaseException:
             self.close()
             raise
@@ -217,7 +226,7 @@ class ReplicaWriter:
 def lock_pool(path: str, busy: str) -> int:
     """Take the exclusive lock an open pool holds on its first part (flock, released when
     the returned fd is closed); EBUSY with the message ``busy`` if someone holds it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -254,7 +263,7 @@ def _link_problems(hdrs: list[PoolHeader], paths: list[str]) -> list[str]:
 
 
 def _pwrite_durable(path: str, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
+    fd = open_regular(path, os.O_WRONLY)
     try:
         if os.pwrite(fd, data, offset) != len(data):
             raise PmReplicaError(errno.EIO, f"{path}: short write")

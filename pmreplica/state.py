@@ -20,6 +20,8 @@ import os
 import struct
 import zlib
 
+from .files import open_regular
+
 OFFSET = 2048
 MAGIC = b"PMRSTATE"
 VERSION = 2
@@ -165,7 +167,7 @@ class ReplicaState:
 def store_copy(path: str, record: bytes) -> None:
     """Write ``record`` (from :meth:`ReplicaState.pack`) into the header page of the part file
     ``path`` at :data:`OFFSET`, durably. The file must already hold a full header page."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = open_regular(path, os.O_WRONLY)
     try:
         if os.fstat(fd).st_size < OFFSET + len(record):
             raise OSError(errno.EINVAL, f"{path}: too short to hold a pool header")

@@ -22,6 +22,7 @@ import os
 import threading
 
 from ..errors import ReplicaError
+from ..files import open_regular
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
 from ..pmem import Mapping, memory_backed
@@ -65,7 +66,7 @@ class LocalTarget:
     def _open_fds(self) -> None:
         try:
             for seg in self.files.segments:
-                self._fds.append(os.open(seg.path, os.O_RDWR | os.O_CLOEXEC))
+                self._fds.append(open_regular(seg.path, os.O_RDWR))
         except OSError as e:
             self.close()
             raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e}") from e
