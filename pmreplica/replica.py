@@ -64,14 +64,16 @@ class LocalReplicaFiles:
 
     def create(self, template: PoolHeader | None, mode: int = 0o666) -> None:
         """Create every part in full (EEXIST if one exists) and, given a template, write the
-        parts' headers: part 0 gets the template's uuid, the replica links are its own."""
+        parts' headers: part 0 gets the template's uuid, the replica links are its own.
+        Each file gets the size its line gives, as PMDK makes it; the page-aligned part of it
+        is mapped."""
         for p in self.replica.parts:
             if os.path.lexists(p.path):
                 raise PmReplicaError(errno.EEXIST, f"file {p.path} already exists")
         made = []
         try:
             for p in self.replica.parts:
-                os.close(open_part(p.path, p.aligned_size, create=True, mode=mode))
+                os.close(open_part(p.path, p.size, create=True, mode=mode))
                 made.append(p.path)
             if template is not None and self.nhdrs:
                 uuids = [template.uuid] + [_uuid.uuid4() for _ in range(self.nhdrs - 1)]
@@ -108,12 +110,12 @@ class LocalReplicaFiles:
         ones (their blocks allocated, so a full file system is ENOSPC now)."""
         for p in self.replica.parts:
             if not os.path.lexists(p.path):
-                os.close(open_part(p.path, p.aligned_size, create=True, mode=mode))
+                os.close(open_part(p.path, p.size, create=True, mode=mode))
                 continue
             fd = open_regular(p.path, os.O_RDWR)
             try:
-                if os.fstat(fd).st_size < p.aligned_size:
-                    os.posix_fallocate(fd, 0, p.aligned_size)
+                if os.fstat(fd).st_size < p.size:
+                    os.posix_fallocate(fd, 0, p.size)
             finally:
                 os.close(fd)
 
