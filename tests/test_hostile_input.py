@@ -152,14 +152,16 @@ def _remove(node, name, *flags):
                           capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
 
 
-def test_agent_refuses_fifos_without_hanging(local_node):
+def test_agent_refuses_fifos_and_huge_sizes_without_hanging(local_node):
     node = local_node
     os.mkfifo(node.dir / "fifo.set")
     os.mkfifo(node.dir / "fifo")
     node.write_set("fp.set", f"8M {node.dir}/fifo")
+    node.write_set("big.set", f"18446744073709551615 {node.dir}/p")
     session = RawSession(node)
     for name, words in (("fifo.set", "pool set file fifo.set: not a regular file (a FIFO)"),
-                        ("fp.set", f"fp.set:2: {node.dir}/fifo: not a regular file (a FIFO)")):
+                        ("fp.set", f"fp.set:2: {node.dir}/fifo: not a regular file (a FIFO)"),
+                        ("big.set", "big.set:2: invalid size (18446744073709551615) for a file")):
         for resp in (session.request(proto.Request(proto.STAT, pool_desc=name)),
                      session.open(name, 8 * M), session.create(name, 8 * M, attr())):
             assert errno_of(resp) == errno.EINVAL and words in resp.message, resp
@@ -167,7 +169,7 @@ def test_agent_refuses_fifos_without_hanging(local_node):
         assert done.returncode == errno.EINVAL, done
         assert words.encode() in done.stderr and done.stderr.count(b"\n") == 1
     session.close()
-    assert sorted(p.name for p in node.dir.iterdir()) == ["fifo", "fifo.set", "fp.set"]
+    assert sorted(p.name for p in node.dir.iterdir()) == ["big.set", "fifo", "fifo.set", "fp.set"]
 
 
 def test_agent_remove_refuses_a_name_with_a_trailing_slash_up_front(local_node):
