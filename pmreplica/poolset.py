@@ -191,7 +191,8 @@ class PoolSetFile:
             raise PoolSetError("remote pool set cannot have replicas", path, self.replicas[1].line)
         if self.is_directory_based and OPT_SINGLEHDR not in self.options:
             raise PoolSetError("directory based pools are not supported for poolsets with "
-                               "headers (without SINGLEHDR option)", path, self.master.parts[0].line)
+                               "headers (without SINGLEHDR option)", path,
+                               self.master.parts[0].line)
         seen: dict[str, Part] = {}
         for rep in self.local_replicas():
             for p in rep.parts:

@@ -44,8 +44,8 @@ LAX_SIZES = [b"+16M", b"-1", b"-8M", b"16385P", b"99999999999999999999", b"8\vM"
 VALID_NODES = [b"host", b"node1", b"user@node1", b"node1:2222", b"user@node1:2222", b"[::1]:22",
                b"127.0.0.1", b"fe80::1", b"n.example.com", b"a_b", b"u.x@h-1:65535"]
 ODD_NODES = [b"ho/st", b"-oProxyCommand=x", b"user@", b"@host", b"host:", b"host:0",
-             b"host:99999", b"[zz]:1", b"a@b@c", "h\u00f3st".encode(), b"host\v", b"h" + NBSP + b"x",
-             b"-host", b"host:2a", b"[::1", b"h:1:2:x"]
+             b"host:99999", b"[zz]:1", b"a@b@c", "h\u00f3st".encode(), b"host\v",
+             b"h" + NBSP + b"x", b"-host", b"host:2a", b"[::1", b"h:1:2:x"]
 VALID_DESCS = [b"x.set", b"sub/x.set", b"./x.set", b"a.set", b"s/t/u.set", b"x" + NBSP + b".set"]
 ODD_DESCS = [b"../x.set", b"a/../../x.set", b".", b"..", b"sub/../../x", b"./.."]
 NAMES = [b"a", b"b", b"c", b"part0", b"p.1", b"a" + NBSP + b"b", b"\xff\xfe", b"x" * 100, b"a#b",

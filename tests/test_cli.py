@@ -258,7 +258,8 @@ def test_info_errors_are_one_line(run, pool_dir):
     d = pool_dir
     assert _one_error(run("info", d / "missing")) == (
         f"pmreplica: {d}/missing: No such file or directory")
-    assert _one_error(run("info", d)) == f"pmreplica: {d}: not a regular file (a directory) (EISDIR)"
+    assert _one_error(run("info", d)) == (
+        f"pmreplica: {d}: not a regular file (a directory) (EISDIR)")
     bad = d / "bad.set"
     bad.write_text("PMEMPOOLSET\nREPLICA\n")
     assert _one_error(run("info", bad)) == f"pmreplica: {bad}:2: no pool set parts (EINVAL)"
