@@ -106,6 +106,15 @@ def test_api_refuses_with_errno(pool_dir, case, body, words, code):
     assert _snapshot(d) == before
 
 
+def test_a_nul_byte_in_a_pool_name_is_einval(pool_dir):
+    path = f"{pool_dir}/a\0b"
+    for call in (PoolSet.open, PoolSet.create, lambda p: PoolSet.create(p, size=8 * M)):
+        with pytest.raises(OSError) as e:
+            call(path)
+        assert e.value.errno == errno.EINVAL and "a NUL byte in the file name" in str(e.value)
+    assert list(pool_dir.iterdir()) == []
+
+
 def test_parts_that_turn_into_fifos_after_parsing_are_refused_not_waited_on(pool_dir):
     """The parser refuses a FIFO part; one that appears later meets the same check wherever
     a part file is opened (reading headers, locking, mapping, writing, repairing)."""
