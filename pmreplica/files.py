@@ -23,7 +23,7 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
 def kind_of(mode: int) -> str:
     """What a file of ``st_mode`` ``mode`` is, in words ("a FIFO", "a regular file")."""
     return next((name for test, name in _KINDS if test(mode)),
-                "a regular file" if stat.S_ISREG(mode) else "not a regular file")
+                "a regular file" if stat.S_ISREG(mode) else "a file of an unknown kind")
 
 
 def not_regular(path: str, mode: int) -> PmReplicaError:
@@ -32,11 +32,11 @@ def not_regular(path: str, mode: int) -> PmReplicaError:
     return PmReplicaError(code, f"{path}: not a regular file ({kind_of(mode)})")
 
 
-def open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
     """``os.open`` that never blocks on a FIFO and refuses anything but a regular file
     (EINVAL naming what it is; EISDIR for a directory). The fd is blocking again on return."""
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         if e.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO without reader; a directory
             check_regular(path)
@@ -62,11 +62,11 @@ def check_regular(path: str) -> None:
         raise not_regular(path, st_mode)
 
 
-def read_regular(path: str, limit: int | None = None) -> bytes:
-    """The contents of regular file ``path`` (see :func:`read_fd` for ``limit``)."""
+def read_regular(path: str) -> bytes:
+    """The contents of regular file ``path``."""
     fd = open_regular(path)
     try:
-        return read_fd(fd, path, limit)
+        return read_fd(fd, path)
     finally:
         os.close(fd)
 

@@ -54,6 +54,8 @@ def format_size(size: int) -> str:
         if size % mag == 0:
             return f"{size // mag}{suffix}"
     return str(size)
+
+
 class Part(namedtuple("Part", "size path line is_dir", defaults=(0, False))):
     """One part line: ``size`` bytes at ``path`` (a directory for directory-based replicas)."""
 
@@ -247,12 +249,11 @@ def is_poolset_file(path: str | os.PathLike[str]) -> bool:
         os.close(fd)
 
 
-def parse(path: str | os.PathLike[str], limit: int | None = None) -> PoolSetFile:
-    """Read and parse the pool set file at ``path`` (refused with EFBIG if it holds more
-    than ``limit`` bytes, without reading them all)."""
+def parse(path: str | os.PathLike[str]) -> PoolSetFile:
+    """Read and parse the pool set file at ``path`` (never waiting on a FIFO)."""
     path = os.fspath(path)
     try:
-        data = read_regular(path, limit)
+        data = read_regular(path)
     except PmReplicaError as e:
         raise PoolSetError(f"cannot read pool set file: {e.strerror.removeprefix(path + ': ')}",
                            path, errno=e.errno) from None
