@@ -289,9 +289,10 @@ class Generator:
             if end == b"\r\n" and self.rng.random() < 0.03:  # a long line PMDK reads in pieces
                 pad = self.rng.choice(CR_KEPT) + self.rng.choice([-1, 0, 0, 1]) - len(content) - 2
                 content += b" " * max(pad, 0)
-            logical = content + (b"\r" if end == b"\r\r\n" or (
-                end == b"\r\n" and len(content) + 2 in CR_KEPT) else b"")
+            raw = content + end  # as PMDK's reader hands it on: LF gone, CR before it too
+            logical = (raw[:-2] if raw.endswith(b"\r\n") and len(raw) not in CR_KEPT else
+                       raw[:-1] if raw.endswith(b"\n") else raw)
             if lax is None and stricter(logical):
                 lax = lineno
-            data.append(content + end)
+            data.append(raw)
         return Case(b"".join(data), lax)
