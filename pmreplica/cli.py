@@ -18,10 +18,12 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Container
 from typing import Any, Callable
 
 from . import poolset as _poolset
 from .errors import HeaderError, PmReplicaError
+from .files import open_regular
 from .header import (FEAT_CHECK_BAD_BLOCKS, FEAT_CKSUM_2K, FEAT_SDS, FEAT_SINGLEHDR, HDR_SIZE,
                      ArchFlags, PoolHeader)
 from .poolset import LocalReplica, PoolSetFile, RemoteReplica
@@ -181,12 +183,20 @@ def _local_replica_info(set_file: PoolSetFile, index: int, rep: LocalReplica
     """One local replica: its parts with their headers, and what is wrong with it."""
     info: dict[str, Any] = {"index": index, "kind": "local", "parts": [], "problems": []}
     headers: list[PartHeader] = []
+    own: dict[str, list[str]] = {p.path: [] for p in rep.parts}  # each part's problems
     try:
         files = LocalReplicaFiles(set_file, rep, set_file.pool_size)
         headers, problems = files.check()
-        missing = [p.path for p in rep.parts if not os.path.lexists(p.path)]
-        info["problems"] = [f"{m}: part file is missing" for m in missing] + [
-            p for p in problems if not any(p.startswith(m + ": ") for m in missing)]
+        missing = {p.path for p in rep.parts if not os.path.lexists(p.path)}
+        for path in missing:
+            own[path].append("part file is missing")
+        info["problems"] = [f"{m}: part file is missing" for m in own if m in missing]
+        for msg in problems:
+            path, text = split_problem(msg, own)
+            if path not in missing:
+                info["problems"].append(msg)
+                if path is not None:
+                    own[path].append(text)
     except OSError as e:
         info["problems"] = [str(e)]
     by_path = {h.path: h for h in headers}
@@ -200,16 +210,25 @@ def _local_replica_info(set_file: PoolSetFile, index: int, rep: LocalReplica
         ph = by_path.get(part.path)
         if ph is not None:
             pinfo["header"] = header_info(ph) if ph.header is not None else None
-            own = [p[len(part.path) + 2:] for p in info["problems"]
-                   if p.startswith(part.path + ": ")]
-            pinfo["problems"] = own
-            pinfo["links"] = (("broken" if own else "consistent") if links_checked
+            pinfo["problems"] = own[part.path]
+            pinfo["links"] = (("broken" if own[part.path] else "consistent") if links_checked
                               else "not checked (a header of this replica is invalid)")
         info["parts"].append(pinfo)
     first = headers[0] if headers else None
     if first is not None and first.header is not None and not first.problems:
         return info, first.header, first.raw
     return info, None, None
+
+
+def split_problem(msg: str, paths: Container[str]) -> tuple[str | None, str]:
+    """``("path", "what")`` for a problem ``"path: what"`` about one of ``paths`` (a path
+    may hold ": " itself), ``(None, msg)`` for any other."""
+    at = msg.find(": ")
+    while at >= 0:
+        if msg[:at] in paths:
+            return msg[:at], msg[at + 2:]
+        at = msg.find(": ", at + 1)
+    return None, msg
 
 
 def _launcher(node: str) -> str:
@@ -273,8 +292,11 @@ def gather(path: str) -> dict[str, Any]:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     if _poolset.is_poolset_file(path):
         return gather_set(path, _poolset.parse(path))
-    with open(path, "rb") as f:
-        raw = f.read(HDR_SIZE)
+    fd = open_regular(path)
+    try:
+        raw = os.pread(fd, HDR_SIZE, 0)
+    finally:
+        os.close(fd)
     if len(raw) < HDR_SIZE:
         raise HeaderError(errno.EINVAL, f"{path}: not a pool: shorter than a pool header "
                                         f"({len(raw)} bytes)")
@@ -354,9 +376,9 @@ def _render_set(info: dict[str, Any]) -> list[str]:
             continue
         out.append(f"{name} - local, {len(rep['parts'])} part(s):")
         _line(out, "health", rep["health"])
-        paths = tuple(part["path"] + ": " for part in rep["parts"])
+        paths = {part["path"] for part in rep["parts"]}
         for msg in rep["problems"]:
-            if not msg.startswith(paths):  # a part's own problems are shown with the part
+            if split_problem(msg, paths)[0] is None:  # a part's own are shown with the part
                 _line(out, "problem", msg)
         for j, part in enumerate(rep["parts"]):
             out.append(f"part {j}:")
@@ -396,9 +418,8 @@ def _render_part(info: dict[str, Any]) -> list[str]:
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the structure, headers and health of a pool set, pool or part file."""
     info = gather(args.path)
-    if args.json:
-        json.dump(info, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+    if args.json:  # one write: json.dump writes every token on its own
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
         lines = _render_part(info) if info["kind"] == "part" else _render_set(info)
         sys.stdout.write("\n".join(lines) + "\n")

@@ -24,7 +24,6 @@ area, after the replica-state record, outside the header checksum), with a CRC o
 from __future__ import annotations
 
 import os
-import stat
 import struct
 import time
 import uuid as _uuid
@@ -136,13 +135,14 @@ def store(path: str, record: Generation) -> None:
 
 def load(path: str) -> Generation | None:
     """The generation recorded in the part file ``path`` (None if none, or unreadable)."""
+    from .files import open_regular
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not hang
+        fd = open_regular(path)
     except OSError:
         return None
     try:
-        return Generation.unpack(os.pread(fd, SIZE, OFFSET)) if stat.S_ISREG(
-            os.fstat(fd).st_mode) else None
+        return Generation.unpack(os.pread(fd, SIZE, OFFSET))
     except OSError:
         return None
     finally:

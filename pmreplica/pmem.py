@@ -21,6 +21,7 @@ from collections import namedtuple
 from collections.abc import Sequence
 
 from .errors import PmReplicaError
+from .files import open_regular
 
 PAGE_SIZE = mmap.PAGESIZE
 _PAGE_MASK = ~(PAGE_SIZE - 1)
@@ -136,7 +137,7 @@ def open_part(path: str, size: int, *, create: bool, mode: int = 0o666,
                                                            f"bytes: {e.strerror}") from None
             raise
         return fd
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = open_regular(path, os.O_RDWR)
     have = os.fstat(fd).st_size
     if have < size:
         os.close(fd)

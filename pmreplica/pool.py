@@ -81,6 +81,8 @@ def load_set(path: str | os.PathLike[str], size: int | None = None) -> PoolSetFi
     """The pool set at ``path``: a PMEMPOOLSET file, or a single pool file (``size`` for one
     that does not exist yet; its current size otherwise)."""
     path = os.fspath(path)
+    if "\0" in path:  # the OS takes no such name (os.stat would raise ValueError)
+        raise PmReplicaError(errno.EINVAL, f"{path!r}: a NUL byte in the file name")
     if os.path.exists(path) and _poolset.is_poolset_file(path):
         return _poolset.parse(path)
     if size is None:

@@ -12,14 +12,16 @@ import bisect
 import errno
 import fcntl
 import os
+import stat
 import uuid as _uuid
 from collections import namedtuple
 
 from .errors import HeaderError, PmReplicaError
+from .files import kind_of, open_regular
+from .generation import OFFSET as GEN_OFFSET
 from .header import HDR_SIZE, PoolHeader, replica_headers
 from .pmem import Mapping, Segment, open_part
 from .poolset import LocalReplica, PoolSetFile
-from .generation import OFFSET as GEN_OFFSET
 from .state import OFFSET as STATE_OFFSET
 
 #: the end of what pmreplica keeps in part 0's page after the header (state record and
@@ -67,14 +69,16 @@ class LocalReplicaFiles:
 
     def create(self, template: PoolHeader | None, mode: int = 0o666) -> None:
         """Create every part in full (EEXIST if one exists) and, given a template, write the
-        parts' headers: part 0 gets the template's uuid, the replica links are its own."""
+        parts' headers: part 0 gets the template's uuid, the replica links are its own.
+        Each file gets the size its line gives, as PMDK makes it; the page-aligned part of it
+        is mapped."""
         for p in self.replica.parts:
             if os.path.lexists(p.path):
                 raise PmReplicaError(errno.EEXIST, f"file {p.path} already exists")
         made = []
         try:
             for p in self.replica.parts:
-                os.close(open_part(p.path, p.aligned_size, create=True, mode=mode))
+                os.close(open_part(p.path, p.size, create=True, mode=mode))
                 made.append(p.path)
             if template is not None and self.nhdrs:
                 uuids = [template.uuid] + [_uuid.uuid4() for _ in range(self.nhdrs - 1)]
@@ -118,12 +122,12 @@ class LocalReplicaFiles:
         ones (their blocks allocated, so a full file system is ENOSPC now)."""
         for p in self.replica.parts:
             if not os.path.lexists(p.path):
-                os.close(open_part(p.path, p.aligned_size, create=True, mode=mode))
+                os.close(open_part(p.path, p.size, create=True, mode=mode))
                 continue
-            fd = os.open(p.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = open_regular(p.path, os.O_RDWR)
             try:
-                if os.fstat(fd).st_size < p.aligned_size:
-                    os.posix_fallocate(fd, 0, p.aligned_size)
+                if os.fstat(fd).st_size < p.size:
+                    os.posix_fallocate(fd, 0, p.size)
             finally:
                 os.close(fd)
 
@@ -137,10 +141,14 @@ class LocalReplicaFiles:
         out = []
         for p in self.replica.parts[: self.nhdrs]:
             try:
-                with open(p.path, "rb") as f:
-                    raw = f.read(HDR_SIZE)
+                fd = open_regular(p.path)
+                try:
+                    raw = os.pread(fd, HDR_SIZE, 0)
+                finally:
+                    os.close(fd)
             except OSError as e:
-                out.append(PartHeader(p.path, None, None, (f"cannot read: {e.strerror}",)))
+                why = e.strerror.removeprefix(p.path + ": ") if e.strerror else str(e)
+                out.append(PartHeader(p.path, None, None, (f"cannot read: {why}",)))
                 continue
             if len(raw) < HDR_SIZE:
                 out.append(PartHeader(p.path, raw, None, ("file shorter than a pool header",)))
@@ -158,11 +166,14 @@ class LocalReplicaFiles:
         problems = []
         for p in self.replica.parts:
             try:
-                size = os.stat(p.path).st_size
+                st = os.stat(p.path)
             except OSError as e:
                 problems.append(f"{p.path}: {e.strerror}")
                 continue
-            if size < p.aligned_size:
+            size = st.st_size
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{p.path}: not a regular file ({kind_of(st.st_mode)})")
+            elif size < p.aligned_size:
                 problems.append(f"{p.path}: size {size} is smaller than {p.aligned_size}")
         headers = self.read_headers(remote) if self.nhdrs else []
         for h in headers:
@@ -196,7 +207,7 @@ class ReplicaWriter:
         self._fds: list[int] = []
         try:
             for seg in files.segments:
-                self._fds.append(os.open(seg.path, os.O_RDWR | os.O_CLOEXEC))
+                self._fds.append(open_regular(seg.path, os.O_RDWR))
         except BaseException:
             self.close()
             raise
@@ -229,7 +240,7 @@ class ReplicaWriter:
 def lock_pool(path: str, busy: str) -> int:
     """Take the exclusive lock an open pool holds on its first part (flock, released when
     the returned fd is closed); EBUSY with the message ``busy`` if someone holds it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -268,14 +279,19 @@ def _link_problems(hdrs: list[PoolHeader], paths: list[str]) -> list[str]:
 def _read_page(path: str) -> bytes:
     """The header page of the part file ``path`` as it is (b"" if it cannot be read)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(HDR_SIZE)
+        fd = open_regular(path)
     except OSError:
         return b""
+    try:
+        return os.pread(fd, HDR_SIZE, 0)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _pwrite_durable(path: str, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
+    fd = open_regular(path, os.O_WRONLY)
     try:
         if os.pwrite(fd, data, offset) != len(data):
             raise PmReplicaError(errno.EIO, f"{path}: short write")

@@ -22,6 +22,8 @@ import os
 import struct
 import zlib
 
+from .files import open_regular
+
 OFFSET = 2048
 MAGIC = b"PMRSTATE"
 VERSION = 2
@@ -180,7 +182,7 @@ def store_copy(path: str, record: bytes, offset: int = OFFSET) -> None:
     """Write ``record`` (from :meth:`ReplicaState.pack`, or another record of the header
     page) into the header page of the part file ``path`` at ``offset``, durably. The file
     must already hold a full header page."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = open_regular(path, os.O_WRONLY)
     try:
         if os.fstat(fd).st_size < offset + len(record):
             raise OSError(errno.EINVAL, f"{path}: too short to hold a pool header")

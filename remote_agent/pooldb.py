@@ -7,17 +7,28 @@ holds an exclusive lock on its first part, so a second open of the same pool is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
+import time
+from collections.abc import Iterator
 
 from pmreplica import generation, poolset
 from pmreplica.errors import PmReplicaError, PoolSetError
+from pmreplica.files import open_regular, read_fd
 from pmreplica.header import FEAT_SINGLEHDR, HDR_SIZE, PoolAttr
 from pmreplica.pmem import Mapping
 from pmreplica.replica import LocalReplicaFiles, lock_pool, remove_parts
 
 log = logging.getLogger("remote_agent.pooldb")
+
+#: the most a pool set file may hold for the agent to read it (a remote pool set lists one
+#: replica: tens of thousands of parts fit)
+MAX_SET_FILE = 4 << 20
+#: how long a create or remove waits for the opens and stats of a pool set to let it go (s)
+SET_LOCK_WAIT = 2.0
 
 
 class PoolError(PmReplicaError):
@@ -70,7 +81,12 @@ class OpenPool:
 
 
 class PoolDB:
-    """Pool set files under ``root``."""
+    """Pool set files under ``root``.
+
+    Each request holds an flock on the pool set file while it works: shared to open or
+    stat, exclusive to create or remove. An open or stat meeting a create or remove is
+    EBUSY at once, so it never sees half-made parts (it would call them inconsistent); a
+    create or remove waits a moment for opens and stats to finish, then is EBUSY."""
 
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
@@ -88,16 +104,36 @@ class PoolDB:
             raise PoolError(errno.EINVAL, f"pool set name {name!r} leaves the pool set directory")
         return path
 
-    def load(self, name: str) -> poolset.PoolSetFile:
-        path = self.resolve(name)
-        if not os.path.exists(path):
-            raise PoolError(errno.ENOENT, f"pool set file {name} does not exist")
+    @contextlib.contextmanager
+    def _set(self, name: str, how: int,
+             validate: bool = True) -> Iterator[poolset.PoolSetFile]:
+        """The parsed pool set ``name`` (``validate``: validated for a remote pool), its file
+        locked with ``how`` (LOCK_SH or LOCK_EX) until the block ends. The file is read by
+        the name given (``x.set/`` is not ``x.set``), never blocking, at most MAX_SET_FILE
+        bytes."""
+        self.resolve(name)
+        path = os.path.join(self.root, name)
         try:
-            set_file = poolset.parse(path)
-            set_file.validate(remote=True)
-        except PoolSetError as e:
-            raise PoolError(errno.EINVAL, f"{name}: {e.strerror}") from None
-        return set_file
+            fd = open_regular(path)
+        except FileNotFoundError:
+            raise PoolError(errno.ENOENT, f"pool set file {name} does not exist") from None
+        except OSError as e:
+            raise _set_file_error(name, path, e) from None
+        try:
+            _lock_set(fd, how, name)
+            try:
+                data = read_fd(fd, path, MAX_SET_FILE)
+            except OSError as e:
+                raise _set_file_error(name, path, e) from None
+            try:
+                set_file = poolset.parse_bytes(data, path)
+                if validate:
+                    set_file.validate(remote=True)
+            except PoolSetError as e:
+                raise PoolError(errno.EINVAL, f"{name}: {e.strerror}") from None
+            yield set_file
+        finally:
+            os.close(fd)
 
     def _files(self, name: str, set_file: poolset.PoolSetFile,
                pool_size: int) -> LocalReplicaFiles:
@@ -108,58 +144,65 @@ class PoolDB:
         return LocalReplicaFiles(set_file, set_file.master, pool_size)
 
     def create(self, name: str, pool_size: int, attr: PoolAttr) -> OpenPool:
-        set_file = self.load(name)
-        if attr.is_zeroed == set_file.has_headers:
-            raise PoolError(errno.EINVAL, "pool attributes are required exactly when the "
-                                          "remote pool set has headers (no NOHDRS option)")
-        if not attr.is_zeroed and bool(attr.incompat_features & FEAT_SINGLEHDR) != (
-                poolset.OPT_SINGLEHDR in set_file.options):
-            raise PoolError(errno.EINVAL, "pool incompat feature flags and remote poolset "
-                                          "options do not match")
-        files = self._files(name, set_file, pool_size)
-        for p in set_file.master.parts:
-            if os.path.lexists(p.path):
-                raise PoolError(errno.EEXIST, f"part file {p.path} already exists")
-        files.create(None if attr.is_zeroed else attr.to_header())
-        try:
-            return self._map(name, set_file, files, pool_size, True, attr)
-        except OSError as e:
-            # EBUSY: another session opened the new pool between its creation and our lock;
-            # its parts are in use now and stay
-            if e.errno != errno.EBUSY:
+        with self._set(name, fcntl.LOCK_EX) as set_file:
+            if attr.is_zeroed == set_file.has_headers:
+                raise PoolError(errno.EINVAL, "pool attributes are required exactly when the "
+                                              "remote pool set has headers (no NOHDRS option)")
+            if not attr.is_zeroed and bool(attr.incompat_features & FEAT_SINGLEHDR) != (
+                    poolset.OPT_SINGLEHDR in set_file.options):
+                raise PoolError(errno.EINVAL, "pool incompat feature flags and remote poolset "
+                                              "options do not match")
+            files = self._files(name, set_file, pool_size)
+            for p in set_file.master.parts:
+                if os.path.lexists(p.path):
+                    raise PoolError(errno.EEXIST, f"part file {p.path} already exists")
+            files.create(None if attr.is_zeroed else attr.to_header())
+            try:
+                return self._map(name, set_file, files, pool_size, True, attr,
+                                 lock(set_file.master.parts[0].path, name))
+            except OSError as e:
+                # EBUSY: something that takes no set lock (a local tool) opened the new
+                # pool before our lock; its parts are in use now and stay
+                if e.errno != errno.EBUSY:
+                    remove_parts(set_file.master, force=True)
+                raise
+            except BaseException:
                 remove_parts(set_file.master, force=True)
-            raise
-        except BaseException:
-            remove_parts(set_file.master, force=True)
-            raise
+                raise
 
     def open(self, name: str, pool_size: int) -> OpenPool:
-        set_file = self.load(name)
-        files = self._files(name, set_file, pool_size)
-        missing = [p.path for p in set_file.master.parts if not os.path.exists(p.path)]
-        if missing:
-            raise PoolError(errno.ENOENT, f"remote pool {name} does not exist "
-                                          f"(missing {missing[0]})")
-        denied = [p.path for p in set_file.master.parts
-                  if not os.access(p.path, os.R_OK | os.W_OK)]
-        if denied:  # before the header check, which would call an unreadable pool inconsistent
-            raise PoolError(errno.EACCES, f"{denied[0]}: permission denied (remote pool {name})")
-        headers, problems = files.check(remote=True)
-        if problems:
-            raise PoolError(errno.EINVAL, f"remote pool {name} is inconsistent: "
-                                          + "; ".join(problems[:3]))
-        attr = PoolAttr.from_header(headers[0].header) if headers else PoolAttr()
-        return self._map(name, set_file, files, pool_size, False, attr)
+        with self._set(name, fcntl.LOCK_SH) as set_file:
+            files = self._files(name, set_file, pool_size)
+            missing = [p.path for p in set_file.master.parts if not os.path.exists(p.path)]
+            if missing:
+                raise PoolError(errno.ENOENT, f"remote pool {name} does not exist "
+                                              f"(missing {missing[0]})")
+            denied = [p.path for p in set_file.master.parts
+                      if not os.access(p.path, os.R_OK | os.W_OK)]
+            if denied:  # before the header check, which would call an unreadable pool inconsistent
+                raise PoolError(errno.EACCES, f"{denied[0]}: permission denied (remote pool "
+                                              f"{name})")
+            fd = lock(set_file.master.parts[0].path, name)  # EBUSY before any judgement
+            try:
+                headers, problems = files.check(remote=True)
+                if problems:
+                    raise PoolError(errno.EINVAL, f"remote pool {name} is inconsistent: "
+                                                  + "; ".join(problems[:3]))
+                attr = PoolAttr.from_header(headers[0].header) if headers else PoolAttr()
+            except BaseException:
+                os.close(fd)
+                raise
+            return self._map(name, set_file, files, pool_size, False, attr, fd)
 
     def _map(self, name: str, set_file: poolset.PoolSetFile, files: LocalReplicaFiles,
-             pool_size: int, created: bool, attr: PoolAttr) -> OpenPool:
-        fd = lock(set_file.master.parts[0].path, name)
+             pool_size: int, created: bool, attr: PoolAttr, lock_fd: int) -> OpenPool:
+        """Map the pool whose lock ``lock_fd`` holds (closed here if that fails)."""
         try:
             mapping = files.open()
         except BaseException:
-            os.close(fd)
+            os.close(lock_fd)
             raise
-        return OpenPool(name, set_file, files, mapping, fd, pool_size,
+        return OpenPool(name, set_file, files, mapping, lock_fd, pool_size,
                         HDR_SIZE if set_file.has_headers else 0, created, attr)
 
     def stat(self, name: str) -> tuple[int, bool, str, bytes]:
@@ -167,48 +210,68 @@ class PoolDB:
         or locking the pool. The record is read from a set that is no replica any more, too
         (a promoted one, with replicas of its own): its generation is what tells a returning
         master that it was superseded."""
-        try:
-            set_file = self.load(name)
-        except PoolError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            record = self._generation(self.resolve(name))
-            if not record:
-                raise
-            return 0, False, e.strerror or str(e), record
-        files = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
-        _, problems = files.check(remote=True)
-        return (set_file.pool_size, not problems, "; ".join(problems),
-                _generation_of(set_file))
-
-    @staticmethod
-    def _generation(path: str) -> bytes:
-        """The generation record of the master part of the set file at ``path`` (b"": none)."""
-        try:
-            return _generation_of(poolset.parse(path))
-        except (OSError, PoolSetError):
-            return b""
+        with self._set(name, fcntl.LOCK_SH, validate=False) as set_file:
+            record = _generation_of(set_file)
+            try:
+                set_file.validate(remote=True)
+            except PoolSetError as e:
+                if not record:
+                    raise PoolError(errno.EINVAL, f"{name}: {e.strerror}") from None
+                return 0, False, f"{name}: {e.strerror}", record
+            files = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
+            _, problems = files.check(remote=True)
+            return set_file.pool_size, not problems, "; ".join(problems), record
 
     def remove(self, name: str, force: bool, remove_pool_set: bool) -> None:
         """Delete the pool's parts (a consistent pool only, unless ``force``) and maybe its
-        set file. A pool open in another session is EBUSY."""
-        set_file = self.load(name)
-        if not force:
-            files = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
-            _, problems = files.check(remote=True)
-            if problems:
-                raise PoolError(errno.EINVAL, f"pool {name} is inconsistent, not removed "
-                                              f"without --force: {problems[0]}")
-        first = set_file.master.parts[0].path
-        fd = lock(first, name) if os.path.exists(first) else -1
+        set file. A pool open in another session is EBUSY. Whatever can be known to fail
+        fails before anything is deleted."""
+        with self._set(name, fcntl.LOCK_EX) as set_file:
+            set_path = os.path.join(self.root, name)
+            if remove_pool_set and not os.access(os.path.dirname(set_path),
+                                                 os.W_OK | os.X_OK):
+                raise PoolError(errno.EACCES, f"pool set file {name} cannot be removed: its "
+                                              "directory is not writable")
+            if not force:
+                files = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
+                _, problems = files.check(remote=True)
+                if problems:
+                    raise PoolError(errno.EINVAL, f"pool {name} is inconsistent, not removed "
+                                                  f"without --force: {problems[0]}")
+            first = set_file.master.parts[0].path
+            fd = lock(first, name) if os.path.exists(first) else -1
+            try:
+                remove_parts(set_file.master, force)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            if remove_pool_set:
+                # the set file by the name given (a symlink, not what it points to), as rpmemd
+                os.unlink(set_path)
+
+
+def _lock_set(fd: int, how: int, name: str) -> None:
+    """flock the pool set file ``fd``: a shared lock at once or EBUSY (a pool being created
+    or removed is busy, however long that takes); an exclusive one waiting up to
+    SET_LOCK_WAIT for the brief shared holders (opens, stats) to finish."""
+    deadline = time.monotonic() + (SET_LOCK_WAIT if how == fcntl.LOCK_EX else 0)
+    while True:
         try:
-            remove_parts(set_file.master, force)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        if remove_pool_set:
-            # the set file by the name given (a symlink, not what it points to), as rpmemd
-            os.unlink(os.path.join(self.root, name))
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise PoolError(errno.EBUSY, f"pool set {name} is busy: another session is "
+                                             "creating, opening or removing it") from None
+            time.sleep(0.002)
+
+
+def _set_file_error(name: str, path: str, e: OSError) -> PoolError:
+    """Pool set file ``name`` (at ``path``) cannot be read: EINVAL unless the errno says
+    more to a client."""
+    code = e.errno if e.errno in (errno.ENOENT, errno.EACCES, errno.EPERM) else errno.EINVAL
+    why = (e.strerror or str(e)).removeprefix(f"{path}: ")
+    return PoolError(code, f"pool set file {name}: {why}")
 
 
 def _generation_of(set_file: poolset.PoolSetFile) -> bytes:

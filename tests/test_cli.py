@@ -247,10 +247,10 @@ def test_create_errors_are_one_line_and_lose_nothing(run, pool_dir):
     bad = write_set(d / "bad.set", f"4M {d}/m", "REPLICA", f"4X {d}/x")
     assert _one_error(run("create", bad)) == (
         f"pmreplica: {bad}:4: incorrect format of size (EINVAL)")
-    small = write_set(d / "small.set", f"4M {d}/m", "REPLICA", f"2M {d}/x")
+    small = write_set(d / "small.set", f"4M {d}/m", "REPLICA", f"1M {d}/x")
     assert _one_error(run("create", small)) == (
-        f"pmreplica: {small}:3: replica 1 is smaller than the master replica "
-        f"({2 * M} < {4 * M} bytes) (EINVAL)")
+        f"pmreplica: {small}:4: part size {M} smaller than the minimum part size {2 * M} (2M) "
+        "(EINVAL)")
     assert sorted(p.name for p in d.iterdir()) == ["bad.set", "p.set", "r", "small.set"]
 
 
@@ -258,7 +258,8 @@ def test_info_errors_are_one_line(run, pool_dir):
     d = pool_dir
     assert _one_error(run("info", d / "missing")) == (
         f"pmreplica: {d}/missing: No such file or directory")
-    assert _one_error(run("info", d)) == f"pmreplica: {d}: Is a directory"
+    assert _one_error(run("info", d)) == (
+        f"pmreplica: {d}: not a regular file (a directory) (EISDIR)")
     bad = d / "bad.set"
     bad.write_text("PMEMPOOLSET\nREPLICA\n")
     assert _one_error(run("info", bad)) == f"pmreplica: {bad}:2: no pool set parts (EINVAL)"

@@ -129,10 +129,12 @@ def test_replica_header_corruption_degrades_instead_of_failing(pmdk_set):
 
 def test_pmreplica_headers_pass_pmempool_check(pool_dir, pmempool):
     """pmempool cannot type a PMREPLIC pool, so the pool is made with PMDK's obj signature:
-    `pmempool check` then verifies every header's checksum, arch flags and uuid links."""
+    `pmempool check` then verifies every header's checksum, arch flags and uuid links, and
+    every part file's size against its line (a part of an unaligned size is made that size;
+    a replica smaller than the master sets the pool's size)."""
     d = pool_dir
     for name, lines in {
-        "multi": [f"8M {d}/m0", f"4M {d}/m1", "REPLICA", f"6M {d}/r0", f"6M {d}/r1",
+        "multi": [f"8M {d}/m0", f"{4 * M + 1} {d}/m1", "REPLICA", f"6M {d}/r0", f"2M {d}/r1",
                   "REPLICA", f"16M {d}/s0"],
         "singlehdr": ["OPTION SINGLEHDR", f"8M {d}/h0", f"4M {d}/h1", "REPLICA",
                       f"12M {d}/hr"],
@@ -147,6 +149,9 @@ def test_pmreplica_headers_pass_pmempool_check(pool_dir, pmempool):
         assert run.stdout.strip().endswith(f"{path}: consistent")
     hdr = PoolHeader.unpack((d / "h0").read_bytes()[:HDR_SIZE])
     assert hdr.incompat & FEAT_SINGLEHDR and not any((d / "h1").read_bytes()[:HDR_SIZE])
+    assert (d / "m1").stat().st_size == 4 * M + 1
+    with PoolSet.open(d / "multi.set", signature=b"PMEMOBJ") as pool:
+        assert pool.size == 8 * M - HDR_SIZE  # replica 1's
 
 
 def test_default_signature_header_is_valid_for_pmdk_but_untyped(pool_dir, pmempool):
@@ -158,6 +163,8 @@ def test_default_signature_header_is_valid_for_pmdk_but_untyped(pool_dir, pmempo
     assert hdr.uuid == hdr.next_part == hdr.prev_part == hdr.next_repl == hdr.prev_repl
     run = subprocess.run([pmempool, "info", str(pool_dir / "a")], capture_output=True, text=True)
     assert "unknown pool type -- 'PMREPLIC'" in run.stderr  # its header read, its type unknown
+    run = _check(pmempool, path)  # and checked no further
+    assert run.returncode != 0 and "invalid signature" in run.stdout, run.stdout + run.stderr
 
 
 def test_checksum_covers_the_whole_page_without_cksum_2k():

@@ -361,6 +361,27 @@ def test_pmempool_made_set_is_opened_and_replicated(pool_dir, pmempool, singlehd
     assert check.returncode == 0 and check.stdout.strip().endswith("consistent"), check.stdout
 
 
+def test_pmempool_made_set_with_a_smaller_replica_and_an_unaligned_part(pool_dir, pmempool):
+    """PMDK makes the pool as large as its smallest replica and keeps a part's odd size."""
+    d = pool_dir
+    master = [(8 * M, d / "a"), (2 * M + 1, d / "b")]
+    rep = [(8 * M, d / "c")]
+    path = write_set(d / "pmdk.set", *(f"{s} {p}" for s, p in master), "REPLICA",
+                     *(f"{s} {p}" for s, p in rep))
+    run = subprocess.run([pmempool, "create", "obj", str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (d / "b").stat().st_size == 2 * M + 1
+    data = os.urandom(M)
+    with PoolSet.open(path, signature=b"PMEMOBJ") as pool:
+        assert pool.size == 8 * M and [r.state for r in pool.replicas] == ["ok", "ok"]
+        pool.buf[pool.size - len(data):] = data
+        pool.persist(pool.size - len(data), len(data))
+    assert replica_bytes(master)[8 * M - len(data):8 * M] == data
+    assert replica_bytes(rep)[-len(data):] == data
+    check = subprocess.run([pmempool, "check", "-v", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip().endswith("consistent"), check.stdout
+
+
 def test_pmempool_made_pool_keeps_a_valid_header_after_a_replica_failed(pool_dir, pmempool):
     d = pool_dir
     path = write_set(d / "pmdk.set", f"8M {d}/a", "REPLICA", f"8M {d}/b")
@@ -427,10 +448,12 @@ def test_create_with_an_unreachable_remote_replica_cleans_up(pool_dir):
 
 
 def test_invalid_set_is_refused_before_any_file_is_made(pool_dir):
-    path = write_set(pool_dir / "p.set", f"4M {pool_dir}/m", "REPLICA", f"2M {pool_dir}/r")
+    path = write_set(pool_dir / "p.set", f"4M {pool_dir}/m", "REPLICA", f"2M {pool_dir}/r",
+                     f"4M {pool_dir}/m")
     with pytest.raises(PoolSetError) as e:
         PoolSet.create(path)
-    assert e.value.errno == errno.EINVAL and f"{path}:3: replica 1 is smaller" in str(e.value)
+    assert e.value.errno == errno.EINVAL and (
+        f"{path}:5: cannot use the same part file twice (line 2)" in str(e.value))
     assert sorted(p.name for p in pool_dir.iterdir()) == ["p.set"]
     with pytest.raises(PmReplicaError) as e:
         PoolSet.open(pool_dir / "nothing")

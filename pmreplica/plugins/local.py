@@ -23,6 +23,7 @@ import threading
 
 from .. import generation
 from ..errors import ReplicaError
+from ..files import open_regular
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
 from ..pmem import Mapping, memory_backed
@@ -66,7 +67,7 @@ class LocalTarget:
     def _open_fds(self) -> None:
         try:
             for seg in self.files.segments:
-                self._fds.append(os.open(seg.path, os.O_RDWR | os.O_CLOEXEC))
+                self._fds.append(open_regular(seg.path, os.O_RDWR))
         except OSError as e:
             self.close()
             raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e}") from e
