@@ -4,6 +4,10 @@ A pool set with a local replica and a remote one (served by a local agent over T
 object-store workload with a live line of commits/s and commit latency, the remote agent
 killed (degraded mode), brought back, the replica repaired by replica-sync, and the
 replicas proved identical byte for byte.
+
+``--failover`` goes on to the day the master's host is lost: the application dies with it
+mid-workload, the remote replica is promoted, the application goes on there with every
+commit it saw return, the old master comes back and is refused, then rejoins as a replica.
 """
 
 from __future__ import annotations
@@ -182,6 +186,91 @@ class Demo:
                  f"{'yes' if healthy else 'NO'}")
         return 0 if identical and matches and healthy else 1
 
+    # -- losing the master's host ------------------------------------------------------------
+    def failover(self) -> int:
+        """Steps 5-8: the master's host is lost mid-workload; promote; go on; rejoin."""
+        from . import pmemobj, sync
+        from .errors import PmReplicaError
+        from .promote import promote
+
+        self.say("\n5. the master's host is lost, and the application with it, mid-workload")
+        acked = self._writer_killed()
+        from remote_agent.processes import running_agents
+        while running_agents(self.agent_dir):  # its agents end when they miss their client
+            time.sleep(0.05)
+        lost = f"{self.dir}/master.part0"
+        os.rename(lost, lost + ".away")  # the host is gone: its files out of reach
+        self.say(f"  the application saw {acked} commits return before it died")
+
+        promoted = os.path.join(self.agent_dir, "promoted.set")
+        with open(promoted, "w") as f:  # the remote replica's parts, and the pool's others
+            f.write(f"PMEMPOOLSET\n{POOL_MIB}M {self.agent_dir}/remote.part0\n"
+                    f"REPLICA\n{POOL_MIB}M {self.dir}/replica.part0\n")
+        self.say(f"\n6. on the remote replica's host: pmreplica promote {promoted}")
+        out = promote(promoted)
+        for c in out.compared:
+            self.say(f"  {c.name}: {c.relation}")
+        self.say(f"  promoted: the master of {out.generation.describe()}")  # type: ignore[union-attr]
+        report = sync.sync(promoted)
+        self.say(f"  replica-sync: the local replica compared, {report.copied} bytes copied")
+        with pmemobj.PersistentObjectPool(promoted, flag="w", plugins=[_Events(self.say)]) as pool:
+            commits = pool.root.get("commits", 0)
+            self.say(f"  the store holds {commits} commits: every acknowledged one "
+                     f"({'yes' if commits >= acked else 'NO'})")
+            self.workload(pool, "promoted", self.transactions // 4)
+
+        self.say("\n7. the old master's host comes back")
+        os.rename(lost + ".away", lost)
+        try:
+            pmemobj.PersistentObjectPool(self.set_path, flag="w").close()
+            self.say("  the old master opened: SPLIT BRAIN NOT CAUGHT")
+            return 1
+        except PmReplicaError as e:
+            self.say(f"  opening it is refused: {str(e).split(': ', 1)[1]}")
+
+        self.say("\n8. it rejoins as a replica of the promoted master (replica-sync there)")
+        with open(promoted, "a") as f:
+            f.write(f"REPLICA\n{POOL_MIB}M {lost}\n")
+        report = sync.sync(promoted)
+        for r in report.replicas:
+            if r.action:
+                self.say(f"  {r.name}: {r.action}, {r.copy_bytes} bytes copied")
+        digests = self.digests()
+        same = len(set(digests.values())) == 1
+        self.say(f"  master, local and remote replica identical: {'yes' if same else 'NO'}")
+        return 0 if same and commits >= acked and report.exit_code == 1 else 1
+
+    def _writer_killed(self) -> int:
+        """Run the workload in a process of its own and SIGKILL it after a second; the
+        commits it reported done (each printed after its transaction returned)."""
+        import subprocess
+
+        child = subprocess.Popen([sys.executable, "-c", _WRITER, self.set_path],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        acked, deadline = 0, time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            acked = int(line)
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        return acked
+
+
+#: the application on the master's host: counts commits, printing each once it returned
+_WRITER = r"""
+import sys
+from pmreplica import pmemobj
+with pmemobj.PersistentObjectPool(sys.argv[1], flag="w") as pool:
+    while True:
+        with pool.transaction():
+            pool.root["commits"] = pool.root.get("commits", 0) + 1
+        print(pool.root["commits"], flush=True)
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo`` to the ``pmreplica`` command (cli.COMMAND_MODULES)."""
@@ -193,6 +282,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transactions", type=int, default=2000, metavar="N",
                    help="transactions in the healthy phase (default 2000)")
     p.add_argument("--keep", action="store_true", help="keep the pool files (path printed)")
+    p.add_argument("--failover", action="store_true",
+                   help="go on to losing the master's host: promote, split brain refused, "
+                        "rejoin")
     p.set_defaults(func=cmd_demo)
 
 
@@ -200,7 +292,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="pmreplica-demo-",
                                dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
-        return Demo(workdir, transactions=max(10, args.transactions)).run()
+        demo = Demo(workdir, transactions=max(10, args.transactions))
+        status = demo.run()
+        return demo.failover() if status == 0 and args.failover else status
     finally:
         if args.keep:
             print(f"pool files kept in {workdir}")

@@ -121,6 +121,7 @@ class ControlChannel:
                 return
             self.lost = error
             listeners, self._listeners = ([] if self._closing else self._listeners), []
+        log.warning("%s", error.strerror)
         self.channel.abort()
         for callback in listeners:
             callback(error)

@@ -190,7 +190,7 @@ class Monitor:
         with self._lock:
             w.ended = True
         w.sock.close()
-        log.warning("%s", error.strerror)
+        log.debug("%s", error.strerror)  # the session says it, unless it was ending anyway
         # in a thread of its own: a slow handler must not hold up the verdict on others
         threading.Thread(target=_call, args=(w.on_dead, error), name=f"lost {w.name}",
                          daemon=True).start()
