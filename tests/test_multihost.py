@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pmreplica import sync
+from pmreplica import generation, sync
 from pmreplica.header import HDR_SIZE
 from pmreplica.hookspecs import hookimpl
 from pmreplica.pool import FAILED, OK, STALE, PoolSet
@@ -151,6 +151,11 @@ def test_a_silent_cut_degrades_within_the_peer_timeout_and_the_others_stay_exact
         longest = max(w.longest for w in writers)
         assert longest < PEER_TIMEOUT + MARGIN, f"a persist waited {longest:.2f} s"
         assert [r.state for r in pool.replicas] == [OK, OK, OK, FAILED]
+        # the hosts still in step recorded a generation the cut one missed, before any
+        # persist that skipped it returned: h3 can never be promoted over them
+        gens = [generation.load(str(bed[h].dir / "r.part0")) for h in ("h1", "h2", "h3")]
+        assert gens[0] == gens[1] == pool.generation
+        assert gens[0].relation(gens[2]) == generation.AHEAD
         t0 = time.monotonic()
     assert time.monotonic() - t0 < 2, "closing waited on the cut host"
     master = data(pool_dir / "m")
