@@ -71,6 +71,8 @@ class RpmemTarget:
     def store_generation(self, record: Generation) -> None:
         if self.remote is None:
             self._not_open()
+        if self.remote.attr.is_zeroed:  # type: ignore[union-attr]
+            return  # a remote pool without headers (NOHDRS) has no page to keep it in
         self.remote.store_generation(record.pack())  # type: ignore[union-attr]
 
     def close(self) -> None:

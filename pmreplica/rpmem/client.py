@@ -79,6 +79,7 @@ class ControlChannel:
         self._watch: heartbeat.Watch | None = None
         self._listeners: list[Callable[[RemoteError], None]] = []
         self._lock = threading.Lock()
+        self._call_lock = threading.Lock()
         self._closing = False
 
     def wait_ready(self, config: RpmemConfig) -> None:
@@ -133,9 +134,12 @@ class ControlChannel:
         self.call(proto.Request(proto.CLOSE, flags=flags))
 
     def call(self, req: proto.Request) -> proto.Response:
-        """Send ``req``, return its response; an error status raises RemoteError."""
+        """Send ``req``, return its response; an error status raises RemoteError. Calls
+        from several threads take turns (the pool's failure handling records generations
+        from whichever thread found the failure)."""
         try:
-            return self._call(req)
+            with self._call_lock:
+                return self._call(req)
         except RemoteError:
             if self.lost is not None:  # the channel was given up under this call
                 raise self.lost from None
