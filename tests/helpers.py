@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT_VARS = ("RPMEM_SSH", "RPMEM_CMD", "RPMEM_ENABLE_SOCKETS", "RPMEM_ENABLE_VERBS",
                "RPMEM_MAX_NLANES", "RPMEM_WORK_QUEUE_SIZE", "PMREPLICA_LAUNCHER",
                "PMREPLICA_SSH_CONFIG", "PMREPLICA_SSH_ACCEPT_NEW", "PMREPLICA_OP_TIMEOUT",
-               "PMREPLICA_PEER_TIMEOUT")
+               "PMREPLICA_PEER_TIMEOUT", "PMREPLICA_TCP_TLS")
 
 
 def write_set(path: Path, *lines: str) -> Path:
