@@ -18,6 +18,7 @@ Use the fixtures by importing them into the test module::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -137,6 +138,43 @@ class Node:
         if sig == signal.SIGSTOP:
             wait_stopped(pids)
         return pids
+
+    def data_ports(self, listening: bool = False) -> set[int]:
+        """Local ports of the TCP sockets (only listening ones with ``listening``) that this
+        node's agents hold on IPv4: their data ports, read from /proc."""
+        inodes = set()
+        for pid in self.agent_pids():
+            fds = f"/proc/{pid}/fd"
+            try:
+                names = os.listdir(fds)
+            except FileNotFoundError:
+                continue
+            for fd in names:
+                try:
+                    link = os.readlink(f"{fds}/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:["):-1])
+        ports = set()
+        with open("/proc/net/tcp") as f:
+            for line in list(f)[1:]:  # sl local_address rem_address st ... uid timeout inode
+                fields = line.split()
+                if fields[9] in inodes and (not listening or fields[3] == "0A"):
+                    ports.add(int(fields[1].split(":")[1], 16))
+        return ports
+
+    @contextlib.contextmanager
+    def stopped_agents(self) -> Iterator[list[int]]:
+        """The node's agents stopped for the block (SIGSTOP: alive, and their kernel still
+        takes in data), then killed."""
+        pids = self.kill_agents(signal.SIGSTOP)
+        try:
+            yield pids
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            self.wait_agents_gone()
 
     def wait_agents_gone(self, timeout: float = 5.0) -> list[int]:
         """Wait for this node's agents to exit; the pids still running after ``timeout``."""
