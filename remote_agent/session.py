@@ -188,7 +188,7 @@ class Session:
             else:
                 self.server = TcpServer(pool.mapping, pool.pool_size, pool.data_offset, nlanes,
                                         tls=not clear)
-        except OSError:
+        except BaseException:  # an OSError, or a bug (then the session answers FATAL)
             pool.close(remove=True)
             raise
         self.pool = pool

@@ -90,7 +90,7 @@ _ED25519 = _der(0x30, _der(0x06, b"\x2b\x65\x70"))  # AlgorithmIdentifier id-Ed2
 _NAME = _der(0x30, _der(0x31, _der(0x30, _der(0x06, b"\x55\x04\x03"),  # commonName
                                    _der(0x0C, b"pmreplica-agent"))))
 _VALIDITY = _der(0x30, _der(0x17, b"700101000000Z"),
-                 _der(0x18, b"99991231235959Z"))  # "no well-defined expiration date"
+                 _der(0x18, b"99991231235959Z"))  # RFC 5280's end for "never expires"
 
 
 def _pkcs8(private: bytes) -> bytes:
