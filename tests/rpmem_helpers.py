@@ -141,7 +141,7 @@ class Node:
 
     def data_ports(self, listening: bool = False) -> set[int]:
         """Local ports of the TCP sockets (only listening ones with ``listening``) that this
-        node's agents hold on IPv4: their data ports, read from /proc."""
+        node's agents hold on IPv4: their data and heartbeat ports, read from /proc."""
         inodes = set()
         for pid in self.agent_pids():
             fds = f"/proc/{pid}/fd"

@@ -53,9 +53,8 @@ def test_a_capture_of_the_lane_shows_the_persisted_bytes_only_in_clear_text(node
     rp = RemotePool.create(node.target, "r.set", pool, nlanes=1, attr=attr(),
                            config=node.config(PMREPLICA_TCP_TLS=TLS[mode]))
     try:
-        (port,) = node.data_ports()  # the one lane's connection
-        try:
-            capture = LoopbackCapture(port)
+        try:  # the agent's connections: the lane's, and the heartbeat's
+            capture = LoopbackCapture(node.data_ports())
         except PermissionError:
             unavailable("capturing packets needs root (CAP_NET_RAW)")
         with capture:
@@ -63,8 +62,8 @@ def test_a_capture_of_the_lane_shows_the_persisted_bytes_only_in_clear_text(node
     finally:
         rp.close()
     assert remote_bytes(parts)[HDR_SIZE:HDR_SIZE + M] == payload  # it went over that lane
-    assert capture.dropped == 0 and len(capture.stream) >= M  # and the capture saw it all
-    seen = pieces_seen(payload, capture.stream)
+    assert capture.dropped == 0 and capture.size >= M  # and the capture saw it all
+    seen = pieces_seen(payload, capture.streams.values())
     if mode == "tls":
         assert seen == 0, f"{seen} pieces of the payload readable on the wire"
     else:  # the same capture reads every byte of a clear-text lane
@@ -205,11 +204,12 @@ def test_each_session_has_its_own_self_signed_certificate(node):
 
 # -- a lane monitor's shutdown --------------------------------------------------------------------
 def test_a_tls_lane_waiting_for_the_agent_fails_when_another_thread_shuts_it_down(node):
-    """What a lane monitor does to a lane whose agent stopped answering: the waiting call
-    ends with an OSError at once, and the lane stays failed."""
+    """What the heartbeat's monitor does to a lane whose agent stopped answering: the waiting
+    call ends with an OSError at once, and the lane stays failed. (The heartbeat itself is
+    given 30 s here, so that the shutdown is this test's.)"""
     node.make_set("r.set")
     rp = RemotePool.create(node.target, "r.set", local_pool(SIZE), nlanes=1, attr=attr(),
-                           config=node.config())
+                           config=node.config(PMREPLICA_PEER_TIMEOUT="30"))
     with node.stopped_agents():
         errors: list[BaseException] = []
 
