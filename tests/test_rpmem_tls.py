@@ -139,6 +139,26 @@ def test_a_byte_flipped_on_the_way_fails_the_replica_not_the_data(mitm_node, poo
         ps.close()
 
 
+def test_a_lane_cut_while_a_range_is_on_its_way_fails_the_replica_and_the_pool_closes(
+        mitm_node, pool_dir):
+    """A failed lane keeps its error: that error must not hold on to a view of the pool (the
+    TLS layer's frames have it at hand), or the pool could not be closed (EBUSY)."""
+    node, make = mitm_node
+    node.make_set("r.set", (16 * M,))
+    path = write_set(pool_dir / "p.set", f"16M {pool_dir}/m", f"REPLICA {ALIAS} r.set")
+    mitm = make()
+    rec = Recorder()
+    ps = PoolSet.create(path, plugins=[rec])
+    try:
+        mitm.cut_next()
+        ps.persist(HDR_SIZE, 16 * M - HDR_SIZE)  # more than the sockets hold: the write fails
+        assert [s.state for s in ps.replicas] == [OK, FAILED]
+        [(index, _, error)] = rec.failed
+        assert index == 1 and error.errno in (errno.ECONNRESET, errno.EPIPE), error
+    finally:
+        ps.close()
+
+
 # -- the agent's side of the switch ---------------------------------------------------------------
 def test_an_agent_that_requires_tls_refuses_a_clear_text_client(node):
     parts = node.make_set("r.set")

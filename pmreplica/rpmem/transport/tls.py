@@ -139,7 +139,8 @@ def client_lane(sock: socket.socket, certificate: bytes, name: str) -> "TlsLane"
 
 # -- a lane over TLS ----------------------------------------------------------------------------
 def _plain(e: OSError) -> OSError:
-    """An ssl error as the OSError a socket would raise in its place, with an errno."""
+    """An ssl error as the OSError a socket would raise in its place, with an errno; always a
+    new one, without ``e``'s traceback (see :class:`TlsLane`)."""
     if isinstance(e, (ssl.SSLWantReadError, ssl.SSLWantWriteError, TimeoutError)):
         return BlockingIOError(errno.EAGAIN, "timed out")  # as SO_RCVTIMEO does on a socket
     if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
@@ -149,7 +150,7 @@ def _plain(e: OSError) -> OSError:
         if "BAD_RECORD_MAC" in reason:  # found here, or by the peer (then it is an alert)
             return OSError(errno.EBADMSG, f"TLS: a record was altered on the way ({reason})")
         return OSError(errno.EBADMSG, f"TLS: {reason}")
-    return e
+    return type(e)(e.errno, e.strerror) if e.errno else OSError(errno.ECONNRESET, str(e))
 
 
 def _without_sigpipe(call, *args):
@@ -180,6 +181,10 @@ class TlsLane:
     it when another thread shuts the socket down (a lane monitor), and would then read the
     raw stream, and its wrappers cost two Python calls per operation on the hot path.
     Attributes not defined here are the ``ssl.SSLSocket``'s (``fileno``, ``setsockopt``...).
+
+    A failed lane keeps its error, and an error keeps the frames it went through with their
+    variables: so the methods here drop the caller's buffer (often a view of the pool, which
+    the pool could not be closed under) before they raise, and raise new errors only.
     """
 
     __slots__ = ("_tls", "_read", "_write", "_out", "_outview")
@@ -218,7 +223,9 @@ class TlsLane:
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
             return 0  # the end of the stream; a length-framed message cut short stays short
         except OSError as e:
-            raise _plain(e) from e
+            error = _plain(e)
+        buffer = None
+        raise error
 
     def _receive(self, buffer, n: int, flags: int) -> int:
         got = self._read(n, buffer)
@@ -236,38 +243,39 @@ class TlsLane:
     def sendmsg(self, buffers, ancdata=(), flags: int = 0, address=None) -> int:
         """Send ``buffers`` in order, a lane's operation header and its payload as one record
         when they fit. Returns the bytes sent: all of them."""
-        if len(buffers) == 2:
-            head, body = buffers
-            n = len(head)
-            total = n + len(body)
-            if total <= _RECORD:
-                out = self._outview
-                out[:n] = head
-                out[n:total] = body
-                self._send(out[:total])
-                return total
-        total = 0
-        for b in buffers:
-            self._send(b)
-            total += len(b)
-        return total
-
-    def sendall(self, data, flags: int = 0) -> None:
-        self._send(data)
+        try:
+            if len(buffers) == 2:
+                head, body = buffers
+                n = len(head)
+                total = n + len(body)
+                if total <= _RECORD:
+                    out = self._outview
+                    out[:n] = head
+                    out[n:total] = body
+                    return self.send(out[:total])
+            total = 0
+            for b in buffers:
+                total += self.send(b)
+            return total
+        except OSError as e:
+            error = e
+        buffers = head = body = b = None
+        raise error
 
     def send(self, data, flags: int = 0) -> int:
-        """Sends all of ``data`` (a TLS write is never partial)."""
-        self._send(data)
-        return len(data)
-
-    def _send(self, data) -> None:
+        """Sends all of ``data`` (a TLS write is never partial); returns its length."""
         try:
             if getsignal(_SIGPIPE) == SIG_IGN and len(data) <= _MAX_WRITE:
                 self._write(data)
             else:
                 _without_sigpipe(self._write_pieces, data)
+            return len(data)
         except OSError as e:
-            raise _plain(e) from e
+            error = _plain(e)
+        data = None
+        raise error
+
+    sendall = send
 
     def _write_pieces(self, data) -> None:
         view = memoryview(data).cast("B")
