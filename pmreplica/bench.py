@@ -3,8 +3,11 @@
 Every figure is printed beside a baseline measured moments before it, as a ratio: a raw
 TCP ping-pong of the same size between two plain Python processes (for a persist, n bytes
 out and a word back; for a read, a request out and n bytes back) and a raw TCP stream into
-an mmap'd file (for throughput). Baseline and pmreplica
-alternate in rounds, so noise from other work on the machine hits both alike.
+an mmap'd file (for throughput). The pool is measured twice, with clear-text lanes
+(``PMREPLICA_TCP_TLS=0``) against the raw baseline, and with TLS lanes (the default) against
+the clear ones (rows ending "TLS"); create+close (TLS, the default) is shown beside a
+clear-text create+close. Baseline, clear and TLS alternate in rounds, so noise from other
+work on the machine hits all alike.
 
 Placement is fixed, the same for baseline and pmreplica, because where the scheduler puts
 the two processes changes a figure by 2-3x from one run to the next on a small VM. Client
@@ -151,9 +154,10 @@ def _p(samples: list[int], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] / 1000.0
 
 
-def latency(remote, n: int, rounds: int, count: int, read: bool = False) -> tuple[list[int], list[int]]:
-    """(pmreplica samples, baseline samples) in ns, alternating rounds. The baseline of a
-    persist sends n bytes and waits for a word; that of a read asks and receives n bytes."""
+def latency(remotes: list, n: int, rounds: int, count: int,
+            read: bool = False) -> tuple[list[list[int]], list[int]]:
+    """(samples of each remote pool, baseline samples) in ns, alternating rounds. The baseline
+    of a persist sends n bytes and waits for a word; that of a read asks and receives n."""
     peer = Peer("get" if read else "pp", n)
     sock = peer.connect()
     payload, ack = bytes(n), bytearray(4)
@@ -170,14 +174,16 @@ def latency(remote, n: int, rounds: int, count: int, read: bool = False) -> tupl
         while got < n:
             got += sock.recv_into(view[got:])
 
-    ours_fn = (lambda: remote.read(dest, 4096, n)) if read else (lambda: remote.persist(4096, n))
+    fns = [(lambda r=r: r.read(dest, 4096, n)) if read else (lambda r=r: r.persist(4096, n))
+           for r in remotes]
     base_fn = get if read else pingpong
-    ours: list[int] = []
+    ours: list[list[int]] = [[] for _ in remotes]
     base: list[int] = []
     try:
         for _ in range(rounds):
             base += _samples(base_fn, count)
-            ours += _samples(ours_fn, count)
+            for samples, fn in zip(ours, fns):
+                samples += _samples(fn, count)
     finally:
         sock.close()
         peer.close()
@@ -197,15 +203,17 @@ def _parallel(nlanes: int, work: Callable[[int], None]) -> float:
     return time.perf_counter() - t0
 
 
-def throughput(remote, pool: memoryview, size: int, nlanes: int, rounds: int,
-               seconds: float, same_cpu: bool = True) -> tuple[float, float]:
-    """(pmreplica bytes/s, raw stream bytes/s): ``size`` bytes per step split over lanes,
-    both sent from the same bytes of ``pool``; the receiver on the client's CPU or not."""
+def throughput(remotes: list, pool: memoryview, size: int, nlanes: int, rounds: int,
+               seconds: float, same_cpu: bool = True) -> tuple[list[float], float]:
+    """([bytes/s of each remote pool], raw stream bytes/s): ``size`` bytes per step split
+    over lanes, all sent from the same bytes of ``pool``; the receivers on the client's CPU
+    or not."""
     chunk = size // nlanes
     steps = max(2, int(seconds * 3e9 / size))
     peer = Peer("stream", chunk, same_cpu)
     socks = [peer.connect() for _ in range(nlanes)]
-    ours, base = [], []
+    ours: list[list[float]] = [[] for _ in remotes]
+    base = []
 
     def raw(lane: int) -> None:
         s = socks[lane]
@@ -215,7 +223,7 @@ def throughput(remote, pool: memoryview, size: int, nlanes: int, rounds: int,
             s.sendall(payload)
         s.recv(1)
 
-    def persist(lane: int) -> None:
+    def persist(remote, lane: int) -> None:
         off = 4096 + lane * chunk
         for _ in range(steps):
             remote.persist(off, chunk, lane)
@@ -223,12 +231,13 @@ def throughput(remote, pool: memoryview, size: int, nlanes: int, rounds: int,
     try:
         for _ in range(rounds):
             base.append(steps * size / _parallel(nlanes, raw))
-            ours.append(steps * size / _parallel(nlanes, persist))
+            for speeds, remote in zip(ours, remotes):
+                speeds.append(steps * size / _parallel(nlanes, lambda i: persist(remote, i)))
     finally:
         for s in socks:
             s.close()
         peer.close()
-    return statistics.median(ours), statistics.median(base)
+    return [statistics.median(speeds) for speeds in ours], statistics.median(base)
 
 
 @contextlib.contextmanager
@@ -263,25 +272,75 @@ def _agent_cmd(poolset_dir: str, same_cpu: bool = True) -> str:
     return shlex.join(_pinned([*argv, "--poolset-dir", poolset_dir], same_cpu))
 
 
-def create_close(target: str, poolset_dir: str, count: int, fresh_login: bool) -> list[float]:
-    """Seconds per create+close of a new remote pool (parts removed between runs)."""
+def create_close(target: str, poolset_dir: str, count: int, fresh_login: bool,
+                 configs: tuple = (None,)) -> list[list[float]]:
+    """Seconds per create+close of a new remote pool (parts removed between runs), for each
+    client config in turn (None: the environment's), alternating."""
     from .rpmem import RemotePool
     from .rpmem.launch import close_connections
     import mmap
     pool = mmap.mmap(-1, 8 << 20)
-    times = []
+    times: list[list[float]] = [[] for _ in configs]
     for i in range(count):
-        name = f"cc{i}.set"
-        with open(os.path.join(poolset_dir, name), "w") as f:
-            f.write(f"PMEMPOOLSET\n8M {poolset_dir}/cc{i}.part\n")
-        if fresh_login:
-            close_connections()
-        t = time.perf_counter()
-        RemotePool.create(target, name, pool, nlanes=1, attr=PoolAttr(b"BENCH", 1)).close()
-        times.append(time.perf_counter() - t)
-        os.unlink(f"{poolset_dir}/cc{i}.part")
+        for config, samples in zip(configs, times):
+            name = f"cc{i}.set"
+            with open(os.path.join(poolset_dir, name), "w") as f:
+                f.write(f"PMEMPOOLSET\n8M {poolset_dir}/cc{i}.part\n")
+            if fresh_login:
+                close_connections()
+            t = time.perf_counter()
+            RemotePool.create(target, name, pool, nlanes=1, attr=PoolAttr(b"BENCH", 1),
+                              config=config).close()
+            samples.append(time.perf_counter() - t)
+            os.unlink(f"{poolset_dir}/cc{i}.part")
     pool.close()
     return times
+
+
+def _row(metric: str, value: float, unit: str, baseline: float, at_most: float | None = None,
+         at_least: float | None = None) -> Row:
+    """A figure beside its baseline, with its target: a ratio of at most or at least."""
+    ratio = value / baseline
+    if at_most is not None:
+        return Row(metric, value, unit, baseline, ratio, f"<= {at_most}x", ratio <= at_most)
+    if at_least is not None:
+        return Row(metric, value, unit, baseline, ratio, f">= {at_least:.0%}", ratio >= at_least)
+    return Row(metric, value, unit, baseline, ratio)
+
+
+def _latency_rows(what: str, clear: list[int], tls: list[int], base: list[int],
+                  clear_at_most: float | None, tls_at_most: float | None) -> list[Row]:
+    """Median and p99 of clear lanes against the raw baseline, of TLS lanes against clear."""
+    rows = []
+    for name, q in (("median", .5), ("p99", .99)):
+        first = q == .5
+        rows.append(_row(f"{what} {name}", _p(clear, q), "us", _p(base, q),
+                         clear_at_most if first else None))
+        rows.append(_row(f"{what} {name}, TLS", _p(tls, q), "us", _p(clear, q),
+                         tls_at_most if first else None))
+    return rows
+
+
+#: the two pools measured side by side, and the PMREPLICA_TCP_TLS of each
+POOLS = (("clear.set", "0"), ("tls.set", "1"))
+
+
+@contextlib.contextmanager
+def _pools(pool, open_: bool, d: str) -> Iterator[list]:
+    """The clear-text and the TLS remote pool, created (or with ``open_``, opened) on ``d``."""
+    from .rpmem import RemotePool
+    from .rpmem.config import RpmemConfig
+    with contextlib.ExitStack() as stack:
+        remotes = []
+        for name, tls in POOLS:
+            config = RpmemConfig.from_env({**os.environ, "PMREPLICA_TCP_TLS": tls})
+            if open_:
+                remote = RemotePool.open("localhost", name, pool, nlanes=4, config=config)
+            else:
+                remote = RemotePool.create("localhost", name, pool, nlanes=4,
+                                           attr=PoolAttr(b"BENCH", 1), config=config)
+            remotes.append(stack.enter_context(remote))
+        yield remotes
 
 
 def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, str] | None = None,
@@ -289,53 +348,49 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
     """Run every measurement; ``ssh_target`` adds create+close through a real sshd;
     ``two_cpus`` puts the receiving side of the throughput runs on the other CPU."""
     import mmap
-    from .rpmem import RemotePool
+    from .rpmem.config import RpmemConfig
     rounds, count, secs = (3, 300, 0.1) if quick else (7, 2000, 0.5)
     rows: list[Row] = []
     pin = _cpus()
     with _running_on(pin[0] if pin else None), \
             tempfile.TemporaryDirectory(prefix="pmreplica-bench-", dir="/dev/shm") as d:
-        with open(os.path.join(d, "bench.set"), "w") as f:
-            f.write(f"PMEMPOOLSET\n{POOL_SIZE >> 20}M {d}/bench.part\n")
+        for name, _ in POOLS:
+            with open(os.path.join(d, name), "w") as f:
+                f.write(f"PMEMPOOLSET\n{POOL_SIZE >> 20}M {d}/{name}.part\n")
         with _environ_restored("PMREPLICA_LAUNCHER", "RPMEM_CMD"):
             os.environ["PMREPLICA_LAUNCHER"] = "local"
             pool = mmap.mmap(-1, POOL_SIZE)
             pool.write(os.urandom(1 << 20) * (POOL_SIZE >> 20))  # real memory, not the zero page
             view = memoryview(pool)
             os.environ["RPMEM_CMD"] = _agent_cmd(d, same_cpu=True)
-            with RemotePool.create("localhost", "bench.set", pool, nlanes=4,
-                                   attr=PoolAttr(b"BENCH", 1)) as remote:
+            with _pools(pool, False, d) as remotes:
                 for n in LAT_SIZES:
-                    ours, base = latency(remote, n, rounds, count)
-                    target = "<= 1.5x" if n == 64 else ""
-                    ratio = _p(ours, .5) / _p(base, .5)
-                    rows.append(Row(f"persist {_size(n)} median", _p(ours, .5), "us",
-                                    _p(base, .5), ratio, target,
-                                    ratio <= 1.5 if target else None))
-                    rows.append(Row(f"persist {_size(n)} p99", _p(ours, .99), "us",
-                                    _p(base, .99), _p(ours, .99) / _p(base, .99)))
-                ours, base = latency(remote, 64, rounds, count, read=True)
-                ratio = _p(ours, .5) / _p(base, .5)
-                rows.append(Row("read 64 B median", _p(ours, .5), "us", _p(base, .5), ratio,
-                                "<= 1.2x", ratio <= 1.2))
+                    (clear, tls), base = latency(remotes, n, rounds, count)
+                    rows += _latency_rows(f"persist {_size(n)}", clear, tls, base,
+                                          1.5 if n == 64 else None, 1.3 if n == 64 else None)
+                (clear, tls), base = latency(remotes, 64, rounds, count, read=True)
+                rows += _latency_rows("read 64 B", clear, tls, base, 1.2, None)[:2]
             os.environ["RPMEM_CMD"] = _agent_cmd(d, same_cpu=not two_cpus)
-            with RemotePool.open("localhost", "bench.set", pool, nlanes=4) as remote:
+            with _pools(pool, True, d) as remotes:
                 for size, lanes in TPUT:
-                    ours_bps, base_bps = throughput(remote, view, size, lanes, rounds, secs,
-                                                    same_cpu=not two_cpus)
-                    need = 0.85 if lanes == 1 else 0.90
-                    ratio = ours_bps / base_bps
-                    rows.append(Row(f"persist {_size(size)} x{lanes} lane{'s' * (lanes > 1)}"
-                                    + (", two CPUs" if two_cpus else ""),
-                                    ours_bps / 1e9, "GB/s", base_bps / 1e9, ratio,
-                                    f">= {need:.0%}", ratio >= need))
+                    (clear_bps, tls_bps), base_bps = throughput(remotes, view, size, lanes,
+                                                                rounds, secs, not two_cpus)
+                    what = (f"persist {_size(size)} x{lanes} lane{'s' * (lanes > 1)}"
+                            + (", two CPUs" if two_cpus else ""))
+                    rows.append(_row(what, clear_bps / 1e9, "GB/s", base_bps / 1e9,
+                                     at_least=0.85 if lanes == 1 else 0.90))
+                    rows.append(_row(f"{what}, TLS", tls_bps / 1e9, "GB/s", clear_bps / 1e9,
+                                     at_least=0.70))
             view.release()
             pool.close()
             os.environ["RPMEM_CMD"] = _agent_cmd(d)
-            local = create_close("localhost", d, 3 if quick else 7, fresh_login=False)
-            med = statistics.median(local)
-            rows.append(Row("create+close, local launcher", med * 1e3, "ms", target="< 300 ms",
-                            ok=med < 0.3))
+            clear_cc, tls_cc = create_close("localhost", d, 3 if quick else 7, False, tuple(
+                RpmemConfig.from_env({**os.environ, "PMREPLICA_TCP_TLS": tls})
+                for _, tls in POOLS))
+            med = statistics.median(tls_cc)
+            rows.append(Row("create+close, local launcher", med * 1e3, "ms",
+                            statistics.median(clear_cc) * 1e3,
+                            med / statistics.median(clear_cc), "< 300 ms", med < 0.3))
         if ssh_target:
             rows += _ssh_rows(ssh_target, d, ssh_env or {}, quick)
     _print(rows, out, as_json)
@@ -347,8 +402,8 @@ def _ssh_rows(target: str, d: str, env: dict[str, str], quick: bool) -> list[Row
         os.environ.update(env)
         os.environ["RPMEM_CMD"] = _agent_cmd(d)
         os.environ.pop("PMREPLICA_LAUNCHER", None)
-        first = statistics.median(create_close(target, d, 3 if quick else 5, fresh_login=True))
-        reuse = statistics.median(create_close(target, d, 5 if quick else 10, fresh_login=False)[1:])
+        first = statistics.median(create_close(target, d, 3 if quick else 5, True)[0])
+        reuse = statistics.median(create_close(target, d, 5 if quick else 10, False)[0][1:])
     return [Row("create+close through sshd (login)", first * 1e3, "ms", target="<= 500 ms",
                 ok=first <= 0.5),
             Row("create+close, reused SSH connection", reuse * 1e3, "ms", target="<= 50 ms",
@@ -367,12 +422,12 @@ def _print(rows: list[Row], out, as_json: bool) -> None:
         json.dump([asdict(r) for r in rows], out, indent=1)
         out.write("\n")
         return
-    out.write(f"{'metric':38} {'pmreplica':>12} {'baseline':>12} {'ratio':>7}  target\n")
+    out.write(f"{'metric':42} {'pmreplica':>12} {'baseline':>12} {'ratio':>7}  target\n")
     for r in rows:
         base = f"{r.baseline:9.2f} {r.unit:>2}" if r.baseline is not None else ""
         ratio = f"{r.ratio:6.2f}x" if r.ratio is not None else ""
         verdict = "" if r.ok is None else ("ok" if r.ok else "MISSED")
-        out.write(f"{r.metric:38} {r.value:9.2f} {r.unit:>2} {base:>12} {ratio:>7}  "
+        out.write(f"{r.metric:42} {r.value:9.2f} {r.unit:>2} {base:>12} {ratio:>7}  "
                   f"{r.target} {verdict}\n")
 
 

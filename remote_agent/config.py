@@ -17,10 +17,11 @@ USER_CONFIG = "~/.pmreplica-agent.conf"
 
 
 class AgentConfig(namedtuple("AgentConfig", "poolset_dir log_file log_level persist_apm "
-                                           "max_lanes",
-                              defaults=("~", None, "warning", False, 64))):
+                                           "max_lanes require_tls",
+                              defaults=("~", None, "warning", False, 64, False))):
     """``log_file`` None logs to stderr (which the client shows on failures); ``persist_apm``
-    says the platform makes RDMA writes durable without a flush (allows APM)."""
+    says the platform makes RDMA writes durable without a flush (allows APM);
+    ``require_tls`` refuses clients that ask for clear-text TCP lanes."""
 
     __slots__ = ()
 
@@ -30,7 +31,7 @@ class AgentConfig(namedtuple("AgentConfig", "poolset_dir log_file log_level pers
 
 
 def _coerce(name: str, value: str, where: str) -> object:
-    if name == "persist_apm":
+    if name in ("persist_apm", "require_tls"):
         v = value.lower()
         if v in ("yes", "true", "1", "on"):
             return True

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--persist-apm", action="store_const", const=True, default=None,
                    help="the platform makes RDMA writes durable (allows the APM method)")
     p.add_argument("--max-lanes", type=int)
+    p.add_argument("--require-tls", action="store_const", const=True, default=None,
+                   help="refuse clients that ask for clear-text TCP data lanes "
+                        "(PMREPLICA_TCP_TLS=0)")
     p.add_argument("--remove", metavar="SET", help="remove the pool of pool set SET and exit; "
                                                    "the exit status is the result (an errno)")
     p.add_argument("--force", action="store_true", help="with --remove: ignore inconsistency")
@@ -47,7 +50,8 @@ def _settings(args: argparse.Namespace) -> AgentConfig:
                                    ("log_file", args.log_file),
                                    ("log_level", args.log_level),
                                    ("persist_apm", args.persist_apm),
-                                   ("max_lanes", args.max_lanes)) if v is not None}
+                                   ("max_lanes", args.max_lanes),
+                                   ("require_tls", args.require_tls)) if v is not None}
     return config._replace(**overrides)
 
 

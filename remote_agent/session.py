@@ -15,6 +15,7 @@ from pmreplica.header import PoolAttr
 from pmreplica.poolset import MIN_REMOTE_POOL, PAGE_SIZE
 from pmreplica.rpmem import proto
 from pmreplica.rpmem.proto import Request, Response
+from pmreplica.rpmem.transport.wire import TLS_NAME
 
 from .config import AgentConfig
 from .heartbeat import Heartbeat
@@ -165,6 +166,12 @@ class Session:
             return Response(rtype, proto.ERR_BADPROVIDER,
                             message=f"provider {req.provider} is not available on this agent")
         verbs = req.provider == proto.PROV_VERBS
+        clear = not verbs and bool(req.flags & proto.TCP_CLEAR)
+        if clear and self.config.require_tls:
+            return Response(rtype, proto.ERR_NOACCESS,
+                            message="this agent requires TLS on TCP data lanes (require-tls) "
+                                    "and the client asked for clear text "
+                                    "(PMREPLICA_TCP_TLS=0, or a client older than TLS)")
         if verbs:
             from . import verbs_server  # pyverbs loads only in sessions that ask for RDMA
             why = verbs_server.unavailable()
@@ -179,20 +186,22 @@ class Session:
             if verbs:
                 self.server = verbs_server.VerbsServer(pool, nlanes, self.config.persist_apm)
             else:
-                self.server = TcpServer(pool.mapping, pool.pool_size, pool.data_offset, nlanes)
-        except OSError:
+                self.server = TcpServer(pool.mapping, pool.pool_size, pool.data_offset, nlanes,
+                                        tls=not clear)
+        except BaseException:  # an OSError, or a bug (then the session answers FATAL)
             pool.close(remove=True)
             raise
         self.pool = pool
         log.info("%s %s: %d bytes, %d lanes, %s", "created" if pool.created else "opened",
                  pool.name, pool.pool_size, nlanes,
-                 "RDMA" if verbs else f"data port {self.server.port}")
+                 "RDMA" if verbs else f"data port {self.server.port}, "
+                                      + ("clear text (the client asked)" if clear else TLS_NAME))
         if verbs:
             server = self.server
             return Response(rtype, persist_method=server.persist_method, rkey=server.rkey,
                             raddr=server.raddr, nlanes=nlanes, attr=pool.attr, blob=server.blob)
         return Response(rtype, port=self.server.port, persist_method=proto.PM_GPSPM,
-                        nlanes=nlanes, attr=pool.attr, blob=self.server.secret)
+                        nlanes=nlanes, attr=pool.attr, blob=self.server.blob)
 
     def _end(self, remove: bool) -> None:
         """Stop the data path and close (with ``remove``: delete a pool created here)."""

@@ -1,9 +1,11 @@
 """The agent's TCP data path: a listener for the session's lanes and one thread per lane.
 
-Each connection must first present the session's secret (handed to the client on the
-authenticated control channel) and an unused lane number; after the last lane arrives the
-listener closes, so the secret is good for this session's lanes only. A WRITE is received
-with ``recv_into`` straight into the mapped pool, made durable, then acknowledged.
+Each connection runs the TLS handshake with the session's own certificate (unless the client
+asked for clear text), then must present the session's secret (handed to the client on the
+authenticated control channel, with the certificate) and an unused lane number; after the
+last lane arrives the listener closes, so the secret is good for this session's lanes only.
+A WRITE is received with ``recv_into`` straight into the mapped pool (decrypted there by
+OpenSSL on a TLS lane), made durable, then acknowledged.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from _operator import _compare_digest as compare_digest
 
 from pmreplica.pmem import Mapping
 from pmreplica.rpmem.transport.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE,
-                                            SECRET_LEN, STATUS, recv_exact)
+                                            SECRET_LEN, STATUS, connection_blob, recv_exact)
 
 log = logging.getLogger("remote_agent.tcp")
 
@@ -39,15 +41,21 @@ def listen_address() -> str:
 
 
 class TcpServer:
-    """Serves the data lanes of one open pool."""
+    """Serves the data lanes of one open pool, over TLS with ``tls``; ``blob`` is what the
+    client needs to connect them (the secret and the certificate)."""
 
     def __init__(self, mapping: Mapping, pool_size: int, data_offset: int, nlanes: int,
-                 address: str | None = None) -> None:
+                 address: str | None = None, tls: bool = True) -> None:
         self.mapping = mapping
         self.pool_size = pool_size
         self.data_offset = data_offset
         self.nlanes = nlanes
         self.secret = os.urandom(SECRET_LEN)
+        self.identity = None
+        if tls:
+            from pmreplica.rpmem.transport import tls as _tls  # ssl loads only for TLS
+            self.identity = _tls.AgentIdentity()
+        self.blob = connection_blob(self.secret, self.identity and self.identity.certificate)
         addr = address or listen_address()
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
         self._listener = socket.create_server((addr, 0), family=family, backlog=nlanes)
@@ -78,6 +86,8 @@ class TcpServer:
         """Check the secret and lane of a new connection; start its thread or drop it."""
         try:
             conn.settimeout(HELLO_TIMEOUT)
+            if self.identity is not None:
+                conn = self.identity.wrap(conn)  # the handshake, within the timeout
             raw = recv_exact(conn, HELLO.size)
             secret, lane = HELLO.unpack(raw)
             if not compare_digest(secret, self.secret):
@@ -155,7 +165,9 @@ class TcpServer:
                         return
                 send(_OK)
         except OSError as e:
-            if not self._closing:
+            if e.errno == errno.EBADMSG:  # a TLS record failed its check: altered on the way
+                log.warning("lane %d: closed on a record that fails its check: %s", lane, e)
+            elif not self._closing:
                 log.info("lane %d: connection lost: %s", lane, e)
         finally:
             conn.close()

@@ -7,7 +7,9 @@ fresh pool-set directory on /dev/shm. Tests that do not depend on the transport 
 ``transport`` fixture (parametrized over :data:`TRANSPORTS`); a conftest may override it.
 
 :class:`RawSession` speaks the control protocol to a real agent byte by byte, for the cases
-the client library never produces (garbage, hostile names, a lane without the secret).
+the client library never produces (garbage, hostile names, a lane without the secret); its
+lanes run over TLS (pinned here, apart from the library's own check) when the agent sent a
+certificate.
 
 Use the fixtures by importing them into the test module::
 
@@ -16,6 +18,7 @@ Use the fixtures by importing them into the test module::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -23,6 +26,7 @@ import random
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -38,7 +42,7 @@ from pmreplica.rpmem.channel import AgentChannel
 from pmreplica.rpmem.client import read_ready
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import launch
-from pmreplica.rpmem.transport.wire import HELLO, OP, STATUS
+from pmreplica.rpmem.transport.wire import HELLO, OP, STATUS, split_connection_blob
 from remote_agent.processes import running_agents
 
 from .helpers import (CLIENT_VARS, ROOT, apply_overrides, environ_without_client_vars,
@@ -134,6 +138,43 @@ class Node:
         if sig == signal.SIGSTOP:
             wait_stopped(pids)
         return pids
+
+    def data_ports(self, listening: bool = False) -> set[int]:
+        """Local ports of the TCP sockets (only listening ones with ``listening``) that this
+        node's agents hold on IPv4: their data and heartbeat ports, read from /proc."""
+        inodes = set()
+        for pid in self.agent_pids():
+            fds = f"/proc/{pid}/fd"
+            try:
+                names = os.listdir(fds)
+            except FileNotFoundError:
+                continue
+            for fd in names:
+                try:
+                    link = os.readlink(f"{fds}/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:["):-1])
+        ports = set()
+        with open("/proc/net/tcp") as f:
+            for line in list(f)[1:]:  # sl local_address rem_address st ... uid timeout inode
+                fields = line.split()
+                if fields[9] in inodes and (not listening or fields[3] == "0A"):
+                    ports.add(int(fields[1].split(":")[1], 16))
+        return ports
+
+    @contextlib.contextmanager
+    def stopped_agents(self) -> Iterator[list[int]]:
+        """The node's agents stopped for the block (SIGSTOP: alive, and their kernel still
+        takes in data), then killed."""
+        pids = self.kill_agents(signal.SIGSTOP)
+        try:
+            yield pids
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            self.wait_agents_gone()
 
     def wait_agents_gone(self, timeout: float = 5.0) -> list[int]:
         """Wait for this node's agents to exit; the pids still running after ``timeout``."""
@@ -233,9 +274,13 @@ class RawSession:
 
     def lane(self, resp: proto.Response, lane: int = 0,
              secret: bytes | None = None) -> tuple[socket.socket, int]:
-        """Connect a data lane to the pool opened by ``resp``; (socket, agent's status word)."""
+        """Connect a data lane to the pool opened by ``resp`` (over TLS if it carries a
+        certificate), present ``secret`` (default: the session's); (socket, status word)."""
+        own_secret, certificate = split_connection_blob(resp.blob)
         sock = socket.create_connection((self.chan.peer_address, resp.port), timeout=10)
-        sock.sendall(HELLO.pack(resp.blob if secret is None else secret, lane))
+        if certificate is not None:
+            sock = tls_connect(sock, certificate)
+        sock.sendall(HELLO.pack(own_secret if secret is None else secret, lane))
         return sock, recv_status(sock)
 
     def exit_status(self, timeout: float = 10.0) -> int | None:
@@ -251,13 +296,24 @@ class RawSession:
         return self.chan.close()
 
 
+def tls_connect(sock: socket.socket, certificate: bytes) -> ssl.SSLSocket:
+    """A TLS 1.3 client connection on ``sock`` that presented exactly ``certificate``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    tls = ctx.wrap_socket(sock)
+    assert tls.getpeercert(binary_form=True) == certificate, "not the agent's certificate"
+    return tls
+
+
 def recv_status(sock: socket.socket) -> int:
     """The next status word on a data lane, or -1 if the agent closed it instead."""
     buf = b""
     while len(buf) < STATUS.size:
         try:
             chunk = sock.recv(STATUS.size - len(buf))
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLError):  # a TLS lane may end with an alert
             return -1
         if not chunk:
             return -1
@@ -270,7 +326,7 @@ def write_op(sock: socket.socket, op: int, offset: int, data: bytes, length: int
     """Send one data-lane operation with ``data`` as its payload; the agent's status word."""
     try:
         sock.sendall(OP.pack(op, flags, offset, len(data) if length is None else length) + data)
-    except (BrokenPipeError, ConnectionResetError):
+    except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
         pass  # the agent closed the lane early: its status (if any) is still to be read
     return recv_status(sock)
 
@@ -280,7 +336,7 @@ def assert_closed(sock: socket.socket, timeout: float = 5.0) -> None:
     sock.settimeout(timeout)
     try:
         assert sock.recv(1) == b""
-    except ConnectionResetError:
+    except (ConnectionResetError, ssl.SSLError):
         pass
 
 

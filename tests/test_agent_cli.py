@@ -146,6 +146,7 @@ def test_log_file_and_level(local_node, pool_dir):
     ("max-lanes = 0\n", "max-lanes must be a positive integer"),
     ("max-lanes = many\n", "max-lanes must be a positive integer"),
     ("persist-apm = maybe\n", "persist-apm must be yes or no"),
+    ("require-tls = always\n", "require-tls must be yes or no"),
     ("log-level = loud\n", "log-level must be"),
     ("just words\n", "unknown setting"),
 ])

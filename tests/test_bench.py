@@ -33,11 +33,13 @@ def test_started_processes_are_placed_after_the_client_pinned_itself():
 def test_a_quick_run_reports_every_figure_beside_its_baseline():
     out = io.StringIO()
     rows = bench.run(quick=True, out=out, as_json=True)
-    assert [r.metric for r in rows] == [
-        "persist 64 B median", "persist 64 B p99", "persist 4 KiB median", "persist 4 KiB p99",
-        "persist 64 KiB median", "persist 64 KiB p99", "read 64 B median",
-        "persist 1 MiB x1 lane", "persist 16 MiB x1 lane", "persist 1 MiB x4 lanes",
-        "persist 16 MiB x4 lanes", "create+close, local launcher"]
+    persist = [f"persist {n} {q}{tls}" for n in ("64 B", "4 KiB", "64 KiB")
+               for q in ("median", "p99") for tls in ("", ", TLS")]
+    streams = [f"persist {n}{tls}" for n in ("1 MiB x1 lane", "16 MiB x1 lane",
+                                             "1 MiB x4 lanes", "16 MiB x4 lanes")
+               for tls in ("", ", TLS")]
+    assert [r.metric for r in rows] == [*persist, "read 64 B median", "read 64 B median, TLS",
+                                        *streams, "create+close, local launcher"]
     for r in rows:
         assert r.value > 0, r
         if r.baseline is not None:

@@ -230,6 +230,12 @@ def test_info_lists_remote_replicas_without_contacting_them(run, pool_dir):
     assert res.returncode == 0, res.stderr
     assert "Replica 1 - remote: node user@node.invalid:2222, pool set sub/r.set" in res.stdout
     assert _fields(res.stdout, "health") == ["healthy", "remote (not contacted)"]
+    # the data path this client would take, TLS included (on unless turned off)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RPMEM_", "PMREPLICA_"))}
+    assert [t.split(", ")[-1] for t in _fields(run("info", path, env=env).stdout,
+                                               "transport")] == ["TLS 1.3"]
+    clear = run("info", path, env={**env, "PMREPLICA_TCP_TLS": "0"})
+    assert _fields(clear.stdout, "transport")[0].endswith(", clear text (PMREPLICA_TCP_TLS=0)")
     info = json.loads(run("info", "--json", path).stdout)
     assert info["replicas"][1] == {"index": 1, "kind": "remote", "node": "user@node.invalid:2222",
                                    "pool_set": "sub/r.set", "problems": [],

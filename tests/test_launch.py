@@ -396,19 +396,22 @@ def test_config_defaults():
     assert (cfg.enable_sockets, cfg.enable_verbs, cfg.sockets_allowed) == (None, True, True)
     assert (cfg.max_nlanes, cfg.work_queue_size) == (None, None)
     assert cfg.ssh_config_path == os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".ssh/config")
+    assert cfg.tcp_tls and cfg.tcp_security == "TLS 1.3"  # TCP lanes are encrypted by default
 
 
 def test_config_reads_every_variable():
     cfg = RpmemConfig.from_env({
         "RPMEM_SSH": "ssh -v", "RPMEM_CMD": "a --x|cd /d && b", "RPMEM_ENABLE_SOCKETS": "1",
         "RPMEM_ENABLE_VERBS": "0", "RPMEM_MAX_NLANES": "8", "RPMEM_WORK_QUEUE_SIZE": "99999999999",
-        "PMREPLICA_SSH_CONFIG": "/etc/x", "PMREPLICA_SSH_ACCEPT_NEW": "1"})
+        "PMREPLICA_SSH_CONFIG": "/etc/x", "PMREPLICA_SSH_ACCEPT_NEW": "1",
+        "PMREPLICA_TCP_TLS": "0"})
     assert cfg.ssh_command == ("ssh", "-v") and cfg.launcher == "openssh"
     assert cfg.commands == ("a --x", "cd /d && b")
     assert (cfg.enable_sockets, cfg.enable_verbs, cfg.max_nlanes) == (True, False, 8)
     assert not RpmemConfig.from_env({"RPMEM_ENABLE_SOCKETS": "0"}).sockets_allowed
     assert cfg.work_queue_size == 2**32 - 1  # capped at UINT_MAX as librpmem did
     assert (cfg.ssh_config_path, cfg.ssh_accept_new) == ("/etc/x", True)
+    assert not cfg.tcp_tls and cfg.tcp_security == "clear text (PMREPLICA_TCP_TLS=0)"
 
 
 @pytest.mark.parametrize("name,value", [
@@ -416,6 +419,7 @@ def test_config_reads_every_variable():
     ("RPMEM_WORK_QUEUE_SIZE", "many"), ("RPMEM_ENABLE_SOCKETS", "yes"),
     ("RPMEM_ENABLE_VERBS", "1.5"), ("RPMEM_CMD", "agent||other"), ("RPMEM_CMD", "agent 'open"),
     ("RPMEM_SSH", "ssh \"-v"), ("PMREPLICA_LAUNCHER", "rsh"), ("PMREPLICA_SSH_ACCEPT_NEW", "yes"),
+    ("PMREPLICA_TCP_TLS", "off"), ("PMREPLICA_TCP_TLS", "2"),
 ])
 def test_config_errors_are_einval_naming_the_variable(name, value):
     with pytest.raises(OSError) as info:

@@ -144,7 +144,8 @@ GARBAGE = {
     "open without descriptor": proto.REQ_HDR.pack(proto.OPEN, 40) + b"\x01" * 28,
     "open body too short": proto.REQ_HDR.pack(proto.OPEN, 20) + b"\x00" * 8,
     "descriptor without NUL": proto.encode_request(
-        proto.Request(proto.OPEN, pool_size=8 * M, nlanes=1, pool_desc="r.set"))[:-1] + b"x",
+        proto.Request(proto.OPEN, pool_size=8 * M, nlanes=1, pool_desc="r.set")).replace(
+            b"r.set\0", b"r.setx"),
     "descriptor length lies": proto.REQ_HDR.pack(proto.OPEN, 12 + 28 + 4 + 6)
     + proto.encode_request(proto.Request(proto.OPEN, pool_size=8 * M, nlanes=1,
                                          pool_desc="r.set"))[12:12 + 28]

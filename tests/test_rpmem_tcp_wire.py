@@ -1,6 +1,6 @@
 """The agent's TCP data lanes against a hand-written client: the session secret, lane
-numbers, ranges the agent must refuse (the header, past the pool), garbage operations.
-Whatever is refused leaves the remote pool's bytes as they were."""
+numbers, ranges the agent must refuse (the header, past the pool), garbage operations, over
+TLS and in clear text. Whatever is refused leaves the remote pool's bytes as they were."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 from pmreplica.header import HDR_SIZE
 from pmreplica.rpmem import proto
 from pmreplica.rpmem.client import RemotePool
-from pmreplica.rpmem.transport.wire import HELLO, OP, OP_DEEP, OP_READ, OP_WRITE
+from pmreplica.rpmem.transport.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, SECRET_LEN,
+                                            split_connection_blob)
 
 from .rpmem_helpers import (M, Node, RawSession, assert_closed, attr, check_no_agents_left,
                             local_pool, recv_status, remote_bytes, write_op)
@@ -34,12 +35,14 @@ def node(pool_dir):
     check_no_agents_left(node)
 
 
-@pytest.fixture
-def opened(node):
-    """A created pool (two lanes, nothing connected yet): (session, response, parts)."""
+@pytest.fixture(params=["tls", "clear"])
+def opened(node, request):
+    """A created pool (two lanes, nothing connected yet), its lanes over TLS or in clear
+    text: (session, response, parts)."""
     parts = node.make_set("r.set")
     session = RawSession(node)
-    resp = session.create("r.set", SIZE, attr(), nlanes=2)
+    resp = session.create("r.set", SIZE, attr(), nlanes=2,
+                          flags=proto.TCP_CLEAR if request.param == "clear" else 0)
     assert resp.status == proto.OK, resp.message
     yield session, resp, parts
     session.close()
@@ -95,15 +98,17 @@ def test_an_operation_sent_in_pieces_lands_whole(opened):
 def test_a_lane_without_the_secret_is_refused(opened):
     session, resp, parts = opened
     before = remote_bytes(parts)
-    wrong = bytes(a ^ 1 for a in resp.blob)
+    wrong = bytes(a ^ 1 for a in resp.blob[:SECRET_LEN])
     sock, status = session.lane(resp, 0, secret=wrong)
     assert status == errno.EACCES
     write_op(sock, OP_WRITE, HDR_SIZE, b"x" * 1000)  # ignored: the connection is closed
     assert_closed(sock)
-    # no hello at all: an operation header where the hello should be
+    # no hello at all: an operation header where the hello should be; where a TLS handshake
+    # is due, clear text is dropped before any secret is looked at
     raw = socket.create_connection((session.chan.peer_address, resp.port))
     raw.sendall(OP.pack(OP_WRITE, 0, HDR_SIZE, 64).ljust(HELLO.size, b"\0") + b"y" * 64)
-    assert recv_status(raw) == errno.EACCES
+    tls = split_connection_blob(resp.blob)[1] is not None
+    assert recv_status(raw) == (-1 if tls else errno.EACCES)
     assert_closed(raw)
     assert remote_bytes(parts) == before
     # the real lanes still get in afterwards

@@ -317,15 +317,16 @@ class RemotePool:
             choice = provider.choose(provider.data_address(parse_target(target).host,
                                                            channel.peer_address), config,
                                      len(view))
+            flags = 0 if config.tcp_tls else proto.TCP_CLEAR
             try:
                 resp = ctl.call(proto.Request(rtype, pool_size=len(view), nlanes=nlanes,
                                               provider=choice.provider,
-                                              pool_desc=pool_set_name, attr=attr))
+                                              pool_desc=pool_set_name, attr=attr, flags=flags))
             except RemoteError as e:  # an agent without RDMA refuses verbs: TCP if allowed
                 choice = provider.after_refusal(choice, e, config)
                 resp = ctl.call(proto.Request(rtype, pool_size=len(view), nlanes=nlanes,
                                               provider=choice.provider,
-                                              pool_desc=pool_set_name, attr=attr))
+                                              pool_desc=pool_set_name, attr=attr, flags=flags))
         except BaseException:
             ctl.close()
             raise
@@ -341,11 +342,13 @@ class RemotePool:
                     lambda blob: ctl.call(proto.Request(proto.CONNECT, blob=blob)).blob,
                     lambda: ctl.lost is None and channel.exit_status is None)
             else:
-                data = TcpDataPath.connect(channel.peer_address, resp.port, resp.blob,
+                secret, certificate = _tcp_keys(resp.blob, config, name)
+                data = TcpDataPath.connect(channel.peer_address, resp.port, secret,
                                            min(nlanes, resp.nlanes), view, name,
                                            config.work_queue_size or DEFAULT_WORK_QUEUE,
                                            timeout=config.connect_timeout,
-                                           op_timeout=config.op_timeout)
+                                           op_timeout=config.op_timeout,
+                                           certificate=certificate)
         except BaseException:
             # do not leave a half-made pool behind: CLOSE with REMOVE undoes a CREATE
             flags = proto.CLOSE_REMOVE if rtype == proto.CREATE else 0
@@ -355,9 +358,10 @@ class RemotePool:
                 log.debug("%s: close after failed setup: %s", name, e)
             ctl.close()
             raise
-        log.info("%s: %s over %s, %d lanes, %s", name,
-                 "created" if rtype == proto.CREATE else "opened", choice, data.nlanes,
-                 proto.PERSIST_METHOD_NAMES.get(resp.persist_method, "?"))
+        log.info("%s: %s over %s%s, %d lanes, %s", name,
+                 "created" if rtype == proto.CREATE else "opened", choice,
+                 f", {config.tcp_security}" if choice.provider == proto.PROV_TCP else "",
+                 data.nlanes, proto.PERSIST_METHOD_NAMES.get(resp.persist_method, "?"))
         return cls(ctl, data, view, got_attr, resp.persist_method, target, pool_set_name,
                    choice.name)
 
@@ -509,6 +513,20 @@ class RemotePool:
             return _checksum.decode_response(resp.blob, _checksum.nblocks(length, block))
         except _checksum.ChecksumError as e:
             raise RemoteError(errno.EPROTO, f"{self._data.name}: {e}") from None
+
+
+def _tcp_keys(blob: bytes, config: RpmemConfig, name: str) -> tuple[bytes, bytes | None]:
+    """The session secret and the certificate to pin (None for clear text) from the agent's
+    TCP connection data; EPROTO if it does not offer what was asked for."""
+    try:
+        secret, certificate = wire.split_connection_blob(blob)
+    except ValueError as e:
+        raise RemoteError(errno.EPROTO, f"{name}: {e}") from None
+    if (certificate is not None) != config.tcp_tls:
+        raise RemoteError(errno.EPROTO, f"{name}: asked for {config.tcp_security} lanes, the "
+                                        "agent answered " + ("with" if certificate else
+                                                             "without") + " a TLS certificate")
+    return secret, certificate
 
 
 def _byte_view(buf: Any) -> memoryview:

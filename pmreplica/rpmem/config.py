@@ -43,6 +43,11 @@ pmreplica's own:
     Seconds a data-path operation may wait for an agent whose host does answer (default
     60): storage that hangs under a live agent then fails the replica with ETIMEDOUT
     instead of hanging the application.
+``PMREPLICA_TCP_TLS``
+    ``1`` (default): TCP data lanes run over TLS 1.3, pinned to a certificate the agent makes
+    for the session and sends over SSH (``transport/tls.py``). ``0`` asks for clear text, for
+    networks the user trusts; an agent started with ``require-tls`` refuses that (EACCES).
+    RDMA lanes are not affected.
 
 An empty variable counts as unset. A value that cannot be used is an ``EINVAL`` error
 naming the variable.
@@ -59,6 +64,7 @@ from typing import Literal
 
 from pmreplica.errors import PmReplicaError
 from pmreplica.rpmem import account
+from pmreplica.rpmem.transport.wire import TLS_NAME
 
 LauncherName = Literal["paramiko", "openssh", "local"]
 LAUNCHERS: tuple[LauncherName, ...] = ("paramiko", "openssh", "local")
@@ -113,6 +119,15 @@ def _shell_words(name: str, value: str) -> tuple[str, ...]:
     return words
 
 
+def _zero_or_one(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _get(environ, name)
+    if value is None:
+        return default
+    if value.strip() not in ("0", "1"):
+        raise _bad(name, value, "must be 0 or 1")
+    return value.strip() == "1"
+
+
 def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     value = _get(environ, name)
     if value is None:
@@ -153,6 +168,7 @@ class RpmemConfig:
     ssh_accept_new: bool = False
     op_timeout: float = 60.0
     peer_timeout: float = 1.0
+    tcp_tls: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "RpmemConfig":
@@ -173,14 +189,6 @@ class RpmemConfig:
                        "an ssh command needs the openssh launcher, but "
                        f"PMREPLICA_LAUNCHER={launcher_value}")
 
-        accept_value = _get(environ, "PMREPLICA_SSH_ACCEPT_NEW")
-        if accept_value is None or accept_value.strip() == "0":
-            accept_new = False
-        elif accept_value.strip() == "1":
-            accept_new = True
-        else:
-            raise _bad("PMREPLICA_SSH_ACCEPT_NEW", accept_value, "must be 0 or 1")
-
         return cls(
             commands=_commands(environ),
             ssh_command=ssh_command,
@@ -190,9 +198,10 @@ class RpmemConfig:
             work_queue_size=_positive(environ, "RPMEM_WORK_QUEUE_SIZE"),
             launcher=launcher,
             ssh_config=_get(environ, "PMREPLICA_SSH_CONFIG"),
-            ssh_accept_new=accept_new,
+            ssh_accept_new=_zero_or_one(environ, "PMREPLICA_SSH_ACCEPT_NEW", False),
             op_timeout=_seconds(environ, "PMREPLICA_OP_TIMEOUT", 60.0),
             peer_timeout=_seconds(environ, "PMREPLICA_PEER_TIMEOUT", 1.0),
+            tcp_tls=_zero_or_one(environ, "PMREPLICA_TCP_TLS", True),
         )
 
     @property
@@ -205,6 +214,11 @@ class RpmemConfig:
     def sockets_allowed(self) -> bool:
         """TCP may carry the data: only an explicit ``RPMEM_ENABLE_SOCKETS=0`` forbids it."""
         return self.enable_sockets is not False
+
+    @property
+    def tcp_security(self) -> str:
+        """How TCP lanes are protected, as the logs and ``pmreplica info`` say it."""
+        return TLS_NAME if self.tcp_tls else "clear text (PMREPLICA_TCP_TLS=0)"
 
     @property
     def ssh_config_path(self) -> str:

@@ -2,9 +2,10 @@
 
 The layout is librpmem's (``rpmem_proto.h``, packed, big-endian): requests start with
 ``type:u32 size:u64``, responses with ``status:u32 type:u32 size:u64``; ``size`` counts the
-whole message. pmreplica adds, after librpmem's fields: a provider-specific connection blob
-in CREATE/OPEN responses (the TCP secret, RDMA queue-pair data), an optional UTF-8 message
-in error responses, and the STAT, CONNECT, CHECKSUM and GENERATION requests.
+whole message. pmreplica adds, after librpmem's fields: a flags word ending CREATE/OPEN
+requests (since protocol 1.1; :data:`TCP_CLEAR`), a provider-specific connection blob in
+CREATE/OPEN responses (the TCP secret and TLS certificate, RDMA queue-pair data), an optional
+UTF-8 message in error responses, and the STAT, CONNECT, CHECKSUM and GENERATION requests.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import namedtuple
 from ..header import ATTR_SIZE, PoolAttr
 
 PROTO_MAJOR = 1
-PROTO_MINOR = 0
+PROTO_MINOR = 1  # 1.1: CREATE/OPEN end with a flags word
 
 # message types; a response is its request's type + 1
 CREATE, CREATE_RESP = 1, 2
@@ -40,6 +41,9 @@ PM_APM = 2
 PERSIST_METHOD_NAMES = {PM_GPSPM: "GPSPM", PM_APM: "APM"}
 
 CLOSE_REMOVE = 1
+#: CREATE/OPEN flag: the client asks for clear-text TCP lanes (PMREPLICA_TCP_TLS=0). A request
+#: without the flags word comes from a client older than TLS, which speaks clear text only.
+TCP_CLEAR = 1
 
 # status codes (librpmem's enum rpmem_err) and the errno each becomes on the client
 OK = 0
@@ -107,8 +111,9 @@ class Request(namedtuple("Request", "type major minor pool_size nlanes provider 
                                    "pool_desc attr flags blob",
                          defaults=(PROTO_MAJOR, PROTO_MINOR, 0, 0, PROV_TCP, 0, "", None, 0,
                                    b""))):
-    """A decoded request; fields its type does not carry keep their defaults. ``blob`` is
-    the CONNECT provider data or the CHECKSUM range request."""
+    """A decoded request; fields its type does not carry keep their defaults. ``flags`` are
+    CLOSE's or CREATE/OPEN's; ``blob`` is the CONNECT provider data or the CHECKSUM range
+    request."""
 
     __slots__ = ()
 
@@ -162,7 +167,7 @@ def encode_request(req: Request) -> bytes:
                             req.buff_size)
         if t == CREATE:
             body += (req.attr or PoolAttr()).pack()
-        body += _desc(req.pool_desc)
+        body += _desc(req.pool_desc) + _U32.pack(req.flags)
     elif t == CLOSE:
         body = _U32.pack(req.flags)
     elif t == SET_ATTR:
@@ -187,9 +192,13 @@ def decode_request(t: int, body: bytes) -> Request:
                 attr = PoolAttr.unpack(body[at:at + ATTR_SIZE])
                 at += ATTR_SIZE
             desc, at = _read_desc(body, at)
-            if at != len(body):
-                raise ProtocolError("trailing bytes after the pool descriptor")
-            return Request(t, major, minor, pool_size, nlanes, provider, buff, desc, attr)
+            if at == len(body):
+                flags = TCP_CLEAR
+            elif at + _U32.size == len(body):
+                (flags,) = _U32.unpack_from(body, at)
+            else:
+                raise ProtocolError("trailing bytes after the flags")
+            return Request(t, major, minor, pool_size, nlanes, provider, buff, desc, attr, flags)
         if t == CLOSE and len(body) == 4:
             return Request(t, flags=_U32.unpack(body)[0])
         if t == SET_ATTR and len(body) == ATTR_SIZE:

@@ -103,12 +103,14 @@ def after_refusal(choice: Choice, error: OSError, config: RpmemConfig) -> Choice
 
 def describe(node: str, config: RpmemConfig | None = None) -> str:
     """The data path a pool on ``node`` ([user@]host[:port]) would use from here, with the
-    reason, as ``pmreplica info`` shows it (the agent's side is not asked)."""
+    reason and, for TCP, TLS or clear text, as ``pmreplica info`` shows it (the agent's side
+    is not asked)."""
     from ..target import parse_target
 
     try:
         config = config or RpmemConfig.from_env()
         host = parse_target(node).host
-        return str(choose(resolve(host), config))
+        choice = choose(resolve(host), config)
+        return f"{choice}, {config.tcp_security}" if choice.provider == PROV_TCP else str(choice)
     except OSError as e:
         return f"none ({e.strerror})"

@@ -1,5 +1,8 @@
 """The TCP data path of a remote pool: one connection per lane, payload sent from the pool.
 
+Lanes run over TLS 1.3 unless the user turned it off (``tls.py``: a :class:`~.tls.TlsLane`
+stands in for the socket; the code below is the same for both).
+
 A flush sends the OP header and the range in one ``sendmsg`` straight from the caller's
 pool buffer (the kernel copies it; Python never does) and does not wait; the agent receives
 into its mapped pool, makes the range durable and answers with a status word. ``drain``
@@ -56,7 +59,7 @@ class TcpLane:
     __slots__ = ("sock", "hdr", "status", "status_word", "pending", "lock", "broken")
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+        self.sock = sock  # or a tls.TlsLane, which has the methods used here
         self.hdr = bytearray(OP.size)
         self.status = bytearray(STATUS.size * 4096)
         self.status_word = memoryview(self.status)[:STATUS.size]
@@ -82,15 +85,20 @@ class TcpDataPath:
     def connect(cls, host: str, port: int, secret: bytes, nlanes: int, pool: memoryview,
                 name: str, work_queue: int = DEFAULT_WORK_QUEUE,
                 timeout: float = 30.0,
-                op_timeout: float = DEFAULT_OP_TIMEOUT) -> "TcpDataPath":
-        """Open and authenticate ``nlanes`` connections to the agent's data port; an
-        operation the agent does not answer within ``op_timeout`` seconds fails its lane."""
+                op_timeout: float = DEFAULT_OP_TIMEOUT,
+                certificate: bytes | None = None) -> "TcpDataPath":
+        """Open and authenticate ``nlanes`` connections to the agent's data port, over TLS
+        pinned to the agent's ``certificate`` unless it is None; an operation the agent does
+        not answer within ``op_timeout`` seconds fails its lane."""
         lanes: list[TcpLane] = []
         try:
             for lane in range(nlanes):
                 sock = socket.create_connection((host, port), timeout=timeout)
                 lanes.append(TcpLane(sock))
                 _tune(sock)
+                if certificate is not None:
+                    from .tls import client_lane  # ssl loads with the first TLS lane
+                    sock = lanes[-1].sock = client_lane(sock, certificate, name)
                 sock.sendall(HELLO.pack(secret, lane), _NOSIGNAL)
                 answer = recv_exact(sock, STATUS.size)
                 (status,) = STATUS.unpack(answer)
