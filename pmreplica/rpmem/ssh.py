@@ -184,14 +184,17 @@ class ConnectionPool:
                 pool.remove(t)
         t.close()
 
-    def _try(self, s: SshSettings, t: paramiko.Transport) -> paramiko.Channel | None:
-        """A session channel on ``t``; None when ``t`` is dead (then dropped) or full."""
+    def _try(self, s: SshSettings, t: paramiko.Transport,
+             timeout: float) -> paramiko.Channel | None:
+        """A session channel on ``t``; None when ``t`` is dead (then dropped) or full. A
+        connection that does not answer within ``timeout`` leads to a host that went away
+        since (a cut link sends no reset): it is dropped too."""
         if not t.is_active():
             log.info("%s: SSH connection lost; reconnecting", s.target)
             self.discard(s, t)
             return None
         try:
-            return t.open_session(timeout=s.connect_timeout)
+            return t.open_session(timeout=timeout)
         except paramiko.ChannelException as exc:
             log.debug("%s: connection refuses another session (%s)", s.target, exc)
             return None
@@ -200,13 +203,14 @@ class ConnectionPool:
             self.discard(s, t)
             return None
 
-    def open_session(self, s: SshSettings,
-                     accept_new: bool) -> tuple[paramiko.Transport, paramiko.Channel]:
-        """A new session channel to ``s``, on a cached connection when one has room."""
+    def open_session(self, s: SshSettings, accept_new: bool, reuse_timeout: float
+                     ) -> tuple[paramiko.Transport, paramiko.Channel]:
+        """A new session channel to ``s``, on a cached connection when one has room and
+        answers within ``reuse_timeout`` (a new connection gets ConnectTimeout)."""
         tried: set[int] = set()
         for t in self.transports(s):
             tried.add(id(t))
-            chan = self._try(s, t)
+            chan = self._try(s, t, min(reuse_timeout, s.connect_timeout))
             if chan is not None:
                 return t, chan
         with self._lock:
@@ -214,7 +218,7 @@ class ConnectionPool:
         with gate:  # one connect per target at a time; latecomers use its result
             for t in self.transports(s):
                 if id(t) not in tried:
-                    chan = self._try(s, t)
+                    chan = self._try(s, t, min(reuse_timeout, s.connect_timeout))
                     if chan is not None:
                         return t, chan
             t = connect(s, accept_new)
@@ -333,7 +337,8 @@ class ParamikoLauncher:
         except NeedsOpenSSH as why:
             return self._through_openssh(target, command, why.strerror)
         for attempt in (1, 2):
-            t, chan = self.pool.open_session(s, self.config.ssh_accept_new)
+            t, chan = self.pool.open_session(s, self.config.ssh_accept_new,
+                                             self.config.connect_timeout)
             try:
                 chan.exec_command(command)
             except (paramiko.SSHException, EOFError, OSError) as exc:
