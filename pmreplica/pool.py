@@ -30,7 +30,7 @@ from .plugin_manager import make_plugin_manager
 from .poolset import LocalReplica, PoolSetFile, Replica
 from .replica import LocalReplicaFiles, lock_pool, raise_if_broken
 from .state import OFFSET as STATE_OFFSET, SIZE as STATE_SIZE, ReplicaState, store_copy
-from .target import ReplicaTarget
+from .target import RELAXED, ReplicaTarget
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,11 @@ class PoolSet:
         self._master.remove(force=True)
 
     # -- the write path --------------------------------------------------------------------
-    def _check(self, offset: int, length: int, lane: int) -> None:
+    def _check(self, offset: int, length: int, lane: int, flags: int = 0) -> None:
+        # a flag no replica knows is the caller's error, refused before any replica sees it
+        if flags & ~RELAXED:
+            raise PmReplicaError(errno.EINVAL, f"invalid flags {flags:#x} (only RELAXED, "
+                                               f"{RELAXED:#x}, is defined)")
         if offset < self.data_offset or length < 0 or offset + length > self.size:
             raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the pool "
                                                f"data [{self.data_offset}, {self.size})")
@@ -335,7 +339,7 @@ class PoolSet:
 
     def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Make ``[offset, offset+length)`` durable on the master and every working replica."""
-        self._check(offset, length, lane)
+        self._check(offset, length, lane, flags)
         if self._degraded:
             self._note_dirty(offset, length)
         active = self._active
@@ -356,7 +360,7 @@ class PoolSet:
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Start making a range durable everywhere; :meth:`drain` on the lane waits for it.
         Ranges flushed on one lane are applied in issue order on every replica."""
-        self._check(offset, length, lane)
+        self._check(offset, length, lane, flags)
         if self._degraded:
             self._note_dirty(offset, length)
         # remembered before it is sent: a replica failing before the drain may lack it

@@ -292,3 +292,14 @@ def test_unreachable_or_unknown_ssh_host(sshd, transport, pool_dir, monkeypatch,
     assert known.read_text() == ""
     check_no_agents_left(node)
     assert rparts[0][1].exists()
+
+
+def test_unknown_flags_are_einval_before_any_replica_sees_them(node, pool_dir, monkeypatch):
+    path = created_pool_set(node, pool_dir, monkeypatch)
+    with PoolSet.open(path) as pool:
+        for call in (pool.persist, pool.flush):
+            with pytest.raises(PmReplicaError) as e:
+                call(HDR_SIZE, 8, 0, 1 << 40)
+            assert e.value.errno == errno.EINVAL and "invalid flags" in str(e.value)
+        pool.persist(HDR_SIZE, 8, 0, 1)  # RELAXED is known
+        assert [r.state for r in pool.replicas] == [OK, OK, OK]  # nothing was charged to them
