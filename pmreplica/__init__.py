@@ -10,19 +10,32 @@ import logging
 
 from .errors import HeaderError, PmReplicaError, PoolSetError, RemoteError, ReplicaError
 
+__version__ = "0.2.0"
+
 # typing.TYPE_CHECKING without importing typing (the agent imports this package on start)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .hookspecs import hookimpl
+    from .generation import Generation
+    from .header import PoolAttr
+    from .hookspecs import hookimpl, hookspec
     from .pool import PoolSet, ReplicaStatus
+    from .poolset import LocalReplica, RemoteReplica, Replica
+    from .target import RELAXED, GenerationKeeper, ReplicaTarget, TargetStat
 
+#: the application's API, then what a replica plugin is written against (hookspecs.py)
 __all__ = ["PoolSet", "ReplicaStatus", "hookimpl", "PmReplicaError", "PoolSetError",
-           "HeaderError", "ReplicaError", "RemoteError"]
+           "HeaderError", "ReplicaError", "RemoteError",
+           "hookspec", "ReplicaTarget", "TargetStat", "GenerationKeeper", "Generation",
+           "RELAXED", "PoolAttr", "Replica", "LocalReplica", "RemoteReplica", "__version__"]
 
 # a library logs; the application decides where to (nothing shows unless it configures it)
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_LAZY = {"PoolSet": "pool", "ReplicaStatus": "pool", "hookimpl": "hookspecs"}
+_LAZY = {"PoolSet": "pool", "ReplicaStatus": "pool", "hookimpl": "hookspecs",
+         "hookspec": "hookspecs", "ReplicaTarget": "target", "TargetStat": "target",
+         "GenerationKeeper": "target", "RELAXED": "target", "Generation": "generation",
+         "PoolAttr": "header", "Replica": "poolset", "LocalReplica": "poolset",
+         "RemoteReplica": "poolset"}
 
 
 def __getattr__(name: str) -> object:

@@ -35,6 +35,14 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
     returned unopened: pmreplica then calls ``create(attr)`` or ``open()`` on it. Return
     ``None`` to let the next plugin try; the first non-None result wins. ``create`` tells
     whether the pool set is being created (plugins that cannot create may decline).
+
+    What a plugin may use of ``poolset`` (the rest is pmreplica's own): ``buf`` (the
+    master, mapped: the bytes a persist copies), ``size``, ``nlanes``, ``set_file`` (the
+    parsed pool set), ``mapping`` (the master's :class:`~pmreplica.pmem.Mapping`) and
+    ``target_failed(target, error)``, to report a failure the target finds on its own (a
+    monitor thread, say). A target that can keep the pool's generation also implements
+    :class:`~pmreplica.target.GenerationKeeper`; one that cannot is never judged ahead of,
+    behind or diverged from the others.
     """
 
 
