@@ -18,9 +18,11 @@ import os
 import stat
 import sys
 import time
+import uuid as _uuid
 from collections.abc import Container
 from typing import Any, Callable
 
+from . import generation
 from . import poolset as _poolset
 from .errors import HeaderError, PmReplicaError
 from .files import open_regular
@@ -216,8 +218,43 @@ def _local_replica_info(set_file: PoolSetFile, index: int, rep: LocalReplica
         info["parts"].append(pinfo)
     first = headers[0] if headers else None
     if first is not None and first.header is not None and not first.problems:
+        info["generation"] = generation_info(first.raw, first.header)  # type: ignore[arg-type]
+        info["_page"] = first.raw
         return info, first.header, first.raw
     return info, None, None
+
+
+def _judge_generations(reps: list[dict[str, Any]], master_raw: bytes | None) -> None:
+    """A local replica's generation against the master's: behind (it missed writes), or
+    ahead / diverged (the master was superseded, or both took writes: split brain)."""
+    mine = generation.of_page(master_raw) if master_raw else None
+    if mine is None:
+        return
+    for r in reps[1:]:
+        theirs = generation.of_page(r["_page"]) if r.get("_page") else None
+        if theirs is None:
+            continue
+        relation = mine.relation(theirs)
+        if relation == generation.AHEAD:
+            if r["health"] == "healthy":
+                r["health"] = "stale (behind the master's generation)"
+        elif relation == generation.BEHIND:
+            reps[0]["health"] = f"superseded (replica {r['index']} holds a newer generation)"
+        elif relation == generation.DIVERGED:
+            reps[0]["health"] = r["health"] = (f"split brain (master and replica {r['index']} "
+                                              "both took writes)")
+    for r in reps:
+        r.pop("_page", None)
+
+
+def generation_info(page: bytes, hdr: PoolHeader) -> dict[str, Any] | None:
+    """The generation a replica records (generation.py), and whether it is its master."""
+    gen = generation.of_page(page)
+    if gen is None:
+        return None
+    return {"epoch": gen.epoch, "id": gen.id.hex(), "began": gen.began,
+            "master": str(_uuid.UUID(bytes=gen.master)), "is_master": gen.is_master(hdr.uuid),
+            "members": [i for i in range(64) if gen.members >> i & 1]}
 
 
 def split_problem(msg: str, paths: Container[str]) -> tuple[str | None, str]:
@@ -280,6 +317,7 @@ def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
             r["health"] = "stale"
         else:
             r["health"] = "healthy"
+    _judge_generations(reps, master_raw)
     return {"path": os.path.abspath(path), "kind": "poolset" if set_file.path else "pool",
             "options": sorted(set_file.options), "pool_size": set_file.pool_size,
             "replicas": reps, "replica_state": state,
@@ -376,6 +414,11 @@ def _render_set(info: dict[str, Any]) -> list[str]:
             continue
         out.append(f"{name} - local, {len(rep['parts'])} part(s):")
         _line(out, "health", rep["health"])
+        gen = rep.get("generation")
+        if gen is not None:
+            role = ("its master" if gen["is_master"] else
+                    f"a replica (master {gen['master']}; `pmreplica promote` to make it one)")
+            _line(out, "generation", f"{gen['epoch']} (begun {_ctime(gen['began'])}), {role}")
         paths = {part["path"] for part in rep["parts"]}
         for msg in rep["problems"]:
             if split_problem(msg, paths)[0] is None:  # a part's own are shown with the part

@@ -237,3 +237,16 @@ def test_crash_anywhere_in_promote_or_rejoin_never_makes_two_masters(three, pool
     assert done.returncode == 1 and report["replicas"][2]["action"] == "copy differing ranges"
     assert report["copied"] == 0  # the old master held the same bytes: nothing was copied
     assert _masters(three, rejoin) == [rejoin]
+
+
+def test_info_shows_generations_and_a_superseded_master(three, pool_dir, pmreplica_cmd):
+    d = pool_dir
+    new = write_set(d / "new.set", f"{SIZE} {d}/r1", "REPLICA", f"{SIZE} {d}/r2")
+    promote(new)
+    info = json.loads(pmreplica("info", "--json", three).stdout)
+    master, r1 = info["replicas"][0], info["replicas"][1]
+    assert master["health"] == "superseded (replica 1 holds a newer generation)"
+    assert master["generation"]["is_master"] and r1["generation"]["is_master"]
+    assert r1["generation"]["epoch"] == master["generation"]["epoch"] + 1
+    text = pmreplica("info", new).stdout
+    assert "its master" in text and "a replica (master" in text
