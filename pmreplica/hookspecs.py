@@ -76,6 +76,9 @@ def pmreplica_replica_restored(replica: "ReplicaStatus") -> None:
 @hookspec
 def pmreplica_sync_progress(replica: "ReplicaStatus", phase: str, done: int,
                             total: int) -> None:
-    """Progress of repairing or checking ``replica``: ``done`` of ``total`` bytes in
-    ``phase``: "copy" (replica-sync copying into it), "checksum" (digests of the source for
-    --verify), "verify" (digests of this replica) or "resync" (``PoolSet.resync`` online)."""
+    """Progress of long work on ``replica``: ``done`` of ``total`` bytes in ``phase``:
+    "create" (its parts allocated when a pool set is created), "copy" (replica-sync copying
+    into it), "compare" (replica-sync comparing it with the source by digests and copying
+    what differs), "verify" (--verify comparing replicas with the source: ``replica`` is the
+    one compared, or the source when several are compared at once) or "resync"
+    (``PoolSet.resync`` online)."""

@@ -18,7 +18,7 @@ import errno
 import mmap
 import os
 from collections import namedtuple
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import PmReplicaError
 from .files import open_regular
@@ -116,19 +116,27 @@ class Segment(namedtuple("Segment", "path file_offset length pool_offset")):
     __slots__ = ()
 
 
+#: bytes allocated per step when a part is created (progress advances this much)
+ALLOC_STEP = 256 << 20
+
+
 def open_part(path: str, size: int, *, create: bool, mode: int = 0o666,
-              sparse: bool = False) -> int:
+              sparse: bool = False, progress: Callable[[int], None] | None = None) -> int:
     """Open (or exclusively create with ``size`` bytes allocated) a part file; return its fd.
 
     Creation allocates the blocks up front (``posix_fallocate``) so that a full file system
-    is an ENOSPC now, not a SIGBUS on a later store into the mapping."""
+    is an ENOSPC now, not a SIGBUS on a later store into the mapping; in steps, telling
+    ``progress`` the bytes allocated so far after each."""
     if create:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
             if sparse:
                 os.ftruncate(fd, size)
             else:
-                os.posix_fallocate(fd, 0, size)
+                for off in range(0, size, ALLOC_STEP):
+                    os.posix_fallocate(fd, off, min(ALLOC_STEP, size - off))
+                    if progress is not None:
+                        progress(min(off + ALLOC_STEP, size))
         except BaseException as e:
             os.close(fd)
             os.unlink(path)
@@ -239,6 +247,16 @@ class Mapping:
             return
         if self._msync:
             msync_range(self.addr + offset, length)
+
+    def release(self, offset: int, length: int) -> None:
+        """Let go of the pages of ``[offset, offset+length)`` this process has mapped
+        (madvise DONTNEED, the pages wholly inside): a repair or a verify that reads a pool
+        once keeps its resident memory bounded. The data stays in the files (the mapping
+        is shared): a later access maps the pages again."""
+        start = -(-offset // PAGE_SIZE) * PAGE_SIZE
+        end = min(offset + length, self.size) & _PAGE_MASK
+        if start < end and not self._reservation.closed:
+            self._reservation.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         """Unmap. Raises BufferError while memoryviews of ``buf`` are still alive."""

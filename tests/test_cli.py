@@ -213,7 +213,7 @@ def test_info_shows_failed_and_stale_replicas(run, pool_dir, failing_fs):
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert _fields(out, "Replica state") == [
-        "stale replicas 1, 2 (written since: 65536 bytes in 1 ranges)"]
+        "stale replicas 1, 2 (written since: 4096 bytes in 1 ranges)"]
     assert _fields(out, "health") == ["healthy", "stale", "broken"]
     assert _fields(out, "type") == ["regular file", "regular file", "missing"]
     assert _fields(out, "problem") == ["part file is missing"]
