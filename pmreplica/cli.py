@@ -550,6 +550,8 @@ def _rm_parts(path: str, set_file: PoolSetFile, args: argparse.Namespace) -> int
         if isinstance(rep, LocalReplica):
             for part in rep.parts:
                 failures += _unlink(part.path, args)
+            if index == 0:  # the dirty map kept beside the master's first part, if any
+                dirtymap.remove(dirtymap.path_for(rep.parts[0].path))
             continue
         if pm is None:
             from .plugin_manager import make_plugin_manager

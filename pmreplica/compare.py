@@ -35,6 +35,7 @@ def local_digester(mapping: Mapping, block: int, algorithm: int) -> Digester:
     fn = _checksum.digest_function(algorithm)
 
     def digests(offset: int, length: int) -> bytes:
+        mapping.prefetch(offset, length)
         view = mapping.buf[offset:offset + length]
         try:
             out = b"".join(fn(view[at:at + block]) for at in range(0, length, block))

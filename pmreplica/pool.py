@@ -119,6 +119,8 @@ class PoolSet:
         self.generation: Generation | None = _generation.of_page(self.buf[:HDR_SIZE])
         self._degraded = False
         self._reset_pending(nlanes)
+        #: local replicas are made sparse (see :meth:`create`)
+        self.sparse = False
         #: chunks written while :meth:`resync` copies (None when no resync runs)
         self._resync_marks: dirtymap.Bitmap | None = None
 
@@ -127,10 +129,13 @@ class PoolSet:
     def create(cls, path: str | os.PathLike[str], *, size: int | None = None,
                signature: bytes = DEFAULT_SIGNATURE, major: int = 1, compat: int = 0,
                incompat: int = 0, ro_compat: int = 0, mode: int = 0o666,
-               plugins: Iterable[object] = (), nlanes: int = DEFAULT_NLANES) -> "PoolSet":
+               plugins: Iterable[object] = (), nlanes: int = DEFAULT_NLANES,
+               sparse: bool = False) -> "PoolSet":
         """Create the pool set described by the set file at ``path`` (or a single pool file
         of ``size`` bytes). Fails with EEXIST if a part exists; on any failure, whatever
-        was created is removed again."""
+        was created is removed again. ``sparse`` makes local parts without allocating
+        their blocks (for tests and benchmarks of pools larger than the storage at hand:
+        a file system that fills up then ends the process with SIGBUS)."""
         path = os.fspath(path)
         if size is not None and os.path.exists(path) and not _poolset.is_poolset_file(path):
             raise PmReplicaError(errno.EEXIST, f"file {path} already exists")
@@ -147,7 +152,7 @@ class PoolSet:
         pm = make_plugin_manager(plugins)
         master_status = ReplicaStatus(0, set_file.master)
         master.create(template._replace(uuid=first_uuids[0], prev_repl=first_uuids[-1],
-                                        next_repl=first_uuids[1 % n]), mode,
+                                        next_repl=first_uuids[1 % n]), mode, sparse=sparse,
                       progress=lambda done, total: pm.hook.pmreplica_sync_progress(
                           replica=master_status, phase="create", done=done, total=total))
         try:
@@ -155,6 +160,7 @@ class PoolSet:
         except BaseException:
             master.remove(force=True)
             raise
+        self.sparse = sparse
         try:
             for status in self.replicas[1:]:
                 i = status.index

@@ -68,7 +68,7 @@ class LocalReplicaFiles:
     def paths(self) -> list[str]:
         return [p.path for p in self.replica.parts]
 
-    def create(self, template: PoolHeader | None, mode: int = 0o666,
+    def create(self, template: PoolHeader | None, mode: int = 0o666, sparse: bool = False,
                progress: Callable[[int, int], None] | None = None) -> None:
         """Create every part in full (EEXIST if one exists) and, given a template, write the
         parts' headers: part 0 gets the template's uuid, the replica links are its own.
@@ -83,7 +83,8 @@ class LocalReplicaFiles:
             for p in self.replica.parts:
                 step = None if progress is None else (
                     lambda n, at=before: progress(at + n, total))  # type: ignore[misc]
-                os.close(open_part(p.path, p.size, create=True, mode=mode, progress=step))
+                os.close(open_part(p.path, p.size, create=True, mode=mode, sparse=sparse,
+                                   progress=step))
                 made.append(p.path)
                 before += p.size
             if template is not None and self.nhdrs:

@@ -154,13 +154,14 @@ def check(path: str | os.PathLike[str], *, verify: bool = False,
 def sync(path: str | os.PathLike[str], *, dry_run: bool = False, verify: bool = False,
          repair: bool = False, source: int | None = None, plugins: Iterable[object] = (),
          progress: bool | str = False, block: int = _checksum.DEFAULT_BLOCK,
-         discard: Iterable[int] = ()) -> Report:
+         discard: Iterable[int] = (), algorithm: int | None = None) -> Report:
     """Repair the pool set at ``path`` from its healthy source and report.
 
     ``dry_run`` only reports. ``verify`` compares the healthy replicas with the source by
     ``block``-byte checksums; ``repair`` then copies the differing ranges from the source.
     ``source`` names the replica to repair from when none is known to be up to date;
-    ``discard`` the replicas whose data to give up when their generations conflict with the
+    ``algorithm`` the digest (:mod:`pmreplica.rpmem.checksum`; default: the fastest both
+    sides compute); ``discard`` the replicas whose data to give up when their generations conflict with the
     others' (split brain, or a set superseded by a promoted replica): they are repaired by
     comparison, never a source.
     ``progress`` shows progress on stderr (True: a bar on a terminal, a line every few
@@ -174,7 +175,7 @@ def sync(path: str | os.PathLike[str], *, dry_run: bool = False, verify: bool = 
                                            f"{_checksum.MIN_BLOCK} up to {_checksum.MAX_BLOCK}")
     return _Run(path, dry_run=dry_run, verify=verify, repair=repair, forced=source,
                 plugins=plugins, progress=progress, block=block,
-                discard=frozenset(discard)).run()
+                discard=frozenset(discard), algorithm=algorithm).run()
 
 
 class _Progress:
@@ -233,7 +234,8 @@ class _Run:
     def __init__(self, path: str | os.PathLike[str], *, dry_run: bool, verify: bool,
                  repair: bool, forced: int | None, plugins: Iterable[object],
                  progress: bool | str,
-                 block: int, discard: frozenset[int] = frozenset()) -> None:
+                 block: int, discard: frozenset[int] = frozenset(),
+                 algorithm: int | None = None) -> None:
         self.path = os.fspath(path)
         self.discard = discard
         self.set_file = load_set(self.path)
@@ -241,6 +243,7 @@ class _Run:
         self.size = self.set_file.pool_size
         self.dry_run, self.verify, self.repair, self.forced = dry_run, verify, repair, forced
         self.block = block
+        self.algorithm = algorithm
         self.renderer = _progress_mod.HookRenderer(
             progress if isinstance(progress, str) else
             _progress_mod.mode_for(sys.stderr, True) if progress else _progress_mod.OFF)
@@ -612,7 +615,8 @@ class _Run:
                     sessions.append((p, session))
             if src.is_remote:
                 sessions.insert(0, (src, src.remote))
-            algorithm = _compare.choose_algorithm([s for _, s in sessions], HDR_SIZE, block)
+            algorithm = self.algorithm or _compare.choose_algorithm(
+                [s for _, s in sessions], HDR_SIZE, block)
             by_index = dict(sessions)
             for p in [src, *targets]:
                 if p.is_remote:

@@ -43,10 +43,12 @@ class LocalTarget:
     nlanes = NLANES
 
     def __init__(self, files: LocalReplicaFiles, master: Mapping, name: str,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 sparse: bool = False) -> None:
         self.files = files
         self.name = name
         self._progress = progress
+        self._sparse = sparse
         self._src = master.buf
         self._fds: list[int] = []
         self._starts = [s.pool_offset for s in files.segments]
@@ -58,7 +60,7 @@ class LocalTarget:
         self._closing = False
 
     def create(self, attr: PoolAttr) -> None:
-        self.files.create(attr.to_header(), progress=self._progress)
+        self.files.create(attr.to_header(), sparse=self._sparse, progress=self._progress)
         self._open_fds()
 
     def open(self) -> PoolAttr:
@@ -251,7 +253,8 @@ def pmreplica_open_replica(spec, index, poolset, create):
         return None
     files = LocalReplicaFiles(poolset.set_file, spec, poolset.size)
     return LocalTarget(files, poolset.mapping, describe(spec, index),
-                       lambda done, total: poolset.report_progress(index, "create", done, total))
+                       lambda done, total: poolset.report_progress(index, "create", done, total),
+                       sparse=poolset.sparse)
 
 
 @hookimpl(trylast=True)
