@@ -82,6 +82,8 @@ print(json.dumps({"status": rep.status, "copied": rep.copied}))
 
 _BASELINE_VERIFY = r"""
 import json, sys
+import pmreplica
+assert pmreplica.__file__.startswith(sys.argv[2]), pmreplica.__file__
 from pmreplica import sync
 rep = sync.sync(sys.argv[1], verify=True)
 print(json.dumps({"status": rep.status, "copied": rep.copied}))
@@ -112,8 +114,10 @@ def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int,
     """Run ``argv``; (seconds, peak resident, peak private bytes, stdout)."""
     peak = [0, 0]
     t0 = time.perf_counter()
+    # run from / : `python -c` puts the working directory first on sys.path, which would
+    # shadow PYTHONPATH's code base with the one in a checkout the benchmark is run from
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or _env())
+                            env=env or _env(), cwd="/")
     done = threading.Event()
 
     def sample() -> None:
@@ -196,7 +200,7 @@ def bench_verify(d: Path, size: int, rounds: int, baseline: Path | None) -> dict
     kinds = {"xxh3-128": _py(_SYNC, path, "verify", checksum.ALGO_XXH3_128),
              "sha256": _py(_SYNC, path, "verify", checksum.ALGO_SHA256)}
     if baseline is not None:
-        kinds["baseline"] = _py(_BASELINE_VERIFY, path)
+        kinds["baseline"] = _py(_BASELINE_VERIFY, path, baseline.resolve())
     res: dict[str, dict[str, list[float]]] = {k: {"gbps": [], "private": [], "rss": []}
                                               for k in kinds}
     for _ in range(rounds):

@@ -86,6 +86,8 @@ EXIT_HEALTHY, EXIT_REPAIRED, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 4, 8
 _EXIT = {OK_HEALTHY: EXIT_HEALTHY, OK_REPAIRED: EXIT_REPAIRED, NEEDS_REPAIR: EXIT_PROBLEMS,
          FAILED: EXIT_PROBLEMS}
 
+_NO_RECORD_PLACE = ("no local replica can record that it is being repaired; repair the "
+                    "master first")
 #: bytes copied per step: progress and the hook advance this much at a time
 COPY_CHUNK = 8 << 20
 _MAP_NORESERVE = 0x4000  # Linux; the mmap module does not name it
@@ -546,8 +548,7 @@ class _Run:
     def _repair_one(self, p: Probe, ranges: Iterable[tuple[int, int]]) -> None:
         """Copy ``ranges`` from the source into ``p`` and give it its headers."""
         if p.is_remote and not self.record_places:
-            raise PmReplicaError(errno.EAGAIN, "no local replica can record that it is being "
-                                               "repaired; repair the master first")
+            raise PmReplicaError(errno.EAGAIN, _NO_RECORD_PLACE)
         writer = _Writer(self, p, create=p.health == BROKEN)
         try:
             self.progress.start(p, "copy", self.reports[p.index].copy_bytes)
@@ -570,8 +571,7 @@ class _Run:
         (a replica that may hold writes the source lacks: behind by generation, or
         discarded); its stale mark is recorded already."""
         if p.is_remote and not self.record_places:
-            r.result, r.error = "failed", ("no local replica can record that it is being "
-                                           "repaired; repair the master first")
+            r.result, r.error = "failed", _NO_RECORD_PLACE
             return
         self._stream([p], repair=True, begun=True)
 
@@ -590,11 +590,13 @@ class _Run:
         def begin(p: Probe) -> _Writer:
             if not begun:
                 self._start_record()
+                if p.is_remote and not self.record_places:
+                    raise PmReplicaError(errno.EAGAIN, _NO_RECORD_PLACE)
                 assert self.state is not None
                 self.state.mark_stale(p.index, full=True, compare=True)
                 self._store_record()
                 self.reports[p.index].action = "copy differing ranges"
-            writers[p.index] = _Writer(self, p)
+            writers[p.index] = _Writer(self, p, session=bound.pop(p.index, None))
             return writers[p.index]
 
         def fail(p: Probe, e: OSError) -> None:
@@ -602,14 +604,24 @@ class _Run:
             r.result, r.error = "failed", f"{'compare' if begun else 'verify'}: {_text(e)}"
             log.info("%s: %s", p.name, r.error)
 
+        # remote targets to be repaired: a session bound to the source's buffer, which
+        # computes their digests and, once one differs, takes the copy (its writer's)
+        bound: dict[int, Any] = {}
+        src_view = self._source_view()
         try:
             sessions = []
             for p in targets:
                 self.reports[p.index].differing = []
+                if p.is_remote and repair and not begun:
+                    if p.remote is not None:
+                        p.remote.close()
+                    p.remote = None
+                    bound[p.index] = self._open_remote(p, src_view)
                 if repair and begun:
                     begin(p)
                 if p.is_remote:
-                    session = writers[p.index].remote if p.index in writers else p.remote
+                    session = (writers[p.index].remote if p.index in writers
+                               else bound.get(p.index) or p.remote)
                     if session is None:
                         session = p.remote = self._open_remote(p, memoryview(self.scratch))
                     sessions.append((p, session))
@@ -675,6 +687,9 @@ class _Run:
         finally:
             for writer in writers.values():
                 writer.close()
+            for session in bound.values():
+                session.close()
+            src_view.release()
             for mapping in mappings:
                 _close_mapping(mapping)
 
@@ -754,17 +769,19 @@ class _Writer:
     pwrite; a remote one gets the ranges over a session bound to the source's buffer.
     Source pages are let go as each batch is durable or sent."""
 
-    def __init__(self, run: "_Run", p: Probe, create: bool = False) -> None:
+    def __init__(self, run: "_Run", p: Probe, create: bool = False,
+                 session: Any = None) -> None:
         self.run, self.p = run, p
         self.view = run._source_view()
         self.io: ReplicaWriter | None = None
-        self.remote: Any = None
+        self.remote: Any = session  # one bound to the source's buffer already: its own
         try:
             if p.is_remote:
-                if p.remote is not None:  # the probe's session is bound to the scratch buffer
-                    p.remote.close()
-                    p.remote = None
-                self.remote = run._open_remote(p, self.view, create=create)
+                if session is None:
+                    if p.remote is not None:  # the probe's is bound to the scratch buffer
+                        p.remote.close()
+                        p.remote = None
+                    self.remote = run._open_remote(p, self.view, create=create)
             else:
                 self._clear_local()
                 self.io = ReplicaWriter(p.files)  # type: ignore[arg-type]
