@@ -13,6 +13,7 @@ the median and the spread (min-max): the machine is shared.
   the replica comes back; then ``replica-sync`` (after a clean close), ``PoolSet.resync``
   online, and ``replica-sync`` after the writer was killed (SIGKILL: no close, the map as
   the last batch saved it). Reported: bytes copied / bytes written (target: at most 4x).
+* persist: the latency of those degraded persists (p50, p99), beside ``--baseline``'s.
 * verify: ``replica-sync --verify`` of a healthy set (master and a local replica): GB/s
   of pool and peak private memory, with the default digest (xxh3-128) and with sha256,
   beside ``--baseline SRC`` (another checkout, e.g. /work/main: today's code) when given.
@@ -53,16 +54,31 @@ pool = PoolSet.open(path)
 rng = random.Random(rnd)
 n = int(pool.size * share) // 4096
 data = os.urandom(4096)
-t = time.perf_counter()
+lat = []
+clock = time.perf_counter
 for _ in range(n):
     off = rng.randrange(HDR_SIZE // 4096, pool.size // 4096) * 4096
     pool.buf[off:off + 4096] = data
+    t = clock()
     pool.persist(off, 4096)
-took = time.perf_counter() - t
-print(n * 4096, took, flush=True)
+    lat.append(clock() - t)
+lat.sort()
+print(n * 4096, lat[len(lat) // 2], lat[len(lat) * 99 // 100], flush=True)
 if mode == "kill":
     os.kill(os.getpid(), 9)
 pool.close()
+"""
+
+_CREATE = r"""
+import os, sys
+import pmreplica
+assert pmreplica.__file__.startswith(sys.argv[3]), pmreplica.__file__
+from pmreplica import PoolSet
+d, size = sys.argv[1], int(sys.argv[2])
+path = os.path.join(d, "s.set")
+with open(path, "w") as f:
+    f.write(f"PMEMPOOLSET\n{size} {d}/m\nREPLICA\n{size} {d}/r\n")
+PoolSet.create(path).close()
 """
 
 _RESYNC_ONLINE = r"""
@@ -136,7 +152,7 @@ def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int,
     return took, peak[0], peak[1], out
 
 
-def _py(code: str, *args: object, src: Path = ROOT) -> list[str]:
+def _py(code: str, *args: object) -> list[str]:
     return [PY, "-c", code, *map(str, args)]
 
 
@@ -191,6 +207,25 @@ def bench_resync(d: Path, size: int, rounds: int, sparse: bool) -> dict:
                 copied = rep["copied"]
             out[mode].append(copied / written)
     return {m: xs for m, xs in out.items()}
+
+
+def bench_persist(d: Path, size: int, rounds: int, baseline: Path | None) -> dict:
+    """Persist latency of scattered 4 KiB writes while the replica is stale (degraded:
+    every write also lands in the dirty maps), with this code and the baseline's."""
+    bases = {"this": ROOT, **({"baseline": baseline.resolve()} if baseline else {})}
+    res: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p99": []} for k in bases}
+    for k in range(rounds):
+        for kind, src in bases.items():
+            sub = d / f"{kind}{k}"
+            sub.mkdir()
+            run(_py(_CREATE, sub, size, src), _env(src))
+            os.rename(sub / "r", sub / "r.away")
+            _, _, _, got = run(_py(_WRITER, sub / "s.set", k, 0.01, "close"), _env(src))
+            _, p50, p99 = got.split()
+            res[kind]["p50"].append(float(p50) * 1e6)
+            res[kind]["p99"].append(float(p99) * 1e6)
+            shutil.rmtree(sub)
+    return res
 
 
 def bench_verify(d: Path, size: int, rounds: int, baseline: Path | None) -> dict:
@@ -254,16 +289,17 @@ def main() -> int:
     ap.add_argument("--dir", default="/dev/shm", help="where the parts go (default /dev/shm)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline", type=Path, help="a checkout to compare verify with")
-    ap.add_argument("--skip", default="", help="comma-separated: resync,verify,repair")
+    ap.add_argument("--skip", default="", help="comma-separated: resync,persist,verify,repair")
     ap.add_argument("--sparse", action="store_true", help="sparse parts (resync only)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     size = parse_size(args.size)
     skip = set(filter(None, args.skip.split(",")))
     if args.sparse:
-        skip |= {"verify", "repair"}
+        skip |= {"persist", "verify", "repair"}
     results: dict[str, object] = {"size": size}
     for name, fn in (("resync", lambda d: bench_resync(d, size, args.rounds, args.sparse)),
+                     ("persist", lambda d: bench_persist(d, size, args.rounds, args.baseline)),
                      ("verify", lambda d: bench_verify(d, size, args.rounds, args.baseline)),
                      ("repair", lambda d: bench_repair(d, size, args.rounds))):
         if name in skip:
@@ -286,6 +322,14 @@ def _print(name: str, res: dict, size: int) -> None:
     if name == "resync":
         for mode, xs in res.items():
             print(f"  {mode:<14} copied/written {_q(xs)}  (target <= 4)")
+        return
+    if name == "persist":
+        for kind, m in res.items():
+            line = f"  {kind:<14} degraded persist p50 {_q(m['p50'])} us, p99 {_q(m['p99'])} us"
+            if kind != "baseline" and "baseline" in res:
+                ratio = [a / b for a, b in zip(m["p50"], res["baseline"]["p50"])]
+                line += f"  p50 x{_q(ratio)} of baseline"
+            print(line)
         return
     base = res.get("baseline") or res.get("pmempool sync")
     for kind, m in res.items():

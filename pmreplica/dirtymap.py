@@ -111,10 +111,19 @@ class Bitmap:
         range costs no loop per chunk."""
         first = offset // self.chunk
         last = min((offset + max(length, 1) - 1) // self.chunk, self.nbits - 1)
+        buf = self.buf
+        if first == last:  # the common case (a persist within a chunk), on the hot path
+            byte, bit = first >> 3, 1 << (first & 7)
+            value = buf[byte]
+            if value & bit:
+                return False
+            buf[byte] = value | bit
+            if self.pages is not None:
+                self.pages.add(byte // PAGE)
+            return True
         if first > last:
             return False
         b0, b1 = first >> 3, last >> 3
-        buf = self.buf
         if b0 == b1:
             edges = ((b0, ((1 << (last - first + 1)) - 1) << (first & 7)),)
         else:

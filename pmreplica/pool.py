@@ -113,8 +113,9 @@ class PoolSet:
         self._active: tuple[tuple[ReplicaStatus, ReplicaTarget], ...] = ()
         self.state = ReplicaState.load(self.buf[:HDR_SIZE], self.size, len(set_file.replicas),
                                        dirtymap.path_for(set_file.master.parts[0].path))
-        #: what the local replicas' copies of the record hold (rewritten when it changes)
-        self._copy_key: bytes | None = None
+        #: the generation of the record the local replicas' copies hold (what a copy holds
+        #: changes with the generation, and only then: they are rewritten when it differs)
+        self._copies_at: int | None = None
         #: the generation the master is in (generation.py); None for a pool made before them
         self.generation: Generation | None = _generation.of_page(self.buf[:HDR_SIZE])
         self._degraded = False
@@ -549,8 +550,7 @@ class PoolSet:
         raw = self.state.pack()
         self.buf[STATE_OFFSET:STATE_OFFSET + STATE_SIZE] = raw
         self.mapping.persist(STATE_OFFSET, STATE_SIZE)
-        key = self.state.copy_key()
-        if key == self._copy_key:
+        if self._copies_at == self.state.generation:
             return
         copy = self.state.pack_copy()
         stored = True
@@ -561,7 +561,7 @@ class PoolSet:
                 except OSError as e:  # its next write fails too, and reports it
                     stored = False
                     log.debug("%s: cannot store the replica-state copy: %s", status.name, e)
-        self._copy_key = key if stored else None
+        self._copies_at = self.state.generation if stored else None
 
     @property
     def stale_replicas(self) -> list[ReplicaStatus]:

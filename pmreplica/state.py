@@ -70,8 +70,9 @@ _HEAD = struct.Struct("<8sIIQQQQQQ")
 SIZE = _HEAD.size + 2 * COARSE_BYTES + 4
 assert OFFSET + SIZE <= 3640  # the generation record follows (generation.OFFSET)
 MIN_CHUNK = 64 << 10
-#: chunks in ``recent`` that make the fine map be saved (bounds what a crash makes coarse)
-RECENT_LIMIT = 64
+#: chunks in ``recent`` that make the fine map be saved (bounds what a crash makes coarse;
+#: a save every this many first writes into a chunk keeps its cost off the p99 persist)
+RECENT_LIMIT = 256
 
 # version 2 (pools made before the fine map): one 12,288-bit map, no period
 _V2_HEAD = struct.Struct("<8sIIQQQQ")
@@ -114,6 +115,8 @@ class ReplicaState:
         # chunks written since the last save, whatever ``recent`` holds (in memory only)
         self._batch = Bitmap(self.chunk, COARSE_BYTES * 8, bytearray(COARSE_BYTES))
         self._save_failed = False
+        # chunks added to ``recent`` since it was last counted (a lower bound, cheap)
+        self._recent_added = 0
 
     def __repr__(self) -> str:
         return (f"ReplicaState(stale_mask={self.stale_mask:#x}, full_mask={self.full_mask:#x}, "
@@ -183,15 +186,11 @@ class ReplicaState:
         return self._pack(self.coarse, 0)
 
     def _pack(self, recent: Bitmap, epoch: int) -> bytes:
-        body = _HEAD.pack(MAGIC, VERSION, self.compare_mask & 0xFFFFFFFF, self.stale_mask,
-                          self.full_mask, self.generation, self.chunk, self.period, epoch)
-        body += bytes(self.coarse.buf) + bytes(recent.buf)
-        return body + struct.pack("<I", zlib.crc32(body))
-
-    def copy_key(self) -> bytes:
-        """What a copy holds but for the generation: copies need rewriting when it changes."""
-        return (struct.pack("<QQQQ", self.stale_mask, self.full_mask, self.compare_mask,
-                            self.period) + bytes(self.coarse.buf))
+        body = b"".join((_HEAD.pack(MAGIC, VERSION, self.compare_mask & 0xFFFFFFFF,
+                                    self.stale_mask, self.full_mask, self.generation,
+                                    self.chunk, self.period, epoch),
+                         self.coarse.buf, recent.buf))
+        return body + zlib.crc32(body).to_bytes(4, "little")
 
     # -- stale replicas -------------------------------------------------------------------
     def is_stale(self, index: int) -> bool:
@@ -249,13 +248,33 @@ class ReplicaState:
         changed (it must be stored before the write's persist returns). Only a change of
         what copies hold (``coarse``) raises the generation: the master's record and its
         copies stay of one generation, which a change of ``recent`` alone does not part."""
-        self._begin_period()
-        self._fine_map().mark(offset, length)
+        if not self.period:
+            self._begin_period()
+        (self.fine or self._fine_map()).mark(offset, length)
+        chunk = self.chunk
+        first = offset // chunk
+        if first == (offset + (length or 1) - 1) // chunk:
+            # one coarse chunk (nearly every persist): its bit in the three maps at once
+            byte, bit = first >> 3, 1 << (first & 7)
+            coarse, recent = self.coarse.buf, self.recent.buf
+            self._batch.buf[byte] |= bit
+            changed = not coarse[byte] & bit
+            if changed:
+                coarse[byte] |= bit
+                self.generation += 1
+            if recent[byte] & bit:
+                return changed
+            recent[byte] |= bit
+            self._recent_added += 1
+            return True
         self._batch.mark(offset, length)
         changed = self.coarse.mark(offset, length)
         if changed:
             self.generation += 1
-        return self.recent.mark(offset, length) or changed
+        if self.recent.mark(offset, length):
+            self._recent_added += 1
+            return True
+        return changed
 
     def _fine_map(self) -> Bitmap:
         if self.fine is None:
@@ -284,7 +303,10 @@ class ReplicaState:
 
     def needs_save(self) -> bool:
         """True when ``recent`` has grown to :data:`RECENT_LIMIT` chunks: time to save."""
-        return (self.fine is not None and self.fine_path is not None and not self._save_failed
+        if self._recent_added < RECENT_LIMIT // 2 or self._save_failed:
+            return False  # counted only when it may be near (a persist pays for this)
+        self._recent_added = 0
+        return (self.fine is not None and self.fine_path is not None
                 and self.recent.count() >= RECENT_LIMIT)
 
     def save_fine(self, keep_working_set: bool = True) -> bool:
@@ -309,6 +331,7 @@ class ReplicaState:
         self._saved = True
         self.fine_epoch += 1
         self.recent.clear()
+        self._recent_added = 0
         if keep_working_set and self._batch.count() <= RECENT_LIMIT // 2:
             self.recent.update(self._batch)
         self._batch.clear()
