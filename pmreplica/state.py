@@ -22,8 +22,9 @@ first failure to the repair of the last stale replica; each has a random id):
 * the **fine map** (:mod:`pmreplica.dirtymap`): 4 KiB per bit up to 1 TiB pools, 64 KiB at
   16 TiB; in memory while the pool is open, saved to a side file next to the master's
   part 0 (``<part0>.pmrdirty``) in batches and on close. The header page has no room for
-  it (1,592 bytes between the header and the generation record), and space inside the
-  pool belongs to the application.
+  it (1,592 bytes between the header and the generation record), space inside the pool
+  belongs to the application, and pools made before (or by PMDK) reserve none: a side
+  file serves them all.
 * two **coarse maps** in the record, 6,080 bits each (1 MiB per bit at 4 GiB): ``coarse``,
   every chunk written in the period, and ``recent``, the chunks written since the fine map
   was last saved (``fine_epoch`` counts the saves; 0: none yet in this period).
@@ -39,6 +40,11 @@ not see yet), united with the chunks in ``recent``; and ``coarse`` alone when th
 is missing or is not the record's (it is deleted, damaged, on another disk that failed).
 Either way it covers every write a stale replica missed. After a clean close ``recent`` is
 empty and the fine map is exact.
+
+Cost on the write path (degraded only): setting bits in memory, a record store for the
+first write into a coarse chunk since the last save, and every :data:`RECENT_LIMIT` or so
+such chunks a save (the changed pages of the fine map and one fdatasync). The fine map is
+never written per persist.
 
 A copy in a local replica carries ``recent`` = ``coarse`` and no fine epoch: it stays valid
 without the side file, and it is rewritten only when ``coarse`` or the stale marks change
