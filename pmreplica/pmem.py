@@ -35,6 +35,7 @@ FILE_TMPFILE = 8
 _MAP_SHARED_VALIDATE = 0x03
 _MAP_SYNC = 0x80000
 _MAP_FIXED = 0x10
+MAP_NORESERVE = 0x4000  # Linux; the mmap module does not name it
 _MS_SYNC = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -164,7 +165,9 @@ class Mapping:
 
     def __init__(self, segments: Sequence[Segment], fds: dict[str, int]) -> None:
         self.size = max(s.pool_offset + s.length for s in segments)
-        self._reservation = mmap.mmap(-1, self.size)
+        # MAP_NORESERVE: the reservation is replaced by the file mappings at once, and a
+        # pool larger than RAM must not be refused by the kernel's overcommit heuristic
+        self._reservation = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
         self.addr = buffer_address(self._reservation)
         synced = True
         try:

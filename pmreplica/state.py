@@ -42,7 +42,7 @@ Either way it covers every write a stale replica missed. After a clean close ``r
 empty and the fine map is exact.
 
 Cost on the write path (degraded only): setting bits in memory, a record store for the
-first write into a coarse chunk since the last save, and every :data:`RECENT_LIMIT` or so
+first write into a coarse chunk since the last save, and every :func:`recent_limit` or so
 such chunks a save (the changed pages of the fine map and one fdatasync). The fine map is
 never written per persist.
 
@@ -76,9 +76,15 @@ _HEAD = struct.Struct("<8sIIQQQQQQ")
 SIZE = _HEAD.size + 2 * COARSE_BYTES + 4
 assert OFFSET + SIZE <= 3640  # the generation record follows (generation.OFFSET)
 MIN_CHUNK = 64 << 10
-#: chunks in ``recent`` that make the fine map be saved (bounds what a crash makes coarse;
-#: a save every this many first writes into a chunk keeps its cost off the p99 persist)
-RECENT_LIMIT = 256
+#: bytes of ``recent`` chunks that make the fine map be saved: what a crash may copy beyond
+#: what was written (within 16 to 256 chunks: a save every so many first writes into a
+#: chunk keeps its cost mostly off the p99 persist)
+RECENT_BYTES = 1 << 30
+
+
+def recent_limit(chunk: int) -> int:
+    """Chunks in ``recent`` that make the fine map be saved, for coarse chunks of ``chunk``."""
+    return max(16, min(256, RECENT_BYTES // chunk))
 
 # version 2 (pools made before the fine map): one 12,288-bit map, no period
 _V2_HEAD = struct.Struct("<8sIIQQQQ")
@@ -308,12 +314,13 @@ class ReplicaState:
         self.fine, self._saved = fine, True
 
     def needs_save(self) -> bool:
-        """True when ``recent`` has grown to :data:`RECENT_LIMIT` chunks: time to save."""
-        if self._recent_added < RECENT_LIMIT // 2 or self._save_failed:
+        """True when ``recent`` has grown to :func:`recent_limit` chunks: time to save."""
+        limit = recent_limit(self.chunk)
+        if self._recent_added < limit // 2 or self._save_failed:
             return False  # counted only when it may be near (a persist pays for this)
         self._recent_added = 0
         return (self.fine is not None and self.fine_path is not None
-                and self.recent.count() >= RECENT_LIMIT)
+                and self.recent.count() >= limit)
 
     def save_fine(self, keep_working_set: bool = True) -> bool:
         """Save the fine map to the side file, durably, and empty ``recent`` (the record
@@ -338,7 +345,7 @@ class ReplicaState:
         self.fine_epoch += 1
         self.recent.clear()
         self._recent_added = 0
-        if keep_working_set and self._batch.count() <= RECENT_LIMIT // 2:
+        if keep_working_set and self._batch.count() <= recent_limit(self.chunk) // 2:
             self.recent.update(self._batch)
         self._batch.clear()
         return True

@@ -68,7 +68,7 @@ from .generation import Generation
 from .header import HDR_SIZE, PoolAttr, PoolHeader
 from .health import BROKEN, HEALTHY, STALE, UNKNOWN, Probe
 from .plugin_manager import make_plugin_manager
-from .pmem import Mapping
+from .pmem import MAP_NORESERVE, Mapping
 from .pool import ReplicaStatus, load_set
 from .poolset import LocalReplica, RemoteReplica
 from .replica import ReplicaWriter, lock_pool
@@ -90,7 +90,6 @@ _NO_RECORD_PLACE = ("no local replica can record that it is being repaired; repa
                     "master first")
 #: bytes copied per step: progress and the hook advance this much at a time
 COPY_CHUNK = 8 << 20
-_MAP_NORESERVE = 0x4000  # Linux; the mmap module does not name it
 
 
 @dataclass
@@ -255,7 +254,7 @@ class _Run:
         self.lock_fd = -1
         # remote sessions that need no local source are bound to this buffer, and data read
         # from a remote source lands in it on its way to a replica (pages freed after use)
-        self.scratch = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+        self.scratch = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
         self.src_map: Mapping | None = None
         #: replicas whose part-0 page may hold the record (index 0: the master)
         self.record_places: set[int] = set()

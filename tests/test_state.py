@@ -16,7 +16,7 @@ from pmreplica import PoolSet, dirtymap, sync
 from pmreplica.dirtymap import Bitmap
 from pmreplica.header import HDR_SIZE
 from pmreplica.pmem import Mapping
-from pmreplica.state import OFFSET, RECENT_LIMIT, ReplicaState
+from pmreplica.state import OFFSET, ReplicaState, recent_limit
 
 from .helpers import write_set
 
@@ -211,14 +211,14 @@ def test_every_crash_image_covers_what_a_stale_replica_missed(pool_dir, monkeypa
     os.unlink(d / "r")  # replica 1 fails at open: every write from here on is missed
     with PoolSet.open(path) as pool:
         model.check = check
-        for _ in range(6 * RECENT_LIMIT):
+        for _ in range(6 * recent_limit(64 << 10)):
             off = rng.randrange(HDR_SIZE, size - 4096) & ~4095
             pool.buf[off:off + 4096] = os.urandom(4096)
             pool.persist(off, 4096)
             returned.append((off, 4096))
         assert pool.state.fine_epoch >= 4  # saved in batches, not only on close
     model.check = lambda: None
-    assert model.points > 4 * RECENT_LIMIT
+    assert model.points > 4 * recent_limit(64 << 10)
     st = ReplicaState.load(_page(d / "m"), size, 2, str(side))
     assert not st.recent.any() and st.dirty_bytes(HDR_SIZE, size) == \
         len({off for off, _ in returned}) * 4096
