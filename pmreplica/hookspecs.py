@@ -39,9 +39,10 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
     What a plugin may use of ``poolset`` (the rest is pmreplica's own): ``buf`` (the
     master, mapped: the bytes a persist copies), ``size``, ``nlanes``, ``set_file`` (the
     parsed pool set), ``mapping`` (the master's :class:`~pmreplica.pmem.Mapping`),
-    ``sparse`` (whether a replica being created is to be made sparse), ``target_failed(target,
-    error)``, to report a failure the target finds on its own (a monitor thread, say), and
-    ``report_progress(index, phase, done, total)`` for long work (its "create"). A target that can keep the pool's generation also implements
+    ``sparse`` (whether a replica being created is to be made sparse),
+    ``target_failed(target, error)``, to report a failure the target finds on its own (a
+    monitor thread, say), and ``report_progress(index, phase, done, total)`` for long work
+    (its "create"). A target that can keep the pool's generation also implements
     :class:`~pmreplica.target.GenerationKeeper`; one that cannot is never judged ahead of,
     behind or diverged from the others.
     """

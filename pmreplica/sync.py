@@ -162,13 +162,14 @@ def sync(path: str | os.PathLike[str], *, dry_run: bool = False, verify: bool = 
     ``block``-byte checksums; ``repair`` then copies the differing ranges from the source.
     ``source`` names the replica to repair from when none is known to be up to date;
     ``algorithm`` the digest (:mod:`pmreplica.rpmem.checksum`; default: the fastest both
-    sides compute); ``discard`` the replicas whose data to give up when their generations conflict with the
-    others' (split brain, or a set superseded by a promoted replica): they are repaired by
-    comparison, never a source.
+    sides compute); ``discard`` the replicas whose data to give up when their generations
+    conflict with the others' (split brain, or a set superseded by a promoted replica): they
+    are repaired by comparison, never a source.
     ``progress`` shows progress on stderr (True: a bar on a terminal, a line every few
     seconds elsewhere; or a mode of :mod:`pmreplica.progress`); hosts can follow
-    ``pmreplica_sync_progress`` through ``plugins``. Errors that stop the run before it starts (the pool set file is invalid,
-    the pool set is open: EBUSY) are raised; a replica that cannot be repaired is reported."""
+    ``pmreplica_sync_progress`` through ``plugins``. Errors that stop the run before it
+    starts (the pool set file is invalid, the pool set is open: EBUSY) are raised; a
+    replica that cannot be repaired is reported."""
     if repair and not verify:
         raise PmReplicaError(errno.EINVAL, "repair is for the ranges verify finds: give verify")
     if block % _checksum.MIN_BLOCK or not _checksum.MIN_BLOCK <= block <= _checksum.MAX_BLOCK:

@@ -2,8 +2,9 @@
 
 Computed over the agent's own mapping, so ``replica-sync --verify`` compares a remote
 replica without pulling its data over the network; the pages read are let go after
-(madvise), so hashing a pool does not make it resident in the agent. Only the pool this session opened (and
-so holds locked) is read, and only within the size the client opened it with.
+(madvise), so hashing a pool does not make it resident in the agent. Only the pool this
+session opened (and so holds locked) is read, and only within the size the client opened
+it with.
 """
 
 from __future__ import annotations
