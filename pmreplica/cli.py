@@ -22,7 +22,7 @@ import uuid as _uuid
 from collections.abc import Container
 from typing import Any, Callable
 
-from . import generation
+from . import dirtymap, generation
 from . import poolset as _poolset
 from .errors import HeaderError, PmReplicaError
 from .files import open_regular
@@ -90,9 +90,20 @@ def cmd_create(args: argparse.Namespace) -> int:
                          "whose part lines give the sizes")
     if not os.path.exists(path) and args.size is None:
         raise UsageError(f"{path} does not exist: give --size to create a single-file pool")
-    with PoolSet.create(path, size=args.size, signature=args.signature):
-        pass
+    from .progress import HookRenderer, mode_for
+
+    renderer = HookRenderer(mode_for(sys.stderr, args.progress, args.json))
+    try:
+        with PoolSet.create(path, size=args.size, signature=args.signature,
+                            plugins=[renderer]) as pool:
+            size, nrep = pool.size, len(pool.replicas)
+    finally:
+        renderer.close()
     log.info("created %s", path)
+    if args.json:
+        json.dump({"path": os.path.abspath(path), "pool_size": size, "replicas": nrep},
+                  sys.stdout)
+        sys.stdout.write("\n")
     return 0
 
 
@@ -106,6 +117,10 @@ def register_create(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=_size_arg, help="size of a single-file pool (e.g. 64M)")
     p.add_argument("--signature", type=_signature_arg, default=b"PMREPLIC",
                    help="pool type signature in the header (default: PMREPLIC)")
+    p.add_argument("--json", action="store_true", help="print what was made as JSON (and "
+                                                       "progress as JSON lines on stderr)")
+    from .sync_cli import add_progress_option
+    add_progress_option(p)
     p.set_defaults(func=cmd_create)
 
 
@@ -303,11 +318,13 @@ def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
     state: dict[str, Any] | None = None
     rstate = None
     if master_raw is not None:
-        rstate = ReplicaState.load(master_raw, set_file.pool_size, nrep)
-        dirty = rstate.dirty_ranges(set_file.pool_size)
+        rstate = ReplicaState.load(master_raw, set_file.pool_size, nrep,
+                                   dirtymap.path_for(set_file.master.parts[0].path))
         state = {"intact": rstate.intact, "stale": [i for i in range(nrep) if rstate.is_stale(i)],
                  "generation": rstate.generation, "chunk_size": rstate.chunk,
-                 "dirty_bytes": sum(n for _, n in dirty), "dirty_ranges": len(dirty)}
+                 "fine_chunk_size": rstate.fine.chunk if rstate.fine is not None else None,
+                 "dirty_bytes": rstate.dirty_bytes(HDR_SIZE, set_file.pool_size),
+                 "dirty_ranges": sum(1 for _ in rstate.iter_dirty(HDR_SIZE, set_file.pool_size))}
     for r in reps:
         if r["kind"] == "remote":
             r["health"] = "remote (not contacted)"
@@ -533,6 +550,8 @@ def _rm_parts(path: str, set_file: PoolSetFile, args: argparse.Namespace) -> int
         if isinstance(rep, LocalReplica):
             for part in rep.parts:
                 failures += _unlink(part.path, args)
+            if index == 0:  # the dirty map kept beside the master's first part, if any
+                dirtymap.remove(dirtymap.path_for(rep.parts[0].path))
             continue
         if pm is None:
             from .plugin_manager import make_plugin_manager

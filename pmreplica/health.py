@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import generation
+from . import dirtymap, generation
 from .errors import PmReplicaError
 from .generation import AHEAD, Generation
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
@@ -374,13 +374,16 @@ def _authority(probes: list[Probe], reference: Probe | None,
     newest = max(st.generation for _, st in found)
     holders = [i for i, st in found if st.generation == newest]
     state: ReplicaState | None = None
-    for _, st in found:
+    for _, st in found:  # the master's first: a copy that adds nothing keeps its fine map
         if st.generation != newest:
             continue
         if state is None:
             state = st
         else:
             state.merge(st)
+    master = probes[0].spec
+    if state is not None and isinstance(master, LocalReplica) and master.parts:
+        state.attach(dirtymap.path_for(master.parts[0].path))
     return state, holders
 
 

@@ -38,9 +38,11 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
 
     What a plugin may use of ``poolset`` (the rest is pmreplica's own): ``buf`` (the
     master, mapped: the bytes a persist copies), ``size``, ``nlanes``, ``set_file`` (the
-    parsed pool set), ``mapping`` (the master's :class:`~pmreplica.pmem.Mapping`) and
+    parsed pool set), ``mapping`` (the master's :class:`~pmreplica.pmem.Mapping`),
+    ``sparse`` (whether a replica being created is to be made sparse),
     ``target_failed(target, error)``, to report a failure the target finds on its own (a
-    monitor thread, say). A target that can keep the pool's generation also implements
+    monitor thread, say), and ``report_progress(index, phase, done, total)`` for long work
+    (its "create"). A target that can keep the pool's generation also implements
     :class:`~pmreplica.target.GenerationKeeper`; one that cannot is never judged ahead of,
     behind or diverged from the others.
     """
@@ -76,6 +78,9 @@ def pmreplica_replica_restored(replica: "ReplicaStatus") -> None:
 @hookspec
 def pmreplica_sync_progress(replica: "ReplicaStatus", phase: str, done: int,
                             total: int) -> None:
-    """Progress of repairing or checking ``replica``: ``done`` of ``total`` bytes in
-    ``phase``: "copy" (replica-sync copying into it), "checksum" (digests of the source for
-    --verify), "verify" (digests of this replica) or "resync" (``PoolSet.resync`` online)."""
+    """Progress of long work on ``replica``: ``done`` of ``total`` bytes in ``phase``:
+    "create" (its parts allocated when a pool set is created), "copy" (replica-sync copying
+    into it), "compare" (replica-sync comparing it with the source by digests and copying
+    what differs), "verify" (--verify comparing replicas with the source: ``replica`` is the
+    one compared, or the source when several are compared at once) or "resync"
+    (``PoolSet.resync`` online)."""

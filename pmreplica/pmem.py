@@ -18,7 +18,7 @@ import errno
 import mmap
 import os
 from collections import namedtuple
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import PmReplicaError
 from .files import open_regular
@@ -35,6 +35,7 @@ FILE_TMPFILE = 8
 _MAP_SHARED_VALIDATE = 0x03
 _MAP_SYNC = 0x80000
 _MAP_FIXED = 0x10
+MAP_NORESERVE = 0x4000  # Linux; the mmap module does not name it
 _MS_SYNC = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -42,6 +43,8 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
 _libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_POPULATE_READ = 22  # Linux 5.14; the mmap module does not name it
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 # file systems whose msync has nothing to write back (Linux: shmem's fsync is noop_fsync)
@@ -116,19 +119,27 @@ class Segment(namedtuple("Segment", "path file_offset length pool_offset")):
     __slots__ = ()
 
 
+#: bytes allocated per step when a part is created (progress advances this much)
+ALLOC_STEP = 256 << 20
+
+
 def open_part(path: str, size: int, *, create: bool, mode: int = 0o666,
-              sparse: bool = False) -> int:
+              sparse: bool = False, progress: Callable[[int], None] | None = None) -> int:
     """Open (or exclusively create with ``size`` bytes allocated) a part file; return its fd.
 
     Creation allocates the blocks up front (``posix_fallocate``) so that a full file system
-    is an ENOSPC now, not a SIGBUS on a later store into the mapping."""
+    is an ENOSPC now, not a SIGBUS on a later store into the mapping; in steps, telling
+    ``progress`` the bytes allocated so far after each."""
     if create:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
             if sparse:
                 os.ftruncate(fd, size)
             else:
-                os.posix_fallocate(fd, 0, size)
+                for off in range(0, size, ALLOC_STEP):
+                    os.posix_fallocate(fd, off, min(ALLOC_STEP, size - off))
+                    if progress is not None:
+                        progress(min(off + ALLOC_STEP, size))
         except BaseException as e:
             os.close(fd)
             os.unlink(path)
@@ -154,7 +165,9 @@ class Mapping:
 
     def __init__(self, segments: Sequence[Segment], fds: dict[str, int]) -> None:
         self.size = max(s.pool_offset + s.length for s in segments)
-        self._reservation = mmap.mmap(-1, self.size)
+        # MAP_NORESERVE: the reservation is replaced by the file mappings at once, and a
+        # pool larger than RAM must not be refused by the kernel's overcommit heuristic
+        self._reservation = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
         self.addr = buffer_address(self._reservation)
         synced = True
         try:
@@ -239,6 +252,26 @@ class Mapping:
             return
         if self._msync:
             msync_range(self.addr + offset, length)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Map the pages of ``[offset, offset+length)`` ahead of reading them (madvise
+        POPULATE_READ through ctypes, which lets other threads run meanwhile: the page
+        faults of one replica's range overlap the hashing of another's). A kernel without
+        it just leaves the faults to the reads."""
+        start = offset & _PAGE_MASK
+        end = min(offset + length, self.size)
+        if start < end and not self._reservation.closed:
+            _libc.madvise(self.addr + start, end - start, _MADV_POPULATE_READ)
+
+    def release(self, offset: int, length: int) -> None:
+        """Let go of the pages of ``[offset, offset+length)`` this process has mapped
+        (madvise DONTNEED, the pages wholly inside): a repair or a verify that reads a pool
+        once keeps its resident memory bounded. The data stays in the files (the mapping
+        is shared): a later access maps the pages again."""
+        start = -(-offset // PAGE_SIZE) * PAGE_SIZE
+        end = min(offset + length, self.size) & _PAGE_MASK
+        if start < end and not self._reservation.closed:
+            self._reservation.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         """Unmap. Raises BufferError while memoryviews of ``buf`` are still alive."""

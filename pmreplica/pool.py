@@ -20,6 +20,7 @@ from typing import Iterable
 
 import pluggy
 
+from . import dirtymap
 from . import generation as _generation
 from . import poolset as _poolset
 from .errors import HeaderError, PmReplicaError, ReplicaError
@@ -110,23 +111,32 @@ class PoolSet:
         self._state_lock = threading.Lock()
         self.replicas: list[ReplicaStatus] = [ReplicaStatus(0, set_file.replicas[0])]
         self._active: tuple[tuple[ReplicaStatus, ReplicaTarget], ...] = ()
-        self.state = ReplicaState.load(self.buf[:HDR_SIZE], self.size, len(set_file.replicas))
+        self.state = ReplicaState.load(self.buf[:HDR_SIZE], self.size, len(set_file.replicas),
+                                       dirtymap.path_for(set_file.master.parts[0].path))
+        #: the generation of the record the local replicas' copies hold (what a copy holds
+        #: changes with the generation, and only then: they are rewritten when it differs)
+        self._copies_at: int | None = None
         #: the generation the master is in (generation.py); None for a pool made before them
         self.generation: Generation | None = _generation.of_page(self.buf[:HDR_SIZE])
         self._degraded = False
         self._reset_pending(nlanes)
+        #: local replicas are made sparse (see :meth:`create`)
+        self.sparse = False
         #: chunks written while :meth:`resync` copies (None when no resync runs)
-        self._resync_marks: ReplicaState | None = None
+        self._resync_marks: dirtymap.Bitmap | None = None
 
     # -- construction --------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, size: int | None = None,
                signature: bytes = DEFAULT_SIGNATURE, major: int = 1, compat: int = 0,
                incompat: int = 0, ro_compat: int = 0, mode: int = 0o666,
-               plugins: Iterable[object] = (), nlanes: int = DEFAULT_NLANES) -> "PoolSet":
+               plugins: Iterable[object] = (), nlanes: int = DEFAULT_NLANES,
+               sparse: bool = False) -> "PoolSet":
         """Create the pool set described by the set file at ``path`` (or a single pool file
         of ``size`` bytes). Fails with EEXIST if a part exists; on any failure, whatever
-        was created is removed again."""
+        was created is removed again. ``sparse`` makes local parts without allocating
+        their blocks (for tests and benchmarks of pools larger than the storage at hand:
+        a file system that fills up then ends the process with SIGBUS)."""
         path = os.fspath(path)
         if size is not None and os.path.exists(path) and not _poolset.is_poolset_file(path):
             raise PmReplicaError(errno.EEXIST, f"file {path} already exists")
@@ -140,13 +150,18 @@ class PoolSet:
                               poolset_uuid=_uuid.uuid4(), crtime=int(time.time()))
         n = len(set_file.replicas)
         first_uuids = [_uuid.uuid4() for _ in range(n)]
+        pm = make_plugin_manager(plugins)
+        master_status = ReplicaStatus(0, set_file.master)
         master.create(template._replace(uuid=first_uuids[0], prev_repl=first_uuids[-1],
-                                        next_repl=first_uuids[1 % n]), mode)
+                                        next_repl=first_uuids[1 % n]), mode, sparse=sparse,
+                      progress=lambda done, total: pm.hook.pmreplica_sync_progress(
+                          replica=master_status, phase="create", done=done, total=total))
         try:
-            self = cls._map(set_file, master, plugins, nlanes)
+            self = cls._map(set_file, master, pm, nlanes)
         except BaseException:
             master.remove(force=True)
             raise
+        self.sparse = sparse
         try:
             for status in self.replicas[1:]:
                 i = status.index
@@ -159,7 +174,9 @@ class PoolSet:
                                 user_flags=template.arch.pack())
                 target = self._target(status.spec, i, create=True)
                 try:
+                    self.report_progress(i, "create", 0, self.size)
                     target.create(attr)
+                    self.report_progress(i, "create", self.size, self.size)
                 except BaseException:
                     _close_quietly(target)
                     raise
@@ -187,7 +204,7 @@ class PoolSet:
             raise HeaderError(errno.EINVAL, f"master replica of {os.fspath(path)} is stale: a "
                                             "replica-sync repairing it did not finish (run "
                                             "`replica-sync` again)")
-        self = cls._map(set_file, master, plugins, nlanes)
+        self = cls._map(set_file, master, make_plugin_manager(plugins), nlanes)
         try:
             hdr = headers[0].header if headers else None
             if hdr is not None:
@@ -270,7 +287,7 @@ class PoolSet:
 
     @classmethod
     def _map(cls, set_file: PoolSetFile, master: LocalReplicaFiles,
-             plugins: Iterable[object], nlanes: int) -> "PoolSet":
+             pm: pluggy.PluginManager, nlanes: int) -> "PoolSet":
         """Lock and map the master; the replicas are listed but not yet opened."""
         first = set_file.master.parts[0].path
         lock_fd = lock_pool(first, f"{first}: pool is open in another process")
@@ -280,7 +297,7 @@ class PoolSet:
             os.close(lock_fd)
             raise
         try:
-            self = cls(set_file, master, mapping, lock_fd, make_plugin_manager(plugins), nlanes)
+            self = cls(set_file, master, mapping, lock_fd, pm, nlanes)
         except BaseException:
             mapping.close()
             os.close(lock_fd)
@@ -519,23 +536,32 @@ class PoolSet:
     def _note_dirty(self, offset: int, length: int) -> None:
         with self._state_lock:
             if self._resync_marks is not None:
-                self._resync_marks.mark_dirty(offset, length)
+                self._resync_marks.mark(offset, length)
             if self.state.mark_dirty(offset, length):
                 self._store_state()
 
-    def _store_state(self) -> None:
+    def _store_state(self, save: bool | None = None) -> None:
         """Write the replica-state record into the master header and make it durable, then
         its copies into the local replicas that take writes (replica-sync reads them when
-        the master is lost)."""
+        the master is lost) when what they hold changed. The fine dirty map is saved first
+        when ``recent`` reached its limit (``save``: True, always; False, never)."""
+        if save if save is not None else self.state.needs_save():
+            self.state.save_fine(keep_working_set=save is None)
         raw = self.state.pack()
         self.buf[STATE_OFFSET:STATE_OFFSET + STATE_SIZE] = raw
         self.mapping.persist(STATE_OFFSET, STATE_SIZE)
+        if self._copies_at == self.state.generation:
+            return
+        copy = self.state.pack_copy()
+        stored = True
         for status in self.replicas[1:]:
             if status.target is not None and isinstance(status.spec, LocalReplica):
                 try:
-                    store_copy(status.spec.parts[0].path, raw)
+                    store_copy(status.spec.parts[0].path, copy)
                 except OSError as e:  # its next write fails too, and reports it
+                    stored = False
                     log.debug("%s: cannot store the replica-state copy: %s", status.name, e)
+        self._copies_at = self.state.generation if stored else None
 
     @property
     def stale_replicas(self) -> list[ReplicaStatus]:
@@ -551,6 +577,15 @@ class PoolSet:
             self._store_state()
         self._degraded = any(s.state != OK for s in self.replicas)
         return self._advance_generation()
+
+    def report_progress(self, index: int, phase: str, done: int, total: int) -> None:
+        """Tell ``pmreplica_sync_progress`` how long work on replica ``index`` goes (for
+        plugins: "create" while a replica's storage is allocated)."""
+        try:
+            self.plugin_manager.hook.pmreplica_sync_progress(
+                replica=self.replicas[index], phase=phase, done=done, total=total)
+        except Exception:  # a host application's hook must not break the pool
+            log.exception("pmreplica_sync_progress hook raised")
 
     def _notify_restored(self, status: ReplicaStatus) -> None:
         try:
@@ -583,10 +618,11 @@ class PoolSet:
             old, status.target = status.target, None
             self._active = tuple(p for p in self._active if p[0] is not status)
             self._degraded = True
-            self._resync_marks = ReplicaState(self.state.chunk)
             full = self.state.is_full(index) or not self.state.is_stale(index)
-            ranges = ([(self.data_offset, self.size - self.data_offset)] if full
-                      else self.state.dirty_ranges(self.size))
+            missed = None if full else self.state.fine_snapshot()
+            self._resync_marks = dirtymap.Bitmap.covering(
+                missed.chunk if missed is not None else dirtymap.fine_chunk_for(self.size),
+                self.size)
         try:
             if old is not None:
                 _close_quietly(old)
@@ -599,7 +635,7 @@ class PoolSet:
                                f"{self.nlanes}")
                 if problem:
                     raise ReplicaError(errno.EINVAL, problem)
-                copied = self._resync_copy(status, target, ranges, chunk)
+                copied = self._resync_copy(status, target, missed, chunk)
             except BaseException:
                 _close_quietly(target)
                 raise
@@ -610,12 +646,15 @@ class PoolSet:
         return copied
 
     def _resync_copy(self, status: ReplicaStatus, target: ReplicaTarget,
-                     ranges: list[tuple[int, int]], chunk: int) -> int:
-        """Copy ``ranges`` into ``target``, then under the state lock what was written
-        meanwhile, and put the target on the write path."""
+                     missed: dirtymap.Bitmap | None, chunk: int) -> int:
+        """Copy what ``missed`` marks (None: everything) into ``target``, then under the
+        state lock what was written meanwhile, and put the target on the write path."""
         start = self.data_offset
-        pieces = [(max(o, start), o + n - max(o, start)) for o, n in ranges if o + n > start]
-        total = sum(n for _, n in pieces)
+        if missed is None:
+            pieces: Iterable[tuple[int, int]] = [(start, self.size - start)]
+            total = self.size - start
+        else:
+            pieces, total = missed.ranges(start, self.size), missed.dirty_bytes(start, self.size)
         done = 0
         hook = self.plugin_manager.hook
 
@@ -636,11 +675,9 @@ class PoolSet:
         with self._state_lock:
             marks = self._resync_marks
             assert marks is not None
-            for off, n in marks.dirty_ranges(self.size):
-                lo = max(off, start)
-                if lo < off + n:
-                    total += off + n - lo
-                    copy(lo, off + n - lo)
+            for off, n in marks.ranges(start, self.size):
+                total += n
+                copy(off, n)
             status.target = target
             self._active = self._active + ((status, target),)
             dropped = self._drop(self._restored(status))
@@ -661,7 +698,18 @@ class PoolSet:
 
     # -- teardown --------------------------------------------------------------------------
     def close(self) -> None:
-        """Close every replica and unmap the master (views of ``buf`` must be released)."""
+        """Save the dirty map, close every replica and unmap the master (views of ``buf``
+        must be released)."""
+        if not self.mapping.closed:
+            with self._state_lock:
+                try:
+                    if self.state.period:
+                        if self.state.save_fine(keep_working_set=False):
+                            self._store_state(save=False)
+                    else:
+                        self.state.drop_side_file()
+                except OSError as e:  # the record keeps what the map lacks
+                    log.warning("cannot record the replica state on close: %s", e)
         for status in self.replicas[1:]:
             if status.target is not None:
                 _close_quietly(status.target)

@@ -34,7 +34,7 @@ from .generation import AHEAD, BEHIND, DIVERGED, SAME, Generation
 from .pool import load_set
 from .poolset import LocalReplica, RemoteReplica
 from .replica import lock_pool
-from .state import ReplicaState, chunk_size_for, store_copy
+from .state import ReplicaState, store_copy
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _judge(path: str, out: Promotion, force: bool) -> None:
 def _begin_record(part0: str, size: int, nreplicas: int, gen: Generation | None) -> None:
     """A fresh replica-state record for the promoted master: every listed replica stale, to
     be compared (``replica-sync`` brings them in line), unless the set lists none."""
-    state = ReplicaState(chunk_size_for(size), generation=gen.epoch if gen else 1)
+    state = ReplicaState(size, generation=gen.epoch if gen else 1)
     for i in range(1, nreplicas):
         state.mark_stale(i, full=True, compare=True)
     store_copy(part0, state.pack())

@@ -15,6 +15,7 @@ import os
 import stat
 import uuid as _uuid
 from collections import namedtuple
+from collections.abc import Callable
 
 from .errors import HeaderError, PmReplicaError
 from .files import kind_of, open_regular
@@ -67,19 +68,25 @@ class LocalReplicaFiles:
     def paths(self) -> list[str]:
         return [p.path for p in self.replica.parts]
 
-    def create(self, template: PoolHeader | None, mode: int = 0o666) -> None:
+    def create(self, template: PoolHeader | None, mode: int = 0o666, sparse: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> None:
         """Create every part in full (EEXIST if one exists) and, given a template, write the
         parts' headers: part 0 gets the template's uuid, the replica links are its own.
         Each file gets the size its line gives, as PMDK makes it; the page-aligned part of it
-        is mapped."""
+        is mapped. ``progress(done, total)`` follows the allocation, in bytes."""
         for p in self.replica.parts:
             if os.path.lexists(p.path):
                 raise PmReplicaError(errno.EEXIST, f"file {p.path} already exists")
         made = []
+        total, before = sum(p.size for p in self.replica.parts), 0
         try:
             for p in self.replica.parts:
-                os.close(open_part(p.path, p.size, create=True, mode=mode))
+                step = None if progress is None else (
+                    lambda n, at=before: progress(at + n, total))  # type: ignore[misc]
+                os.close(open_part(p.path, p.size, create=True, mode=mode, sparse=sparse,
+                                   progress=step))
                 made.append(p.path)
+                before += p.size
             if template is not None and self.nhdrs:
                 uuids = [template.uuid] + [_uuid.uuid4() for _ in range(self.nhdrs - 1)]
                 self.write_headers(template, uuids, template.prev_repl, template.next_repl)

@@ -51,7 +51,6 @@ close it.
 
 from __future__ import annotations
 
-import copy
 import errno
 import logging
 import mmap
@@ -61,18 +60,20 @@ import uuid as _uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator
 
-from . import generation, health
+from . import compare as _compare
+from . import dirtymap, generation, health
+from . import progress as _progress_mod
 from .errors import PmReplicaError
 from .generation import Generation
 from .header import HDR_SIZE, PoolAttr, PoolHeader
 from .health import BROKEN, HEALTHY, STALE, UNKNOWN, Probe
 from .plugin_manager import make_plugin_manager
-from .pmem import Mapping
+from .pmem import MAP_NORESERVE, Mapping
 from .pool import ReplicaStatus, load_set
 from .poolset import LocalReplica, RemoteReplica
 from .replica import ReplicaWriter, lock_pool
 from .rpmem import checksum as _checksum
-from .state import ReplicaState, chunk_size_for, store_copy
+from .state import ReplicaState, store_copy
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,10 @@ EXIT_HEALTHY, EXIT_REPAIRED, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 4, 8
 _EXIT = {OK_HEALTHY: EXIT_HEALTHY, OK_REPAIRED: EXIT_REPAIRED, NEEDS_REPAIR: EXIT_PROBLEMS,
          FAILED: EXIT_PROBLEMS}
 
+_NO_RECORD_PLACE = ("no local replica can record that it is being repaired; repair the "
+                    "master first")
 #: bytes copied per step: progress and the hook advance this much at a time
 COPY_CHUNK = 8 << 20
-_MAP_NORESERVE = 0x4000  # Linux; the mmap module does not name it
 
 
 @dataclass
@@ -108,9 +110,11 @@ class ReplicaReport:
     #: None (not attempted), "repaired" or "failed"
     result: str | None = None
     error: str | None = None
-    #: ranges (offset, length) where --verify found it differs from the source; None when
-    #: it was not compared
+    #: ranges (offset, length) where --verify found it differs from the source (the first
+    #: MAX_REPORTED_RANGES); None when it was not compared
     differing: list[tuple[int, int]] | None = None
+    #: bytes in differing ranges (all of them)
+    differing_bytes: int = 0
 
 
 @dataclass
@@ -142,7 +146,7 @@ class Report:
 
 
 def check(path: str | os.PathLike[str], *, verify: bool = False,
-          plugins: Iterable[object] = (), progress: bool = False) -> Report:
+          plugins: Iterable[object] = (), progress: bool | str = False) -> Report:
     """Check every replica of the pool set at ``path`` (and with ``verify`` compare the
     healthy ones); change nothing. EBUSY if the pool set is open."""
     return sync(path, dry_run=True, verify=verify, plugins=plugins, progress=progress)
@@ -150,19 +154,22 @@ def check(path: str | os.PathLike[str], *, verify: bool = False,
 
 def sync(path: str | os.PathLike[str], *, dry_run: bool = False, verify: bool = False,
          repair: bool = False, source: int | None = None, plugins: Iterable[object] = (),
-         progress: bool = False, block: int = _checksum.DEFAULT_BLOCK,
-         discard: Iterable[int] = ()) -> Report:
+         progress: bool | str = False, block: int = _checksum.DEFAULT_BLOCK,
+         discard: Iterable[int] = (), algorithm: int | None = None) -> Report:
     """Repair the pool set at ``path`` from its healthy source and report.
 
     ``dry_run`` only reports. ``verify`` compares the healthy replicas with the source by
     ``block``-byte checksums; ``repair`` then copies the differing ranges from the source.
     ``source`` names the replica to repair from when none is known to be up to date;
-    ``discard`` the replicas whose data to give up when their generations conflict with the
-    others' (split brain, or a set superseded by a promoted replica): they are repaired by
-    comparison, never a source.
-    ``progress`` draws a bar on stderr; hosts can follow ``pmreplica_sync_progress`` through
-    ``plugins``. Errors that stop the run before it starts (the pool set file is invalid,
-    the pool set is open: EBUSY) are raised; a replica that cannot be repaired is reported."""
+    ``algorithm`` the digest (:mod:`pmreplica.rpmem.checksum`; default: the fastest both
+    sides compute); ``discard`` the replicas whose data to give up when their generations
+    conflict with the others' (split brain, or a set superseded by a promoted replica): they
+    are repaired by comparison, never a source.
+    ``progress`` shows progress on stderr (True: a bar on a terminal, a line every few
+    seconds elsewhere; or a mode of :mod:`pmreplica.progress`); hosts can follow
+    ``pmreplica_sync_progress`` through ``plugins``. Errors that stop the run before it
+    starts (the pool set file is invalid, the pool set is open: EBUSY) are raised; a
+    replica that cannot be repaired is reported."""
     if repair and not verify:
         raise PmReplicaError(errno.EINVAL, "repair is for the ranges verify finds: give verify")
     if block % _checksum.MIN_BLOCK or not _checksum.MIN_BLOCK <= block <= _checksum.MAX_BLOCK:
@@ -170,16 +177,15 @@ def sync(path: str | os.PathLike[str], *, dry_run: bool = False, verify: bool = 
                                            f"{_checksum.MIN_BLOCK} up to {_checksum.MAX_BLOCK}")
     return _Run(path, dry_run=dry_run, verify=verify, repair=repair, forced=source,
                 plugins=plugins, progress=progress, block=block,
-                discard=frozenset(discard)).run()
+                discard=frozenset(discard), algorithm=algorithm).run()
 
 
 class _Progress:
-    """A tqdm bar on stderr (when asked for) and the pmreplica_sync_progress hook."""
+    """Progress through the pmreplica_sync_progress hook (which a
+    :class:`~pmreplica.progress.HookRenderer` among the plugins may draw)."""
 
-    def __init__(self, hook: Any, enabled: bool) -> None:
+    def __init__(self, hook: Any) -> None:
         self._hook = hook
-        self._enabled = enabled
-        self._bar: Any = None
         self._status: ReplicaStatus | None = None
         self._phase = ""
         self._done = self._total = 0
@@ -187,54 +193,51 @@ class _Progress:
     def start(self, probe: Probe, phase: str, total: int) -> None:
         self._status = ReplicaStatus(probe.index, probe.spec, state=probe.health)
         self._phase, self._done, self._total = phase, 0, total
-        if self._enabled:
-            from tqdm import tqdm
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=f"{phase} {probe.name}", file=sys.stderr, leave=False,
-                             dynamic_ncols=True)
         self._notify()
 
     def advance(self, n: int) -> None:
         self._done += n
-        if self._bar is not None:
-            self._bar.update(n)
         self._notify()
 
     def finish(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        if self._status is not None and self._done < self._total:
+            self._done = self._total  # what was planned and turned out not to be needed
+            self._notify()
+        self._status = None
 
     def _notify(self) -> None:
         self._hook.pmreplica_sync_progress(replica=self._status, phase=self._phase,
                                            done=self._done, total=self._total)
 
 
-def _chunks(ranges: Iterable[tuple[int, int]], size: int = COPY_CHUNK
-            ) -> Iterator[tuple[int, int]]:
+def _batches(ranges: Iterable[tuple[int, int]], size: int = COPY_CHUNK
+             ) -> Iterator[list[tuple[int, int]]]:
+    """``ranges`` cut into pieces of at most ``size`` bytes and grouped into batches of
+    about ``size`` bytes (one drain, one release of source pages, one progress step each)."""
+    batch: list[tuple[int, int]] = []
+    total = 0
     for off, n in ranges:
         end = off + n
         while off < end:
-            step = min(size, end - off)
-            yield off, step
+            step = min(size - total, end - off)
+            batch.append((off, step))
+            total += step
             off += step
-
-
-def _clip(ranges: Iterable[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    out = []
-    for off, n in ranges:
-        lo, hi = max(off, start), min(off + n, end)
-        if lo < hi:
-            out.append((lo, hi - lo))
-    return out
+            if total >= size or len(batch) >= 4096:
+                yield batch
+                batch, total = [], 0
+    if batch:
+        yield batch
 
 
 class _Run:
     """One replica-sync run over one pool set."""
 
     def __init__(self, path: str | os.PathLike[str], *, dry_run: bool, verify: bool,
-                 repair: bool, forced: int | None, plugins: Iterable[object], progress: bool,
-                 block: int, discard: frozenset[int] = frozenset()) -> None:
+                 repair: bool, forced: int | None, plugins: Iterable[object],
+                 progress: bool | str,
+                 block: int, discard: frozenset[int] = frozenset(),
+                 algorithm: int | None = None) -> None:
         self.path = os.fspath(path)
         self.discard = discard
         self.set_file = load_set(self.path)
@@ -242,20 +245,24 @@ class _Run:
         self.size = self.set_file.pool_size
         self.dry_run, self.verify, self.repair, self.forced = dry_run, verify, repair, forced
         self.block = block
-        self.progress = _Progress(make_plugin_manager(plugins).hook, progress)
+        self.algorithm = algorithm
+        self.renderer = _progress_mod.HookRenderer(
+            progress if isinstance(progress, str) else
+            _progress_mod.mode_for(sys.stderr, True) if progress else _progress_mod.OFF)
+        self.progress = _Progress(make_plugin_manager([*plugins, self.renderer]).hook)
         self.probes: list[Probe] = []
         self.reports: list[ReplicaReport] = []
         self.lock_fd = -1
         # remote sessions that need no local source are bound to this buffer, and data read
         # from a remote source lands in it on its way to a replica (pages freed after use)
-        self.scratch = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+        self.scratch = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
         self.src_map: Mapping | None = None
         #: replicas whose part-0 page may hold the record (index 0: the master)
         self.record_places: set[int] = set()
         self.state: ReplicaState | None = None
         self.judgement: health.Judgement | None = None
         self.source: int | None = None
-        self._source_digests: list[tuple[int, int, bytes]] | None = None
+        self._missed_map: Any = None
         self._run_gen: Generation | None = None
 
     # -- the run ---------------------------------------------------------------------------
@@ -283,11 +290,14 @@ class _Run:
             if self.verify:
                 self._verify()
                 report.verified = True
+            if self.state is not None:
+                self.state.drop_side_file()  # nothing stale any more: the fine map is moot
             report.copied = sum(r.copy_bytes for r in self.reports
                                 if r.result == "repaired" or self.dry_run)
             report.status = self._status()
             return report
         finally:
+            self.renderer.close()
             self._close()
 
     def _status(self) -> str:
@@ -339,11 +349,12 @@ class _Run:
         record = None
         if j.state is not None:
             st = j.state
-            dirty = _clip(st.dirty_ranges(self.size), HDR_SIZE, self.size)
             record = {"generation": st.generation, "holders": j.holders,
                       "stale": [i for i in range(len(self.probes)) if st.is_stale(i)],
                       "full_resync": [i for i in range(len(self.probes)) if st.is_full(i)],
-                      "chunk_size": st.chunk, "dirty_bytes": sum(n for _, n in dirty)}
+                      "chunk_size": st.chunk,
+                      "fine_chunk_size": st.fine.chunk if st.fine is not None else None,
+                      "dirty_bytes": st.dirty_bytes(HDR_SIZE, self.size)}
         return Report(path=os.path.abspath(self.path), pool_size=self.size,
                       dry_run=self.dry_run, replicas=self.reports, record=record)
 
@@ -352,12 +363,19 @@ class _Run:
         state = self.judgement.state  # type: ignore[union-attr]
         return p.health != STALE or state is None or state.is_full(p.index)
 
-    def _ranges(self, p: Probe) -> list[tuple[int, int]]:
+    def _ranges(self, p: Probe) -> Iterable[tuple[int, int]]:
         """What replica ``p`` needs copied: everything, or the chunks written while stale."""
         if self._full(p):
             return [(HDR_SIZE, self.size - HDR_SIZE)]
-        state = self.judgement.state  # type: ignore[union-attr]
-        return _clip(state.dirty_ranges(self.size), HDR_SIZE, self.size)  # type: ignore[union-attr]
+        return self._missed.ranges(HDR_SIZE, self.size)
+
+    @property
+    def _missed(self):
+        """The fine map of what stale replicas missed, as the authoritative record has it
+        (a copy taken once: the run's own record changes as it goes)."""
+        if self._missed_map is None:
+            self._missed_map = self.judgement.state.fine_snapshot()  # type: ignore[union-attr]
+        return self._missed_map
 
     def _plan(self) -> None:
         for p, r in zip(self.probes, self.reports):
@@ -370,7 +388,8 @@ class _Run:
             else:
                 r.action = ("recreate and copy" if p.health == BROKEN else
                             "full copy" if self._full(p) else "resync dirty chunks")
-                r.copy_bytes = sum(n for _, n in self._ranges(p))
+                r.copy_bytes = (self.size - HDR_SIZE if self._full(p)
+                                else self._missed.dirty_bytes(HDR_SIZE, self.size))
 
     # -- the record ------------------------------------------------------------------------
     def _record_places(self) -> None:
@@ -396,16 +415,21 @@ class _Run:
             return
         self._record_places()
         found = self.judgement.state  # type: ignore[union-attr]
-        self.state = (ReplicaState(chunk_size_for(self.size)) if found is None
-                      else copy.deepcopy(found))
+        if found is None:
+            self.state = ReplicaState(self.size)
+            self.state.fine_path = dirtymap.path_for(self.set_file.master.parts[0].path)
+        else:
+            self.state = found.copy()
         self.state.generation += 1
 
     def _store_record(self) -> None:
-        """Write the record durably where it counts, the master first."""
+        """Write the record durably where it counts, the master first (its fine dirty map
+        saved before it)."""
         assert self.state is not None
-        raw = self.state.pack()
+        self.state.save_fine(keep_working_set=False)
         for i in sorted(self.record_places):
             path = self.probes[i].spec.parts[0].path  # type: ignore[union-attr]
+            raw = self.state.pack() if i == 0 else self.state.pack_copy()
             try:
                 store_copy(path, raw)
             except OSError as e:
@@ -505,13 +529,9 @@ class _Run:
     def _source_view(self) -> memoryview:
         """The pool as the source holds it: the mapped local source, or the scratch buffer
         that :meth:`_fill` reads a remote source into."""
-        src = self.probes[self.source]  # type: ignore[index]
-        if src.is_remote:
+        if self.probes[self.source].is_remote:  # type: ignore[index]
             return memoryview(self.scratch)
-        if self.src_map is None:
-            assert src.files is not None
-            self.src_map = src.files.open()
-        return self.src_map.buf[:]  # a view of its own: released by the caller
+        return self._source_mapping().buf[:]  # a view of its own: released by the caller
 
     def _fill(self, view: memoryview, off: int, n: int) -> None:
         src = self.probes[self.source]  # type: ignore[index]
@@ -519,166 +539,167 @@ class _Run:
             src.remote.read(view[off:off + n], off, n)  # type: ignore[union-attr]
 
     def _release(self, off: int, n: int) -> None:
+        """Let go of the source's pages of a range copied: the run's memory stays bounded."""
         if self.probes[self.source].is_remote:  # type: ignore[index]
             self.scratch.madvise(mmap.MADV_DONTNEED, off, n)
+        elif self.src_map is not None:
+            self.src_map.release(off, n)
 
-    def _repair_one(self, p: Probe, ranges: list[tuple[int, int]]) -> None:
+    def _repair_one(self, p: Probe, ranges: Iterable[tuple[int, int]]) -> None:
+        """Copy ``ranges`` from the source into ``p`` and give it its headers."""
         if p.is_remote and not self.record_places:
-            raise PmReplicaError(errno.EAGAIN, "no local replica can record that it is being "
-                                               "repaired; repair the master first")
-        view = self._source_view()
+            raise PmReplicaError(errno.EAGAIN, _NO_RECORD_PLACE)
+        writer = _Writer(self, p, create=p.health == BROKEN)
         try:
-            if p.is_remote:
-                self._copy_remote(p, view, ranges)
-            else:
-                self._copy_local(p, view, ranges)
-        finally:
-            view.release()
-
-    def _copy_local(self, p: Probe, view: memoryview, ranges: list[tuple[int, int]]) -> None:
-        files = p.files
-        assert files is not None and self.state is not None
-        r = self.reports[p.index]
-        files.restore_parts()
-        files.clear_header(self.state.pack())  # not a pool until its data is complete
-        if p.index == 0:
-            self.record_places.add(0)  # the master's record counts even while it is broken
-            if self.lock_fd < 0:
-                self._lock()
-        else:
-            self.record_places.discard(p.index)  # a broken replica's copy does not count
-        io = ReplicaWriter(files)
-        try:
-            self.progress.start(p, "copy", r.copy_bytes)
-            for off, n in _chunks(ranges):
-                self._fill(view, off, n)
-                io.write(off, view[off:off + n])
-                self._release(off, n)
-                self.progress.advance(n)
-            io.sync()
+            self.progress.start(p, "copy", self.reports[p.index].copy_bytes)
+            writer.copy(ranges, self.progress.advance)
+            writer.finish()
         finally:
             self.progress.finish()
-            io.close()
-        self._write_headers(p)
-
-    def _copy_remote(self, p: Probe, view: memoryview, ranges: list[tuple[int, int]]) -> None:
-        r = self.reports[p.index]
-        if p.remote is not None:  # the probe's session is bound to the scratch buffer
-            p.remote.close()
-            p.remote = None
-        remote = self._open_remote(p, view, create=p.health == BROKEN)
-        try:
-            self.progress.start(p, "copy", r.copy_bytes)
-            for off, n in _chunks(ranges):
-                self._fill(view, off, n)
-                remote.persist(off, n)
-                self._release(off, n)
-                self.progress.advance(n)
-            self._write_headers(p, remote)
-        finally:
-            self.progress.finish()
-            remote.close()
+            writer.close()
 
     # -- verify ----------------------------------------------------------------------------
     def _verify(self) -> None:
-        """Compare every healthy replica with the source, block by block."""
+        """Compare every healthy replica with the source, all at once."""
         compare = [p for p, r in zip(self.probes, self.reports) if p.index != self.source
                    and r.result != "failed" and (p.health == HEALTHY or r.result == "repaired")]
-        if not compare:
-            return
-        src = self.probes[self.source]  # type: ignore[index]
-        reference = self._digests(src, "checksum")
-        for p in compare:
-            r = self.reports[p.index]
-            try:
-                digests = self._digests(p, "verify")
-            except OSError as e:
-                r.differing = None
-                r.result, r.error = "failed", f"verify: {_text(e)}"
-                continue
-            r.differing = self._differences(reference, digests)
-            if r.differing:
-                log.info("%s differs from the source in %d range(s)", p.name,
-                         len(r.differing))
-        if self.repair and not self.dry_run:
-            for p in compare:
-                r = self.reports[p.index]
-                if r.differing:
-                    self._repair_differing(p, r)
-
-    def _requests(self, p: Probe) -> list[tuple[int, int]]:
-        """The data range cut into checksum requests whose blocks are aligned to the block
-        size (the first, after the header, may be short), so that differing ranges line up
-        with the record's chunks."""
-        block, size = self.block, self.size
-        first = min(-(-HDR_SIZE // block) * block, size)
-        out = [(HDR_SIZE, first - HDR_SIZE)] if first > HDR_SIZE else []
-        step = (_checksum.MAX_BLOCKS if p.is_remote else COPY_CHUNK * 4 // block) * block
-        out += [(off, min(step, size - off)) for off in range(first, size, step)]
-        return out
-
-    def _digests(self, p: Probe, phase: str) -> list[tuple[int, int, bytes]]:
-        """``(offset, length, digest)`` of each block of ``p``'s data range, computed where
-        ``p`` lives."""
-        block = self.block
-        out: list[tuple[int, int, bytes]] = []
-        mapping: Mapping | None = None
-        view: memoryview | None = None
-        self.progress.start(p, phase, self.size - HDR_SIZE)
-        try:
-            if p.is_remote:
-                if p.remote is None:
-                    p.remote = self._open_remote(p, memoryview(self.scratch))
-            elif p.index == self.source:
-                view = self._source_view()
-            else:
-                assert p.files is not None
-                mapping = p.files.open()
-                view = mapping.buf[:]
-            for off, n in self._requests(p):
-                if view is None:
-                    got = p.remote.checksum(off, n, block)  # type: ignore[union-attr]
-                else:
-                    raw = _checksum.digests(view, off, n, block)
-                    got = [raw[i:i + _checksum.DIGEST_SIZE]
-                           for i in range(0, len(raw), _checksum.DIGEST_SIZE)]
-                out += [(at, min(block, off + n - at), d)
-                        for at, d in zip(range(off, off + n, block), got)]
-                self.progress.advance(n)
-        finally:
-            self.progress.finish()
-            if view is not None:
-                view.release()
-            if mapping is not None:
-                mapping.close()
-        return out
-
-    @staticmethod
-    def _differences(a: list[tuple[int, int, bytes]],
-                     b: list[tuple[int, int, bytes]]) -> list[tuple[int, int]]:
-        """The blocks whose digests differ, adjacent ones merged."""
-        out: list[tuple[int, int]] = []
-        for (off, n, x), (_, _, y) in zip(a, b):
-            if x == y:
-                continue
-            if out and out[-1][0] + out[-1][1] == off:
-                out[-1] = (out[-1][0], out[-1][1] + n)
-            else:
-                out.append((off, n))
-        return out
+        if compare:
+            self._stream(compare, repair=self.repair and not self.dry_run)
 
     def _repair_by_comparison(self, p: Probe, r: ReplicaReport) -> None:
-        """Compare ``p`` with the source by checksums and copy what differs (a replica that
-        may hold writes the source lacks: behind by generation, or discarded)."""
-        try:
-            if self._source_digests is None:
-                assert self.source is not None
-                self._source_digests = self._digests(self.probes[self.source], "checksum")
-            r.differing = self._differences(self._source_digests, self._digests(p, "verify"))
-        except OSError as e:
-            r.result, r.error = "failed", f"compare: {_text(e)}"
+        """Compare ``p`` with the source by checksums and copy what differs as it is found
+        (a replica that may hold writes the source lacks: behind by generation, or
+        discarded); its stale mark is recorded already."""
+        if p.is_remote and not self.record_places:
+            r.result, r.error = "failed", _NO_RECORD_PLACE
             return
-        self._repair_differing(p, r)
+        self._stream([p], repair=True, begun=True)
+
+    def _stream(self, targets: list[Probe], repair: bool, begun: bool = False) -> None:
+        """Compare ``targets`` with the source as the data streams, the source and every
+        target hashed at once where each lives, recording the ranges that differ; with
+        ``repair``, copy those from the source as they are found: a target is marked stale
+        (to be compared again) before its first byte is rewritten, and cleared once its
+        copy and headers are durable (``begun``: it is marked already)."""
+        src = self.probes[self.source]  # type: ignore[index]
+        block = self.block
+        writers: dict[int, _Writer] = {}
+        mappings: list[Mapping] = []
+        digesters: dict[int, _compare.Digester] = {}
+
+        def begin(p: Probe) -> _Writer:
+            if not begun:
+                self._start_record()
+                if p.is_remote and not self.record_places:
+                    raise PmReplicaError(errno.EAGAIN, _NO_RECORD_PLACE)
+                assert self.state is not None
+                self.state.mark_stale(p.index, full=True, compare=True)
+                self._store_record()
+                self.reports[p.index].action = "copy differing ranges"
+            writers[p.index] = _Writer(self, p, session=bound.pop(p.index, None))
+            return writers[p.index]
+
+        def fail(p: Probe, e: OSError) -> None:
+            r = self.reports[p.index]
+            r.result, r.error = "failed", f"{'compare' if begun else 'verify'}: {_text(e)}"
+            log.info("%s: %s", p.name, r.error)
+
+        # remote targets to be repaired: a session bound to the source's buffer, which
+        # computes their digests and, once one differs, takes the copy (its writer's)
+        bound: dict[int, Any] = {}
+        src_view = self._source_view()
+        try:
+            sessions = []
+            for p in targets:
+                self.reports[p.index].differing = []
+                if p.is_remote and repair and not begun:
+                    if p.remote is not None:
+                        p.remote.close()
+                    p.remote = None
+                    bound[p.index] = self._open_remote(p, src_view)
+                if repair and begun:
+                    begin(p)
+                if p.is_remote:
+                    session = (writers[p.index].remote if p.index in writers
+                               else bound.get(p.index) or p.remote)
+                    if session is None:
+                        session = p.remote = self._open_remote(p, memoryview(self.scratch))
+                    sessions.append((p, session))
+            if src.is_remote:
+                sessions.insert(0, (src, src.remote))
+            algorithm = self.algorithm or _compare.choose_algorithm(
+                [s for _, s in sessions], HDR_SIZE, block)
+            by_index = dict(sessions)
+            for p in [src, *targets]:
+                if p.is_remote:
+                    digester = _compare.remote_digester(by_index[p], block, algorithm)
+                else:
+                    mapping = self._source_mapping() if p is src else p.files.open()  # type: ignore[union-attr]
+                    if p is not src:
+                        mappings.append(mapping)
+                    digester = _compare.local_digester(mapping, block, algorithm)
+                digesters[p.index] = digester
+            stream = _compare.Stream(digesters.pop(src.index), digesters, block, algorithm)
+            probes = {p.index: p for p in targets}
+
+            def on_window(off: int, n: int, diffs: dict[int, list[tuple[int, int]]]) -> None:
+                self.progress.advance(n)
+                for index, ranges in diffs.items():
+                    if not ranges:
+                        continue
+                    p, r = probes[index], self.reports[index]
+                    _note_differing(r, ranges)
+                    if not repair:
+                        continue
+                    try:
+                        writer = writers.get(index) or begin(p)
+                        writer.copy(ranges)
+                        r.copy_bytes += sum(k for _, k in ranges)
+                    except OSError as e:
+                        stream.others.pop(index, None)
+                        fail(p, e)
+
+            self.progress.start(targets[0] if len(targets) == 1 else src,
+                                "compare" if begun else "verify", self.size - HDR_SIZE)
+            try:
+                stream.run(HDR_SIZE, self.size, on_window,
+                           lambda index, e: fail(probes[index], e))
+            finally:
+                self.progress.finish()
+            for index, writer in writers.items():
+                p, r = probes[index], self.reports[index]
+                if r.result == "failed":
+                    continue
+                try:
+                    writer.finish()
+                except OSError as e:
+                    fail(p, e)
+                    continue
+                if not p.is_remote:
+                    self.record_places.add(p.index)  # a sound replica again: it keeps a copy
+                self.state.clear_stale(p.index)  # type: ignore[union-attr]
+                self._store_record()
+                r.result = "repaired"
+        except OSError as e:
+            for p in targets:
+                if self.reports[p.index].result != "repaired":
+                    fail(p, e)
+        finally:
+            for writer in writers.values():
+                writer.close()
+            for session in bound.values():
+                session.close()
+            src_view.release()
+            for mapping in mappings:
+                _close_mapping(mapping)
+
+    def _source_mapping(self) -> Mapping:
+        """The local source, mapped (once per run)."""
+        if self.src_map is None:
+            src = self.probes[self.source]  # type: ignore[index]
+            assert src.files is not None
+            self.src_map = src.files.open()
+        return self.src_map
 
     def _generation(self) -> Generation:
         """The generation this run leaves the pool in, after the newest one found: recorded
@@ -722,25 +743,6 @@ class _Run:
             if remote is not p.remote:
                 remote.close()
 
-    def _repair_differing(self, p: Probe, r: ReplicaReport) -> None:
-        """Mark ``p`` stale with its differing chunks dirty, copy them, clear the mark."""
-        self._start_record()
-        assert r.differing is not None and self.state is not None
-        self.state.mark_stale(p.index)
-        for off, n in r.differing:
-            self.state.mark_dirty(off, n)
-        self._store_record()
-        r.action = "copy differing ranges"
-        r.copy_bytes = sum(n for _, n in r.differing)
-        try:
-            self._repair_one(p, r.differing)
-        except OSError as e:
-            r.result, r.error = "failed", _text(e)
-            return
-        self.state.clear_stale(p.index)
-        self._store_record()
-        r.result = "repaired"
-
     # -- cleanup ---------------------------------------------------------------------------
     def _close(self) -> None:
         for p in self.probes:
@@ -751,10 +753,7 @@ class _Run:
                     log.debug("closing %s: %s", p.name, e)
                 p.remote = None
         if self.src_map is not None:
-            try:
-                self.src_map.close()
-            except BufferError:
-                log.debug("source mapping still referenced; unmapped when released")
+            _close_mapping(self.src_map)
         try:
             self.scratch.close()
         except BufferError:
@@ -762,6 +761,106 @@ class _Run:
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
+
+
+class _Writer:
+    """Copies from the source into one replica under repair. A local replica loses its
+    header first (it is no pool until :meth:`finish`) and its parts are written with
+    pwrite; a remote one gets the ranges over a session bound to the source's buffer.
+    Source pages are let go as each batch is durable or sent."""
+
+    def __init__(self, run: "_Run", p: Probe, create: bool = False,
+                 session: Any = None) -> None:
+        self.run, self.p = run, p
+        self.view = run._source_view()
+        self.io: ReplicaWriter | None = None
+        self.remote: Any = session  # one bound to the source's buffer already: its own
+        try:
+            if p.is_remote:
+                if session is None:
+                    if p.remote is not None:  # the probe's is bound to the scratch buffer
+                        p.remote.close()
+                        p.remote = None
+                    self.remote = run._open_remote(p, self.view, create=create)
+            else:
+                self._clear_local()
+                self.io = ReplicaWriter(p.files)  # type: ignore[arg-type]
+        except BaseException:
+            self.close()
+            raise
+
+    def _clear_local(self) -> None:
+        run, p = self.run, self.p
+        files, state = p.files, run.state
+        assert files is not None and state is not None
+        files.restore_parts()
+        files.clear_header(state.pack() if p.index == 0 else state.pack_copy())
+        if p.index == 0:
+            run.record_places.add(0)  # the master's record counts even while it is broken
+            if run.lock_fd < 0:
+                run._lock()
+        else:
+            run.record_places.discard(p.index)  # a broken replica's copy does not count
+
+    def copy(self, ranges: Iterable[tuple[int, int]],
+             advance: Any = None) -> None:
+        run, view = self.run, self.view
+        for batch in _batches(ranges):
+            for off, n in batch:
+                run._fill(view, off, n)
+                if self.io is not None:
+                    self.io.write(off, view[off:off + n])
+                else:
+                    self.remote.flush(off, n)
+            if self.remote is not None:
+                self.remote.drain()  # sent and durable: the source's pages may go
+            lo = batch[0][0]
+            run._release(lo, batch[-1][0] + batch[-1][1] - lo)
+            if advance is not None:
+                advance(sum(n for _, n in batch))
+
+    def finish(self) -> None:
+        """Make what was copied durable and write the replica's headers."""
+        if self.io is not None:
+            self.io.sync()
+            self.run._write_headers(self.p)
+        else:
+            self.run._write_headers(self.p, self.remote)
+
+    def close(self) -> None:
+        if self.io is not None:
+            self.io.close()
+            self.io = None
+        if self.remote is not None:
+            try:
+                self.remote.close()
+            except OSError as e:
+                log.debug("closing %s: %s", self.p.name, e)
+            self.remote = None
+        self.view.release()
+
+
+#: differing ranges kept per replica in a report (the bytes are counted past it)
+MAX_REPORTED_RANGES = 10_000
+
+
+def _note_differing(r: ReplicaReport, ranges: list[tuple[int, int]]) -> None:
+    """Add ``ranges`` to the report's differing ranges (merged with the last one)."""
+    assert r.differing is not None
+    r.differing_bytes += sum(n for _, n in ranges)
+    for off, n in ranges:
+        last = r.differing[-1] if r.differing else None
+        if last is not None and last[0] + last[1] == off:
+            r.differing[-1] = (last[0], last[1] + n)
+        elif len(r.differing) < MAX_REPORTED_RANGES:
+            r.differing.append((off, n))
+
+
+def _close_mapping(mapping: Mapping) -> None:
+    try:
+        mapping.close()
+    except BufferError:
+        log.debug("mapping still referenced; unmapped when released")
 
 
 def _text(e: OSError) -> str:

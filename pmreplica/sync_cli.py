@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from . import progress as _progress
 from . import sync as _sync
 
 log = logging.getLogger(__name__)
@@ -22,9 +23,9 @@ log = logging.getLogger(__name__)
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("poolset", metavar="POOLSET", help="pool set file (or single-file pool)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON for scripts")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="show a progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON for scripts "
+                                                       "(and progress as JSON lines on stderr)")
+    add_progress_option(p)
 
 
 def _add_sync_options(p: argparse.ArgumentParser) -> None:
@@ -103,8 +104,14 @@ def _prog(args: argparse.Namespace) -> str:
     return "pmreplica " + args.command if getattr(args, "command", None) else "replica-sync"
 
 
+def add_progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show progress on stderr (default): a bar on a terminal, a line every "
+                        "few seconds elsewhere, JSON lines with --json")
+
+
 def _run(args: argparse.Namespace, call) -> int:
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = _progress.mode_for(sys.stderr, args.progress, args.json)
     try:
         report = call(progress)
     except OSError as e:

@@ -1,8 +1,10 @@
 """The agent's side of CHECKSUM: digests of ranges of the pool open in this session.
 
 Computed over the agent's own mapping, so ``replica-sync --verify`` compares a remote
-replica without pulling its data over the network. Only the pool this session opened (and
-so holds locked) is read, and only within the size the client opened it with.
+replica without pulling its data over the network; the pages read are let go after
+(madvise), so hashing a pool does not make it resident in the agent. Only the pool this
+session opened (and so holds locked) is read, and only within the size the client opened
+it with.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ def handle(pool: OpenPool | None, blob: bytes) -> bytes:
         offset, length, block, algorithm = checksum.decode_request(blob)
     except checksum.ChecksumError as e:
         raise PoolError(errno.EINVAL, str(e)) from None
-    if algorithm != checksum.ALGO_SHA256:
-        raise PoolError(errno.EPROTONOSUPPORT, f"checksum algorithm {algorithm} is not "
-                                               "supported")
     if offset + length > pool.pool_size:
         raise PoolError(errno.EINVAL, f"checksum range {offset}+{length} is outside the "
                                       f"{pool.pool_size}-byte pool")
-    return checksum.encode_response(checksum.digests(pool.mapping.buf, offset, length, block),
-                                    algorithm)
+    try:
+        raw = checksum.digests(pool.mapping.buf, offset, length, block, algorithm)
+    except checksum.ChecksumError as e:
+        raise PoolError(errno.EPROTONOSUPPORT, str(e)) from None
+    pool.mapping.release(offset, length)  # read once: the agent's memory stays bounded
+    return checksum.encode_response(raw, algorithm)

@@ -213,7 +213,7 @@ def test_info_shows_failed_and_stale_replicas(run, pool_dir, failing_fs):
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert _fields(out, "Replica state") == [
-        "stale replicas 1, 2 (written since: 65536 bytes in 1 ranges)"]
+        "stale replicas 1, 2 (written since: 4096 bytes in 1 ranges)"]
     assert _fields(out, "health") == ["healthy", "stale", "broken"]
     assert _fields(out, "type") == ["regular file", "regular file", "missing"]
     assert _fields(out, "problem") == ["part file is missing"]
@@ -375,3 +375,22 @@ def test_info_shows_a_corrupted_creation_time_instead_of_failing(pool_dir, pmrep
     assert "(not a valid time)" in r.stdout
     assert "[wrong]" in r.stdout  # and the checksum says the header is corrupted
     assert "Traceback" not in r.stderr
+
+
+def test_create_reports_progress_as_json_lines_and_lines(run, pool_dir):
+    """Allocation is shown while it goes: every replica, as JSON events with --json, as
+    plain lines off a terminal (every step here: the interval is 0)."""
+    d, M = pool_dir, 1 << 20
+    path = write_set(d / "p.set", f"600M {d}/m", "REPLICA", f"300M {d}/r1", f"300M {d}/r2")
+    res = run("create", "--json", path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["replicas"] == 2
+    events = [json.loads(line) for line in res.stderr.splitlines()]
+    assert {(e["replica"], e["phase"]) for e in events} == {(0, "create"), (1, "create")}
+    master = [e for e in events if e["replica"] == 0]
+    assert master[0]["event"] == "start" and master[-1]["event"] == "end"
+    assert master[-1]["done"] == master[-1]["total"] == 600 * M
+    run("rm", path)
+    res = run("create", path, env=dict(os.environ, PMREPLICA_PROGRESS_INTERVAL="0"))
+    assert res.returncode == 0 and f"create replica 0 ({d}/m): 256.0 MiB of 600.0 MiB" in \
+        res.stderr, res.stderr

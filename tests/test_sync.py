@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
+import pty
 import subprocess
 import threading
 from pathlib import Path
@@ -181,7 +183,8 @@ def test_stale_replica_resyncs_only_what_it_missed(pool_dir, failing_fs, caplog)
     assert status == 1, rep
     r1 = _by_index(rep)[1]
     assert r1["health"] == "stale" and r1["action"] == "resync dirty chunks"
-    chunk = 64 << 10
+    chunk = 4096  # the fine map's: each 3000-byte write within one chunk
+    assert rep["record"]["fine_chunk_size"] == chunk
     assert r1["copy_bytes"] == rep["copied"] == 2 * chunk == rep["record"]["dirty_bytes"]
     data = [Path(p).read_bytes()[HDR_SIZE:] for p in (d / "m", fs / "r1", d / "r2")]
     assert data[0] == data[1] == data[2]
@@ -303,6 +306,29 @@ def test_invalid_pool_set_is_an_operational_error(pool_dir):
 
 # -- the API, the hook, the CLI ------------------------------------------------------------
 
+def _on_pty(argv: list[str], env: dict[str, str]) -> str:
+    """Run ``argv`` with its stderr on a new pseudo-terminal (which reports 0 columns and
+    0 rows until someone sets them); what it drew there."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=slave, env=env)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        proc.wait(timeout=120)
+    finally:
+        os.close(master)
+    return out.decode(errors="replace")
+
+
 class ProgressRecorder:
     def __init__(self) -> None:
         self.events: list[tuple[int, str, int, int]] = []
@@ -326,18 +352,37 @@ def test_api_report_and_progress_hook(pool_dir):
     copy = [e for e in rec.events if e[1] == "copy"]
     assert copy[0] == (1, "copy", 0, total) and copy[-1] == (1, "copy", total, total)
     assert [e[2] for e in copy] == sorted(e[2] for e in copy)
-    assert {e[:2] for e in rec.events if e[1] != "copy"} == {(0, "checksum"), (1, "verify"),
-                                                              (2, "verify")}
+    # the source and both replicas compared in one pass, reported as the source's
+    verify = [e for e in rec.events if e[1] != "copy"]
+    assert {e[:2] for e in verify} == {(0, "verify")}
+    assert verify[0] == (0, "verify", 0, total) and verify[-1] == (0, "verify", total, total)
     assert layout.data(1) == expected
     assert sync.check(layout.path).status == "healthy"
 
 
-def test_progress_bar_when_asked_and_json(pool_dir):
+def test_progress_lines_json_and_a_bar_on_a_terminal_without_columns(pool_dir):
     layout = _local(pool_dir)
     layout.parts[1][0][1].unlink()
-    res = replica_sync("--progress", layout.path, env=layout.env())
-    assert res.returncode == 1
-    assert "copy replica 1" in res.stderr and "/3.99M" in res.stderr  # tqdm's bar
+    # not a terminal: plain lines (one per interval: here every step), no carriage returns
+    env = dict(layout.env(), PMREPLICA_PROGRESS_INTERVAL="0")
+    res = replica_sync("--verify", layout.path, env=env)
+    assert res.returncode == 1 and "\r" not in res.stderr
+    lines = res.stderr.splitlines()
+    copy = f"copy replica 1 ({layout.parts[1][0][1]}): "
+    assert copy + "4.0 MiB of 4.0 MiB (100%)" in [ln[:len(copy) + 25] for ln in lines]
+    assert any(ln.startswith("verify replica 0 (") and "(100%)" in ln for ln in lines)
+    # --json: events as JSON lines on stderr, the report on stdout
+    layout.parts[1][0][1].unlink()
+    res = replica_sync("--json", layout.path, env=layout.env())
+    events = [json.loads(ln) for ln in res.stderr.splitlines()]
+    copy = [e for e in events if e["phase"] == "copy"]
+    assert [e["event"] for e in copy][0] == "start" and copy[-1]["event"] == "end"
+    assert copy[-1]["done"] == copy[-1]["total"] == layout.size - HDR_SIZE
+    assert copy[-1]["replica"] == 1 and json.loads(res.stdout)["status"] == "repaired"
+    # a terminal that reports 0 columns (a fresh pty, as many CI and remote terminals): a bar
+    layout.parts[1][0][1].unlink()
+    out = _on_pty([str(BIN / "replica-sync"), str(layout.path)], layout.env())
+    assert "copy replica 1" in out and "%|" in out, out  # tqdm's bar, 80 columns
     status, rep = check(layout.path, layout.env())
     assert status == 0 and rep["exit_code"] == 0 and rep["pool_size"] == layout.size
 

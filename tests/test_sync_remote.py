@@ -157,12 +157,13 @@ def test_remote_replica_that_failed_during_persists_gets_what_it_missed(local_la
     assert layout.data(2) != expected
     status, rep = check(layout.path, env)  # the agent is back (started per session)
     assert status == 4 and _by_index(rep)[2]["health"] == "stale"
-    chunk = 64 << 10
+    fine = 4096  # the fine map's chunk (the coarse maps': 64 KiB at this size)
     assert rep["record"] == {"generation": rep["record"]["generation"], "holders": [0, 1],
-                             "stale": [2], "full_resync": [], "chunk_size": chunk,
-                             "dirty_bytes": 3 * chunk}  # 3*M-100+200 spans two chunks
+                             "stale": [2], "full_resync": [], "chunk_size": 64 << 10,
+                             "fine_chunk_size": fine,
+                             "dirty_bytes": 3 * fine}  # 3*M-100+200 spans two chunks
     status, rep = report(layout.path, env=env)
-    assert status == 1 and rep["copied"] == 3 * chunk, rep
+    assert status == 1 and rep["copied"] == 3 * fine, rep
     _identical(layout, expected, env)
 
 

@@ -20,6 +20,7 @@ import collections
 import errno
 import os
 import threading
+from collections.abc import Callable
 
 from .. import generation
 from ..errors import ReplicaError
@@ -41,9 +42,13 @@ class LocalTarget:
 
     nlanes = NLANES
 
-    def __init__(self, files: LocalReplicaFiles, master: Mapping, name: str) -> None:
+    def __init__(self, files: LocalReplicaFiles, master: Mapping, name: str,
+                 progress: Callable[[int, int], None] | None = None,
+                 sparse: bool = False) -> None:
         self.files = files
         self.name = name
+        self._progress = progress
+        self._sparse = sparse
         self._src = master.buf
         self._fds: list[int] = []
         self._starts = [s.pool_offset for s in files.segments]
@@ -55,7 +60,7 @@ class LocalTarget:
         self._closing = False
 
     def create(self, attr: PoolAttr) -> None:
-        self.files.create(attr.to_header())
+        self.files.create(attr.to_header(), sparse=self._sparse, progress=self._progress)
         self._open_fds()
 
     def open(self) -> PoolAttr:
@@ -247,7 +252,9 @@ def pmreplica_open_replica(spec, index, poolset, create):
     if not isinstance(spec, LocalReplica):
         return None
     files = LocalReplicaFiles(poolset.set_file, spec, poolset.size)
-    return LocalTarget(files, poolset.mapping, describe(spec, index))
+    return LocalTarget(files, poolset.mapping, describe(spec, index),
+                       lambda done, total: poolset.report_progress(index, "create", done, total),
+                       sparse=poolset.sparse)
 
 
 @hookimpl(trylast=True)

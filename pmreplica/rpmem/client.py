@@ -494,8 +494,8 @@ class RemotePool:
             raise RemoteError(errno.EBADF, f"{self._data.name}: pool is closed")
         self._ctl.call(proto.Request(proto.GENERATION, blob=record))
 
-    def checksum(self, offset: int, length: int,
-                 block: int = _checksum.DEFAULT_BLOCK) -> list[bytes]:
+    def checksum(self, offset: int, length: int, block: int = _checksum.DEFAULT_BLOCK,
+                 algorithm: int = _checksum.ALGO_SHA256) -> list[bytes]:
         """Digests of the remote pool's ``block``-byte blocks in ``[offset, offset+length)``
         (the last may be shorter), computed by the agent: the data stays where it is.
         At most :data:`~pmreplica.rpmem.checksum.MAX_BLOCKS` blocks per call."""
@@ -505,12 +505,13 @@ class RemotePool:
             raise PmReplicaError(errno.EINVAL, f"range {offset}+{length} is outside the remote "
                                                f"pool [0, {self.size})")
         try:
-            blob = _checksum.encode_request(offset, length, block)
+            blob = _checksum.encode_request(offset, length, block, algorithm)
         except _checksum.ChecksumError as e:
             raise PmReplicaError(errno.EINVAL, str(e)) from None
         resp = self._ctl.call(proto.Request(proto.CHECKSUM, blob=blob))
         try:
-            return _checksum.decode_response(resp.blob, _checksum.nblocks(length, block))
+            return _checksum.decode_response(resp.blob, _checksum.nblocks(length, block),
+                                             algorithm)
         except _checksum.ChecksumError as e:
             raise RemoteError(errno.EPROTO, f"{self._data.name}: {e}") from None
 
