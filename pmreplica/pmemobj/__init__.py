@@ -27,19 +27,21 @@ Transactions and the log (txn.py, redolog.py): a redo log
     to undo. Memory the transaction allocated is free space in the committed state, so
     new objects are written straight into the mapping. At commit the overlay's words (and
     the new objects' bytes, up to 8 KiB) become one checksummed record appended to the log
-    area; the record is flushed, the overlay is stored in place on the master, and the
-    lane is drained once. A small commit is therefore one flush and one drain: one
+    area; the record is flushed and fenced on the master (durable there before any
+    in-place word can reach the media), the overlay is stored in place on the master, and
+    the lane is drained once. A small commit is therefore one flush and one drain: one
     message and one round trip per remote replica, one msync on the master.
 
     The in-place changes reach the replicas at a checkpoint: when the log area fills,
     when enough freed memory waits for reuse, when an allocation finds the pool full, on
     ``close()`` and ``checkpoint()``, and after recovery. It flushes the changed ranges
-    (merged when less than 2 KiB apart), then writes the newer of two control slots,
-    which empties the log. Freed memory is reused only after the checkpoint that follows
+    (merged when less than 2 KiB apart), fences them on the master, then writes the newer
+    of two control slots, which empties the log. Freed memory is reused only after the checkpoint that follows
     its transaction, so no record still in the log refers to memory being rewritten.
 
-    Ranges flushed on one lane are applied in issue order on every replica, so a replica
-    (or the master) stopped at any point holds the last checkpoint's state plus a prefix
+    Ranges flushed on one lane are applied in issue order on every replica, and the
+    master orders its own with those fences, so a replica (or the master) stopped at any
+    point, by a crash or a power failure, holds the last checkpoint's state plus a prefix
     of valid records; open replays them in order (replay writes absolute values, so it
     is idempotent) and stops at the first record that is torn (checksum) or stale
     (sequence number). A transaction too big for the log area is written to free chunks

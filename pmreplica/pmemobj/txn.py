@@ -7,18 +7,24 @@ are written straight into the mapping ("fresh" bytes).
 
 Commit (outermost level), on lane 0, drained once::
 
-    [large fresh bytes]     flushed first when they exceed FRESH_INLINE
+    [large fresh bytes]     flushed first when they exceed FRESH_INLINE, then fenced
     record                  the overlay's words and the small fresh bytes, checksummed,
-                            appended to the log area and flushed: one message per replica
+                            appended to the log area and flushed: one message per replica;
+                            then fenced
     apply                   the overlay is stored in place (on the master only)
     drain                   one wait for the master and every replica
 
+A fence orders the master's own writes: what was flushed before it is durable before any
+store after it can reach the media (libpmem's drain on pmem; nothing off pmem, where a
+flush is a synchronous msync). Without it, a power failure could keep in-place words whose
+record it lost. Replicas need none: each applies the ranges of a lane in issue order.
+
 The in-place words reach the replicas at a checkpoint: when the log area is full, when
 enough freed memory waits for reuse, on ``close()``, and after recovery. A checkpoint
-flushes every range changed since the last one, then the new control slot (which empties
-the log); it needs no drain of its own, since ranges of one lane are applied in issue
-order. Memory freed by a transaction is reused only after the next checkpoint, so no record
-still in the log can touch memory that a later transaction writes fresh.
+flushes every range changed since the last one, fences, then writes the new control slot
+(which empties the log); it needs no drain of its own. Memory freed by a transaction is
+reused only after the next checkpoint, so no record still in the log can touch memory that
+a later transaction writes fresh.
 
 A replica (or the master) interrupted at any point therefore holds the last checkpoint's
 state plus a prefix of valid records, which open replays; a torn record fails its
@@ -76,6 +82,11 @@ class Engine:
 
     def __init__(self, ps: Any, geo: Geometry, *, readonly: bool = False) -> None:
         self.ps = ps
+        #: orders the master's own writes: what was flushed before it is durable on the
+        #: master before any store after it reaches the media (libpmem's drain on pmem; a
+        #: no-op where a flush is a synchronous msync). Replicas need none: each applies
+        #: the ranges of a lane in issue order.
+        self._fence: Callable[[], None] = ps.mapping.drain
         self.geo = geo
         self.buf: memoryview = ps.buf
         self.q: memoryview = self.buf.cast("Q")
@@ -379,6 +390,7 @@ class Engine:
             if not inline:
                 for off, ln in redolog.coalesce(fresh_ranges, FRESH_GAP):
                     ps.flush(off, ln)
+                self._fence()                        # new objects before the record
             if self.log_pos + nbytes > self.log_end:
                 self.checkpoint()
             if self.log_pos + nbytes > self.log_end:
@@ -388,6 +400,7 @@ class Engine:
                 q[w + 4:w + len(rec)] = rec[4:]      # payload first, header last
                 q[w:w + 4] = rec[:4]
                 ps.flush(self.log_pos, nbytes)
+                self._fence()                        # the record before its in-place words
                 self.log_pos += nbytes
                 self.seq += 1
                 redolog.replay(q, memoryview(payload)[nfresh:], self.nwords)
@@ -412,7 +425,9 @@ class Engine:
         try:
             q[spill >> 3:(spill >> 3) + len(rec)] = rec
             ps.flush(spill, nbytes)
+            self._fence()                                 # the record before the slot
             self._write_control(self.seq, spill)          # the record counts from here
+            self._fence()                                 # and before its in-place words
             redolog.replay(q, memoryview(payload), self.nwords)
             self._mark_dirty(ranges)
             self.seq += 1
@@ -449,6 +464,7 @@ class Engine:
                 ranges.append([b * 256, 256])
         for off, ln in ranges:
             ps.flush(off, min(ln, self.ps.size - off))
+        self._fence()                        # the data before the slot that drops its log
         self.dirty.clear()
         self._write_control(self.seq, 0)
         self._ctl_seq = self.seq
