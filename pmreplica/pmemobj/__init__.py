@@ -45,7 +45,7 @@ Transactions and the log (txn.py, redolog.py): a redo log
     of valid records; open replays them in order (replay writes absolute values, so it
     is idempotent) and stops at the first record that is torn (checksum) or stale
     (sequence number). A transaction too big for the log area is written to free chunks
-    and checkpointed at once. Between checkpoints a replica is logically identical to the
+    and checkpointed at once (see Full pools). Between checkpoints a replica is logically identical to the
     master (opened on its own it shows the same objects); after a checkpoint and after a
     clean close it is byte-identical, free space included.
 
@@ -54,7 +54,18 @@ Allocator (heap.py)
     chunk start), or part of a huge block. Bitmap bits and chunk table entries change
     through the overlay, so allocations and frees commit or vanish with their
     transaction; freed blocks are reused only after the following checkpoint. Empty runs
-    go back to the free chunks at open and close.
+    go back to the free chunks at open and close, and whenever an allocation finds no
+    free chunk: then their chunk table entries are committed on their own, at once, so
+    that a long-running application gets the space of freed small objects back for large
+    ones without a reopen.
+
+Full pools
+    The log words of a block freed by its own transaction are dropped before the record
+    is written (that memory is free once the transaction commits), so a transaction that
+    frees many objects needs a log entry per bitmap word, not per object, and commits on
+    a full pool. A record larger than the log goes to free chunks; when there are none the
+    transaction is refused with PoolFullError before anything is written: the pool keeps
+    its state and takes the next transaction.
 
 Reference counts and gc (memory.py, pool.py)
     Objects carry refcounts as in pynvm. An object whose count drops to zero is freed

@@ -459,7 +459,9 @@ def test_no_gc_on_open_after_clean_close(ph, monkeypatch) -> None:
 def test_large_transaction_spills_the_log(ph) -> None:
     pool = ph.pool
     n = 16000
-    pool.root = pool.new(pmemobj.PersistentList, [str(i) for i in range(n)])
+    strings = [str(i) for i in range(n)]
+    pool.root = pool.new(pmemobj.PersistentList, strings)
+    pool.root.append(pool.new(pmemobj.PersistentList, strings))   # each string twice
     spills = pool._eng.spills
     with pool.transaction():
         for i in range(0, n, 2):
@@ -467,7 +469,7 @@ def test_large_transaction_spills_the_log(ph) -> None:
     assert pool._eng.spills == spills + 1
     root = ph.reopen().root
     assert root[:4] == [0, "1", 2, "3"] and root[n - 1] == str(n - 1)
-    assert len(root) == n
+    assert len(root) == n + 1 and root[n][:2] == ["0", "1"]
 
 
 def test_reclaimed_run_serves_no_allocation_before_its_checkpoint(ph) -> None:
