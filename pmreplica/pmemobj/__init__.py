@@ -95,8 +95,12 @@ Differences from pynvm worth knowing
     libpmemobj's. bytes are stored natively, dicts keep insertion order, lists support
     slices and ``sort``. The MemoryManager's low-level API for custom Persistent types uses
     offsets and ``get_u64``/``set_u64``-style accessors instead of cffi pointers, and
-    ``direct()`` returns a copy. Log messages use the logger ``pmreplica.pmemobj``.
+    ``direct()`` returns a copy. Log messages use the logger ``pmreplica.pmemobj``;
+    ``log_to("nvm.pmemobj")`` sends them to pynvm's logger instead, for code (and tests)
+    that configure or capture that one.
 """
+
+import logging
 
 from .heap import PoolFullError
 from .layout import MIN_POOL_SIZE, POOL_SIGNATURE
@@ -114,7 +118,32 @@ for _cls in (PersistentList, PersistentDict, PersistentTuple, PersistentSet,
     Persistent.register(_cls)
 del _cls
 
+
+class _Forward(logging.Handler):
+    """Hands every record to another logger (which passes it up its own hierarchy)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = logging.getLogger(target)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+def log_to(name: str = "nvm.pmemobj") -> None:
+    """Send this package's log records (logger ``pmreplica.pmemobj``) to the logger ``name``
+    instead, pynvm's by default; ``log_to("pmreplica.pmemobj")`` undoes it."""
+    if name.startswith(__name__ + "."):
+        raise ValueError(f"log_to({name!r}): records would come back to {__name__}")
+    ours = logging.getLogger(__name__)
+    for h in [h for h in ours.handlers if isinstance(h, _Forward)]:
+        ours.removeHandler(h)
+    ours.propagate = name == __name__
+    if name != __name__:
+        ours.addHandler(_Forward(name))
+
+
 __all__ = ["open", "create", "MIN_POOL_SIZE", "POOL_SIGNATURE", "PersistentObjectPool",
            "PersistentList", "PersistentDict", "PersistentObject", "PersistentTuple",
            "PersistentSet", "PersistentFrozenSet", "Persistent", "MemoryManager",
-           "Transaction", "TransactionAborted", "PoolFullError", "PoolClosedError"]
+           "Transaction", "TransactionAborted", "PoolFullError", "PoolClosedError", "log_to"]
