@@ -39,7 +39,9 @@ def load_scenario(spec: str, params: dict[str, Any]) -> Any:
 
 @dataclass
 class Failure:
-    """One image whose check failed, and how to find it again."""
+    """One image whose check failed, and how to find it again: the durability point (its
+    number and kind), the image's index there, how many of the point's pending words it
+    kept, the workload's context, the error, and where the image was kept."""
 
     point: int
     kind: str
@@ -53,6 +55,8 @@ class Failure:
 
 @dataclass
 class CheckResult:
+    """What one or more checkers found (``merge`` adds another's share)."""
+
     points: int = 0
     images: int = 0
     #: the scenario's labels of what the images recovered to, counted
