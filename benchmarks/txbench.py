@@ -9,9 +9,10 @@ Pools live on /dev/shm. The remote replica (``--remote auto``, the default) is s
 real agent over TCP on loopback: ``pmreplica-agent`` started through the ``local``
 launcher (no SSH: the login would only slow the open, not the commits measured here).
 ``--remote SETFILE`` measures a pool set of yours whose parts do not exist yet and whose
-replica is remote (say, on another host reached through SSH). Each configuration runs
-``--rounds`` times, interleaved with the others, and reports its best round, so that noise
-from other work on the machine hurts every configuration alike.
+replica is remote (say, on another host reached through SSH). In each of ``--rounds``
+rounds every configuration's pool is open at once and they take turns of a few hundred
+commits, about ``--seconds`` each in all, so that noise from other work on the machine
+hurts every configuration alike; the figures are over every round's commits.
 
 When pynvm (PyPI ``pynvm``, over Debian's libpmemobj) is installed, the same workloads
 also run on C libpmemobj, unreplicated and with a local replica, each libpmemobj figure a
@@ -170,28 +171,41 @@ def configs(workdir: Path, remote: str) -> dict[str, Config]:
     return out
 
 
-def _measure(path: Path, pm: ModuleType, workload: str, seconds: float) -> list[int]:
-    """Commit latencies (ns) of the workload for about ``seconds``, after a warm-up."""
-    # a pool set gives its own size (libpmemobj wants 0 for it)
-    pool = pm.create(str(path), pool_size=0 if path.suffix == ".set" else POOL_SIZE)
+#: commits per turn: the configurations take turns this often within a round
+BATCH = 200
+
+
+def _measure(cfgs: dict[str, Config], paths: dict[str, Path], workload: str,
+             seconds: float) -> dict[str, list[int]]:
+    """Commit latencies (ns) of the workload in every configuration, about ``seconds`` each,
+    after a warm-up: all pools open at once, taking turns of BATCH commits, so that a burst
+    of other work on the machine lands on every configuration alike."""
+    pools, txs = {}, {}
     try:
-        tx = WORKLOADS[workload](pool, pm)
-        for i in range(300):
-            tx(i)
-        lat = []
+        for name, cfg in cfgs.items():
+            # a pool set gives its own size (libpmemobj wants 0 for it)
+            path = paths[name]
+            pools[name] = cfg.module.create(str(path), pool_size=0 if path.suffix == ".set"
+                                            else POOL_SIZE)
+            txs[name] = tx = WORKLOADS[workload](pools[name], cfg.module)
+            for i in range(300):
+                tx(i)
+        lat: dict[str, list[int]] = {name: [] for name in cfgs}
         clock = time.perf_counter_ns
-        end = clock() + int(seconds * 1e9)
+        end = clock() + int(seconds * len(cfgs) * 1e9)
         i = 300
-        while True:
-            t0 = clock()
-            tx(i)
-            t1 = clock()
-            lat.append(t1 - t0)
-            i += 1
-            if t1 > end:
-                return lat
+        while clock() < end:
+            for name, tx in txs.items():
+                out = lat[name]
+                for _ in range(BATCH):
+                    t0 = clock()
+                    tx(i)
+                    out.append(clock() - t0)
+                    i += 1
+        return lat
     finally:
-        pool.close()
+        for pool in pools.values():
+            pool.close()
 
 
 def _remove(path: Path) -> None:
@@ -245,22 +259,21 @@ def run(seconds: float, rounds: int, remote: str) -> list[Row]:
         cfgs = configs(workdir, remote)
         n = 0
         for workload in WORKLOADS:
-            best: dict[str, list[int]] = {}
+            samples: dict[str, list[int]] = {name: [] for name in cfgs}
             for _ in range(rounds):
-                for name, cfg in cfgs.items():
-                    n += 1
-                    path = cfg.make(n)
-                    try:
-                        lat = _measure(path, cfg.module, workload, seconds)
-                    finally:
+                n += 1
+                paths = {name: cfg.make(n) for name, cfg in cfgs.items()}
+                try:
+                    for name, lat in _measure(cfgs, paths, workload, seconds).items():
+                        samples[name] += lat
+                finally:
+                    for name, cfg in cfgs.items():
                         if not cfg.yours:
-                            _remove(path)
-                            for part in (workdir / "agent").glob(f"r{n}.*"):
-                                part.unlink()
-                    if name not in best or statistics.fmean(lat) < statistics.fmean(best[name]):
-                        best[name] = lat
-            for name, lat in best.items():
-                rows.append(_row(workload, name, lat, best[cfgs[name].baseline]))
+                            _remove(paths[name])
+                    for part in (workdir / "agent").glob(f"r{n}.*"):
+                        part.unlink()
+            for name, lat in samples.items():
+                rows.append(_row(workload, name, lat, samples[cfgs[name].baseline]))
         if remote != "none":
             floor = min((round_trip_floor(seconds) for _ in range(rounds)), key=statistics.fmean)
             base = [r for r in rows if r.config == "unreplicated"]
