@@ -9,6 +9,11 @@ through libpmem (Debian's ``libpmem1``, loaded with ctypes when present); elsewh
 segments are mapped over it with ``MAP_FIXED`` through libc, since :mod:`mmap` cannot place a
 mapping. libc's ``msync`` is called through ctypes because CPython's ``mmap.flush`` holds the
 GIL while it waits.
+
+Power-loss simulation (:mod:`pmreplica.powerloss`) observes mappings through
+:func:`set_observer`: each Mapping made while an observer is set is handed to it, which
+wraps that mapping's ``persist``/``flush``/``drain`` on the instance. Mappings made without
+one keep the plain methods, so the simulation costs the normal path nothing.
 """
 
 from __future__ import annotations
@@ -79,6 +84,19 @@ def _pmem_lib() -> ctypes.CDLL | None:
     if not _libpmem_looked_for:
         libpmem, _libpmem_looked_for = _load_libpmem(), True
     return libpmem
+
+
+#: the power-loss simulation new mappings are handed to (None: normal operation); typed
+#: ``object``: the remote agent imports this module, and its start stays without typing
+_observer: object = None
+
+
+def set_observer(observer: object) -> object:
+    """Hand every Mapping made from now on to ``observer.attach(mapping)`` (None: stop);
+    returns the observer that was set before."""
+    global _observer
+    previous, _observer = _observer, observer
+    return previous
 
 
 def _oserror(what: str, path: str | None = None) -> PmReplicaError:
@@ -164,6 +182,7 @@ class Mapping:
     into it. ``close`` unmaps (it raises BufferError while views of ``buf`` are alive)."""
 
     def __init__(self, segments: Sequence[Segment], fds: dict[str, int]) -> None:
+        self.segments = tuple(segments)
         self.size = max(s.pool_offset + s.length for s in segments)
         # MAP_NORESERVE: the reservation is replaced by the file mappings at once, and a
         # pool larger than RAM must not be refused by the kernel's overcommit heuristic
@@ -185,6 +204,8 @@ class Mapping:
         #: False when stores are durable as they are (RAM-backed files off pmem): callers on
         #: a hot path may skip persist/flush calls then
         self.flush_needed = self._flush is not None or self._msync
+        if _observer is not None:
+            _observer.attach(self)  # type: ignore[attr-defined]
 
     def _map_segment(self, seg: Segment, fd: int) -> bool:
         """Map one segment over its place in the reservation; True if MAP_SYNC held."""

@@ -84,6 +84,9 @@ def load_set(path: str | os.PathLike[str], size: int | None = None) -> PoolSetFi
     path = os.fspath(path)
     if "\0" in path:  # the OS takes no such name (os.stat would raise ValueError)
         raise PmReplicaError(errno.EINVAL, f"{path!r}: a NUL byte in the file name")
+    if os.path.isdir(path):
+        raise PmReplicaError(errno.EISDIR, f"{path} is a directory, not a pool file or a pool "
+                                           "set file")
     if os.path.exists(path) and _poolset.is_poolset_file(path):
         return _poolset.parse(path)
     if size is None:

@@ -246,14 +246,34 @@ class ReplicaWriter:
 
 def lock_pool(path: str, busy: str) -> int:
     """Take the exclusive lock an open pool holds on its first part (flock, released when
-    the returned fd is closed); EBUSY with the message ``busy`` if someone holds it."""
+    the returned fd is closed); EBUSY with the message ``busy`` if another process holds
+    it, saying so if this process does (the pool is open here already)."""
     fd = open_regular(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        mine = _locked_by_this_process(fd)
         os.close(fd)
+        if mine:
+            busy = f"{path}: pool is already open in this process (use that open pool, or " \
+                   "close it first)"
         raise PmReplicaError(errno.EBUSY, busy) from None
     return fd
+
+
+def _locked_by_this_process(fd: int) -> bool:
+    """True if this process holds a flock on ``fd``'s file. Linux lists every lock in
+    /proc/locks with the pid that took it: ``1: FLOCK ADVISORY WRITE pid maj:min:inode ...``
+    (waiters' lines carry ``->`` instead of the kind)."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pid = str(os.getpid())
+    try:
+        with open("/proc/locks") as f:
+            return any(len(fields) > 5 and fields[1] == "FLOCK" and fields[4] == pid
+                       and fields[5] == where for fields in map(str.split, f))
+    except OSError:
+        return False
 
 
 def remove_parts(replica: LocalReplica, force: bool = False) -> None:

@@ -417,6 +417,24 @@ def test_second_open_from_another_process_is_ebusy(pool_dir):
     PoolSet.open(path).close()
 
 
+def test_second_open_in_the_same_process_says_so(pool_dir):
+    path = write_set(pool_dir / "p.set", f"4M {pool_dir}/m")
+    with PoolSet.create(path):
+        with pytest.raises(PmReplicaError) as e:
+            PoolSet.open(path)
+        assert e.value.errno == errno.EBUSY
+        assert str(e.value) == (f"{pool_dir}/m: pool is already open in this process (use that "
+                                "open pool, or close it first) (EBUSY)")
+    PoolSet.open(path).close()
+
+
+def test_a_directory_is_not_a_pool(pool_dir):
+    with pytest.raises(PmReplicaError) as e:
+        PoolSet.open(pool_dir)
+    assert e.value.errno == errno.EISDIR
+    assert str(e.value) == f"{pool_dir} is a directory, not a pool file or a pool set file (EISDIR)"
+
+
 def test_create_never_overwrites_and_leaves_nothing_behind(pool_dir):
     d = pool_dir
     precious = d / "r"

@@ -8,9 +8,15 @@ and reported as a failed replica, since writes to it would reach no file.
 
 On storage where fdatasync has real work to do, a replica's writes run on a thread of its
 own (flush queues, drain waits), so that the replicas of a pool are written in parallel,
-with each other and with the network waits of remote replicas, not one after another. On
-tmpfs, where fdatasync has nothing to do, the writes are made at once: handing them to a
-thread would cost more than they do.
+with each other and with the network waits of remote replicas, not one after another.
+
+On tmpfs and ramfs, where the page cache is the storage and fdatasync has nothing to do,
+the replica is mapped and a flush is a copy into the mapping, as libpmemobj writes its
+local replicas: no system call on the write path, where pwrite, fdatasync and the link
+count check cost more than the whole commit's own work. Such a file system cannot fail a
+write (the parts' blocks were allocated when they were made); what is checked is the link
+count, once per drain. Truncating a part of such a replica under an open pool would end the
+process with SIGBUS, as truncating the master's would.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class LocalTarget:
         self._fds: list[int] = []
         self._starts = [s.pool_offset for s in files.segments]
         self._background: _Background | None = None
+        #: the replica mapped, when its parts are memory-backed (else None: pwrite)
+        self._map: Mapping | None = None
+        self._dst: memoryview | None = None
         # calls using the fds right now: close() leaves the fds to the last of them, so that a
         # closed number cannot be reused under a write still in flight on another lane
         self._use_lock = threading.Lock()
@@ -78,6 +87,18 @@ class LocalTarget:
             raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e}") from e
         if not all(memory_backed(fd) for fd in self._fds):
             self._background = _Background(self._write, self.name)
+            return
+        try:
+            self._map = self.files.open()
+        except OSError as e:
+            self.close()
+            raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e}") from e
+        self._dst = self._map.buf
+        if self._map.flush_needed:  # only when something observes it (power-loss tests)
+            self.flush = self._copy_and_persist  # type: ignore[method-assign]
+        else:
+            self.flush = self._copy  # type: ignore[method-assign]
+        self.drain = self._check_links  # type: ignore[method-assign]
 
     def _acquire_fds(self) -> list[int]:
         with self._use_lock:
@@ -120,6 +141,30 @@ class LocalTarget:
             raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e.strerror}") from e
         finally:
             self._release_fds()
+
+    def _copy(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
+        """flush of a mapped replica: copy the range from the master's mapping."""
+        try:
+            self._dst[offset:offset + length] = self._src[offset:offset + length]  # type: ignore[index]
+        except (TypeError, ValueError):  # closed meanwhile (its view released)
+            raise ReplicaError(errno.EBADF, f"{self.name} is not open") from None
+
+    def _copy_and_persist(self, offset: int, length: int, lane: int = 0,
+                          flags: int = 0) -> None:
+        self._copy(offset, length)
+        self._map.persist(offset, length)  # type: ignore[union-attr]
+
+    def _check_links(self, lane: int = 0) -> None:
+        """drain of a mapped replica: the copies are in place; are its parts still files?
+        (No fd guard: a target closed meanwhile has failed already, whatever this says.)"""
+        try:
+            for fd in self._fds:
+                if os.fstat(fd).st_nlink == 0:
+                    raise ReplicaError(errno.ENOENT, f"{self.name}: part file was removed")
+        except ReplicaError:
+            raise
+        except OSError as e:
+            raise ReplicaError(errno.EBADF, f"{self.name} is not open: {e.strerror}") from e
 
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         if self._background is not None:
@@ -176,6 +221,15 @@ class LocalTarget:
         background, self._background = self._background, None
         if background is not None:
             background.close()
+        mapping, self._map = self._map, None
+        if mapping is not None:
+            self._dst = None
+            self.__dict__.pop("flush", None)
+            self.__dict__.pop("drain", None)
+            try:
+                mapping.close()
+            except BufferError:  # a copy in flight on another lane: unmapped when it ends
+                pass
         with self._use_lock:
             self._closing = True
             if not self._inflight:

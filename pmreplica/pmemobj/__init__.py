@@ -27,23 +27,25 @@ Transactions and the log (txn.py, redolog.py): a redo log
     to undo. Memory the transaction allocated is free space in the committed state, so
     new objects are written straight into the mapping. At commit the overlay's words (and
     the new objects' bytes, up to 8 KiB) become one checksummed record appended to the log
-    area; the record is flushed, the overlay is stored in place on the master, and the
-    lane is drained once. A small commit is therefore one flush and one drain: one
+    area; the record is flushed and fenced on the master (durable there before any
+    in-place word can reach the media), the overlay is stored in place on the master, and
+    the lane is drained once. A small commit is therefore one flush and one drain: one
     message and one round trip per remote replica, one msync on the master.
 
     The in-place changes reach the replicas at a checkpoint: when the log area fills,
     when enough freed memory waits for reuse, when an allocation finds the pool full, on
     ``close()`` and ``checkpoint()``, and after recovery. It flushes the changed ranges
-    (merged when less than 2 KiB apart), then writes the newer of two control slots,
-    which empties the log. Freed memory is reused only after the checkpoint that follows
+    (merged when less than 2 KiB apart), fences them on the master, then writes the newer
+    of two control slots, which empties the log. Freed memory is reused only after the checkpoint that follows
     its transaction, so no record still in the log refers to memory being rewritten.
 
-    Ranges flushed on one lane are applied in issue order on every replica, so a replica
-    (or the master) stopped at any point holds the last checkpoint's state plus a prefix
+    Ranges flushed on one lane are applied in issue order on every replica, and the
+    master orders its own with those fences, so a replica (or the master) stopped at any
+    point, by a crash or a power failure, holds the last checkpoint's state plus a prefix
     of valid records; open replays them in order (replay writes absolute values, so it
     is idempotent) and stops at the first record that is torn (checksum) or stale
     (sequence number). A transaction too big for the log area is written to free chunks
-    and checkpointed at once. Between checkpoints a replica is logically identical to the
+    and checkpointed at once (see Full pools). Between checkpoints a replica is logically identical to the
     master (opened on its own it shows the same objects); after a checkpoint and after a
     clean close it is byte-identical, free space included.
 
@@ -52,7 +54,18 @@ Allocator (heap.py)
     chunk start), or part of a huge block. Bitmap bits and chunk table entries change
     through the overlay, so allocations and frees commit or vanish with their
     transaction; freed blocks are reused only after the following checkpoint. Empty runs
-    go back to the free chunks at open and close.
+    go back to the free chunks at open and close, and whenever an allocation finds no
+    free chunk: then their chunk table entries are committed on their own, at once, so
+    that a long-running application gets the space of freed small objects back for large
+    ones without a reopen.
+
+Full pools
+    The log words of a block freed by its own transaction are dropped before the record
+    is written (that memory is free once the transaction commits), so a transaction that
+    frees many objects needs a log entry per bitmap word, not per object, and commits on
+    a full pool. A record larger than the log goes to free chunks; when there are none the
+    transaction is refused with PoolFullError before anything is written: the pool keeps
+    its state and takes the next transaction.
 
 Reference counts and gc (memory.py, pool.py)
     Objects carry refcounts as in pynvm. An object whose count drops to zero is freed
@@ -82,8 +95,12 @@ Differences from pynvm worth knowing
     libpmemobj's. bytes are stored natively, dicts keep insertion order, lists support
     slices and ``sort``. The MemoryManager's low-level API for custom Persistent types uses
     offsets and ``get_u64``/``set_u64``-style accessors instead of cffi pointers, and
-    ``direct()`` returns a copy. Log messages use the logger ``pmreplica.pmemobj``.
+    ``direct()`` returns a copy. Log messages use the logger ``pmreplica.pmemobj``;
+    ``log_to("nvm.pmemobj")`` sends them to pynvm's logger instead, for code (and tests)
+    that configure or capture that one.
 """
+
+import logging
 
 from .heap import PoolFullError
 from .layout import MIN_POOL_SIZE, POOL_SIGNATURE
@@ -101,7 +118,32 @@ for _cls in (PersistentList, PersistentDict, PersistentTuple, PersistentSet,
     Persistent.register(_cls)
 del _cls
 
+
+class _Forward(logging.Handler):
+    """Hands every record to another logger (which passes it up its own hierarchy)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = logging.getLogger(target)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+def log_to(name: str = "nvm.pmemobj") -> None:
+    """Send this package's log records (logger ``pmreplica.pmemobj``) to the logger ``name``
+    instead, pynvm's by default; ``log_to("pmreplica.pmemobj")`` undoes it."""
+    if name.startswith(__name__ + "."):
+        raise ValueError(f"log_to({name!r}): records would come back to {__name__}")
+    ours = logging.getLogger(__name__)
+    for h in [h for h in ours.handlers if isinstance(h, _Forward)]:
+        ours.removeHandler(h)
+    ours.propagate = name == __name__
+    if name != __name__:
+        ours.addHandler(_Forward(name))
+
+
 __all__ = ["open", "create", "MIN_POOL_SIZE", "POOL_SIGNATURE", "PersistentObjectPool",
            "PersistentList", "PersistentDict", "PersistentObject", "PersistentTuple",
            "PersistentSet", "PersistentFrozenSet", "Persistent", "MemoryManager",
-           "Transaction", "TransactionAborted", "PoolFullError", "PoolClosedError"]
+           "Transaction", "TransactionAborted", "PoolFullError", "PoolClosedError", "log_to"]

@@ -9,7 +9,8 @@ but not yet referenced when a process dies are what ``gc`` reclaims (refcount 0)
 The volatile state (which chunks and units are taken) is rebuilt from the persistent state
 on open. Freed memory becomes reusable only at the checkpoint after its transaction
 commits, so no transaction writes fresh bytes over a block that an abort would bring back
-or that a record still in the log refers to.
+or that a record still in the log refers to. When an allocation finds no free chunk, runs
+left without any unit go back to the free chunks at once (:meth:`Heap.reclaim_now`).
 """
 
 from __future__ import annotations
@@ -22,16 +23,12 @@ from typing import Iterator
 from ..errors import PmReplicaError
 from .layout import (ALLOC_HDR, ALLOC_MAGIC, CH_FREE, CH_HUGE, CH_RUN, CHUNK, CHUNK_SHIFT,
                      POBJECT_TYPE_NUM, RUN_GEOMETRY, SIZE_CLASSES, Geometry, class_of)
-from .txn import Engine
+from .txn import Engine, PoolFullError
 
 log = logging.getLogger("pmreplica.pmemobj")
 
 _HDR = struct.Struct("<QQ")
 MAX_ALLOC = 1 << 40
-
-
-class PoolFullError(PmReplicaError, MemoryError):
-    """No free space left for an allocation (ENOMEM; also a MemoryError, as in pynvm)."""
 
 
 class _Run:
@@ -142,13 +139,7 @@ class Heap:
                 return run
             avail.discard(ch)
         # A new run: one free chunk, its bitmap zeroed fresh, its table entry logged.
-        try:
-            ch = self._take_chunks(1)
-        except PoolFullError:
-            if not self.eng.pending_release:
-                raise
-            self.eng.checkpoint()            # committed frees become reusable
-            return self._pick_run(cls)
+        ch = self._take_chunks(1)
         base = self.geo.chunk_off(ch)
         run = _Run(cls, ch, base)
         self.eng.write_fresh(base, bytes(run.first))
@@ -176,8 +167,26 @@ class Heap:
                                               f"{CHUNK >> 10} KiB chunk(s) left")
         return pos
 
+    def _find_room(self, cnt: int) -> int:
+        """``cnt`` free chunks in a row, making them free if need be: committed frees become
+        reusable at a checkpoint, emptied runs go back to the free chunks."""
+        try:
+            return self._find_chunks(cnt)
+        except PoolFullError:
+            pass
+        if self.eng.pending_release:
+            self.eng.checkpoint()
+            try:
+                return self._find_chunks(cnt)
+            except PoolFullError:
+                pass
+        if not self.reclaim_now():
+            raise PoolFullError(errno.ENOMEM, f"object pool is full: no {cnt} free "
+                                              f"{CHUNK >> 10} KiB chunk(s) left")
+        return self._find_chunks(cnt)
+
     def _take_chunks(self, cnt: int) -> int:
-        pos = self._find_chunks(cnt)
+        pos = self._find_room(cnt)
         self.used[pos:pos + cnt] = b"\1" * cnt
         self._chunk_hint = pos + cnt
 
@@ -188,13 +197,7 @@ class Heap:
 
     def _alloc_huge(self, total: int) -> int:
         cnt = (total + CHUNK - 1) >> CHUNK_SHIFT
-        try:
-            pos = self._take_chunks(cnt)
-        except PoolFullError:
-            if not self.eng.pending_release:
-                raise
-            self.eng.checkpoint()
-            pos = self._take_chunks(cnt)
+        pos = self._take_chunks(cnt)
         self.eng.set(self.geo.ctab + pos * 8, CH_HUGE | cnt << 32)
         return self.geo.chunk_off(pos)
 
@@ -240,9 +243,11 @@ class Heap:
                 run.mask &= ~vbit
                 self.avail[run.cls].add(run.chunk)
             eng.released.append(done)
+            eng.freed.append((unit_off, run.unit))
         elif kind == CH_HUGE and unit_off == geo.chunk_off(ch):
             cnt = e >> 32
             eng.set(ctab_off, CH_FREE)
+            eng.freed.append((unit_off, cnt << CHUNK_SHIFT))
 
             def done_huge(ch: int = ch, cnt: int = cnt) -> None:
                 self.used[ch:ch + cnt] = bytes(cnt)
@@ -277,11 +282,32 @@ class Heap:
             n += 1
         return n
 
+    def reclaim_now(self) -> int:
+        """Return the chunks of runs without any allocated or pending unit to the free
+        chunks at once, whatever transaction is open, so that it can use them: the chunk
+        table entries are committed on their own (Engine.commit_words). No record still in
+        the log touches such a chunk (its units were freed before the last checkpoint, and
+        none was allocated since), so it is reusable as soon as that record is durable on
+        the master, which commit_words makes sure of before returning."""
+        empty = [ch for ch, run in self.runs.items() if not run.mask]
+        if not empty:
+            return 0
+        ctab = self.geo.ctab >> 3
+        self.eng.commit_words({ctab + ch: CH_FREE for ch in empty})
+        for ch in empty:
+            run = self.runs.pop(ch)
+            self.avail[run.cls].discard(ch)
+            if self.cur[run.cls] is run:
+                self.cur[run.cls] = None
+            self.used[ch] = 0
+        log.debug("returned %d emptied run chunk(s) to the free chunks", len(empty))
+        return len(empty)
+
     # -- lending chunks to a spilled log -------------------------------------------------
 
     def _spill_reserve(self, nbytes: int) -> int:
         cnt = (nbytes + CHUNK - 1) >> CHUNK_SHIFT
-        pos = self._find_chunks(cnt)
+        pos = self._find_room(cnt)
         self.used[pos:pos + cnt] = b"\1" * cnt
         return self.geo.chunk_off(pos)
 

@@ -67,6 +67,7 @@ class PersistentObjectPool:
         else:
             if not os.path.exists(path):
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            _refuse_other_pool_types(path)
             self._ps = PoolSet.open(path, signature=L.POOL_SIGNATURE, plugins=plugins)
         try:
             self._setup(create, readonly=flag == "r")
@@ -224,6 +225,41 @@ class PersistentObjectPool:
     @property
     def replicas(self) -> Any:
         return self._ps.replicas
+
+
+#: pools other libraries make, by signature, and what opens them
+_OTHER_POOLS = {b"PMEMOBJ": "a libpmemobj pool (PMDK's object store: pynvm's nvm.pmemobj "
+                            "makes such pools)",
+                b"PMEMLOG": "a libpmemlog pool (PMDK's log)",
+                b"PMEMBLK": "a libpmemblk pool (PMDK's block store)"}
+
+
+def _refuse_other_pool_types(path: str) -> None:
+    """EINVAL, saying what it is and what to do, if ``path`` is a pool of another kind (a
+    sound header with another signature): PoolSet would call it inconsistent and suggest
+    replica-sync, which cannot help."""
+    from ..header import HDR_SIZE, PoolHeader
+    from ..pool import load_set
+
+    first = load_set(path).master.parts[0].path
+    try:  # (this module's open() is pynvm's, not the builtin)
+        fd = os.open(first, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = os.pread(fd, HDR_SIZE, 0)
+        finally:
+            os.close(fd)
+    except OSError:
+        return  # PoolSet.open says what is wrong with it
+    if len(raw) < HDR_SIZE or not PoolHeader.checksum_ok(raw):
+        return
+    sig = PoolHeader.unpack(raw).signature.rstrip(b"\0")
+    if sig == L.POOL_SIGNATURE or not sig:
+        return
+    what = _OTHER_POOLS.get(sig, f"not an object pool (its pool type is {sig!r})")
+    hint = ("; open it with pynvm (nvm.pmemobj over libpmemobj), or copy its objects into a "
+            "pool made by pmreplica.pmemobj" if sig == b"PMEMOBJ" else "")
+    raise PmReplicaError(errno.EINVAL, f"{path} is {what}: pmreplica.pmemobj keeps objects in "
+                                       f"a format of its own and cannot open it{hint}")
 
 
 def _poolset_parts_exist(path: str) -> bool:

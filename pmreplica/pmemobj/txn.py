@@ -7,18 +7,24 @@ are written straight into the mapping ("fresh" bytes).
 
 Commit (outermost level), on lane 0, drained once::
 
-    [large fresh bytes]     flushed first when they exceed FRESH_INLINE
+    [large fresh bytes]     flushed first when they exceed FRESH_INLINE, then fenced
     record                  the overlay's words and the small fresh bytes, checksummed,
-                            appended to the log area and flushed: one message per replica
+                            appended to the log area and flushed: one message per replica;
+                            then fenced
     apply                   the overlay is stored in place (on the master only)
     drain                   one wait for the master and every replica
 
+A fence orders the master's own writes: what was flushed before it is durable before any
+store after it can reach the media (libpmem's drain on pmem; nothing off pmem, where a
+flush is a synchronous msync). Without it, a power failure could keep in-place words whose
+record it lost. Replicas need none: each applies the ranges of a lane in issue order.
+
 The in-place words reach the replicas at a checkpoint: when the log area is full, when
 enough freed memory waits for reuse, on ``close()``, and after recovery. A checkpoint
-flushes every range changed since the last one, then the new control slot (which empties
-the log); it needs no drain of its own, since ranges of one lane are applied in issue
-order. Memory freed by a transaction is reused only after the next checkpoint, so no record
-still in the log can touch memory that a later transaction writes fresh.
+flushes every range changed since the last one, fences, then writes the new control slot
+(which empties the log); it needs no drain of its own. Memory freed by a transaction is
+reused only after the next checkpoint, so no record still in the log can touch memory that
+a later transaction writes fresh.
 
 A replica (or the master) interrupted at any point therefore holds the last checkpoint's
 state plus a prefix of valid records, which open replays; a torn record fails its
@@ -58,6 +64,10 @@ class TransactionAborted(PmReplicaError):
     """The transaction was aborted (``abort()`` or an error); nothing of it was kept."""
 
 
+class PoolFullError(PmReplicaError, MemoryError):
+    """No free space left for an allocation (ENOMEM; also a MemoryError, as in pynvm)."""
+
+
 class PoolClosedError(PmReplicaError, ValueError):
     """An object of a closed pool was used (EBADF; also a ValueError, like closed files)."""
 
@@ -76,6 +86,11 @@ class Engine:
 
     def __init__(self, ps: Any, geo: Geometry, *, readonly: bool = False) -> None:
         self.ps = ps
+        #: orders the master's own writes: what was flushed before it is durable on the
+        #: master before any store after it reaches the media (libpmem's drain on pmem; a
+        #: no-op where a flush is a synchronous msync). Replicas need none: each applies
+        #: the ranges of a lane in issue order.
+        self._fence: Callable[[], None] = ps.mapping.drain
         self.geo = geo
         self.buf: memoryview = ps.buf
         self.q: memoryview = self.buf.cast("Q")
@@ -99,6 +114,8 @@ class Engine:
         self.spill_release: Callable[[int, int], None] | None = None
         #: this transaction's frees, and committed frees waiting for a checkpoint
         self.released: list[Callable[[], None]] = []
+        #: blocks this transaction frees, as (offset, length)
+        self.freed: list[tuple[int, int]] = []
         self.pending_release: list[Callable[[], None]] = []
         #: 256-byte blocks changed in place since the last checkpoint
         self.dirty: set[int] = set()
@@ -230,6 +247,7 @@ class Engine:
         self.fresh.clear()
         self.fresh_objs.clear()
         self.released.clear()
+        self.freed.clear()
         self.on_abort.clear()
         self.on_commit.clear()
 
@@ -256,6 +274,7 @@ class Engine:
         self.fresh.clear()
         self.fresh_objs.clear()
         self.released.clear()
+        self.freed.clear()
         undo = self.on_abort
         while undo:
             try:
@@ -356,6 +375,8 @@ class Engine:
         if not ov and not fresh:
             self._run_commit_hooks()
             return
+        if self.freed:
+            self._drop_freed()
         ps, q = self.ps, self.q
         # The record: the fresh bytes when they are few (then they need no flush of their
         # own; ranges are whole words, as allocations are 16-aligned), then the overlay,
@@ -373,49 +394,121 @@ class Engine:
                 ranges.append((w0 << 3, (w1 - w0) << 3))
         nfresh = len(payload)
         redolog.encode(ov, payload, ranges)
+        nbytes = redolog.REC_HDR + 8 * len(payload)
+        try:
+            spill = self._room_for(nbytes)
+        except PoolFullError:
+            self.rollback()       # nothing was written that the pool depends on
+            raise
+        except BaseException as e:
+            self._break(e)
+            raise
         rec = redolog.record(self.seq, payload)
-        nbytes = len(rec) * 8
         try:
             if not inline:
                 for off, ln in redolog.coalesce(fresh_ranges, FRESH_GAP):
                     ps.flush(off, ln)
-            if self.log_pos + nbytes > self.log_end:
-                self.checkpoint()
-            if self.log_pos + nbytes > self.log_end:
-                self._commit_spilled(rec, payload, ranges)
+                self._fence()                        # new objects before the record
+            if spill:
+                self._commit_spilled(rec, payload, ranges, spill)
             else:
-                w = self.log_pos >> 3
-                q[w + 4:w + len(rec)] = rec[4:]      # payload first, header last
-                q[w:w + 4] = rec[:4]
-                ps.flush(self.log_pos, nbytes)
-                self.log_pos += nbytes
-                self.seq += 1
-                redolog.replay(q, memoryview(payload)[nfresh:], self.nwords)
-                self._mark_dirty(ranges)
+                self._append(rec, memoryview(payload)[nfresh:], ranges)
+                self._committed_frees()
                 if len(self.pending_release) > RELEASE_BATCH or len(self.dirty) > DIRTY_BATCH:
                     self.checkpoint()
-            ps.drain()
+                ps.drain()
         except BaseException as e:
-            self.broken = e
-            log.error("commit failed; the pool refuses further changes: %s", e)
+            self._break(e)
             raise
         self._run_commit_hooks()
 
-    def _commit_spilled(self, rec: Any, payload: Any, ranges: list[tuple[int, int]]) -> None:
-        """A record larger than the log area: kept in free chunks until a checkpoint."""
+    def _break(self, e: BaseException) -> None:
+        self.broken = e
+        log.error("commit failed; the pool refuses further changes: %s", e)
+
+    def _drop_freed(self) -> None:
+        """Forget the logged words inside blocks this transaction frees: that memory is
+        free once it commits and gone with the overlay if it aborts, so its words need no
+        log (freeing many objects then costs a log entry per bitmap word, not per object)."""
+        ov = self.ov
+        for off, n in self.freed:
+            for k in self._logged_words(off, n):
+                del ov[k]
+
+    def _room_for(self, nbytes: int) -> int:
+        """Make room for a record of ``nbytes``: in the log (checkpointing it if it is too
+        full), else in free chunks (their offset is returned; 0 for the log). PoolFullError
+        when neither can hold it; nothing has been written then."""
+        if self.log_pos + nbytes <= self.log_end:
+            return 0
+        self.checkpoint()
+        if self.log_pos + nbytes <= self.log_end:
+            return 0
         if self.spill_reserve is None:
-            raise PmReplicaError(errno.ENOMEM, "transaction too large for the log")
+            raise PoolFullError(errno.ENOMEM, "transaction too large for the log")
+        try:
+            spill = self.spill_reserve(nbytes)
+        except PoolFullError as e:
+            raise PoolFullError(errno.ENOMEM, f"transaction refused, nothing was changed: "
+                                              f"its commit record ({nbytes} bytes) is larger "
+                                              f"than the log ({self.log_end - self.geo.log} "
+                                              f"bytes) and the pool has no free space to "
+                                              f"hold it ({e.strerror})") from None
+        if self.seq != self._ctl_seq:
+            # making room committed records of its own: a spilled record is replayed
+            # before the log's, so the log must be empty when it is
+            self.checkpoint()
+        return spill
+
+    def _append(self, rec: array, inplace: memoryview | array,
+                ranges: list[tuple[int, int]]) -> None:
+        """Append a record to the log, make it durable on the master, then apply its
+        in-place words (``inplace``: the payload part that replay must write now)."""
+        q = self.q
+        nbytes = len(rec) * 8
+        w = self.log_pos >> 3
+        q[w + 4:w + len(rec)] = rec[4:]      # payload first, header last
+        q[w:w + 4] = rec[:4]
+        self.ps.flush(self.log_pos, nbytes)
+        self._fence()                        # the record before its in-place words
+        self.log_pos += nbytes
+        self.seq += 1
+        redolog.replay(q, inplace, self.nwords)
+        self._mark_dirty(ranges)
+
+    def commit_words(self, words: dict[int, int]) -> None:
+        """Commit ``words`` (``{word index: value}``) on their own, now, beside whatever
+        transaction is open: the allocator's own changes that no abort may undo (chunks of
+        emptied runs going back to the free pool). Made durable by the next drain."""
+        payload, ranges = redolog.encode(words)
+        nbytes = redolog.REC_HDR + 8 * len(payload)
+        try:
+            if self.log_pos + nbytes > self.log_end:
+                self.checkpoint()
+            if self.log_pos + nbytes > self.log_end:
+                raise PmReplicaError(errno.ENOMEM, "allocator record larger than the log")
+            self._append(redolog.record(self.seq, payload), payload, ranges)
+        except BaseException as e:
+            self._break(e)
+            raise
+
+    def _commit_spilled(self, rec: Any, payload: Any, ranges: list[tuple[int, int]],
+                        spill: int) -> None:
+        """A record larger than the log area, written to free chunks at ``spill`` (kept
+        until the checkpoint that follows at once)."""
         ps, q = self.ps, self.q
         nbytes = len(rec) * 8
-        spill = self.spill_reserve(nbytes)
         self.spills += 1
         try:
             q[spill >> 3:(spill >> 3) + len(rec)] = rec
             ps.flush(spill, nbytes)
+            self._fence()                                 # the record before the slot
             self._write_control(self.seq, spill)          # the record counts from here
+            self._fence()                                 # and before its in-place words
             redolog.replay(q, memoryview(payload), self.nwords)
             self._mark_dirty(ranges)
             self.seq += 1
+            self._committed_frees()
             self.checkpoint()
             ps.drain()
         finally:
@@ -437,8 +530,14 @@ class Engine:
     def checkpoint(self) -> None:
         """Flush every range changed in place since the last checkpoint, then empty the
         log; committed frees become reusable. Needs no drain (lane order does)."""
-        if self.seq == self._ctl_seq and not self.dirty:
-            return
+        if self.seq != self._ctl_seq or self.dirty:
+            self._write_back()
+        pending, self.pending_release = self.pending_release, []
+        for fn in pending:
+            fn()
+
+    def _write_back(self) -> None:
+        """The checkpoint's writes: the changed ranges, a fence, the new control slot."""
         ps = self.ps
         blocks = sorted(self.dirty)
         ranges = []
@@ -449,14 +548,17 @@ class Engine:
                 ranges.append([b * 256, 256])
         for off, ln in ranges:
             ps.flush(off, min(ln, self.ps.size - off))
+        self._fence()                        # the data before the slot that drops its log
         self.dirty.clear()
         self._write_control(self.seq, 0)
         self._ctl_seq = self.seq
         self.log_pos = self.geo.log + redolog.CTL_LINE
         self.checkpoints += 1
-        pending, self.pending_release = self.pending_release, []
-        for fn in pending:
-            fn()
+
+    def _committed_frees(self) -> None:
+        """This transaction's record is in the log: its frees wait for the next checkpoint."""
+        self.pending_release.extend(self.released)
+        self.released.clear()
 
     def _run_commit_hooks(self) -> None:
         hooks, self.on_commit = self.on_commit, []

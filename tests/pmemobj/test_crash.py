@@ -78,24 +78,8 @@ def check_pool(path: Path, rec: int) -> int:
         n = pool.root["n"]
         assert n in allowed_states(rec), (n, rec)
         assert workload.snapshot(pool) == workload.model_after(n)
-        assert_no_leaks(pool)
+        workload.assert_no_leaks(pool)
     return n
-
-
-def assert_no_leaks(pool: pmemobj.PersistentObjectPool) -> None:
-    """Everything allocated is reachable: objects from the root, raw blocks from objects."""
-    _, gc_counts = pool.gc()
-    assert {k: v for k, v in gc_counts.items() if k.endswith("-gced") and v} == {}
-    assert gc_counts["containers-total"] == gc_counts["containers-live"]
-    assert gc_counts["other-total"] == gc_counts["other-live"]
-    mm, heap = pool.mm, pool._heap
-    raw, owned = set(), set()
-    for oid, _size, type_num, code in heap.allocations():
-        if type_num != layout.POBJECT_TYPE_NUM:
-            raw.add(oid)
-        elif mm.is_container_code(code):
-            owned.update(s for s, _ in mm.resurrect(oid)._p_substructures() if s)
-    assert raw == owned
 
 
 def new_pool(path: Path) -> None:

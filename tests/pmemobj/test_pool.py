@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import subprocess
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -51,6 +52,43 @@ def test_open_missing_file(pool_dir: Path) -> None:
     with pytest.raises(OSError):                 # the default flag is 'w'
         pmemobj.PersistentObjectPool(str(pool_dir / "nope"))
     assert not (pool_dir / "nope").exists()
+
+
+def test_a_libpmemobj_pool_is_named_as_such(pool_dir: Path, pmempool: str) -> None:
+    """Not "inconsistent, run replica-sync": it is another library's pool."""
+    fn = pool_dir / "pmdk.obj"
+    made = subprocess.run([pmempool, "create", "obj", str(fn)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    with pytest.raises(OSError) as ei:
+        pmemobj.open(str(fn))
+    assert ei.value.errno == errno.EINVAL
+    msg = str(ei.value)
+    assert msg.startswith(f"{fn} is a libpmemobj pool") and "pynvm" in msg, msg
+    assert "replica-sync" not in msg
+
+
+def test_a_directory_is_not_a_pool(pool_dir: Path) -> None:
+    with pytest.raises(OSError) as ei:
+        pmemobj.open(str(pool_dir))
+    assert ei.value.errno == errno.EISDIR and "is a directory" in str(ei.value)
+
+
+def test_log_to_routes_records_to_pynvms_logger(ph) -> None:
+    """Code written for pynvm configures or captures the logger nvm.pmemobj."""
+    got: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.DEBUG)
+    catcher.emit = got.append  # type: ignore[method-assign]
+    theirs = logging.getLogger("nvm.pmemobj")
+    theirs.addHandler(catcher)
+    pmemobj.log_to("nvm.pmemobj")
+    try:
+        ph.pool.new(pmemobj.PersistentList)
+        ph.pool.gc(debug=True)
+    finally:
+        pmemobj.log_to("pmreplica.pmemobj")
+        theirs.removeHandler(catcher)
+    assert any("orphan" in r.getMessage() for r in got)
+    assert logging.getLogger("pmreplica.pmemobj").propagate    # and undone
 
 
 def test_flag_c_creates_then_opens(pool_dir: Path) -> None:
@@ -103,6 +141,7 @@ def test_second_open_is_ebusy(pool_dir: Path) -> None:
         with pytest.raises(OSError) as ei:
             pmemobj.open(fn)
         assert ei.value.errno == errno.EBUSY
+        assert "already open in this process" in str(ei.value)  # not "another process"
 
 
 def test_implicit_close_on_del(pool_dir: Path) -> None:
@@ -459,7 +498,9 @@ def test_no_gc_on_open_after_clean_close(ph, monkeypatch) -> None:
 def test_large_transaction_spills_the_log(ph) -> None:
     pool = ph.pool
     n = 16000
-    pool.root = pool.new(pmemobj.PersistentList, [str(i) for i in range(n)])
+    strings = [str(i) for i in range(n)]
+    pool.root = pool.new(pmemobj.PersistentList, strings)
+    pool.root.append(pool.new(pmemobj.PersistentList, strings))   # each string twice
     spills = pool._eng.spills
     with pool.transaction():
         for i in range(0, n, 2):
@@ -467,7 +508,7 @@ def test_large_transaction_spills_the_log(ph) -> None:
     assert pool._eng.spills == spills + 1
     root = ph.reopen().root
     assert root[:4] == [0, "1", 2, "3"] and root[n - 1] == str(n - 1)
-    assert len(root) == n
+    assert len(root) == n + 1 and root[n][:2] == ["0", "1"]
 
 
 def test_reclaimed_run_serves_no_allocation_before_its_checkpoint(ph) -> None:

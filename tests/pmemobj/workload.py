@@ -12,6 +12,7 @@ import random
 from typing import Any
 
 from pmreplica import pmemobj
+from pmreplica.pmemobj import layout
 
 
 class Rollback(Exception):
@@ -209,3 +210,19 @@ def snapshot(pool: pmemobj.PersistentObjectPool) -> dict[str, Any]:
     return {"n": root["n"], "d": {k: plain(v) for k, v in root["d"].items()},
             "l": [plain(v) for v in root["l"]], "s": set(root["s"]),
             "o": {k: plain(v) for k, v in o._p_dict.items()}}
+
+
+def assert_no_leaks(pool: pmemobj.PersistentObjectPool) -> None:
+    """Everything allocated is reachable: objects from the root, raw blocks from objects."""
+    _, gc_counts = pool.gc()
+    assert {k: v for k, v in gc_counts.items() if k.endswith("-gced") and v} == {}
+    assert gc_counts["containers-total"] == gc_counts["containers-live"]
+    assert gc_counts["other-total"] == gc_counts["other-live"]
+    mm, heap = pool.mm, pool._heap
+    raw, owned = set(), set()
+    for oid, _size, type_num, code in heap.allocations():
+        if type_num != layout.POBJECT_TYPE_NUM:
+            raw.add(oid)
+        elif mm.is_container_code(code):
+            owned.update(s for s, _ in mm.resurrect(oid)._p_substructures() if s)
+    assert raw == owned
