@@ -7,7 +7,11 @@ namespaces (tests/fixtures/hosts.py: own address, own sshd, reached through para
 Fan-out: persist latency of a pool set with remote replicas on two hosts against the same
 pool set with one, both open at once and measured in alternating rounds (so that noise hits
 both alike), p50 and p99, with the client and the agents left to the scheduler and then
-pinned (client on one CPU, agents on the other). Target: two hosts at most 1.3x one.
+pinned (client on one CPU, agents on the other). Target: two hosts at most 1.3x one. Beside
+it, in the same rounds, the same fan-out of a raw baseline: a plain Python TCP ping-pong (the
+persist's bytes out, a 4-byte word back) to a peer on each host, sent to both hosts before
+either answer is awaited, as PoolSet does: what the hosts, their links and the machine's CPUs
+cost a second host before any pmreplica code runs.
 
 Time to degrade: a writer persists 4 KiB ranges while one of two hosts loses its link; the
 time from the cut to the replica's failure report, and the longest persist around it, over
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import socket
 import shutil
 import statistics
 import sys
@@ -26,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -49,6 +55,67 @@ def pool_set(bed: HostBed, d: Path, name: str, hosts: tuple[str, ...]) -> Path:
     return path
 
 
+# The raw baseline's peer: answers each n-byte message on a connection with a 4-byte word.
+_RAW_PEER = r"""
+import socket, sys, threading
+n = int(sys.argv[2])
+ls = socket.create_server((sys.argv[1], 0)); print(ls.getsockname()[1], flush=True)
+def serve(c):
+    buf = memoryview(bytearray(n))
+    while True:
+        got = 0
+        while got < n:
+            r = c.recv_into(buf[got:])
+            if not r: return
+            got += r
+        c.sendall(b"\0\0\0\0")
+while True:
+    c, _ = ls.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+class RawPeers:
+    """A raw ping-pong peer on each of ``hosts`` (placed as the agents are), one connection
+    to each."""
+
+    def __init__(self, bed: HostBed, hosts: tuple[str, ...], size: int, pin: str) -> None:
+        self.procs = []
+        self.socks = []
+        for h in hosts:
+            argv = [sys.executable, "-c", _RAW_PEER, bed[h].address, str(size)]
+            proc = bed[h].start(pin.split() + argv if pin else argv, env=dict(os.environ))
+            self.procs.append(proc)
+            port = int(proc.stdout.readline())  # type: ignore[union-attr]
+            s = socket.create_connection((bed[h].address, port))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.socks.append(s)
+        self.msg = os.urandom(size)
+
+    def latencies(self, count: int) -> list[float]:
+        socks, msg, word = self.socks, self.msg, bytearray(4)
+        clock = time.perf_counter
+        out = []
+        for _ in range(count):
+            t0 = clock()
+            for s in socks:
+                s.sendall(msg)
+            for s in socks:
+                got = 0
+                while got < 4:
+                    got += s.recv_into(memoryview(word)[got:])
+            out.append(clock() - t0)
+        return out
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
 def latencies(pool: PoolSet, size: int, count: int) -> list[float]:
     pool.buf[HDR_SIZE:HDR_SIZE + size] = os.urandom(size)
     clock = time.perf_counter
@@ -64,30 +131,59 @@ def pct(samples: list[float], q: float) -> float:
     return sorted(samples)[min(len(samples) - 1, int(q * len(samples)))]
 
 
-def fanout(bed: HostBed, d: Path, rounds: int, count: int, placement: str) -> bool:
+def _alternating(one: Callable[[int], list[float]], two: Callable[[int], list[float]],
+                 rounds: int, count: int) -> tuple[list[float], list[float]]:
+    """Samples of ``one`` and ``two`` over ``rounds`` rounds, taking turns which goes first."""
+    one(count // 10)  # warm up both
+    two(count // 10)
+    a: list[float] = []
+    b: list[float] = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a += one(count)
+            b += two(count)
+        else:
+            b += two(count)
+            a += one(count)
+    return a, b
+
+
+def fanout(bed: HostBed, d: Path, rounds: int, count: int, placement: str, pin: str) -> bool:
     one = PoolSet.create(pool_set(bed, d, f"one{placement}", ("h1",)))
     two = PoolSet.create(pool_set(bed, d, f"two{placement}", ("h1", "h2")))
     ok = True
     try:
         for size in SIZES:
-            a: list[float] = []
-            b: list[float] = []
-            latencies(one, size, count // 10)  # warm up both
-            latencies(two, size, count // 10)
-            for r in range(rounds):
-                first, second = (one, two) if r % 2 == 0 else (two, one)
-                x = latencies(first, size, count)
-                y = latencies(second, size, count)
-                (a, b) = (a + x, b + y) if first is one else (a + y, b + x)
+            raw1 = RawPeers(bed, ("h1",), size, pin)
+            raw2 = RawPeers(bed, ("h1", "h2"), size, pin)
+            try:
+                # pmreplica's and the raw baseline's rounds interleaved: one noise for all
+                samples: list[list[float]] = [[], [], [], []]
+                for _ in range(rounds):
+                    for i, pair in enumerate(_alternating(
+                            lambda n: latencies(one, size, n),
+                            lambda n: latencies(two, size, n), 1, count)
+                            + _alternating(raw1.latencies, raw2.latencies, 1, count)):
+                        samples[i] += pair
+            finally:
+                raw1.close()
+                raw2.close()
+            a, b, ra, rb = samples
             p50 = pct(b, 0.5) / pct(a, 0.5)
             p99 = pct(b, 0.99) / pct(a, 0.99)
+            raw50 = pct(rb, 0.5) / pct(ra, 0.5)
             good = p50 <= FANOUT_TARGET
             ok &= good
-            print(f"  fan-out {size:>6} B  {placement:<9} 1 host p50 {pct(a, .5) * 1e6:7.1f} us"
-                  f" p99 {pct(a, .99) * 1e6:7.1f} us | 2 hosts p50 {pct(b, .5) * 1e6:7.1f} us"
+            print(f"  fan-out {size:>6} B  {placement:<9} 1 host p50 {pct(a, .5) * 1e6:6.1f} us"
+                  f" p99 {pct(a, .99) * 1e6:7.1f} us | 2 hosts p50 {pct(b, .5) * 1e6:6.1f} us"
                   f" p99 {pct(b, .99) * 1e6:7.1f} us | ratio p50 {p50:.2f}x p99 {p99:.2f}x"
                   f"  (target p50 <= {FANOUT_TARGET}x) {'ok' if good else 'MISSED'}",
                   flush=True)
+            print(f"  {'':>17} {'raw':<9} 1 host p50 {pct(ra, .5) * 1e6:6.1f} us"
+                  f" p99 {pct(ra, .99) * 1e6:7.1f} us | 2 hosts p50 {pct(rb, .5) * 1e6:6.1f} us"
+                  f" p99 {pct(rb, .99) * 1e6:7.1f} us | ratio p50 {raw50:.2f}x"
+                  f" p99 {pct(rb, .99) / pct(ra, .99):.2f}x;"
+                  f" pmreplica's fan-out / raw's {p50 / raw50:.2f}x", flush=True)
     finally:
         one.close()
         two.close()
@@ -166,13 +262,14 @@ def main() -> int:
         for k in ("RPMEM_CMD", "PMREPLICA_LAUNCHER", "RPMEM_SSH"):
             os.environ.pop(k, None)
         print(f"replicas on other hosts ({os.cpu_count()} CPUs, {count} persists a round)")
-        ok = fanout(bed, d, 2 if args.quick else args.rounds, count, "unpinned")
+        ok = fanout(bed, d, 2 if args.quick else args.rounds, count, "unpinned", "")
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) >= 2 and shutil.which("taskset"):
             os.sched_setaffinity(0, {cpus[0]})
             os.environ["RPMEM_CMD"] = f"taskset -c {cpus[1]} pmreplica-agent"
             try:
-                ok &= fanout(bed, d, 2 if args.quick else args.rounds, count, "pinned")
+                ok &= fanout(bed, d, 2 if args.quick else args.rounds, count, "pinned",
+                             f"taskset -c {cpus[1]}")
             finally:
                 os.environ.pop("RPMEM_CMD")
                 os.sched_setaffinity(0, set(cpus))
