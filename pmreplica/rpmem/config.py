@@ -109,13 +109,18 @@ def _positive(environ: Mapping[str, str], name: str) -> int | None:
     value = _get(environ, name)
     if value is None:
         return None
-    try:
-        number = int(value.strip(), 10)
-    except ValueError:
-        raise _bad(name, value, "must be a positive integer") from None
-    if number <= 0:
+    number = _integer(value)
+    if number is None or number <= 0:
         raise _bad(name, value, "must be a positive integer")
     return min(number, _UINT_MAX)
+
+
+def _integer(value: str) -> int | None:
+    """``value`` as a decimal integer, or None if it is not one."""
+    try:
+        return int(value.strip(), 10)
+    except ValueError:
+        return None
 
 
 def _shell_words(name: str, value: str) -> tuple[str, ...]:
@@ -151,14 +156,12 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _bounded(environ: Mapping[str, str], name: str, default: int, most: int) -> int:
+    """An integer from 0 to ``most``; ``default`` when unset."""
     value = _get(environ, name)
     if value is None:
         return default
-    try:
-        number = int(value.strip(), 10)
-    except ValueError:
-        number = -1
-    if not 0 <= number <= most:
+    number = _integer(value)
+    if number is None or not 0 <= number <= most:
         raise _bad(name, value, f"must be an integer from 0 to {most}")
     return number
 
