@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Persist latency and throughput of a remote pool vs raw TCP baselines, in one run.
 
-    .venv/bin/python benchmarks/persist.py [--quick] [--json] [--two-cpus]
+    .venv/bin/python benchmarks/persist.py [--quick] [--json] [--placements one,two,unpinned]
                                            [--no-sshd | --ssh TARGET]
 
 By default it also starts a private sshd on 127.0.0.1 (Debian's openssh-server, with its own
@@ -25,16 +25,14 @@ from pmreplica import bench  # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--two-cpus", action="store_true",
-                   help="measure throughput with the receiving side on another CPU")
+    bench.add_arguments(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ssh", metavar="TARGET", help="time create+close against this host")
     g.add_argument("--no-sshd", action="store_true", help="skip the SSH measurements")
     args = p.parse_args()
+    where = bench.chosen_placements(args.placements)
     if args.ssh or args.no_sshd:
-        rows = bench.run(args.quick, args.ssh, None, as_json=args.json, two_cpus=args.two_cpus)
+        rows = bench.run(args.quick, args.ssh, None, as_json=args.json, where=where)
     else:
         from tests.fixtures.sshd import Sshd  # the test suite's private sshd, reused
         with tempfile.TemporaryDirectory(prefix="pmreplica-bench-sshd-") as d:
@@ -44,7 +42,7 @@ def main() -> int:
                 env = {k: v for k, v in server.env().items()
                        if k in ("PMREPLICA_SSH_CONFIG", "PATH")}
                 rows = bench.run(args.quick, server.target, env, as_json=args.json,
-                                 two_cpus=args.two_cpus)
+                                 where=where)
             finally:
                 server.stop()
     return 0 if all(r.ok is not False for r in rows) else 1

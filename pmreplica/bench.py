@@ -1,24 +1,23 @@
 """Persist benchmark: pmreplica's remote pool against raw TCP baselines in the same run.
 
-Every figure is printed beside a baseline measured moments before it, as a ratio: a raw
-TCP ping-pong of the same size between two plain Python processes (for a persist, n bytes
-out and a word back; for a read, a request out and n bytes back) and a raw TCP stream into
-an mmap'd file (for throughput). The pool is measured twice, with clear-text lanes
-(``PMREPLICA_TCP_TLS=0``) against the raw baseline, and with TLS lanes (the default) against
-the clear ones (rows ending "TLS"); create+close (TLS, the default) is shown beside a
-clear-text create+close. Baseline, clear and TLS alternate in rounds, so noise from other
-work on the machine hits all alike.
+Every figure is printed beside a baseline of the same transport measured moments before it,
+as a ratio: a raw ping-pong of the same size between two plain Python processes (for a
+persist, n bytes out and a word back; for a read, a request out and n bytes back) and a raw
+stream into an mmap'd file (for throughput). The pool is measured twice: with TLS lanes (the
+default; rows ending "TLS") against that ping-pong and stream through Python's ``ssl`` with
+the agent's TLS 1.3 context and key, and with clear-text lanes (``PMREPLICA_TCP_TLS=0``)
+against them over plain TCP; create+close (TLS, the default) is shown beside a clear-text
+create+close. Baselines and pools alternate in rounds, so noise from other work on the
+machine hits all alike; a figure is the median over the rounds of each round's median or p99.
 
-Placement is fixed, the same for baseline and pmreplica, because where the scheduler puts
-the two processes changes a figure by 2-3x from one run to the next on a small VM. Client
-and server share one CPU, so a figure measures the software path. Across two virtual CPUs
-a transfer pays for each wake-up of a receiver that caught up and went to sleep, and the
-figures follow how often that happens: the agent, receiving whole payloads in the kernel,
-slept 16 times per MiB on 4 lanes (5.0 GB/s) and 4.8 on one (9.3 GB/s); the raw stream's
-receiver, a Python loop that lags behind, 7.3 on 4 streams (9.4 GB/s) and 10.7 on one
-(6.7 GB/s). So on two CPUs 4 lanes persisted 0.55-0.9x the raw stream and 1 lane 1.0-1.8x,
-depending on the host's placement of the vCPUs, against 0.93-1.2x on one CPU.
-``--two-cpus`` measures throughput that way (latency always stays on one CPU).
+Every figure is taken in three placements, one after the other in the same run, the same for
+baseline and pmreplica: client and agent pinned to one CPU (the software path alone), pinned
+to two CPUs (each answer crosses to the other CPU, where a receiver that went to sleep must be
+woken: on a VM a halted virtual CPU takes 20-30 us to wake), and left to the scheduler, as
+users run. Targets (issue 13), in each placement, for clear-text lanes: 64 B and 4 KiB
+persists and 64 B reads at most 1.2x the baseline's median and 1.5x its p99; streams of 1 MiB
+and 16 MiB persists, on 1 and 4 lanes, at least the raw stream's speed; for TLS and clear-text
+lanes alike.
 """
 
 from __future__ import annotations
@@ -47,10 +46,14 @@ TPUT = ((1 << 20, 1), (16 << 20, 1), (1 << 20, 4), (16 << 20, 4))
 # The baseline peer: plain Python, one connection per client socket. Mode "pp" answers each
 # n-byte message with a 4-byte word (the baseline of a persist); mode "get" answers each
 # 8-byte request with n bytes (of a read: the payload travels the other way); mode "stream"
-# receives into an mmap'd file and answers one byte after `total` bytes.
+# receives into an mmap'd file and answers one byte after `total` bytes. With "tls", every
+# connection runs through Python's ssl with the context and key kind an agent's lanes have.
 _PEER = r"""
 import mmap, os, socket, sys, threading
-mode, n = sys.argv[1], int(sys.argv[2])
+mode, n, tls = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "tls"
+if tls:
+    from pmreplica.rpmem.transport.tls import AgentIdentity
+    context = AgentIdentity().context
 ls = socket.create_server(("127.0.0.1", 0)); print(ls.getsockname()[1], flush=True)
 def pingpong(c):
     buf = memoryview(bytearray(n))
@@ -86,27 +89,41 @@ def stream(c):
 while True:
     c, _ = ls.accept()
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls:
+        c = context.wrap_socket(c, server_side=True)
     serve = {"pp": pingpong, "get": get, "stream": stream}[mode]
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
 
 
-#: the CPUs this process may use, taken at import: run() pins itself to the first, and the
-#: processes it starts afterwards must still be placed on the others
+#: the CPUs this process may use, taken at import: run() pins itself for a placement, and the
+#: processes it starts meanwhile must still be placed on the others
 _ALLOWED = sorted(os.sched_getaffinity(0))
 
 
-def _cpus() -> tuple[int, int] | None:
-    """(client CPU, the other CPU), or None on a one-CPU machine."""
-    return (_ALLOWED[0], _ALLOWED[1]) if len(_ALLOWED) >= 2 else None
+@dataclass(frozen=True)
+class Placement:
+    """Where a measurement runs: this process (the client) on CPU ``client``, the agents and
+    baseline peers on CPU ``server``; None leaves a side to the scheduler."""
+
+    name: str
+    client: int | None
+    server: int | None
 
 
-def _pinned(argv: list[str], same_cpu: bool) -> list[str]:
-    """``argv`` run on the client's CPU or on the other one (util-linux's taskset)."""
-    pin = _cpus()
-    if pin is None or shutil.which("taskset") is None:
-        return argv
-    return ["taskset", "-c", str(pin[0] if same_cpu else pin[1]), *argv]
+def placements() -> list[Placement]:
+    """Client and server on one CPU (the software path alone), on two (every wake-up of a
+    sleeping receiver crosses CPUs) and left to the scheduler (as users run)."""
+    if len(_ALLOWED) < 2 or shutil.which("taskset") is None:
+        return [Placement("unpinned", None, None)]
+    a, b = _ALLOWED[:2]
+    return [Placement("one CPU", a, a), Placement("two CPUs", a, b),
+            Placement("unpinned", None, None)]
+
+
+def _pinned(argv: list[str], cpu: int | None) -> list[str]:
+    """``argv`` run on ``cpu`` (util-linux's taskset), or where the scheduler puts it."""
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
 @dataclass
@@ -118,20 +135,28 @@ class Row:
     ratio: float | None = None
     target: str = ""
     ok: bool | None = None
+    placement: str = ""
 
 
 class Peer:
-    """A baseline peer process and connections to it."""
+    """A baseline peer process (on CPU ``cpu``, None: anywhere) and connections to it, over
+    TLS 1.3 (Python's ``ssl``, as plain as a user would write it) if ``tls``."""
 
-    def __init__(self, mode: str, n: int, same_cpu: bool = True) -> None:
-        self.proc = subprocess.Popen(_pinned([sys.executable, "-c", _PEER, mode, str(n)],
-                                             same_cpu),
-                                     stdout=subprocess.PIPE, text=True)
+    def __init__(self, mode: str, n: int, cpu: int | None, tls: bool = False) -> None:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.tls = tls
+        self.proc = subprocess.Popen(
+            _pinned([sys.executable, "-c", _PEER, mode, str(n), "tls" if tls else "tcp"], cpu),
+            stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": here})  # the peer imports this pmreplica
         self.port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
 
     def connect(self) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls:
+            from .rpmem.transport.tls import _client_context
+            s = _client_context().wrap_socket(s)
         return s
 
     def close(self) -> None:
@@ -149,45 +174,57 @@ def _samples(fn: Callable[[], None], count: int) -> list[int]:
     return out
 
 
-def _p(samples: list[int], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))] / 1000.0
+def _p(rounds: list[list[int]], q: float) -> float:
+    """The median over ``rounds`` of each round's quantile ``q``, in microseconds."""
+    def quantile(samples: list[int]) -> float:
+        s = sorted(samples)
+        return s[min(len(s) - 1, int(q * len(s)))] / 1000.0
+    return statistics.median(quantile(r) for r in rounds)
 
 
-def latency(remotes: list, n: int, rounds: int, count: int,
-            read: bool = False) -> tuple[list[list[int]], list[int]]:
-    """(samples of each remote pool, baseline samples) in ns, alternating rounds. The baseline
-    of a persist sends n bytes and waits for a word; that of a read asks and receives n."""
-    peer = Peer("get" if read else "pp", n)
-    sock = peer.connect()
+Rounds = list[list[int]]
+
+
+def latency(remotes: list, n: int, rounds: int, count: int, cpu: int | None,
+            read: bool = False) -> list[tuple[Rounds, Rounds]]:
+    """For each remote pool (in POOLS order), its samples and those of its transport's
+    baseline in ns, round by round, all alternating; the baseline peers on ``cpu``. The
+    baseline of a persist sends n bytes and waits for a word; that of a read asks and
+    receives n."""
+    peers = [Peer("get" if read else "pp", n, cpu, tls == "1") for _, tls in POOLS]
+    socks = [peer.connect() for peer in peers]
     payload, ack = bytes(n), bytearray(4)
     request, dest = bytes(8), bytearray(n)
     view = memoryview(dest)
 
-    def pingpong() -> None:
+    def pingpong(sock: socket.socket) -> None:
         sock.sendall(payload)
         sock.recv_into(ack, 4)
 
-    def get() -> None:
+    def get(sock: socket.socket) -> None:
         sock.sendall(request)
         got = 0
         while got < n:
             got += sock.recv_into(view[got:])
 
-    fns = [(lambda r=r: r.read(dest, 4096, n)) if read else (lambda r=r: r.persist(4096, n))
-           for r in remotes]
     base_fn = get if read else pingpong
-    ours: list[list[int]] = [[] for _ in remotes]
-    base: list[int] = []
+    arms = [((lambda r=r: r.read(dest, 4096, n)) if read else (lambda r=r: r.persist(4096, n)),
+             lambda s=s: base_fn(s)) for r, s in zip(remotes, socks)]
+    found: list[tuple[Rounds, Rounds]] = [([], []) for _ in arms]
     try:
+        for fn, base_one in arms:  # warm up: caches, the lanes' polling state, the peers
+            _samples(fn, count // 10)
+            _samples(base_one, count // 10)
         for _ in range(rounds):
-            base += _samples(base_fn, count)
-            for samples, fn in zip(ours, fns):
-                samples += _samples(fn, count)
+            for (ours, base), (fn, base_one) in zip(found, arms):
+                base.append(_samples(base_one, count))
+                ours.append(_samples(fn, count))
     finally:
-        sock.close()
-        peer.close()
-    return ours, base
+        for sock in socks:
+            sock.close()
+        for peer in peers:
+            peer.close()
+    return found
 
 
 def _parallel(nlanes: int, work: Callable[[int], None]) -> float:
@@ -204,40 +241,41 @@ def _parallel(nlanes: int, work: Callable[[int], None]) -> float:
 
 
 def throughput(remotes: list, pool: memoryview, size: int, nlanes: int, rounds: int,
-               seconds: float, same_cpu: bool = True) -> tuple[list[float], float]:
-    """([bytes/s of each remote pool], raw stream bytes/s): ``size`` bytes per step split
-    over lanes, all sent from the same bytes of ``pool``; the receivers on the client's CPU
-    or not."""
+               nbytes: list[int], cpu: int | None) -> list[tuple[float, float]]:
+    """For each remote pool (in POOLS order), its bytes/s and its transport's raw stream's,
+    medians of alternating rounds: ``size`` bytes per step split over lanes, all sent from
+    the same bytes of ``pool``, ``nbytes`` (one figure per pool) per round; the streams'
+    receivers on ``cpu``."""
     chunk = size // nlanes
-    steps = max(2, int(seconds * 3e9 / size))
-    peer = Peer("stream", chunk, same_cpu)
-    socks = [peer.connect() for _ in range(nlanes)]
-    ours: list[list[float]] = [[] for _ in remotes]
-    base = []
+    peers = [Peer("stream", chunk, cpu, tls == "1") for _, tls in POOLS]
+    socks = [[peer.connect() for _ in range(nlanes)] for peer in peers]
 
-    def raw(lane: int) -> None:
-        s = socks[lane]
+    def raw(lanes: list[socket.socket], steps: int, lane: int) -> None:
+        s = lanes[lane]
         payload = pool[4096 + lane * chunk:4096 + (lane + 1) * chunk]
         s.sendall((steps * chunk).to_bytes(8, "big"))
         for _ in range(steps):
             s.sendall(payload)
         s.recv(1)
 
-    def persist(remote, lane: int) -> None:
+    def persist(remote, steps: int, lane: int) -> None:
         off = 4096 + lane * chunk
         for _ in range(steps):
             remote.persist(off, chunk, lane)
 
+    found: list[tuple[list[float], list[float]]] = [([], []) for _ in remotes]
     try:
         for _ in range(rounds):
-            base.append(steps * size / _parallel(nlanes, raw))
-            for speeds, remote in zip(ours, remotes):
-                speeds.append(steps * size / _parallel(nlanes, lambda i: persist(remote, i)))
+            for (ours, base), remote, lanes, n in zip(found, remotes, socks, nbytes):
+                steps = max(2, n // size)
+                base.append(steps * size / _parallel(nlanes, lambda i: raw(lanes, steps, i)))
+                ours.append(steps * size / _parallel(nlanes, lambda i: persist(remote, steps, i)))
     finally:
-        for s in socks:
+        for s in sum(socks, []):
             s.close()
-        peer.close()
-    return [statistics.median(speeds) for speeds in ours], statistics.median(base)
+        for peer in peers:
+            peer.close()
+    return [(statistics.median(ours), statistics.median(base)) for ours, base in found]
 
 
 @contextlib.contextmanager
@@ -266,10 +304,10 @@ def _environ_restored(*names: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _agent_cmd(poolset_dir: str, same_cpu: bool = True) -> str:
+def _agent_cmd(poolset_dir: str, cpu: int | None = None) -> str:
     agent = os.path.join(os.path.dirname(sys.executable), "pmreplica-agent")
     argv = [agent] if os.path.exists(agent) else [sys.executable, "-m", "remote_agent.main"]
-    return shlex.join(_pinned([*argv, "--poolset-dir", poolset_dir], same_cpu))
+    return shlex.join(_pinned([*argv, "--poolset-dir", poolset_dir], cpu))
 
 
 def create_close(target: str, poolset_dir: str, count: int, fresh_login: bool,
@@ -308,21 +346,26 @@ def _row(metric: str, value: float, unit: str, baseline: float, at_most: float |
     return Row(metric, value, unit, baseline, ratio)
 
 
-def _latency_rows(what: str, clear: list[int], tls: list[int], base: list[int],
-                  clear_at_most: float | None, tls_at_most: float | None) -> list[Row]:
-    """Median and p99 of clear lanes against the raw baseline, of TLS lanes against clear."""
+#: issue 13's targets against the same transport's raw baseline: latency ratios (p50, p99)
+#: for the sizes that have them, and the share of the raw stream a persist stream reaches
+LATENCY_TARGET = (1.2, 1.5)
+STREAM_TARGET = 1.0
+
+
+def _latency_rows(what: str, found: list[tuple[Rounds, Rounds]], targets: bool) -> list[Row]:
+    """Median and p99 of each pool's lanes against its transport's raw baseline."""
     rows = []
-    for name, q in (("median", .5), ("p99", .99)):
-        first = q == .5
-        rows.append(_row(f"{what} {name}", _p(clear, q), "us", _p(base, q),
-                         clear_at_most if first else None))
-        rows.append(_row(f"{what} {name}, TLS", _p(tls, q), "us", _p(clear, q),
-                         tls_at_most if first else None))
+    for (name, q), limit in zip((("median", .5), ("p99", .99)), LATENCY_TARGET):
+        for (ours, base), suffix in zip(found, SUFFIX):
+            rows.append(_row(f"{what} {name}{suffix}", _p(ours, q), "us", _p(base, q),
+                             limit if targets else None))
     return rows
 
 
 #: the two pools measured side by side, and the PMREPLICA_TCP_TLS of each
 POOLS = (("clear.set", "0"), ("tls.set", "1"))
+#: what each pool's rows add to their metric's name
+SUFFIX = ("", ", TLS")
 
 
 @contextlib.contextmanager
@@ -344,16 +387,17 @@ def _pools(pool, open_: bool, d: str) -> Iterator[list]:
 
 
 def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, str] | None = None,
-        out=sys.stdout, as_json: bool = False, two_cpus: bool = False) -> list[Row]:
-    """Run every measurement; ``ssh_target`` adds create+close through a real sshd;
-    ``two_cpus`` puts the receiving side of the throughput runs on the other CPU."""
+        out=sys.stdout, as_json: bool = False,
+        where: list[Placement] | None = None) -> list[Row]:
+    """Run every measurement in each placement (default: all three); ``ssh_target`` adds
+    create+close through a real sshd."""
     import mmap
     from .rpmem.config import RpmemConfig
-    rounds, count, secs = (3, 300, 0.1) if quick else (7, 2000, 0.5)
+    rounds, count, nbytes = (2, 200, 100 << 20) if quick else (7, 2000, 1500 << 20)
     rows: list[Row] = []
-    pin = _cpus()
-    with _running_on(pin[0] if pin else None), \
-            tempfile.TemporaryDirectory(prefix="pmreplica-bench-", dir="/dev/shm") as d:
+    if not as_json:
+        out.write(_machine() + "\n")
+    with tempfile.TemporaryDirectory(prefix="pmreplica-bench-", dir="/dev/shm") as d:
         for name, _ in POOLS:
             with open(os.path.join(d, name), "w") as f:
                 f.write(f"PMEMPOOLSET\n{POOL_SIZE >> 20}M {d}/{name}.part\n")
@@ -362,25 +406,15 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
             pool = mmap.mmap(-1, POOL_SIZE)
             pool.write(os.urandom(1 << 20) * (POOL_SIZE >> 20))  # real memory, not the zero page
             view = memoryview(pool)
-            os.environ["RPMEM_CMD"] = _agent_cmd(d, same_cpu=True)
-            with _pools(pool, False, d) as remotes:
-                for n in LAT_SIZES:
-                    (clear, tls), base = latency(remotes, n, rounds, count)
-                    rows += _latency_rows(f"persist {_size(n)}", clear, tls, base,
-                                          1.5 if n == 64 else None, 1.3 if n == 64 else None)
-                (clear, tls), base = latency(remotes, 64, rounds, count, read=True)
-                rows += _latency_rows("read 64 B", clear, tls, base, 1.2, None)[:2]
-            os.environ["RPMEM_CMD"] = _agent_cmd(d, same_cpu=not two_cpus)
-            with _pools(pool, True, d) as remotes:
-                for size, lanes in TPUT:
-                    (clear_bps, tls_bps), base_bps = throughput(remotes, view, size, lanes,
-                                                                rounds, secs, not two_cpus)
-                    what = (f"persist {_size(size)} x{lanes} lane{'s' * (lanes > 1)}"
-                            + (", two CPUs" if two_cpus else ""))
-                    rows.append(_row(what, clear_bps / 1e9, "GB/s", base_bps / 1e9,
-                                     at_least=0.85 if lanes == 1 else 0.90))
-                    rows.append(_row(f"{what}, TLS", tls_bps / 1e9, "GB/s", clear_bps / 1e9,
-                                     at_least=0.70))
+            for i, place in enumerate(where or placements()):
+                with _running_on(place.client):
+                    os.environ["RPMEM_CMD"] = _agent_cmd(d, place.server)
+                    found = _placement_rows(pool, view, d, i > 0, place, rounds, count, nbytes)
+                for r in found:
+                    r.placement = place.name
+                rows += found
+                if not as_json:
+                    _print(found, out, place.name)
             view.release()
             pool.close()
             os.environ["RPMEM_CMD"] = _agent_cmd(d)
@@ -388,13 +422,51 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
                 RpmemConfig.from_env({**os.environ, "PMREPLICA_TCP_TLS": tls})
                 for _, tls in POOLS))
             med = statistics.median(tls_cc)
-            rows.append(Row("create+close, local launcher", med * 1e3, "ms",
-                            statistics.median(clear_cc) * 1e3,
-                            med / statistics.median(clear_cc), "< 300 ms", med < 0.3))
+            rest = [Row("create+close, local launcher", med * 1e3, "ms",
+                        statistics.median(clear_cc) * 1e3,
+                        med / statistics.median(clear_cc), "< 300 ms", med < 0.3)]
         if ssh_target:
-            rows += _ssh_rows(ssh_target, d, ssh_env or {}, quick)
-    _print(rows, out, as_json)
+            rest += _ssh_rows(ssh_target, d, ssh_env or {}, quick)
+    rows += rest
+    if as_json:
+        json.dump([asdict(r) for r in rows], out, indent=1)
+        out.write("\n")
+    else:
+        _print(rest, out, "")
+        out.write(_machine() + "\n")
     return rows
+
+
+def _placement_rows(pool, view: memoryview, d: str, open_: bool, place: Placement,
+                    rounds: int, count: int, nbytes: int) -> list[Row]:
+    """Every latency and throughput figure with client and agents placed as ``place`` says."""
+    rows: list[Row] = []
+    with _pools(pool, open_, d) as remotes:
+        for n in LAT_SIZES:
+            rows += _latency_rows(f"persist {_size(n)}",
+                                  latency(remotes, n, rounds, count, place.server), n <= 4096)
+        rows += _latency_rows("read 64 B",
+                              latency(remotes, 64, rounds, count, place.server, read=True), True)
+        for size, lanes in TPUT:
+            # TLS streams run at a fraction of clear ones: fewer bytes keep their rounds short
+            found = throughput(remotes, view, size, lanes, rounds, [nbytes, nbytes // 4],
+                               place.server)
+            what = f"persist {_size(size)} x{lanes} lane{'s' * (lanes > 1)}"
+            for (ours, base), suffix in zip(found, SUFFIX):
+                rows.append(_row(what + suffix, ours / 1e9, "GB/s", base / 1e9,
+                                 at_least=STREAM_TARGET))
+    return rows
+
+
+def _machine() -> str:
+    """The CPUs and the load while the figures were taken (other work skews them)."""
+    model = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"# {len(_ALLOWED)} CPUs ({model or 'unknown model'}), load average {load}"
 
 
 def _ssh_rows(target: str, d: str, env: dict[str, str], quick: bool) -> list[Row]:
@@ -417,11 +489,9 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _print(rows: list[Row], out, as_json: bool) -> None:
-    if as_json:
-        json.dump([asdict(r) for r in rows], out, indent=1)
-        out.write("\n")
-        return
+def _print(rows: list[Row], out, title: str) -> None:
+    if title:
+        out.write(f"\n{title}\n")
     out.write(f"{'metric':42} {'pmreplica':>12} {'baseline':>12} {'ratio':>7}  target\n")
     for r in rows:
         base = f"{r.baseline:9.2f} {r.unit:>2}" if r.baseline is not None else ""
@@ -429,19 +499,42 @@ def _print(rows: list[Row], out, as_json: bool) -> None:
         verdict = "" if r.ok is None else ("ok" if r.ok else "MISSED")
         out.write(f"{r.metric:42} {r.value:9.2f} {r.unit:>2} {base:>12} {ratio:>7}  "
                   f"{r.target} {verdict}\n")
+    out.flush()
+
+
+def chosen_placements(names: str | None) -> list[Placement]:
+    """The placements named in ``names`` ("one,two,unpinned", a prefix of each will do)."""
+    every = placements()
+    if not names:
+        return every
+    chosen = []
+    for word in names.split(","):
+        found = [p for p in every if p.name.startswith(word.strip())]
+        if len(found) != 1:
+            raise SystemExit(f"unknown placement {word!r}: one of "
+                             + ", ".join(p.name for p in every))
+        chosen += found
+    return chosen
 
 
 def register(sub) -> None:
     """Add ``bench`` to the ``pmreplica`` command (cli.COMMAND_MODULES)."""
     p = sub.add_parser("bench", help="persist latency/throughput against raw TCP baselines",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_arguments(p)
     p.add_argument("--ssh", metavar="TARGET",
                    help="also time create+close through SSH to this [user@]host[:port] "
                         "(its agent must serve pool sets in a directory writable here)")
-    p.add_argument("--two-cpus", action="store_true",
-                   help="measure throughput with the receiving side on another CPU")
     p.set_defaults(func=lambda args: 0 if all(
         r.ok is not False for r in run(args.quick, args.ssh, as_json=args.json,
-                                       two_cpus=args.two_cpus)) else 1)
+                                       where=chosen_placements(args.placements))) else 1)
+
+
+def add_arguments(p) -> None:
+    """The options ``pmreplica bench`` and benchmarks/persist.py share."""
+    p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--placements", metavar="LIST",
+                   help="comma-separated placements to measure: one (client and agent on "
+                        "one CPU), two (on two CPUs), unpinned (left to the scheduler); "
+                        "default: all three")

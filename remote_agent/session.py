@@ -187,7 +187,7 @@ class Session:
                 self.server = verbs_server.VerbsServer(pool, nlanes, self.config.persist_apm)
             else:
                 self.server = TcpServer(pool.mapping, pool.pool_size, pool.data_offset, nlanes,
-                                        tls=not clear)
+                                        tls=not clear, spin_us=proto.spin_window(req.flags))
         except BaseException:  # an OSError, or a bug (then the session answers FATAL)
             pool.close(remove=True)
             raise

@@ -5,7 +5,10 @@ asked for clear text), then must present the session's secret (handed to the cli
 authenticated control channel, with the certificate) and an unused lane number; after the
 last lane arrives the listener closes, so the secret is good for this session's lanes only.
 A WRITE is received with ``recv_into`` straight into the mapped pool (decrypted there by
-OpenSSL on a TLS lane), made durable, then acknowledged.
+OpenSSL on a TLS lane), made durable, then acknowledged; a client's flush (``OPF_ACK_LATER``)
+is acknowledged together with the operations already waiting behind it, in one send. After
+each answer the lane polls for the next request for the client's spin window (``spin.py``)
+before it sleeps.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import threading
 from _operator import _compare_digest as compare_digest
 
 from pmreplica.pmem import Mapping
+from pmreplica.rpmem.transport.spin import DEFAULT_WINDOW_US, MAX_WINDOW_US, Spinner
 from pmreplica.rpmem.transport.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE,
-                                            SECRET_LEN, STATUS, connection_blob, recv_exact)
+                                            OPF_ACK_LATER, SECRET_LEN, STATUS, connection_blob,
+                                            recv_exact)
 
 log = logging.getLogger("remote_agent.tcp")
 
@@ -30,6 +35,11 @@ HELLO_TIMEOUT = 10.0
 CONNECT_WINDOW = 60.0
 _OK = STATUS.pack(0)
 _EINVAL = STATUS.pack(errno.EINVAL)
+#: the staging buffer of a lane: the most bytes of requests one receive takes
+STAGE = 8192 + OP.size
+#: the most acknowledgements a lane holds back: they go out in one send of this many words
+ACK_BATCH = 64
+_OKS = memoryview(bytes(STATUS.size * ACK_BATCH))
 _WAITALL = socket.MSG_WAITALL
 
 
@@ -45,8 +55,12 @@ class TcpServer:
     client needs to connect them (the secret and the certificate)."""
 
     def __init__(self, mapping: Mapping, pool_size: int, data_offset: int, nlanes: int,
-                 address: str | None = None, tls: bool = True) -> None:
+                 address: str | None = None, tls: bool = True,
+                 spin_us: int | None = None) -> None:
         self.mapping = mapping
+        #: how long a lane polls for the next request: the client's window (None: it did
+        #: not say), at most MAX_WINDOW_US
+        self.spin_us = min(DEFAULT_WINDOW_US if spin_us is None else spin_us, MAX_WINDOW_US)
         self.pool_size = pool_size
         self.data_offset = data_offset
         self.nlanes = nlanes
@@ -120,24 +134,57 @@ class TcpServer:
             self._threads.append(t)
 
     def _serve_lane(self, lane: int, conn: socket.socket) -> None:
-        """Apply the lane's operations in order. Each header is received on its own, so that
-        the payload behind it is received straight into the pool, never through a buffer:
-        two receives per operation, with MSG_WAITALL each one system call."""
-        hdr = memoryview(bytearray(OP.size))
+        """Apply the lane's operations in order.
+
+        Requests are received into a small staging buffer, as many as have arrived (at most
+        :data:`STAGE` bytes): a small write costs one receive for its header and payload
+        together, and pipelined flushes one receive for dozens, the payload copied into the
+        pool from there (a copy of a few KiB costs less than a system call). What a write
+        has beyond the staged bytes is received straight into the pool, with MSG_WAITALL in
+        one system call.
+
+        A flush's acknowledgement is held back only while the next operation has already
+        begun to arrive, which the client sends whole without waiting for anything: so the
+        lane never waits for a request while it holds answers a client may be waiting for,
+        and pipelining cannot deadlock (tests/test_rpmem_pipeline.py)."""
+        stage = bytearray(STAGE)
+        staged = memoryview(stage)
+        start = end = 0  # the bytes staged and not yet used: stage[start:end]
         pool = self.mapping.buf
         persist, deep = self.mapping.persist, self.mapping.deep_persist
         flush_needed = self.mapping.flush_needed
         lo, hi = self.data_offset, self.pool_size
         recv_into, send, send_some = conn.recv_into, conn.sendall, conn.send
-        unpack, hdr_size = OP.unpack, OP.size
+        unpack_from, hdr_size, word = OP.unpack_from, OP.size, STATUS.size
+        spin = Spinner(conn.fileno(), self.spin_us, getattr(conn, "pending", None))
+        wait, ready = spin.wait, spin.ready
+        held = 0  # acknowledgements not sent yet
         try:
             while True:
-                got = recv_into(hdr, 0, _WAITALL)  # _fill's loop only after a short receive
-                if got != hdr_size and (not got or not _fill(recv_into, hdr[got:])):
-                    return  # the client closed the lane
-                op, _flags, off, length = unpack(hdr)
+                if end - start < hdr_size:  # receive: the next requests, or a header's rest
+                    if start == end:
+                        if not held:  # held answers: the next request is arriving already
+                            wait()
+                        start, end = 0, recv_into(stage)
+                        if not end:
+                            return  # the client closed the lane
+                    else:
+                        staged[:end - start] = staged[start:end]
+                        end -= start
+                        start = 0
+                        got = recv_into(staged[end:], STAGE - end)
+                        if not got:
+                            return
+                        end += got
+                    if end - start < hdr_size:
+                        continue
+                op, flags, off, length = unpack_from(stage, start)
+                start += hdr_size
                 stop = off + length
                 if op == OP_READ:
+                    if held:  # the answers to earlier writes come first
+                        send(_OKS[:held * word])
+                        held = 0
                     if stop > hi:
                         # a read's answer is its bytes alone (wire.py): refuse by closing
                         log.warning("lane %d: refused read at %d+%d", lane, off, length)
@@ -149,11 +196,16 @@ class TcpServer:
                 if op not in (OP_WRITE, OP_DEEP) or off < lo or stop > hi:
                     # never write outside the pool's data; the stream cannot be trusted
                     log.warning("lane %d: refused op %d at %d+%d", lane, op, off, length)
-                    send(_EINVAL)
+                    send(bytes(held * word) + _EINVAL)
                     return
-                if length:
-                    got = recv_into(pool[off:stop], 0, _WAITALL)
-                    if got != length and (not got or not _fill(recv_into, pool[off + got:stop])):
+                if end - start >= length:
+                    pool[off:stop] = staged[start:start + length]
+                    start += length
+                else:  # the staged part, then the rest straight into the pool
+                    have = end - start
+                    pool[off:off + have] = staged[start:end]
+                    start = end = 0
+                    if not _fill(recv_into, pool[off + have:stop]):
                         return
                 if flush_needed and length:
                     try:
@@ -161,9 +213,19 @@ class TcpServer:
                     except OSError as e:
                         log.error("lane %d: making %d+%d durable failed: %s", lane, off, length,
                                   e)
-                        send(STATUS.pack(e.errno or errno.EIO))
+                        send(bytes(held * word) + STATUS.pack(e.errno or errno.EIO))
                         return
-                send(_OK)
+                if flags & OPF_ACK_LATER:
+                    held += 1
+                    if held < ACK_BATCH and (start < end or ready()):
+                        continue
+                    send(_OKS[:held * word])
+                    held = 0
+                elif held:
+                    send(_OKS[:(held + 1) * word])
+                    held = 0
+                else:
+                    send(_OK)
         except OSError as e:
             if e.errno == errno.EBADMSG:  # a TLS record failed its check: altered on the way
                 log.warning("lane %d: closed on a record that fails its check: %s", lane, e)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT_VARS = ("RPMEM_SSH", "RPMEM_CMD", "RPMEM_ENABLE_SOCKETS", "RPMEM_ENABLE_VERBS",
                "RPMEM_MAX_NLANES", "RPMEM_WORK_QUEUE_SIZE", "PMREPLICA_LAUNCHER",
                "PMREPLICA_SSH_CONFIG", "PMREPLICA_SSH_ACCEPT_NEW", "PMREPLICA_OP_TIMEOUT",
-               "PMREPLICA_TCP_TLS")
+               "PMREPLICA_TCP_TLS", "PMREPLICA_SPIN_US")
 #: (PMREPLICA_PEER_TIMEOUT is the machine's: a slow one, the RDMA tests' emulated guest,
 #: sets it for every client it runs; tests that need their own set it themselves)
 

@@ -29,6 +29,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -338,6 +339,22 @@ def assert_closed(sock: socket.socket, timeout: float = 5.0) -> None:
         assert sock.recv(1) == b""
     except (ConnectionResetError, ssl.SSLError):
         pass
+
+
+def persist_in_thread(pool: Any, offset: int, length: int) -> tuple[threading.Thread, list]:
+    """``pool.persist(offset, length)`` on a thread of its own, started; the thread and the
+    list of what the call raised (for a caller that blocks it and then ends the wait)."""
+    errors: list[BaseException] = []
+
+    def persist() -> None:
+        try:
+            pool.persist(offset, length)
+        except BaseException as e:  # reported to the caller
+            errors.append(e)
+
+    waiter = threading.Thread(target=persist)
+    waiter.start()
+    return waiter, errors
 
 
 # -- fixtures ----------------------------------------------------------------------------------

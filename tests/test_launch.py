@@ -397,6 +397,7 @@ def test_config_defaults():
     assert (cfg.max_nlanes, cfg.work_queue_size) == (None, None)
     assert cfg.ssh_config_path == os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".ssh/config")
     assert cfg.tcp_tls and cfg.tcp_security == "TLS 1.3"  # TCP lanes are encrypted by default
+    assert cfg.spin_us == 50
 
 
 def test_config_reads_every_variable():
@@ -404,7 +405,7 @@ def test_config_reads_every_variable():
         "RPMEM_SSH": "ssh -v", "RPMEM_CMD": "a --x|cd /d && b", "RPMEM_ENABLE_SOCKETS": "1",
         "RPMEM_ENABLE_VERBS": "0", "RPMEM_MAX_NLANES": "8", "RPMEM_WORK_QUEUE_SIZE": "99999999999",
         "PMREPLICA_SSH_CONFIG": "/etc/x", "PMREPLICA_SSH_ACCEPT_NEW": "1",
-        "PMREPLICA_TCP_TLS": "0"})
+        "PMREPLICA_TCP_TLS": "0", "PMREPLICA_SPIN_US": "10000"})
     assert cfg.ssh_command == ("ssh", "-v") and cfg.launcher == "openssh"
     assert cfg.commands == ("a --x", "cd /d && b")
     assert (cfg.enable_sockets, cfg.enable_verbs, cfg.max_nlanes) == (True, False, 8)
@@ -412,6 +413,8 @@ def test_config_reads_every_variable():
     assert cfg.work_queue_size == 2**32 - 1  # capped at UINT_MAX as librpmem did
     assert (cfg.ssh_config_path, cfg.ssh_accept_new) == ("/etc/x", True)
     assert not cfg.tcp_tls and cfg.tcp_security == "clear text (PMREPLICA_TCP_TLS=0)"
+    assert cfg.spin_us == 10_000
+    assert RpmemConfig.from_env({"PMREPLICA_SPIN_US": "0"}).spin_us == 0  # no polling
 
 
 @pytest.mark.parametrize("name,value", [
@@ -419,7 +422,8 @@ def test_config_reads_every_variable():
     ("RPMEM_WORK_QUEUE_SIZE", "many"), ("RPMEM_ENABLE_SOCKETS", "yes"),
     ("RPMEM_ENABLE_VERBS", "1.5"), ("RPMEM_CMD", "agent||other"), ("RPMEM_CMD", "agent 'open"),
     ("RPMEM_SSH", "ssh \"-v"), ("PMREPLICA_LAUNCHER", "rsh"), ("PMREPLICA_SSH_ACCEPT_NEW", "yes"),
-    ("PMREPLICA_TCP_TLS", "off"), ("PMREPLICA_TCP_TLS", "2"),
+    ("PMREPLICA_TCP_TLS", "off"), ("PMREPLICA_TCP_TLS", "2"), ("PMREPLICA_SPIN_US", "-1"),
+    ("PMREPLICA_SPIN_US", "10001"), ("PMREPLICA_SPIN_US", "50us"),
 ])
 def test_config_errors_are_einval_naming_the_variable(name, value):
     with pytest.raises(OSError) as info:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import threading
 import time
 
 import pytest
@@ -25,7 +24,7 @@ from .fixtures.capture import LoopbackCapture, pieces_seen
 from .fixtures.mitm import ALIAS, Mitm
 from .helpers import unavailable, write_set
 from .rpmem_helpers import (M, RawSession, attr, check_no_agents_left, local_pool,
-                            remote_bytes, ssh_node)
+                            persist_in_thread, remote_bytes, ssh_node)
 from .test_pool_remote import Recorder
 
 pytestmark = pytest.mark.timeout(120)
@@ -231,16 +230,7 @@ def test_a_tls_lane_waiting_for_the_agent_fails_when_another_thread_shuts_it_dow
     rp = RemotePool.create(node.target, "r.set", local_pool(SIZE), nlanes=1, attr=attr(),
                            config=node.config(PMREPLICA_PEER_TIMEOUT="30"))
     with node.stopped_agents():
-        errors: list[BaseException] = []
-
-        def persist() -> None:
-            try:
-                rp.persist(HDR_SIZE, 4096)
-            except BaseException as e:
-                errors.append(e)
-
-        waiter = threading.Thread(target=persist)
-        waiter.start()
+        waiter, errors = persist_in_thread(rp, HDR_SIZE, 4096)
         time.sleep(0.5)
         assert waiter.is_alive()  # blocked on the agent's answer
         rp.data_path._lanes[0].sock.shutdown(socket.SHUT_RDWR)

@@ -317,7 +317,7 @@ class RemotePool:
             choice = provider.choose(provider.data_address(parse_target(target).host,
                                                            channel.peer_address), config,
                                      len(view))
-            flags = 0 if config.tcp_tls else proto.TCP_CLEAR
+            flags = (0 if config.tcp_tls else proto.TCP_CLEAR) | proto.spin_flags(config.spin_us)
             try:
                 resp = ctl.call(proto.Request(rtype, pool_size=len(view), nlanes=nlanes,
                                               provider=choice.provider,
@@ -348,7 +348,7 @@ class RemotePool:
                                            config.work_queue_size or DEFAULT_WORK_QUEUE,
                                            timeout=config.connect_timeout,
                                            op_timeout=config.op_timeout,
-                                           certificate=certificate)
+                                           certificate=certificate, spin_us=config.spin_us)
         except BaseException:
             # do not leave a half-made pool behind: CLOSE with REMOVE undoes a CREATE
             flags = proto.CLOSE_REMOVE if rtype == proto.CREATE else 0

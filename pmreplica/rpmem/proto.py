@@ -3,9 +3,10 @@
 The layout is librpmem's (``rpmem_proto.h``, packed, big-endian): requests start with
 ``type:u32 size:u64``, responses with ``status:u32 type:u32 size:u64``; ``size`` counts the
 whole message. pmreplica adds, after librpmem's fields: a flags word ending CREATE/OPEN
-requests (since protocol 1.1; :data:`TCP_CLEAR`), a provider-specific connection blob in
-CREATE/OPEN responses (the TCP secret and TLS certificate, RDMA queue-pair data), an optional
-UTF-8 message in error responses, and the STAT, CONNECT, CHECKSUM and GENERATION requests.
+requests (since protocol 1.1; :data:`TCP_CLEAR`, :func:`spin_flags`), a provider-specific
+connection blob in CREATE/OPEN responses (the TCP secret and TLS certificate, RDMA queue-pair
+data), an optional UTF-8 message in error responses, and the STAT, CONNECT, CHECKSUM and
+GENERATION requests.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ CLOSE_REMOVE = 1
 #: CREATE/OPEN flag: the client asks for clear-text TCP lanes (PMREPLICA_TCP_TLS=0). A request
 #: without the flags word comes from a client older than TLS, which speaks clear text only.
 TCP_CLEAR = 1
+#: CREATE/OPEN flags, bits 16-31: the client's spin window (``PMREPLICA_SPIN_US``) plus one, for
+#: the agent's TCP lanes; 0 (a client that does not say) leaves the agent's default. Agents
+#: that predate it ignore these bits.
+_SPIN_SHIFT = 16
+
+
+def spin_flags(window_us: int) -> int:
+    """The CREATE/OPEN flag bits that pass the client's spin window to the agent."""
+    return (min(window_us, 0xFFFE) + 1) << _SPIN_SHIFT
+
+
+def spin_window(flags: int) -> int | None:
+    """The spin window a CREATE/OPEN request's flags ask for; None if they do not say."""
+    value = flags >> _SPIN_SHIFT & 0xFFFF
+    return value - 1 if value else None
+
 
 # status codes (librpmem's enum rpmem_err) and the errno each becomes on the client
 OK = 0

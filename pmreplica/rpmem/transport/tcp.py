@@ -6,8 +6,11 @@ stands in for the socket; the code below is the same for both).
 A flush sends the OP header and the range in one ``sendmsg`` straight from the caller's
 pool buffer (the kernel copies it; Python never does) and does not wait; the agent receives
 into its mapped pool, makes the range durable and answers with a status word. ``drain``
-collects the outstanding answers of the lane, so several flushes cost one round trip. The
-number of unanswered flushes per lane is bounded by the work queue size.
+collects the outstanding answers of the lane, so several flushes cost one round trip (a flush
+tells the agent it may answer it together with the operations already queued behind it,
+``wire.OPF_ACK_LATER``). The number of unanswered flushes per lane is bounded by the work queue
+size. A lane that waits for an answer polls for it for a short window before it sleeps
+(``spin.py``): the answer then finds it awake, on whichever CPU.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import struct
 import threading
 
 from ...errors import RemoteError
-from .wire import HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, STATUS, recv_exact
+from .spin import DEFAULT_WINDOW_US, Spinner
+from .wire import HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, OPF_ACK_LATER, STATUS, recv_exact
 
 DEFAULT_WORK_QUEUE = 256
 _ZEROS = bytes(STATUS.size * 4096)
 _OK_WORD = bytes(STATUS.size)
+_pack_op = OP.pack_into
+_OP_SIZE = OP.size
 
 
 DEFAULT_OP_TIMEOUT = 60.0
@@ -56,16 +62,18 @@ def _deadline(sock: socket.socket, op_timeout: float) -> None:
 class TcpLane:
     """One lane: its connection and the count of flushes not yet answered."""
 
-    __slots__ = ("sock", "hdr", "status", "status_word", "pending", "lock", "broken")
+    __slots__ = ("sock", "hdr", "status", "status_word", "pending", "lock", "broken", "spin")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock  # or a tls.TlsLane, which has the methods used here
         self.hdr = bytearray(OP.size)
         self.status = bytearray(STATUS.size * 4096)
-        self.status_word = memoryview(self.status)[:STATUS.size]
+        #: a persist's answer: a bytearray of its own compares with _OK_WORD 4x faster than a view
+        self.status_word = bytearray(STATUS.size)
         self.pending = 0
         self.lock = threading.Lock()
         self.broken: OSError | None = None
+        self.spin: Spinner | None = None  # set once the lane is connected
 
 
 class TcpDataPath:
@@ -86,10 +94,12 @@ class TcpDataPath:
                 name: str, work_queue: int = DEFAULT_WORK_QUEUE,
                 timeout: float = 30.0,
                 op_timeout: float = DEFAULT_OP_TIMEOUT,
-                certificate: bytes | None = None) -> "TcpDataPath":
+                certificate: bytes | None = None,
+                spin_us: int = DEFAULT_WINDOW_US) -> "TcpDataPath":
         """Open and authenticate ``nlanes`` connections to the agent's data port, over TLS
         pinned to the agent's ``certificate`` unless it is None; an operation the agent does
-        not answer within ``op_timeout`` seconds fails its lane."""
+        not answer within ``op_timeout`` seconds fails its lane; a lane polls for an answer
+        for up to ``spin_us`` microseconds before it sleeps."""
         lanes: list[TcpLane] = []
         try:
             for lane in range(nlanes):
@@ -106,6 +116,7 @@ class TcpDataPath:
                     raise RemoteError(status, f"{name}: agent refused data lane {lane}")
                 sock.settimeout(None)  # blocking from here: no poll() before each recv
                 _deadline(sock, op_timeout)
+                lanes[-1].spin = Spinner(sock.fileno(), spin_us, getattr(sock, "pending", None))
         except OSError as e:
             for lane_ in lanes:
                 lane_.sock.close()
@@ -141,18 +152,23 @@ class TcpDataPath:
         return lane.broken
 
     def _send_write(self, lane: TcpLane, op: int, offset: int, length: int, flags: int) -> None:
-        OP.pack_into(lane.hdr, 0, op, flags, offset, length)
+        _pack_op(lane.hdr, 0, op, flags, offset, length)
         sent = lane.sock.sendmsg((lane.hdr, self._pool[offset:offset + length]), (), _NOSIGNAL)
-        total = OP.size + length
-        if sent < total:  # rare: only on signals or huge ranges
-            done = max(0, sent - OP.size)
-            if sent < OP.size:
-                lane.sock.sendall(memoryview(lane.hdr)[sent:], _NOSIGNAL)
-            lane.sock.sendall(self._pool[offset + done:offset + length], _NOSIGNAL)
         lane.pending += 1
+        if sent != _OP_SIZE + length:
+            self._send_rest(lane, offset, length, sent)
+
+    def _send_rest(self, lane: TcpLane, offset: int, length: int, sent: int) -> None:
+        """What a ``sendmsg`` of an operation left unsent (rare: signals, huge ranges)."""
+        done = max(0, sent - OP.size)
+        if sent < OP.size:
+            lane.sock.sendall(memoryview(lane.hdr)[sent:], _NOSIGNAL)
+        lane.sock.sendall(self._pool[offset + done:offset + length], _NOSIGNAL)
 
     def _collect(self, lane: TcpLane) -> None:
         """Read every outstanding status of the lane; raise on the first error."""
+        if lane.pending:
+            lane.spin.wait()
         while lane.pending:
             n = min(lane.pending, 4096) * STATUS.size
             view = memoryview(lane.status)[:n]
@@ -175,7 +191,7 @@ class TcpDataPath:
             try:
                 if ln.pending >= self._wq:
                     self._collect(ln)
-                self._send_write(ln, OP_WRITE, offset, length, flags)
+                self._send_write(ln, OP_WRITE, offset, length, flags | OPF_ACK_LATER)
             except RemoteError:
                 raise
             except OSError as e:
@@ -197,16 +213,29 @@ class TcpDataPath:
         lock = ln.lock
         lock.acquire()  # not `with`: half the cost, on the hot path
         try:
-            if ln.broken:
-                raise ln.broken
-            self._send_write(ln, op, offset, length, flags)
-            if ln.pending == 1:  # nothing else outstanding: one status word, read here
-                got = ln.sock.recv_into(ln.status_word)
-                if got != STATUS.size or ln.status_word != _OK_WORD:
-                    self._finish_word(ln, got)
-                ln.pending = 0
+            if ln.broken or ln.pending:
+                if ln.broken:
+                    raise ln.broken
+                self._send_write(ln, op, offset, length, flags)
+                self._collect(ln)  # its answer comes after those to the flushes before it
+                return
+            # the usual case, written out: this is the hot loop of a pool with remote replicas
+            _pack_op(ln.hdr, 0, op, flags, offset, length)
+            sock = ln.sock
+            sent = sock.sendmsg((ln.hdr, self._pool[offset:offset + length]), (), _NOSIGNAL)
+            ln.pending = 1  # until its answer is read, whatever interrupts this
+            if sent != _OP_SIZE + length:
+                self._send_rest(ln, offset, length, sent)
+            spin = ln.spin
+            if spin.skip:
+                spin.skip -= 1
             else:
-                self._collect(ln)
+                spin.wait()
+            word = ln.status_word
+            got = sock.recv_into(word)
+            if got != STATUS.size or word != _OK_WORD:
+                self._finish_word(ln, got)
+            ln.pending = 0
         except RemoteError:
             raise
         except OSError as e:
@@ -217,7 +246,7 @@ class TcpDataPath:
     def _finish_word(self, ln: TcpLane, got: int) -> None:
         """Complete a status word of which ``got`` bytes arrived; raise unless it is 0."""
         while got < STATUS.size:
-            r = ln.sock.recv_into(ln.status_word[got:])
+            r = ln.sock.recv_into(memoryview(ln.status_word)[got:])
             if not r:
                 raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
             got += r
@@ -241,6 +270,7 @@ class TcpDataPath:
             OP.pack_into(ln.hdr, 0, OP_READ, 0, offset, n)
             sock = ln.sock
             sock.sendall(ln.hdr, _NOSIGNAL)
+            ln.spin.wait()
             got = sock.recv_into(dest)
             if got != n:
                 self._finish_read(ln, memoryview(dest), got)

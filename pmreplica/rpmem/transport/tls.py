@@ -187,12 +187,14 @@ class TlsLane:
     the pool could not be closed under) before they raise, and raise new errors only.
     """
 
-    __slots__ = ("_tls", "_read", "_write", "_out", "_outview")
+    __slots__ = ("_tls", "_read", "_write", "_out", "_outview", "pending")
 
     def __init__(self, tls: ssl.SSLSocket) -> None:
         self._tls = tls
         self._read = tls._sslobj.read  # type: ignore[union-attr]
         self._write = tls._sslobj.write  # type: ignore[union-attr]
+        #: bytes OpenSSL decrypted and holds: a reader must take them before polling the socket
+        self.pending = tls._sslobj.pending  # type: ignore[union-attr]
         self._out = bytearray(_RECORD)
         self._outview = memoryview(self._out)
 

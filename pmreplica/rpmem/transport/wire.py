@@ -27,6 +27,9 @@ STATUS = struct.Struct(">I")  # 0 or an errno
 OP_WRITE = 1  # payload follows; made durable, then acknowledged
 OP_DEEP = 2  # like WRITE, through the deepest durability domain
 OP_READ = 3  # no payload; answered with the data alone
+#: OP flag: the client does not wait for this answer yet (a flush); the agent may hold its
+#: status word while further operations are already waiting, and send the words together
+OPF_ACK_LATER = 1 << 31
 
 #: Liveness (heartbeat.py on both ends): READY's blob names the session's heartbeat port and
 #: secret; the client connects there, sends HEARTBEAT_HELLO (the secret and its peer timeout
