@@ -8,10 +8,11 @@ Fan-out: persist latency of a pool set with remote replicas on two hosts against
 pool set with one, both open at once and measured in alternating rounds (so that noise hits
 both alike), p50 and p99, with the client and the agents left to the scheduler and then
 pinned (client on one CPU, agents on the other). Target: two hosts at most 1.3x one. Beside
-it, in the same rounds, the same fan-out of a raw baseline: a plain Python TCP ping-pong (the
-persist's bytes out, a 4-byte word back) to a peer on each host, sent to both hosts before
-either answer is awaited, as PoolSet does: what the hosts, their links and the machine's CPUs
-cost a second host before any pmreplica code runs.
+it, in the same rounds, the same fan-out of a raw baseline: pmreplica bench's plain Python
+ping-pong (the persist's bytes out, a 4-byte word back; over TLS as the lanes are, clear with
+``PMREPLICA_TCP_TLS=0``) to a peer on each host, sent to both hosts before either answer is
+awaited, as PoolSet does: what the hosts, their links and the machine's CPUs cost a second
+host before any pmreplica code runs.
 
 Time to degrade: a writer persists 4 KiB ranges while one of two hosts loses its link; the
 time from the cut to the replica's failure report, and the longest persist around it, over
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import shutil
 import statistics
 import sys
@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pmreplica import PoolSet, hookimpl, sync  # noqa: E402
+from pmreplica.bench import Peer  # noqa: E402
 from pmreplica.header import HDR_SIZE  # noqa: E402
 from tests.fixtures.hosts import HostBed, require_hosts  # noqa: E402
 
@@ -55,42 +56,17 @@ def pool_set(bed: HostBed, d: Path, name: str, hosts: tuple[str, ...]) -> Path:
     return path
 
 
-# The raw baseline's peer: answers each n-byte message on a connection with a 4-byte word.
-_RAW_PEER = r"""
-import socket, sys, threading
-n = int(sys.argv[2])
-ls = socket.create_server((sys.argv[1], 0)); print(ls.getsockname()[1], flush=True)
-def serve(c):
-    buf = memoryview(bytearray(n))
-    while True:
-        got = 0
-        while got < n:
-            r = c.recv_into(buf[got:])
-            if not r: return
-            got += r
-        c.sendall(b"\0\0\0\0")
-while True:
-    c, _ = ls.accept()
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-
 class RawPeers:
-    """A raw ping-pong peer on each of ``hosts`` (placed as the agents are), one connection
-    to each."""
+    """pmreplica bench's baseline peer (a plain Python ping-pong, over TLS as the lanes are
+    by default, unless ``PMREPLICA_TCP_TLS=0``) on each of ``hosts``, placed as the agents
+    are, one connection to each."""
 
-    def __init__(self, bed: HostBed, hosts: tuple[str, ...], size: int, pin: str) -> None:
-        self.procs = []
-        self.socks = []
-        for h in hosts:
-            argv = [sys.executable, "-c", _RAW_PEER, bed[h].address, str(size)]
-            proc = bed[h].start(pin.split() + argv if pin else argv, env=dict(os.environ))
-            self.procs.append(proc)
-            port = int(proc.stdout.readline())  # type: ignore[union-attr]
-            s = socket.create_connection((bed[h].address, port))
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.socks.append(s)
+    def __init__(self, bed: HostBed, hosts: tuple[str, ...], size: int,
+                 cpu: int | None) -> None:
+        tls = os.environ.get("PMREPLICA_TCP_TLS", "1") != "0"
+        self.peers = [Peer("pp", size, cpu, tls, host=bed[h].address,
+                           prefix=("ip", "netns", "exec", bed[h].netns)) for h in hosts]
+        self.socks = [p.connect() for p in self.peers]
         self.msg = os.urandom(size)
 
     def latencies(self, count: int) -> list[float]:
@@ -111,9 +87,8 @@ class RawPeers:
     def close(self) -> None:
         for s in self.socks:
             s.close()
-        for p in self.procs:
-            p.kill()
-            p.wait()
+        for p in self.peers:
+            p.close()
 
 
 def latencies(pool: PoolSet, size: int, count: int) -> list[float]:
@@ -148,14 +123,15 @@ def _alternating(one: Callable[[int], list[float]], two: Callable[[int], list[fl
     return a, b
 
 
-def fanout(bed: HostBed, d: Path, rounds: int, count: int, placement: str, pin: str) -> bool:
+def fanout(bed: HostBed, d: Path, rounds: int, count: int, placement: str,
+           cpu: int | None) -> bool:
     one = PoolSet.create(pool_set(bed, d, f"one{placement}", ("h1",)))
     two = PoolSet.create(pool_set(bed, d, f"two{placement}", ("h1", "h2")))
     ok = True
     try:
         for size in SIZES:
-            raw1 = RawPeers(bed, ("h1",), size, pin)
-            raw2 = RawPeers(bed, ("h1", "h2"), size, pin)
+            raw1 = RawPeers(bed, ("h1",), size, cpu)
+            raw2 = RawPeers(bed, ("h1", "h2"), size, cpu)
             try:
                 # pmreplica's and the raw baseline's rounds interleaved: one noise for all
                 samples: list[list[float]] = [[], [], [], []]
@@ -262,14 +238,14 @@ def main() -> int:
         for k in ("RPMEM_CMD", "PMREPLICA_LAUNCHER", "RPMEM_SSH"):
             os.environ.pop(k, None)
         print(f"replicas on other hosts ({os.cpu_count()} CPUs, {count} persists a round)")
-        ok = fanout(bed, d, 2 if args.quick else args.rounds, count, "unpinned", "")
+        ok = fanout(bed, d, 2 if args.quick else args.rounds, count, "unpinned", None)
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) >= 2 and shutil.which("taskset"):
             os.sched_setaffinity(0, {cpus[0]})
             os.environ["RPMEM_CMD"] = f"taskset -c {cpus[1]} pmreplica-agent"
             try:
                 ok &= fanout(bed, d, 2 if args.quick else args.rounds, count, "pinned",
-                             f"taskset -c {cpus[1]}")
+                             cpus[1])
             finally:
                 os.environ.pop("RPMEM_CMD")
                 os.sched_setaffinity(0, set(cpus))

@@ -50,11 +50,11 @@ TPUT = ((1 << 20, 1), (16 << 20, 1), (1 << 20, 4), (16 << 20, 4))
 # connection runs through Python's ssl with the context and key kind an agent's lanes have.
 _PEER = r"""
 import mmap, os, socket, sys, threading
-mode, n, tls = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "tls"
+mode, n, tls, host = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "tls", sys.argv[4]
 if tls:
     from pmreplica.rpmem.transport.tls import AgentIdentity
     context = AgentIdentity().context
-ls = socket.create_server(("127.0.0.1", 0)); print(ls.getsockname()[1], flush=True)
+ls = socket.create_server((host, 0)); print(ls.getsockname()[1], flush=True)
 def pingpong(c):
     buf = memoryview(bytearray(n))
     while True:
@@ -140,19 +140,22 @@ class Row:
 
 class Peer:
     """A baseline peer process (on CPU ``cpu``, None: anywhere) and connections to it, over
-    TLS 1.3 (Python's ``ssl``, as plain as a user would write it) if ``tls``."""
+    TLS 1.3 (Python's ``ssl``, as plain as a user would write it) if ``tls``. It listens on
+    ``host``; ``prefix`` starts it elsewhere (``ip netns exec NS`` on another "host")."""
 
-    def __init__(self, mode: str, n: int, cpu: int | None, tls: bool = False) -> None:
+    def __init__(self, mode: str, n: int, cpu: int | None, tls: bool = False,
+                 host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.tls = tls
+        self.host = host
+        argv = [sys.executable, "-c", _PEER, mode, str(n), "tls" if tls else "tcp", host]
         self.proc = subprocess.Popen(
-            _pinned([sys.executable, "-c", _PEER, mode, str(n), "tls" if tls else "tcp"], cpu),
-            stdout=subprocess.PIPE, text=True,
+            [*prefix, *_pinned(argv, cpu)], stdout=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": here})  # the peer imports this pmreplica
         self.port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
 
     def connect(self) -> socket.socket:
-        s = socket.create_connection(("127.0.0.1", self.port))
+        s = socket.create_connection((self.host, self.port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls:
             from .rpmem.transport.tls import _client_context
