@@ -58,6 +58,8 @@ POOL_SIZE = 64 << 20
 LOCAL_TARGET, REMOTE_TARGET = 1.05, 1.5
 #: bytes of a small commit's record on the wire (the floor's message)
 RECORD_BYTES = 200
+#: the remote replica's lanes, and so the floor's peer, speak TLS (the default)
+_TLS = os.environ.get("PMREPLICA_TCP_TLS", "1") != "0"
 
 
 @dataclass
@@ -220,9 +222,10 @@ def _remove(path: Path) -> None:
 
 
 def round_trip_floor(seconds: float) -> list[int]:
-    """Round trips (ns) of a record-sized message to a plain Python TCP peer (pmreplica
-    bench's baseline), on this CPU as the agent would be."""
-    peer = Peer("pp", RECORD_BYTES)
+    """Round trips (ns) of a record-sized message to a plain Python peer (pmreplica bench's
+    baseline) over the lanes' transport (TLS unless ``PMREPLICA_TCP_TLS=0``), placed as the
+    agent is (it inherits this process's CPUs)."""
+    peer = Peer("pp", RECORD_BYTES, None, _TLS)
     sock = peer.connect()
     payload, ack = bytes(RECORD_BYTES), bytearray(4)
     lat = []
@@ -277,7 +280,8 @@ def run(seconds: float, rounds: int, remote: str) -> list[Row]:
         if remote != "none":
             floor = min((round_trip_floor(seconds) for _ in range(rounds)), key=statistics.fmean)
             base = [r for r in rows if r.config == "unreplicated"]
-            row = _row("-", f"raw TCP round trip, {RECORD_BYTES} B", floor, None)
+            row = _row("-", f"raw {'TLS' if _TLS else 'TCP'} round trip, {RECORD_BYTES} B",
+                       floor, None)
             # the floor against the fastest workload's commit: the tightest bound
             fastest = min(base, key=lambda r: r.mean_us)
             row.ratio, row.p50_ratio = row.mean_us / fastest.mean_us, row.p50_us / fastest.p50_us

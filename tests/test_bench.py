@@ -71,3 +71,19 @@ def test_a_quick_run_reports_every_figure_beside_its_baseline_in_each_placement(
             assert r.target, r
     assert [row["metric"] for row in json.loads(out.getvalue())] == [r.metric for r in rows]
     assert len(os.sched_getaffinity(0)) == len(bench._ALLOWED)
+
+
+def test_txbench_measures_every_configuration_beside_the_round_trip_floor():
+    """benchmarks/txbench.py end to end, briefly: the object store unreplicated, with a local
+    and a remote replica (a real agent), and the floor of a raw round trip over TLS."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "txbench.py"),
+                          "--seconds", "0.2", "--rounds", "1", "--json"],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode in (0, 1), run.stderr  # 1: a target missed, as on a loaded machine
+    rows = json.loads(run.stdout)["rows"]
+    configs = {r["config"] for r in rows if r["workload"] == "list-set"}
+    assert {"unreplicated", "1 local replica", "1 remote replica (tcp)"} <= configs
+    floor = [r for r in rows if r["workload"] == "-"]
+    assert [r["config"] for r in floor] == ["raw TLS round trip, 200 B"]
+    assert all(r["tx_per_s"] > 0 and r["p99_us"] >= r["p50_us"] > 0 for r in rows)
