@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from rpmem_common import checksum as _checksum
+
 from .errors import PmReplicaError
 from .pmem import Mapping
-from .rpmem import checksum as _checksum
 
 log = logging.getLogger(__name__)
 

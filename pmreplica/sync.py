@@ -60,6 +60,8 @@ import uuid as _uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator
 
+from rpmem_common import checksum as _checksum
+
 from . import compare as _compare
 from . import dirtymap, generation, health
 from . import progress as _progress_mod
@@ -72,7 +74,6 @@ from .pmem import MAP_NORESERVE, Mapping
 from .pool import ReplicaStatus, load_set
 from .poolset import LocalReplica, RemoteReplica
 from .replica import ReplicaWriter, lock_pool
-from .rpmem import checksum as _checksum
 from .state import ReplicaState, store_copy
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def sync(path: str | os.PathLike[str], *, dry_run: bool = False, verify: bool = 
     ``dry_run`` only reports. ``verify`` compares the healthy replicas with the source by
     ``block``-byte checksums; ``repair`` then copies the differing ranges from the source.
     ``source`` names the replica to repair from when none is known to be up to date;
-    ``algorithm`` the digest (:mod:`pmreplica.rpmem.checksum`; default: the fastest both
+    ``algorithm`` the digest (:mod:`rpmem_common.checksum`; default: the fastest both
     sides compute); ``discard`` the replicas whose data to give up when their generations
     conflict with the others' (split brain, or a set superseded by a promoted replica): they
     are repaired by comparison, never a source.

@@ -13,9 +13,9 @@ import os
 
 from pmreplica.header import PoolAttr
 from pmreplica.poolset import MIN_REMOTE_POOL, PAGE_SIZE
-from pmreplica.rpmem import proto
-from pmreplica.rpmem.proto import Request, Response
-from pmreplica.rpmem.transport.wire import TLS_NAME
+from rpmem_common import proto
+from rpmem_common.proto import Request, Response
+from rpmem_common.wire import TLS_NAME
 
 from .config import AgentConfig
 from .heartbeat import Heartbeat

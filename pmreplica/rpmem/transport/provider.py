@@ -18,11 +18,12 @@ import errno
 import logging
 from dataclasses import dataclass
 
+from rpmem_common.proto import PROV_TCP, PROV_VERBS, PROVIDER_NAMES
+from rpmem_common.verbs_common import (RoceGid, check_memlock, gid_toward, is_loopback,
+                                       load_pyverbs, resolve, roce_gids)
+
 from ...errors import PmReplicaError
 from ..config import RpmemConfig
-from ..proto import PROV_TCP, PROV_VERBS, PROVIDER_NAMES
-from .verbs_common import (RoceGid, check_memlock, gid_toward, is_loopback, load_pyverbs,
-                           resolve, roce_gids)
 
 log = logging.getLogger(__name__)
 
