@@ -1,10 +1,10 @@
 """The health of a pool set's replicas, judged as replica-sync needs it before repairing.
 
 Each replica is probed where it lives: a local one through its part files (present,
-readable, sizes, header checksums, part links), a remote one through its agent (STAT for its
-size and header health, then OPEN for its attributes; the session stays open, holding the
-remote pool's lock, for the copy or the checksums that follow). Then the replicas are
-judged together:
+readable, sizes, header checksums, part links), any other through its plugin's target
+(``open`` for its attributes, the target staying open for the copy or the checksums that
+follow, the rpmem target holding the remote pool's lock; when that fails, ``stat`` for its
+size and header health). Then the replicas are judged together:
 
 * identity: all must carry the pool set uuid and format of the master; when the master is
   not sound, of the uuid most sound replicas share (ties: the lowest-numbered);
@@ -31,19 +31,17 @@ import os
 import uuid as _uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from . import dirtymap, generation
 from .errors import PmReplicaError
 from .generation import AHEAD, Generation
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
-from .pool import NamedReplica
-from .poolset import LocalReplica, PoolSetFile, RemoteReplica, Replica
+from .pool import NamedReplica, close_quietly
+from .poolset import LocalReplica, PoolSetFile, Replica
 from .replica import LocalReplicaFiles
 from .state import ReplicaState
-
-if TYPE_CHECKING:
-    from .rpmem.client import RemotePool
+from .target import ReplicaTarget
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +104,10 @@ class Probe(NamedReplica):
     #: part 0's header page (local replicas; the replica-state record copy lives in it)
     page: bytes | None = None
     files: LocalReplicaFiles | None = None
-    #: open session on a remote replica (bound to a scratch buffer)
-    remote: "RemotePool | None" = None
+    #: the open target of a replica its plugin serves (bound to a scratch buffer)
+    target: ReplicaTarget | None = None
+    #: the attributes its target's open() gave
+    attr: PoolAttr | None = None
     reachable: bool = True
     #: False when replica-sync cannot repair it (too small, NOHDRS, directory-based)
     repairable: bool = True
@@ -156,44 +156,51 @@ def probe_local(set_file: PoolSetFile, index: int, spec: LocalReplica,
     return probe
 
 
-def probe_remote(index: int, spec: RemoteReplica, pool_size: int, buffer: memoryview) -> Probe:
-    """Ask the replica's agent: OPEN the pool for its attributes (the session, bound to
-    ``buffer``, stays open in ``probe.remote``, holding the remote pool's lock); when that
-    fails, STAT says why: unreachable, too small, or which parts and headers are broken."""
-    from .rpmem import client
-
+def probe_target(index: int, spec: Replica, pool_size: int,
+                 new_target: Callable[[], ReplicaTarget]) -> Probe:
+    """Ask the replica's plugin: open its target (``new_target()``, unopened) for the
+    attributes (the target stays open in ``probe.target``: the rpmem target holds the remote
+    pool's lock); when that fails, its ``stat()`` says why: unreachable, too small, or which
+    parts and headers are broken."""
     probe = Probe(index, spec)
     try:
-        probe.remote = client.RemotePool.open(spec.node, spec.pool_set, buffer, nlanes=1)
+        target = new_target()
+    except OSError as e:
+        probe.reachable = False
+        probe.problems.append(_message(e))
+        return probe
+    try:
+        attr = target.open()
     except OSError as e:
         refused = e
     else:
-        attr = probe.remote.attr
+        probe.target, probe.attr = target, attr
         if attr.is_zeroed:
-            probe.problems.append("remote pool has no header (a NOHDRS pool set): "
+            probe.problems.append("replica has no header (a NOHDRS pool set): "
                                   "replica-sync needs pool headers")
             probe.repairable = False
         else:
             probe.identity = Identity.of_attr(attr)
             try:
-                probe.generation = Generation.unpack(probe.remote.stat().blob)
+                probe.generation = target.stat().generation
             except OSError as e:
                 log.debug("%s: no generation: %s", probe.name, e)
         return probe
     try:
-        st = client.stat(spec.node, spec.pool_set)
+        st = target.stat()
     except OSError as e:
         probe.reachable = False
         probe.problems.append(_message(e))
         return probe
-    probe.generation = Generation.unpack(st.blob) if st.blob else None
+    finally:
+        close_quietly(target)
+    probe.generation = st.generation
     if st.size < pool_size:
         probe.repairable = False
-        probe.problems.append(f"the remote pool set gives {st.size} bytes, the pool needs "
-                              f"{pool_size}")
+        probe.problems.append(f"the replica holds {st.size} bytes, the pool needs {pool_size}")
     elif not st.healthy:
-        probe.problems.extend(_tidy(st.message.split("; ")) if st.message
-                              else ["remote pool is inconsistent"])
+        probe.problems.extend(_tidy(st.detail.split("; ")) if st.detail
+                              else ["replica is inconsistent"])
     else:  # sound, but not to be had: open in another session, or its data path fails
         probe.reachable = False
         probe.problems.append(_message(refused))

@@ -181,7 +181,7 @@ class PoolSet:
                     target.create(attr)
                     self.report_progress(i, "create", self.size, self.size)
                 except BaseException:
-                    _close_quietly(target)
+                    close_quietly(target)
                     raise
                 status.target = target
             self._activate()
@@ -228,7 +228,7 @@ class PoolSet:
                 except OSError as e:
                     if e.errno in (errno.EBUSY, errno.EINVAL):  # there, but not to be had:
                         self._compare_generation(status, target)  # promoted elsewhere?
-                    _close_quietly(target)
+                    close_quietly(target)
                     self._report_failed(status, e)
                     continue
                 status.target = target
@@ -236,7 +236,7 @@ class PoolSet:
                     problem = _attr_problem(attr, hdr, status.index, nexts)
                     nexts[status.index] = attr.next_uuid
                     if problem:
-                        _close_quietly(target)
+                        close_quietly(target)
                         status.target = None
                         self._report_failed(status, ReplicaError(errno.EINVAL, problem))
                         continue
@@ -330,7 +330,7 @@ class PoolSet:
         """Undo a failed create: remove every replica made so far and the master."""
         for status in self.replicas[1:]:
             if status.target is not None:
-                _close_quietly(status.target)
+                close_quietly(status.target)
                 try:
                     self.plugin_manager.hook.pmreplica_remove_replica(
                         spec=status.spec, index=status.index, force=True,
@@ -469,7 +469,7 @@ class PoolSet:
                 return
             dropped = self._drop([(status, error)])
         for st, tgt, err in dropped:
-            _close_quietly(tgt)
+            close_quietly(tgt)
             self._announce_failed(st, err)
 
     def _drop(self, failures: list[tuple[ReplicaStatus, OSError]]
@@ -628,7 +628,7 @@ class PoolSet:
                 self.size)
         try:
             if old is not None:
-                _close_quietly(old)
+                close_quietly(old)
             target = self._target(status.spec, index, create=False)
             try:
                 attr = target.open()
@@ -640,7 +640,7 @@ class PoolSet:
                     raise ReplicaError(errno.EINVAL, problem)
                 copied = self._resync_copy(status, target, missed, chunk)
             except BaseException:
-                _close_quietly(target)
+                close_quietly(target)
                 raise
         finally:
             with self._state_lock:
@@ -685,7 +685,7 @@ class PoolSet:
             self._active = self._active + ((status, target),)
             dropped = self._drop(self._restored(status))
         for st, tgt, err in dropped:  # a replica that could not record the new generation
-            _close_quietly(tgt)
+            close_quietly(tgt)
             self._announce_failed(st, err)
         log.info("%s resynced online (%d bytes copied)", status.name, done)
         return done
@@ -715,7 +715,7 @@ class PoolSet:
                     log.warning("cannot record the replica state on close: %s", e)
         for status in self.replicas[1:]:
             if status.target is not None:
-                _close_quietly(status.target)
+                close_quietly(status.target)
                 status.target = None
         self._active = ()
         self._release()
@@ -741,7 +741,7 @@ class PoolSet:
         self.close()
 
 
-def _close_quietly(target: ReplicaTarget) -> None:
+def close_quietly(target: ReplicaTarget) -> None:
     try:
         target.close()
     except OSError as e:

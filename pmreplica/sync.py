@@ -52,6 +52,7 @@ close it.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -71,10 +72,12 @@ from .header import HDR_SIZE, PoolAttr, PoolHeader
 from .health import BROKEN, HEALTHY, STALE, UNKNOWN, Probe
 from .plugin_manager import make_plugin_manager
 from .pmem import MAP_NORESERVE, Mapping
-from .pool import ReplicaStatus, load_set
-from .poolset import LocalReplica, RemoteReplica
+from .pool import ReplicaStatus, close_quietly, load_set
+from .poolset import LocalReplica
 from .replica import ReplicaWriter, lock_pool
 from .state import ReplicaState, store_copy
+from .target import GenerationKeeper
+from .target_host import TargetHost, open_target
 
 log = logging.getLogger(__name__)
 
@@ -250,12 +253,14 @@ class _Run:
         self.renderer = _progress_mod.HookRenderer(
             progress if isinstance(progress, str) else
             _progress_mod.mode_for(sys.stderr, True) if progress else _progress_mod.OFF)
-        self.progress = _Progress(make_plugin_manager([*plugins, self.renderer]).hook)
+        self.pm = make_plugin_manager([*plugins, self.renderer])
+        self.progress = _Progress(self.pm.hook)
         self.probes: list[Probe] = []
         self.reports: list[ReplicaReport] = []
         self.lock_fd = -1
-        # remote sessions that need no local source are bound to this buffer, and data read
-        # from a remote source lands in it on its way to a replica (pages freed after use)
+        # targets that need no local source are bound to this buffer, and data read from
+        # a source reached through its target lands in it on its way to a replica (pages
+        # freed after use)
         self.scratch = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
         self.src_map: Mapping | None = None
         #: replicas whose part-0 page may hold the record (index 0: the master)
@@ -326,11 +331,11 @@ class _Run:
     def _probe(self) -> None:
         view = memoryview(self.scratch)
         for i, spec in enumerate(self.set_file.replicas):
-            if isinstance(spec, RemoteReplica):
-                probe = health.probe_remote(i, spec, self.size, view)
-            else:
-                assert isinstance(spec, LocalReplica)
+            if isinstance(spec, LocalReplica):
                 probe = health.probe_local(self.set_file, i, spec, self.size)
+            else:
+                probe = health.probe_target(i, spec, self.size, functools.partial(
+                    open_target, self.pm, spec, i, self._host(view)))
             self.probes.append(probe)
         view.release()
 
@@ -484,8 +489,8 @@ class _Run:
         src = self.probes[self.source]  # type: ignore[index]
         if src.header is not None:
             return src.header._replace(sds=bytes(len(src.header.sds)))
-        assert src.remote is not None
-        return src.remote.attr.to_header()
+        assert src.attr is not None
+        return src.attr.to_header()
 
     def _attr(self, p: Probe) -> PoolAttr:
         j, n = self.judgement, len(self.probes)
@@ -497,10 +502,10 @@ class _Run:
                         next_uuid=canon[(p.index + 1) % n].bytes_le,
                         prev_uuid=canon[(p.index - 1) % n].bytes_le, user_flags=t.arch.pack())
 
-    def _write_headers(self, p: Probe, remote: Any = None) -> None:
+    def _write_headers(self, p: Probe, target: Any = None) -> None:
         """Give replica ``p`` headers of the source's identity with the right links (a local
-        replica's part 0 page gets the current record with them); ``remote`` is an open
-        session on a remote ``p``, else the probe's is used."""
+        replica's part 0 page gets the current record with them); ``target`` is an open
+        target of ``p``, else the probe's is used."""
         if p.files is not None:
             canon, n = self.judgement.canonical, len(self.probes)  # type: ignore[union-attr]
             uuids = [canon[p.index]] + [_uuid.uuid4() for _ in range(p.files.nhdrs - 1)]
@@ -509,23 +514,34 @@ class _Run:
                                   canon[(p.index + 1) % n], state=state,
                                   gen=self._generation().pack())
             return
-        if remote is None:
-            if p.remote is None:
-                p.remote = self._open_remote(p, memoryview(self.scratch))
-            remote = p.remote
-        remote.set_attr(self._attr(p))
-        remote.store_generation(self._generation().pack())
+        if target is None:
+            if p.target is None:
+                p.target = self._open_target(p, memoryview(self.scratch))
+            target = p.target
+        target.set_attr(self._attr(p))
+        if isinstance(target, GenerationKeeper):
+            target.store_generation(self._generation())
 
-    def _open_remote(self, p: Probe, buffer: memoryview, create: bool = False) -> Any:
-        from .rpmem import client
+    def _host(self, buf: memoryview) -> TargetHost:
+        """What a plugin's target is handed as its pool: ``buf`` is what it copies from."""
+        src = self.src_map if buf.obj is not self.scratch else None
+        return TargetHost(self.set_file, buf, self.pm, src)
 
-        spec = p.spec
-        assert isinstance(spec, RemoteReplica)
-        if create:
-            client.remove(spec.node, spec.pool_set, client.REMOVE_FORCE)
-            return client.RemotePool.create(spec.node, spec.pool_set, buffer, nlanes=1,
-                                            attr=self._attr(p))
-        return client.RemotePool.open(spec.node, spec.pool_set, buffer, nlanes=1)
+    def _open_target(self, p: Probe, buffer: memoryview, create: bool = False) -> Any:
+        """Replica ``p``'s target, copying from ``buffer``, opened (``create``: its storage
+        removed and created again, with the headers it is to have)."""
+        target = open_target(self.pm, p.spec, p.index, self._host(buffer), create)
+        try:
+            if create:
+                self.pm.hook.pmreplica_remove_replica(spec=p.spec, index=p.index, force=True,
+                                                      remove_pool_set=False)
+                target.create(self._attr(p))
+            else:
+                p.attr = target.open()
+        except BaseException:
+            close_quietly(target)
+            raise
+        return target
 
     def _source_view(self) -> memoryview:
         """The pool as the source holds it: the mapped local source, or the scratch buffer
@@ -537,7 +553,7 @@ class _Run:
     def _fill(self, view: memoryview, off: int, n: int) -> None:
         src = self.probes[self.source]  # type: ignore[index]
         if src.is_remote:
-            src.remote.read(view[off:off + n], off, n)  # type: ignore[union-attr]
+            src.target.read(view[off:off + n], off, 0)  # type: ignore[union-attr]
 
     def _release(self, off: int, n: int) -> None:
         """Let go of the source's pages of a range copied: the run's memory stays bounded."""
@@ -605,8 +621,8 @@ class _Run:
             r.result, r.error = "failed", f"{'compare' if begun else 'verify'}: {_text(e)}"
             log.info("%s: %s", p.name, r.error)
 
-        # remote targets to be repaired: a session bound to the source's buffer, which
-        # computes their digests and, once one differs, takes the copy (its writer's)
+        # targets to be repaired: one bound to the source's buffer, which computes their
+        # digests and, once one differs, takes the copy (its writer's)
         bound: dict[int, Any] = {}
         src_view = self._source_view()
         try:
@@ -614,26 +630,26 @@ class _Run:
             for p in targets:
                 self.reports[p.index].differing = []
                 if p.is_remote and repair and not begun:
-                    if p.remote is not None:
-                        p.remote.close()
-                    p.remote = None
-                    bound[p.index] = self._open_remote(p, src_view)
+                    if p.target is not None:
+                        close_quietly(p.target)
+                    p.target = None
+                    bound[p.index] = self._open_target(p, src_view)
                 if repair and begun:
                     begin(p)
                 if p.is_remote:
-                    session = (writers[p.index].remote if p.index in writers
-                               else bound.get(p.index) or p.remote)
+                    session = (writers[p.index].target if p.index in writers
+                               else bound.get(p.index) or p.target)
                     if session is None:
-                        session = p.remote = self._open_remote(p, memoryview(self.scratch))
+                        session = p.target = self._open_target(p, memoryview(self.scratch))
                     sessions.append((p, session))
             if src.is_remote:
-                sessions.insert(0, (src, src.remote))
+                sessions.insert(0, (src, src.target))
             algorithm = self.algorithm or _compare.choose_algorithm(
                 [s for _, s in sessions], HDR_SIZE, block)
             by_index = dict(sessions)
             for p in [src, *targets]:
                 if p.is_remote:
-                    digester = _compare.remote_digester(by_index[p], block, algorithm)
+                    digester = _compare.target_digester(by_index[p], block, algorithm)
                 else:
                     mapping = self._source_mapping() if p is src else p.files.open()  # type: ignore[union-attr]
                     if p is not src:
@@ -689,7 +705,7 @@ class _Run:
             for writer in writers.values():
                 writer.close()
             for session in bound.values():
-                session.close()
+                close_quietly(session)
             src_view.release()
             for mapping in mappings:
                 _close_mapping(mapping)
@@ -735,24 +751,22 @@ class _Run:
         if not p.is_remote:
             generation.store(p.spec.parts[0].path, gen)  # type: ignore[union-attr]
             return
-        remote = p.remote
-        if remote is None:
-            remote = self._open_remote(p, memoryview(self.scratch))
+        target = p.target
+        if target is None:
+            target = self._open_target(p, memoryview(self.scratch))
         try:
-            remote.store_generation(gen.pack())
+            if isinstance(target, GenerationKeeper):
+                target.store_generation(gen)
         finally:
-            if remote is not p.remote:
-                remote.close()
+            if target is not p.target:
+                close_quietly(target)
 
     # -- cleanup ---------------------------------------------------------------------------
     def _close(self) -> None:
         for p in self.probes:
-            if p.remote is not None:
-                try:
-                    p.remote.close()
-                except OSError as e:
-                    log.debug("closing %s: %s", p.name, e)
-                p.remote = None
+            if p.target is not None:
+                close_quietly(p.target)
+                p.target = None
         if self.src_map is not None:
             _close_mapping(self.src_map)
         try:
@@ -767,7 +781,7 @@ class _Run:
 class _Writer:
     """Copies from the source into one replica under repair. A local replica loses its
     header first (it is no pool until :meth:`finish`) and its parts are written with
-    pwrite; a remote one gets the ranges over a session bound to the source's buffer.
+    pwrite; any other gets the ranges through its target, bound to the source's buffer.
     Source pages are let go as each batch is durable or sent."""
 
     def __init__(self, run: "_Run", p: Probe, create: bool = False,
@@ -775,14 +789,14 @@ class _Writer:
         self.run, self.p = run, p
         self.view = run._source_view()
         self.io: ReplicaWriter | None = None
-        self.remote: Any = session  # one bound to the source's buffer already: its own
+        self.target: Any = session  # one bound to the source's buffer already: its own
         try:
             if p.is_remote:
                 if session is None:
-                    if p.remote is not None:  # the probe's is bound to the scratch buffer
-                        p.remote.close()
-                        p.remote = None
-                    self.remote = run._open_remote(p, self.view, create=create)
+                    if p.target is not None:  # the probe's is bound to the scratch buffer
+                        close_quietly(p.target)
+                        p.target = None
+                    self.target = run._open_target(p, self.view, create=create)
             else:
                 self._clear_local()
                 self.io = ReplicaWriter(p.files)  # type: ignore[arg-type]
@@ -812,9 +826,9 @@ class _Writer:
                 if self.io is not None:
                     self.io.write(off, view[off:off + n])
                 else:
-                    self.remote.flush(off, n)
-            if self.remote is not None:
-                self.remote.drain()  # sent and durable: the source's pages may go
+                    self.target.flush(off, n, 0, 0)
+            if self.target is not None:
+                self.target.drain(0)  # sent and durable: the source's pages may go
             lo = batch[0][0]
             run._release(lo, batch[-1][0] + batch[-1][1] - lo)
             if advance is not None:
@@ -826,18 +840,15 @@ class _Writer:
             self.io.sync()
             self.run._write_headers(self.p)
         else:
-            self.run._write_headers(self.p, self.remote)
+            self.run._write_headers(self.p, self.target)
 
     def close(self) -> None:
         if self.io is not None:
             self.io.close()
             self.io = None
-        if self.remote is not None:
-            try:
-                self.remote.close()
-            except OSError as e:
-                log.debug("closing %s: %s", self.p.name, e)
-            self.remote = None
+        if self.target is not None:
+            close_quietly(self.target)
+            self.target = None
         self.view.release()
 
 

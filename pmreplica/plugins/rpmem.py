@@ -3,13 +3,16 @@ remote agent through :class:`pmreplica.rpmem.RemotePool`.
 
 The pool set has already checked each range, so once the remote pool is open the target's
 persist, flush, drain and read are the data path's own methods: no second check and no
-extra call on the hot path.
+extra call on the hot path. Outside an open pool (replica-sync, check, promote) the same
+target serves repairs and verifies: its :meth:`RpmemTarget.digests` are the agent's.
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+
+from rpmem_common import checksum as _checksum
 
 from ..errors import ReplicaError
 from ..generation import Generation
@@ -67,6 +70,17 @@ class RpmemTarget:
                 else client.stat(self.spec.node, self.spec.pool_set))
         return TargetStat(size=resp.size, healthy=resp.healthy, detail=resp.message,
                           generation=Generation.unpack(resp.blob) if resp.blob else None)
+
+    def digests(self, offset: int, length: int, block: int, algorithm: int) -> list[bytes]:
+        """Checksums computed by the agent over its own copy (:class:`DigestTarget`)."""
+        remote = self.remote
+        if remote is None:
+            raise ReplicaError(errno.EBADF, f"{self.name} is not open")
+        step = _checksum.MAX_BLOCKS * block  # the most one request may cover
+        out: list[bytes] = []
+        for at in range(offset, offset + length, step):
+            out += remote.checksum(at, min(step, offset + length - at), block, algorithm)
+        return out
 
     def store_generation(self, record: Generation) -> None:
         if self.remote is None:
