@@ -176,25 +176,6 @@ def _file_type(path: str) -> tuple[str, int | None]:
     return "other", None
 
 
-def _replica_link_problems(set_file: PoolSetFile,
-                           first: dict[int, PoolHeader]) -> dict[int, list[str]]:
-    """The replica circle: each local replica's next/prev replica uuids must name its
-    neighbours' first parts, and all must share the master's pool set uuid. Neighbours that
-    are remote are not checked here (their headers need the agent)."""
-    n = len(set_file.replicas)
-    out: dict[int, list[str]] = {i: [] for i in first}
-    master = first.get(0)
-    for i, h in first.items():
-        if master is not None and i and h.poolset_uuid != master.poolset_uuid:
-            out[i].append("belongs to another pool set (pool set uuid differs from the master)")
-        nxt, prv = first.get((i + 1) % n), first.get((i - 1) % n)
-        if nxt is not None and h.next_repl != nxt.uuid:
-            out[i].append(f"next replica uuid does not match replica {(i + 1) % n}")
-        if prv is not None and h.prev_repl != prv.uuid:
-            out[i].append(f"previous replica uuid does not match replica {(i - 1) % n}")
-    return out
-
-
 def _local_replica_info(set_file: PoolSetFile, index: int, rep: LocalReplica
                         ) -> tuple[dict[str, Any], PoolHeader | None, bytes | None]:
     """One local replica: its parts with their headers, and what is wrong with it."""
@@ -234,32 +215,8 @@ def _local_replica_info(set_file: PoolSetFile, index: int, rep: LocalReplica
     first = headers[0] if headers else None
     if first is not None and first.header is not None and not first.problems:
         info["generation"] = generation_info(first.raw, first.header)  # type: ignore[arg-type]
-        info["_page"] = first.raw
         return info, first.header, first.raw
     return info, None, None
-
-
-def _judge_generations(reps: list[dict[str, Any]], master_raw: bytes | None) -> None:
-    """A local replica's generation against the master's: behind (it missed writes), or
-    ahead / diverged (the master was superseded, or both took writes: split brain)."""
-    mine = generation.of_page(master_raw) if master_raw else None
-    if mine is None:
-        return
-    for r in reps[1:]:
-        theirs = generation.of_page(r["_page"]) if r.get("_page") else None
-        if theirs is None:
-            continue
-        relation = mine.relation(theirs)
-        if relation == generation.AHEAD:
-            if r["health"] == "healthy":
-                r["health"] = "stale (behind the master's generation)"
-        elif relation == generation.BEHIND:
-            reps[0]["health"] = f"superseded (replica {r['index']} holds a newer generation)"
-        elif relation == generation.DIVERGED:
-            reps[0]["health"] = r["health"] = (f"split brain (master and replica {r['index']} "
-                                              "both took writes)")
-    for r in reps:
-        r.pop("_page", None)
 
 
 def generation_info(page: bytes, hdr: PoolHeader) -> dict[str, Any] | None:
@@ -283,60 +240,55 @@ def split_problem(msg: str, paths: Container[str]) -> tuple[str | None, str]:
     return None, msg
 
 
-def _launcher(node: str) -> str:
-    """How the agent on ``node`` would be started from here (launcher, why)."""
-    from .rpmem.launch import describe
-    return describe(node)
-
-
-def _transport(node: str) -> str:
-    """The data path a pool on ``node`` gets from here (RDMA device, environment), why."""
-    from .rpmem.transport.provider import describe
-    return describe(node)
-
-
 def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
-    """Everything ``info`` reports about a pool set (or a single-file pool)."""
-    nrep = len(set_file.replicas)
+    """Everything ``info`` reports about a pool set (or a single-file pool). Replicas that
+    are not local are listed, not contacted; health is health.judge's verdict, the one
+    replica-sync and check give."""
+    from . import health
+
+    nrep, size = len(set_file.replicas), set_file.pool_size
     reps: list[dict[str, Any]] = []
-    first: dict[int, PoolHeader] = {}
+    probes: list[health.Probe] = []
     master_raw: bytes | None = None
     for i, rep in enumerate(set_file.replicas):
-        if isinstance(rep, RemoteReplica):
+        if not isinstance(rep, LocalReplica):
             reps.append({"index": i, "kind": "remote", "node": rep.node,
                          "pool_set": rep.pool_set, "problems": []})
+            probes.append(health.not_contacted(i, rep))
             continue
-        info, hdr, raw = _local_replica_info(set_file, i, rep)
+        info, _, raw = _local_replica_info(set_file, i, rep)
         reps.append(info)
-        if hdr is not None:
-            first[i] = hdr
-            if i == 0:
-                master_raw = raw
-    for i, probs in _replica_link_problems(set_file, first).items():
-        reps[i]["problems"].extend(probs)
+        probes.append(health.probe_local(set_file, i, rep, size))
+        if i == 0:
+            master_raw = raw
+    found = [len(p.problems) for p in probes]
+    judged = health.judge(probes, size)
+    for r, p, k in zip(reps, probes, found):
+        if r["kind"] == "remote":
+            r["health"] = "remote (not contacted)"
+            continue
+        r["problems"] += p.problems[k:] + p.link_problems  # what the replicas together show
+        on_record = judged.state is not None and judged.state.is_stale(p.index)
+        r["health"] = ("stale (behind the master's generation)"
+                       if p.health == health.STALE and not on_record else p.health)
+    if judged.superseded_by is not None:
+        reps[0]["health"] = f"superseded (replica {judged.superseded_by} holds a newer generation)"
+    if judged.split is not None:
+        a, b = judged.split
+        for i in judged.split:
+            reps[i]["health"] = f"split brain (replica {a} and replica {b} both took writes)"
 
     state: dict[str, Any] | None = None
-    rstate = None
     if master_raw is not None:
-        rstate = ReplicaState.load(master_raw, set_file.pool_size, nrep,
+        rstate = ReplicaState.load(master_raw, size, nrep,
                                    dirtymap.path_for(set_file.master.parts[0].path))
         state = {"intact": rstate.intact, "stale": [i for i in range(nrep) if rstate.is_stale(i)],
                  "generation": rstate.generation, "chunk_size": rstate.chunk,
                  "fine_chunk_size": rstate.fine.chunk if rstate.fine is not None else None,
-                 "dirty_bytes": rstate.dirty_bytes(HDR_SIZE, set_file.pool_size),
-                 "dirty_ranges": sum(1 for _ in rstate.iter_dirty(HDR_SIZE, set_file.pool_size))}
-    for r in reps:
-        if r["kind"] == "remote":
-            r["health"] = "remote (not contacted)"
-        elif r["problems"]:
-            r["health"] = "broken"
-        elif rstate is not None and rstate.is_stale(r["index"]):
-            r["health"] = "stale"
-        else:
-            r["health"] = "healthy"
-    _judge_generations(reps, master_raw)
+                 "dirty_bytes": rstate.dirty_bytes(HDR_SIZE, size),
+                 "dirty_ranges": sum(1 for _ in rstate.iter_dirty(HDR_SIZE, size))}
     return {"path": os.path.abspath(path), "kind": "poolset" if set_file.path else "pool",
-            "options": sorted(set_file.options), "pool_size": set_file.pool_size,
+            "options": sorted(set_file.options), "pool_size": size,
             "replicas": reps, "replica_state": state,
             "healthy": all(r["health"] == "healthy" for r in reps if r["kind"] == "local")}
 
@@ -403,6 +355,9 @@ def _render_header(out: list[str], h: dict[str, Any], part_file: bool = False) -
 
 
 def _render_set(info: dict[str, Any]) -> list[str]:
+    from .plugin_manager import make_plugin_manager
+
+    pm = make_plugin_manager()  # replicas not local are described by their plugins
     out: list[str] = []
     _line(out, "Pool set" if info["kind"] == "poolset" else "Pool file", info["path"])
     if info["options"]:
@@ -426,8 +381,9 @@ def _render_set(info: dict[str, Any]) -> list[str]:
         if rep["kind"] == "remote":
             out.append(f"{name} - remote: node {rep['node']}, pool set {rep['pool_set']}")
             _line(out, "health", rep["health"])
-            _line(out, "launcher", _launcher(rep["node"]))
-            _line(out, "transport", _transport(rep["node"]))
+            spec = RemoteReplica(rep["node"], rep["pool_set"])
+            for key, value in pm.hook.pmreplica_describe_replica(spec=spec, index=i) or ():
+                _line(out, key, value)
             continue
         out.append(f"{name} - local, {len(rep['parts'])} part(s):")
         _line(out, "health", rep["health"])

@@ -207,6 +207,12 @@ def probe_target(index: int, spec: Replica, pool_size: int,
     return probe
 
 
+def not_contacted(index: int, spec: Replica) -> Probe:
+    """A replica left alone (``pmreplica info`` contacts no plugin's replica): judged as
+    one whose health is not known."""
+    return Probe(index, spec, problems=["not contacted"], reachable=False)
+
+
 _ENOENT = ": " + os.strerror(errno.ENOENT)
 
 
@@ -239,6 +245,10 @@ class Judgement:
     conflict: str | None = None
     #: the newest generation of the replicas (None: none recorded)
     newest: Generation | None = None
+    #: the replica whose newer generation another master began (this set was superseded)
+    superseded_by: int | None = None
+    #: two replicas that took writes after they parted (split brain), one of each side
+    split: tuple[int, int] | None = None
 
 
 def judge(probes: list[Probe], pool_size: int,
@@ -291,18 +301,19 @@ def judge(probes: list[Probe], pool_size: int,
             p.link_problems.append(f"previous replica uuid does not name replica {prv}")
         if state is not None and state.is_stale(p.index) and state.needs_compare(p.index):
             p.compare = True
-    conflict, newest = _generations(probes, canonical[0], discard)
-    return Judgement(reference, state, holders, canonical, conflict, newest)
+    out = Judgement(reference, state, holders, canonical)
+    _generations(out, probes, canonical[0], discard)
+    return out
 
 
-def _generations(probes: list[Probe], master: _uuid.UUID, discard: frozenset[int]
-                 ) -> tuple[str | None, Generation | None]:
+def _generations(out: Judgement, probes: list[Probe], master: _uuid.UUID,
+                 discard: frozenset[int]) -> None:
     """Judge the replicas' generations (generation.py): a replica behind the newest one
     missed acknowledged writes (stale, repaired by comparison: it may also hold writes the
     newest line lacks); replicas in ``discard`` are treated as behind, whatever they hold.
-    Returns why the pool set cannot be repaired without a choice (two lines of generations
-    that both took writes: split brain; or the newest begun by another master: this set was
-    superseded), and the newest generation."""
+    Sets in ``out`` why the pool set cannot be repaired without a choice (two lines of
+    generations that both took writes: split brain; or the newest begun by another master:
+    this set was superseded), and the newest generation."""
     gens = {p.index: p.generation for p in probes
             if p.sound and p.generation is not None and p.index not in discard}
     heads = [i for i, g in gens.items()
@@ -325,21 +336,25 @@ def _generations(probes: list[Probe], master: _uuid.UUID, discard: frozenset[int
         ga, gb = gens[a.index], gens[b.index]
         parted = ga.parted(gb)
         since = f"generation {parted}" if parted is not None else "a generation no longer recorded"
-        return (f"split brain: {a.name} and {b.name} both took writes after they parted at "
-                f"{since} ({a.name}: {ga.describe()}; {b.name}: {gb.describe()}); nothing is "
-                f"overwritten until you choose the side to lose with --discard "
-                f"{a.index} or --discard {b.index}"), None
+        out.split = (a.index, b.index)
+        out.conflict = (
+            f"split brain: {a.name} and {b.name} both took writes after they parted at "
+            f"{since} ({a.name}: {ga.describe()}; {b.name}: {gb.describe()}); nothing is "
+            f"overwritten until you choose the side to lose with --discard "
+            f"{a.index} or --discard {b.index}")
+        return
     if not lines:
-        return None, None
+        return
     (ids,) = lines.values()
-    newest = gens[ids[0]]
+    out.newest = newest = gens[ids[0]]
     if newest.master != master.bytes:
         holder = probes[ids[0]]
-        return (f"this pool set was superseded: {holder.name} holds newer data "
-                f"({newest.describe()}) under another master (a replica promoted since); "
-                f"rejoin this set's master as a replica of that pool instead, or keep this "
-                f"set's data with --discard {' --discard '.join(map(str, ids))}"), newest
-    return None, newest
+        out.superseded_by = holder.index
+        out.conflict = (
+            f"this pool set was superseded: {holder.name} holds newer data "
+            f"({newest.describe()}) under another master (a replica promoted since); "
+            f"rejoin this set's master as a replica of that pool instead, or keep this "
+            f"set's data with --discard {' --discard '.join(map(str, ids))}")
 
 
 def _reference(probes: list[Probe]) -> Probe | None:

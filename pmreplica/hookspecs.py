@@ -58,6 +58,13 @@ def pmreplica_remove_replica(spec: "Replica", index: int, force: bool,
     ``RPMEM_REMOVE_POOL_SET``)."""
 
 
+@hookspec(firstresult=True)
+def pmreplica_describe_replica(spec: "Replica", index: int) -> Optional[list[tuple[str, str]]]:
+    """What ``pmreplica info`` shows of replica ``index``, which it does not contact:
+    ``(key, value)`` lines, e.g. how it would be reached (the rpmem plugin: the launcher
+    and the transport); None to let the next plugin answer."""
+
+
 @hookspec
 def pmreplica_replica_failed(replica: "ReplicaStatus", error: BaseException) -> None:
     """Called once when a replica stops taking writes (I/O error, lost connection, ...).

@@ -65,6 +65,11 @@ def test_example_plugin_replica_is_written_checked_repaired_and_verified(
     code, report = _run(check, env)
     assert code == 0 and [r["health"] for r in report["replicas"]] == ["healthy", "healthy"]
     assert report["replicas"][1]["name"] == "replica 1 (filestore:objects/r1)"
+    info = subprocess.run(pmreplica_cmd + ["info", str(path)], env=env, capture_output=True,
+                          text=True)
+    assert info.returncode == 0, info.stderr
+    assert f"storage                  : {replica}\n" in info.stdout
+    assert "launcher" not in info.stdout  # no SSH for what is not an rpmem replica
 
     # its storage is lost: check says so, replica-sync recreates it through the plugin
     replica.unlink()

@@ -6,7 +6,7 @@ Written against :class:`pmreplica.ReplicaTarget` and nothing else of pmreplica's
 write it, and ``replica-sync``/``pmreplica check`` probe it (``open``, ``stat``), recreate it
 (the remove hook, ``create``), copy into it (``flush``/``drain``), give it its headers
 (``set_attr``) and verify it by reading it back (``read``: it computes no digests of its
-own). It keeps the pool's generation too (``store_generation``), so that it is never taken
+own); ``pmreplica info`` shows where it is kept (the describe hook). It keeps the pool's generation too (``store_generation``), so that it is never taken
 for current when it missed writes.
 """
 
@@ -137,6 +137,13 @@ class FileTarget:
 def pmreplica_open_replica(spec, index, poolset, create):
     if isinstance(spec, RemoteReplica) and spec.node == NODE:
         return FileTarget(spec.pool_set, poolset)
+    return None
+
+
+@hookimpl
+def pmreplica_describe_replica(spec, index):
+    if isinstance(spec, RemoteReplica) and spec.node == NODE:
+        return [("storage", os.path.join(directory(), spec.pool_set))]
     return None
 
 

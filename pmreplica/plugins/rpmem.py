@@ -20,7 +20,8 @@ from ..header import PoolAttr
 from ..hookspecs import hookimpl
 from ..pool import describe
 from ..poolset import RemoteReplica
-from ..rpmem import client
+from ..rpmem import client, launch
+from ..rpmem.transport import provider
 from ..target import TargetStat
 
 
@@ -107,6 +108,14 @@ def pmreplica_open_replica(spec, index, poolset, create):
         return None
     return RpmemTarget(spec, describe(spec, index), poolset.buf, poolset.nlanes,
                        poolset.target_failed)
+
+
+@hookimpl(trylast=True)
+def pmreplica_describe_replica(spec, index):
+    if not isinstance(spec, RemoteReplica):
+        return None
+    return [("launcher", launch.describe(spec.node)),
+            ("transport", provider.describe(spec.node))]
 
 
 @hookimpl(trylast=True)
