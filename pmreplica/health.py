@@ -37,6 +37,7 @@ from . import dirtymap, generation
 from .errors import PmReplicaError
 from .generation import AHEAD, Generation
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
+from .identity import Identity, membership_problem
 from .pool import NamedReplica, close_quietly
 from .poolset import LocalReplica, PoolSetFile, Replica
 from .replica import LocalReplicaFiles
@@ -54,38 +55,6 @@ UNREACHABLE = "unreachable"  # its agent could not be asked, or its pool not ope
 
 # freshness of a sound replica
 FRESH = "fresh"
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What a replica's (first part's) header says about the pool it belongs to."""
-
-    poolset_uuid: _uuid.UUID
-    signature: bytes
-    major: int
-    compat: int
-    incompat: int
-    ro_compat: int
-    uuid: _uuid.UUID
-    prev_repl: _uuid.UUID
-    next_repl: _uuid.UUID
-
-    @property
-    def format(self) -> tuple:
-        return (self.signature.rstrip(b"\0"), self.major, self.compat, self.incompat,
-                self.ro_compat)
-
-    @classmethod
-    def of_header(cls, h: PoolHeader) -> "Identity":
-        return cls(h.poolset_uuid, h.signature, h.major, h.compat, h.incompat, h.ro_compat,
-                   h.uuid, h.prev_repl, h.next_repl)
-
-    @classmethod
-    def of_attr(cls, a: PoolAttr) -> "Identity":
-        uu = _uuid.UUID
-        return cls(uu(bytes_le=a.poolset_uuid), a.signature, a.major, a.compat_features,
-                   a.incompat_features, a.ro_compat_features, uu(bytes_le=a.uuid),
-                   uu(bytes_le=a.prev_uuid), uu(bytes_le=a.next_uuid))
 
 
 @dataclass(eq=False)
@@ -263,12 +232,10 @@ def judge(probes: list[Probe], pool_size: int,
         assert ref is not None
         for p in probes:
             if p.sound and p is not reference:
-                if p.identity.poolset_uuid != ref.poolset_uuid:  # type: ignore[union-attr]
-                    p.problems.append(f"belongs to another pool set (pool set uuid differs "
-                                      f"from replica {reference.index})")
-                elif p.identity.format != ref.format:  # type: ignore[union-attr]
-                    p.problems.append(f"pool format (signature, version or features) differs "
-                                      f"from replica {reference.index}")
+                problem = membership_problem(p.identity, ref,  # type: ignore[arg-type]
+                                             f"replica {reference.index}")
+                if problem:
+                    p.problems.append(problem)
         seen: dict[_uuid.UUID, int] = {}
         for p in probes:  # a copied part file: its data and its record are another's
             if p.sound:

@@ -26,6 +26,7 @@ from . import poolset as _poolset
 from .errors import HeaderError, PmReplicaError, ReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, Generation  # noqa: F401
 from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
+from .identity import Identity, membership_problem
 from .pmem import Mapping
 from .plugin_manager import make_plugin_manager
 from .poolset import LocalReplica, PoolSetFile, Replica
@@ -767,14 +768,13 @@ def split_message(path: str, master: Generation, index: int, name: str, replica:
 
 def _attr_problem(attr: PoolAttr, master: PoolHeader, index: int,
                   nexts: dict[int, bytes]) -> str | None:
-    """Why replica ``index`` (attributes ``attr``) does not belong with this master;
-    ``nexts`` holds the next-replica uuid of the replicas opened before it."""
+    """Why replica ``index`` (attributes ``attr``) does not belong with this master (by the
+    rule replica-sync judges by, :mod:`pmreplica.identity`); ``nexts`` holds the next-replica uuid of the replicas opened before it."""
     if attr.is_zeroed:
         return None  # raw replica without headers (NOHDRS remote set)
-    if attr.poolset_uuid != master.poolset_uuid.bytes_le:
-        return f"replica {index} belongs to another pool set (pool set uuid differs)"
-    if attr.signature.rstrip(b"\0") != master.signature.rstrip(b"\0"):
-        return f"replica {index} has signature {attr.signature!r}, master {master.signature!r}"
+    problem = membership_problem(Identity.of_attr(attr), Identity.of_header(master), "the master")
+    if problem:
+        return f"replica {index} {problem}"
     if index - 1 in nexts and nexts[index - 1] != attr.uuid:
         return f"replica {index} is not the replica its predecessor links to (replica uuid differs)"
     return None
