@@ -20,7 +20,7 @@ from typing import Iterable
 
 import pluggy
 
-from . import dirtymap
+from . import copier, dirtymap
 from . import generation as _generation
 from . import poolset as _poolset
 from .errors import HeaderError, PmReplicaError, ReplicaError
@@ -597,7 +597,7 @@ class PoolSet:
         except Exception:  # a host application's hook must not break the pool
             log.exception("pmreplica_replica_restored hook raised")
 
-    def resync(self, index: int, *, chunk: int = 8 << 20) -> int:
+    def resync(self, index: int, *, chunk: int = copier.CHUNK) -> int:
         """Bring failed or stale replica ``index`` of this open pool up to date online and put
         it back on the write path; returns the bytes copied.
 
@@ -662,26 +662,24 @@ class PoolSet:
         done = 0
         hook = self.plugin_manager.hook
 
-        def copy(off: int, n: int) -> None:
+        def advance(n: int) -> None:
             nonlocal done
-            end = off + n
-            while off < end:
-                step = min(chunk, end - off)
-                target.persist(off, step, 0, 0)
-                off += step
-                done += step
-                hook.pmreplica_sync_progress(replica=status, phase="resync", done=done,
-                                             total=total)
+            done += n
+            hook.pmreplica_sync_progress(replica=status, phase="resync", done=done,
+                                         total=total)
+
+        def copy(ranges: Iterable[tuple[int, int]]) -> None:
+            copier.copy(ranges, lambda off, n: target.flush(off, n, 0, 0),
+                        lambda off, n: target.drain(0), advance, chunk)
 
         hook.pmreplica_sync_progress(replica=status, phase="resync", done=0, total=total)
-        for off, n in pieces:
-            copy(off, n)
+        copy(pieces)
         with self._state_lock:
             marks = self._resync_marks
             assert marks is not None
-            for off, n in marks.ranges(start, self.size):
-                total += n
-                copy(off, n)
+            written = list(marks.ranges(start, self.size))
+            total += sum(n for _, n in written)
+            copy(written)
             status.target = target
             self._active = self._active + ((status, target),)
             dropped = self._drop(self._restored(status))

@@ -59,11 +59,12 @@ import os
 import sys
 import uuid as _uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from rpmem_common import checksum as _checksum
 
 from . import compare as _compare
+from . import copier
 from . import dirtymap, generation, health
 from . import progress as _progress_mod
 from .errors import PmReplicaError
@@ -92,8 +93,6 @@ _EXIT = {OK_HEALTHY: EXIT_HEALTHY, OK_REPAIRED: EXIT_REPAIRED, NEEDS_REPAIR: EXI
 
 _NO_RECORD_PLACE = ("no local replica can record that it is being repaired; repair the "
                     "master first")
-#: bytes copied per step: progress and the hook advance this much at a time
-COPY_CHUNK = 8 << 20
 
 
 @dataclass
@@ -212,26 +211,6 @@ class _Progress:
     def _notify(self) -> None:
         self._hook.pmreplica_sync_progress(replica=self._status, phase=self._phase,
                                            done=self._done, total=self._total)
-
-
-def _batches(ranges: Iterable[tuple[int, int]], size: int = COPY_CHUNK
-             ) -> Iterator[list[tuple[int, int]]]:
-    """``ranges`` cut into pieces of at most ``size`` bytes and grouped into batches of
-    about ``size`` bytes (one drain, one release of source pages, one progress step each)."""
-    batch: list[tuple[int, int]] = []
-    total = 0
-    for off, n in ranges:
-        end = off + n
-        while off < end:
-            step = min(size - total, end - off)
-            batch.append((off, step))
-            total += step
-            off += step
-            if total >= size or len(batch) >= 4096:
-                yield batch
-                batch, total = [], 0
-    if batch:
-        yield batch
 
 
 class _Run:
@@ -818,21 +797,22 @@ class _Writer:
             run.record_places.discard(p.index)  # a broken replica's copy does not count
 
     def copy(self, ranges: Iterable[tuple[int, int]],
-             advance: Any = None) -> None:
+             advance: Callable[[int], None] | None = None) -> None:
         run, view = self.run, self.view
-        for batch in _batches(ranges):
-            for off, n in batch:
-                run._fill(view, off, n)
-                if self.io is not None:
-                    self.io.write(off, view[off:off + n])
-                else:
-                    self.target.flush(off, n, 0, 0)
+
+        def write(off: int, n: int) -> None:
+            run._fill(view, off, n)
+            if self.io is not None:
+                self.io.write(off, view[off:off + n])
+            else:
+                self.target.flush(off, n, 0, 0)
+
+        def settle(off: int, n: int) -> None:
             if self.target is not None:
                 self.target.drain(0)  # sent and durable: the source's pages may go
-            lo = batch[0][0]
-            run._release(lo, batch[-1][0] + batch[-1][1] - lo)
-            if advance is not None:
-                advance(sum(n for _, n in batch))
+            run._release(off, n)
+
+        copier.copy(ranges, write, settle, advance)
 
     def finish(self) -> None:
         """Make what was copied durable and write the replica's headers."""
