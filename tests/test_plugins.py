@@ -218,3 +218,18 @@ def test_cli_create_and_rm_use_the_entry_point_plugin(pool_dir, toy_site, pmrepl
     assert [e["event"] for e in events] == ["open_replica", "create", "close", "remove_replica"]
     assert events[-1] == {"event": "remove_replica", "pool_set": "sub/toy.set", "index": 2,
                           "force": False, "remove_pool_set": True}
+
+
+def test_front_door_exports_what_a_plugin_needs():
+    """Everything a plugin is written against comes from `pmreplica` itself, and the
+    installed distribution's version is the package's."""
+    import importlib.metadata
+
+    import pmreplica
+    for name in pmreplica.__all__:
+        assert getattr(pmreplica, name) is not None, name
+    assert {"ReplicaTarget", "TargetStat", "GenerationKeeper", "DigestTarget", "RELAXED",
+            "PoolAttr", "Replica", "LocalReplica", "RemoteReplica", "hookimpl"} <= set(
+        pmreplica.__all__)
+    assert importlib.metadata.version("pmreplica") == pmreplica.__version__
+    assert (ROOT / "pmreplica" / "py.typed").exists()
