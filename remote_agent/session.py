@@ -134,8 +134,8 @@ class Session:
                     raise PoolError(errno.EINVAL, "CONNECT needs a pool open over verbs")
                 return Response(rtype, blob=connect(req.blob))
             if req.type == proto.CHECKSUM:  # replica-sync --verify; hashlib loads only here
-                from . import checksum
-                return Response(rtype, blob=checksum.handle(self.pool, req.blob))
+                from . import digests
+                return Response(rtype, blob=digests.handle(self.pool, req.blob))
             raise PoolError(errno.EPROTONOSUPPORT, f"request type {req.type} is not supported")
         except OSError as e:
             log.warning("%s failed: %s", _NAMES.get(req.type, req.type), e)

@@ -23,10 +23,10 @@ from ..header import HDR_SIZE, PoolAttr
 from ..pmem import buffer_address
 from ..poolset import MIN_REMOTE_POOL, check_pool_set_name
 from . import heartbeat
+from .address import parse_target
 from .channel import AgentChannel
 from .config import RpmemConfig
 from .launch import launch
-from .target import parse_target
 from .transport import provider
 from .transport.tcp import DEFAULT_WORK_QUEUE, TcpDataPath
 

@@ -31,11 +31,11 @@ import paramiko
 
 from pmreplica.errors import RemoteError
 from pmreplica.rpmem import known_hosts, ssh_auth, ssh_host_key
+from pmreplica.rpmem.address import Target
 from pmreplica.rpmem.channel import AgentChannel, StderrTail
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import OpenSSHLauncher
 from pmreplica.rpmem.ssh_settings import NeedsOpenSSH, SshSettings, resolve
-from pmreplica.rpmem.target import Target
 
 __all__ = ["ConnectionPool", "NeedsOpenSSH", "POOL", "ParamikoChannel", "ParamikoLauncher",
            "SshSettings", "close_connections", "connect", "resolve"]

@@ -106,7 +106,7 @@ def describe(node: str, config: RpmemConfig | None = None) -> str:
     """The data path a pool on ``node`` ([user@]host[:port]) would use from here, with the
     reason and, for TCP, TLS or clear text, as ``pmreplica info`` shows it (the agent's side
     is not asked)."""
-    from ..target import parse_target
+    from ..address import parse_target
 
     try:
         config = config or RpmemConfig.from_env()
