@@ -32,8 +32,9 @@ replica that holds the newest data may ever be overwritten with older data):
 4. A replica reached through its target (a remote one) cannot lose its header that way, so
    it is repaired only while its stale mark is recorded where a record counts (the
    master's part 0, or a sound local replica); with no such place (the master lost and not
-   yet recreated, no sound local replica) it is left alone. Replicas are repaired in index order, so a lost master is recreated, and
-   holds the record, before any remote replica is touched.
+   yet recreated, no sound local replica) it is left alone. Replicas are repaired in index
+   order, so a lost master is recreated, and holds the record, before any remote replica
+   is touched.
 5. The stale mark of a replica is cleared only after its data and its headers are durable
    (the record is written master first, then the copies; a crash in between leaves some
    copies older, and the newest generation wins).
@@ -65,8 +66,7 @@ from typing import Any, Callable, Iterable
 from rpmem_common import checksum as _checksum
 
 from . import compare as _compare
-from . import copier
-from . import generation, health
+from . import copier, generation, health
 from . import progress as _progress_mod
 from . import sync_report
 from .errors import PmReplicaError
@@ -78,8 +78,8 @@ from .pmem import MAP_NORESERVE, Mapping
 from .pool import ReplicaStatus, close_quietly, load_set
 from .poolset import LocalReplica
 from .replica import ReplicaWriter, lock_pool
-# the report and its statuses are part of this module's API (sync.OK_HEALTHY, ...)
 from .sync_record import RunRecord
+# the report and its statuses are part of this module's API (sync.OK_HEALTHY, ...)
 from .sync_report import (EXIT_ERROR, EXIT_HEALTHY, EXIT_PROBLEMS, EXIT_REPAIRED,  # noqa: F401
                           FAILED, NEEDS_REPAIR, OK_HEALTHY, OK_REPAIRED, Report,
                           ReplicaReport, note_differing)
