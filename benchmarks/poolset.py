@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pmreplica import cli, poolset  # noqa: E402
+from pmreplica import info, poolset  # noqa: E402
 
 
 def baseline(path: str) -> None:
@@ -61,7 +61,7 @@ def main() -> int:
             runs: dict[str, list[float]] = {"parse": [], "info": [], "baseline": []}
             for _ in range(args.rounds):
                 runs["parse"].append(timed(poolset.parse, path))
-                runs["info"].append(timed(cli.gather, path))
+                runs["info"].append(timed(info.gather, path))
                 runs["baseline"].append(timed(baseline, path))
             base = statistics.median(runs["baseline"])
             for what in ("parse", "info", "baseline"):

@@ -228,7 +228,7 @@ def bench_persist(d: Path, size: int, rounds: int, baseline: Path | None) -> dic
 
 
 def bench_verify(d: Path, size: int, rounds: int, baseline: Path | None) -> dict:
-    from pmreplica.rpmem import checksum
+    from rpmem_common import checksum
     path = make_set(d, size, False)
     fill(path, size)
     kinds = {"xxh3-128": _py(_SYNC, path, "verify", checksum.ALGO_XXH3_128),

@@ -20,12 +20,13 @@ if TYPE_CHECKING:
     from .hookspecs import hookimpl, hookspec
     from .pool import PoolSet, ReplicaStatus
     from .poolset import LocalReplica, RemoteReplica, Replica
-    from .target import RELAXED, GenerationKeeper, ReplicaTarget, TargetStat
+    from .target import RELAXED, DigestTarget, GenerationKeeper, ReplicaTarget, TargetStat
 
 #: the application's API, then what a replica plugin is written against (hookspecs.py)
 __all__ = ["PoolSet", "ReplicaStatus", "hookimpl", "PmReplicaError", "PoolSetError",
            "HeaderError", "ReplicaError", "RemoteError",
-           "hookspec", "ReplicaTarget", "TargetStat", "GenerationKeeper", "Generation",
+           "hookspec", "ReplicaTarget", "TargetStat", "GenerationKeeper", "DigestTarget",
+           "Generation",
            "RELAXED", "PoolAttr", "Replica", "LocalReplica", "RemoteReplica", "__version__"]
 
 # a library logs; the application decides where to (nothing shows unless it configures it)
@@ -33,7 +34,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {"PoolSet": "pool", "ReplicaStatus": "pool", "hookimpl": "hookspecs",
          "hookspec": "hookspecs", "ReplicaTarget": "target", "TargetStat": "target",
-         "GenerationKeeper": "target", "RELAXED": "target", "Generation": "generation",
+         "GenerationKeeper": "target", "DigestTarget": "target", "RELAXED": "target", "Generation": "generation",
          "PoolAttr": "header", "Replica": "poolset", "LocalReplica": "poolset",
          "RemoteReplica": "poolset"}
 

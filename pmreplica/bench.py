@@ -52,7 +52,7 @@ _PEER = r"""
 import mmap, os, socket, sys, threading
 mode, n, tls, host = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "tls", sys.argv[4]
 if tls:
-    from pmreplica.rpmem.transport.tls import AgentIdentity
+    from rpmem_common.tls import AgentIdentity
     context = AgentIdentity().context
 ls = socket.create_server((host, 0)); print(ls.getsockname()[1], flush=True)
 def pingpong(c):
@@ -158,7 +158,7 @@ class Peer:
         s = socket.create_connection((self.host, self.port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls:
-            from .rpmem.transport.tls import _client_context
+            from rpmem_common.tls import _client_context
             s = _client_context().wrap_socket(s)
         return s
 

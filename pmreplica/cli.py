@@ -10,27 +10,19 @@ usage errors exit 2, as argparse's own do.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import json
 import logging
 import os
-import stat
 import sys
-import time
-import uuid as _uuid
-from collections.abc import Container
-from typing import Any, Callable
+from typing import Callable
 
-from . import dirtymap, generation
+from . import dirtymap
+from . import info as _info
 from . import poolset as _poolset
-from .errors import HeaderError, PmReplicaError
-from .files import open_regular
-from .header import (FEAT_CHECK_BAD_BLOCKS, FEAT_CKSUM_2K, FEAT_SDS, FEAT_SINGLEHDR, HDR_SIZE,
-                     ArchFlags, PoolHeader)
-from .poolset import LocalReplica, PoolSetFile, RemoteReplica
-from .replica import LocalReplicaFiles, PartHeader, lock_pool
-from .state import ReplicaState
+from .errors import PmReplicaError
+from .poolset import LocalReplica, PoolSetFile
+from .replica import lock_pool
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +61,6 @@ def _signature_arg(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"invalid signature {text!r} (1 to 8 printable ASCII "
                                          "characters)")
     return text.encode("ascii")
-
-
-def _ctime(seconds: int) -> str:
-    """A header's creation time as pmempool shows it; a corrupted value is shown as such."""
-    try:
-        return time.strftime("%a %b %d %Y %H:%M:%S", time.localtime(seconds))
-    except (OverflowError, OSError, ValueError):
-        return f"{seconds} (not a valid time)"
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -125,364 +109,15 @@ def register_create(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# info: gathering (a JSON-able dict) and rendering it as text
-
-_INCOMPAT_NAMES = {FEAT_SINGLEHDR: "SINGLEHDR", FEAT_CKSUM_2K: "CKSUM_2K",
-                   FEAT_SDS: "SHUTDOWN_STATE"}
-_COMPAT_NAMES = {FEAT_CHECK_BAD_BLOCKS: "CHECK_BAD_BLOCKS"}
-_MACHINES = {62: "AMD X86-64", 183: "AArch64", 21: "PowerPC64", 243: "RISC-V"}
-
-
-def _flag_names(value: int, names: dict[int, str]) -> list[str]:
-    out = [name for bit, name in names.items() if value & bit]
-    unknown = value & ~sum(names)
-    return out + ([f"0x{unknown:x}"] if unknown else [])
-
-
-def header_info(ph: PartHeader) -> dict[str, Any]:
-    """A part header's fields as pmempool shows them (uuids in PMDK's byte order)."""
-    h = ph.header
-    assert h is not None and ph.raw is not None
-    arch_ok = h.arch == ArchFlags.current()
-    return {
-        "signature": h.signature.rstrip(b"\0").decode("ascii", "backslashreplace"),
-        "major": h.major,
-        "incompat": h.incompat, "incompat_names": _flag_names(h.incompat, _INCOMPAT_NAMES),
-        "compat": h.compat, "compat_names": _flag_names(h.compat, _COMPAT_NAMES),
-        "ro_compat": h.ro_compat,
-        "poolset_uuid": str(h.poolset_uuid), "uuid": str(h.uuid),
-        "prev_part": str(h.prev_part), "next_part": str(h.next_part),
-        "prev_repl": str(h.prev_repl), "next_repl": str(h.next_repl),
-        "crtime": h.crtime,
-        "alignment_desc": h.arch.alignment_desc, "class": h.arch.machine_class,
-        "data": h.arch.data, "machine": h.arch.machine, "arch_ok": arch_ok,
-        "checksum": h.checksum, "checksum_ok": PoolHeader.checksum_ok(ph.raw),
-    }
-
-
-def _file_type(path: str) -> tuple[str, int | None]:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "missing", None
-    except OSError as e:
-        return f"unreadable ({e.strerror})", None
-    if stat.S_ISREG(st.st_mode):
-        return "regular file", st.st_size
-    if stat.S_ISDIR(st.st_mode):
-        return "directory", None
-    if stat.S_ISCHR(st.st_mode):
-        return "device dax", None
-    return "other", None
-
-
-def _replica_link_problems(set_file: PoolSetFile,
-                           first: dict[int, PoolHeader]) -> dict[int, list[str]]:
-    """The replica circle: each local replica's next/prev replica uuids must name its
-    neighbours' first parts, and all must share the master's pool set uuid. Neighbours that
-    are remote are not checked here (their headers need the agent)."""
-    n = len(set_file.replicas)
-    out: dict[int, list[str]] = {i: [] for i in first}
-    master = first.get(0)
-    for i, h in first.items():
-        if master is not None and i and h.poolset_uuid != master.poolset_uuid:
-            out[i].append("belongs to another pool set (pool set uuid differs from the master)")
-        nxt, prv = first.get((i + 1) % n), first.get((i - 1) % n)
-        if nxt is not None and h.next_repl != nxt.uuid:
-            out[i].append(f"next replica uuid does not match replica {(i + 1) % n}")
-        if prv is not None and h.prev_repl != prv.uuid:
-            out[i].append(f"previous replica uuid does not match replica {(i - 1) % n}")
-    return out
-
-
-def _local_replica_info(set_file: PoolSetFile, index: int, rep: LocalReplica
-                        ) -> tuple[dict[str, Any], PoolHeader | None, bytes | None]:
-    """One local replica: its parts with their headers, and what is wrong with it."""
-    info: dict[str, Any] = {"index": index, "kind": "local", "parts": [], "problems": []}
-    headers: list[PartHeader] = []
-    own: dict[str, list[str]] = {p.path: [] for p in rep.parts}  # each part's problems
-    try:
-        files = LocalReplicaFiles(set_file, rep, set_file.pool_size)
-        headers, problems = files.check()
-        missing = {p.path for p in rep.parts if not os.path.lexists(p.path)}
-        for path in missing:
-            own[path].append("part file is missing")
-        info["problems"] = [f"{m}: part file is missing" for m in own if m in missing]
-        for msg in problems:
-            path, text = split_problem(msg, own)
-            if path not in missing:
-                info["problems"].append(msg)
-                if path is not None:
-                    own[path].append(text)
-    except OSError as e:
-        info["problems"] = [str(e)]
-    by_path = {h.path: h for h in headers}
-    # replica.check() compares the part links only when every header is sound on its own
-    links_checked = bool(headers) and all(h.header is not None and not h.problems
-                                          for h in headers)
-    for part in rep.parts:
-        ftype, fsize = _file_type(part.path)
-        pinfo: dict[str, Any] = {"path": part.path, "size": part.size, "type": ftype,
-                                 "file_size": fsize}
-        ph = by_path.get(part.path)
-        if ph is not None:
-            pinfo["header"] = header_info(ph) if ph.header is not None else None
-            pinfo["problems"] = own[part.path]
-            pinfo["links"] = (("broken" if own[part.path] else "consistent") if links_checked
-                              else "not checked (a header of this replica is invalid)")
-        info["parts"].append(pinfo)
-    first = headers[0] if headers else None
-    if first is not None and first.header is not None and not first.problems:
-        info["generation"] = generation_info(first.raw, first.header)  # type: ignore[arg-type]
-        info["_page"] = first.raw
-        return info, first.header, first.raw
-    return info, None, None
-
-
-def _judge_generations(reps: list[dict[str, Any]], master_raw: bytes | None) -> None:
-    """A local replica's generation against the master's: behind (it missed writes), or
-    ahead / diverged (the master was superseded, or both took writes: split brain)."""
-    mine = generation.of_page(master_raw) if master_raw else None
-    if mine is None:
-        return
-    for r in reps[1:]:
-        theirs = generation.of_page(r["_page"]) if r.get("_page") else None
-        if theirs is None:
-            continue
-        relation = mine.relation(theirs)
-        if relation == generation.AHEAD:
-            if r["health"] == "healthy":
-                r["health"] = "stale (behind the master's generation)"
-        elif relation == generation.BEHIND:
-            reps[0]["health"] = f"superseded (replica {r['index']} holds a newer generation)"
-        elif relation == generation.DIVERGED:
-            reps[0]["health"] = r["health"] = (f"split brain (master and replica {r['index']} "
-                                              "both took writes)")
-    for r in reps:
-        r.pop("_page", None)
-
-
-def generation_info(page: bytes, hdr: PoolHeader) -> dict[str, Any] | None:
-    """The generation a replica records (generation.py), and whether it is its master."""
-    gen = generation.of_page(page)
-    if gen is None:
-        return None
-    return {"epoch": gen.epoch, "id": gen.id.hex(), "began": gen.began,
-            "master": str(_uuid.UUID(bytes=gen.master)), "is_master": gen.is_master(hdr.uuid),
-            "members": [i for i in range(64) if gen.members >> i & 1]}
-
-
-def split_problem(msg: str, paths: Container[str]) -> tuple[str | None, str]:
-    """``("path", "what")`` for a problem ``"path: what"`` about one of ``paths`` (a path
-    may hold ": " itself), ``(None, msg)`` for any other."""
-    at = msg.find(": ")
-    while at >= 0:
-        if msg[:at] in paths:
-            return msg[:at], msg[at + 2:]
-        at = msg.find(": ", at + 1)
-    return None, msg
-
-
-def _launcher(node: str) -> str:
-    """How the agent on ``node`` would be started from here (launcher, why)."""
-    from .rpmem.launch import describe
-    return describe(node)
-
-
-def _transport(node: str) -> str:
-    """The data path a pool on ``node`` gets from here (RDMA device, environment), why."""
-    from .rpmem.transport.provider import describe
-    return describe(node)
-
-
-def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
-    """Everything ``info`` reports about a pool set (or a single-file pool)."""
-    nrep = len(set_file.replicas)
-    reps: list[dict[str, Any]] = []
-    first: dict[int, PoolHeader] = {}
-    master_raw: bytes | None = None
-    for i, rep in enumerate(set_file.replicas):
-        if isinstance(rep, RemoteReplica):
-            reps.append({"index": i, "kind": "remote", "node": rep.node,
-                         "pool_set": rep.pool_set, "problems": []})
-            continue
-        info, hdr, raw = _local_replica_info(set_file, i, rep)
-        reps.append(info)
-        if hdr is not None:
-            first[i] = hdr
-            if i == 0:
-                master_raw = raw
-    for i, probs in _replica_link_problems(set_file, first).items():
-        reps[i]["problems"].extend(probs)
-
-    state: dict[str, Any] | None = None
-    rstate = None
-    if master_raw is not None:
-        rstate = ReplicaState.load(master_raw, set_file.pool_size, nrep,
-                                   dirtymap.path_for(set_file.master.parts[0].path))
-        state = {"intact": rstate.intact, "stale": [i for i in range(nrep) if rstate.is_stale(i)],
-                 "generation": rstate.generation, "chunk_size": rstate.chunk,
-                 "fine_chunk_size": rstate.fine.chunk if rstate.fine is not None else None,
-                 "dirty_bytes": rstate.dirty_bytes(HDR_SIZE, set_file.pool_size),
-                 "dirty_ranges": sum(1 for _ in rstate.iter_dirty(HDR_SIZE, set_file.pool_size))}
-    for r in reps:
-        if r["kind"] == "remote":
-            r["health"] = "remote (not contacted)"
-        elif r["problems"]:
-            r["health"] = "broken"
-        elif rstate is not None and rstate.is_stale(r["index"]):
-            r["health"] = "stale"
-        else:
-            r["health"] = "healthy"
-    _judge_generations(reps, master_raw)
-    return {"path": os.path.abspath(path), "kind": "poolset" if set_file.path else "pool",
-            "options": sorted(set_file.options), "pool_size": set_file.pool_size,
-            "replicas": reps, "replica_state": state,
-            "healthy": all(r["health"] == "healthy" for r in reps if r["kind"] == "local")}
-
-
-def gather(path: str) -> dict[str, Any]:
-    """``info`` for a pool set file, a single-file pool, or one part file of a set."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-    if _poolset.is_poolset_file(path):
-        return gather_set(path, _poolset.parse(path))
-    fd = open_regular(path)
-    try:
-        raw = os.pread(fd, HDR_SIZE, 0)
-    finally:
-        os.close(fd)
-    if len(raw) < HDR_SIZE:
-        raise HeaderError(errno.EINVAL, f"{path}: not a pool: shorter than a pool header "
-                                        f"({len(raw)} bytes)")
-    hdr = PoolHeader.unpack(raw)
-    if hdr.is_zeroed:
-        raise HeaderError(errno.EINVAL, f"{path}: no pool header (all zeros): not a pool, or "
-                                        "a later part of a SINGLEHDR pool set")
-    single = (hdr.prev_part == hdr.next_part == hdr.prev_repl == hdr.next_repl == hdr.uuid
-              and not hdr.incompat & FEAT_SINGLEHDR)
-    if single:
-        return gather_set(path, _poolset.single_file(path, os.stat(path).st_size))
-    ftype, fsize = _file_type(path)
-    ph = PartHeader(path, raw, hdr, tuple(hdr.problems(raw)))
-    return {"path": os.path.abspath(path), "kind": "part", "type": ftype, "file_size": fsize,
-            "header": header_info(ph), "problems": list(ph.problems)}
-
-
-_W = 25  # pmempool's key column
-
-
-def _line(out: list[str], key: str, value: object) -> None:
-    out.append(f"{key:<{_W}}: {value}")
-
-
-def _render_header(out: list[str], h: dict[str, Any], part_file: bool = False) -> None:
-    out.append("POOL Header:")
-    sig = h["signature"] + (" [part file]" if part_file else "")
-    _line(out, "Signature", sig)
-    _line(out, "Major", h["major"])
-    names = ", ".join(h["incompat_names"])
-    _line(out, "Mandatory features", f"0x{h['incompat']:x}" + (f" [{names}]" if names else ""))
-    names = ", ".join(h["compat_names"])
-    _line(out, "Not mandatory features", f"0x{h['compat']:x}" + (f" [{names}]" if names else ""))
-    _line(out, "Forced RO", f"0x{h['ro_compat']:x}")
-    _line(out, "Pool set UUID", h["poolset_uuid"])
-    _line(out, "UUID", h["uuid"])
-    _line(out, "Previous part UUID", h["prev_part"])
-    _line(out, "Next part UUID", h["next_part"])
-    _line(out, "Previous replica UUID", h["prev_repl"])
-    _line(out, "Next replica UUID", h["next_repl"])
-    _line(out, "Creation Time", _ctime(h["crtime"]))
-    _line(out, "Alignment Descriptor",
-          f"0x{h['alignment_desc']:016x}[{'OK' if h['arch_ok'] else 'wrong'}]")
-    _line(out, "Class", {1: "32", 2: "64"}.get(h["class"], f"unknown ({h['class']})"))
-    _line(out, "Data", {1: "2's complement, little endian",
-                        2: "2's complement, big endian"}.get(h["data"], f"unknown ({h['data']})"))
-    _line(out, "Machine", _MACHINES.get(h["machine"], f"unknown ({h['machine']})"))
-    _line(out, "Checksum", f"0x{h['checksum']:x} [{'OK' if h['checksum_ok'] else 'wrong'}]")
-
-
-def _render_set(info: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    _line(out, "Pool set" if info["kind"] == "poolset" else "Pool file", info["path"])
-    if info["options"]:
-        _line(out, "Options", " ".join(info["options"]))
-    _line(out, "Pool size", info["pool_size"])
-    _line(out, "Number of replicas", len(info["replicas"]))
-    st = info["replica_state"]
-    if st is None:
-        _line(out, "Replica state", "unknown (master header unreadable)")
-    elif not st["intact"]:
-        _line(out, "Replica state", "record damaged: every replica counts as stale")
-    elif st["stale"]:
-        _line(out, "Replica state", "stale replicas " + ", ".join(map(str, st["stale"]))
-              + f" (written since: {st['dirty_bytes']} bytes in {st['dirty_ranges']} ranges)")
-    else:
-        _line(out, "Replica state", "no stale replicas")
-    for rep in info["replicas"]:
-        out.append("")
-        i = rep["index"]
-        name = f"Replica {i}" + (" (master)" if i == 0 else "")
-        if rep["kind"] == "remote":
-            out.append(f"{name} - remote: node {rep['node']}, pool set {rep['pool_set']}")
-            _line(out, "health", rep["health"])
-            _line(out, "launcher", _launcher(rep["node"]))
-            _line(out, "transport", _transport(rep["node"]))
-            continue
-        out.append(f"{name} - local, {len(rep['parts'])} part(s):")
-        _line(out, "health", rep["health"])
-        gen = rep.get("generation")
-        if gen is not None:
-            role = ("its master" if gen["is_master"] else
-                    f"a replica (master {gen['master']}; `pmreplica promote` to make it one)")
-            _line(out, "generation", f"{gen['epoch']} (begun {_ctime(gen['began'])}), {role}")
-        paths = {part["path"] for part in rep["parts"]}
-        for msg in rep["problems"]:
-            if split_problem(msg, paths)[0] is None:  # a part's own are shown with the part
-                _line(out, "problem", msg)
-        for j, part in enumerate(rep["parts"]):
-            out.append(f"part {j}:")
-            _line(out, "path", part["path"])
-            _line(out, "type", part["type"])
-            _line(out, "size", part["size"])
-            if part["file_size"] is not None and part["file_size"] != part["size"]:
-                _line(out, "file size", part["file_size"])
-            if "header" not in part:
-                continue
-            if part["header"] is None:
-                for msg in part["problems"]:
-                    _line(out, "problem", msg)
-                continue
-            _render_header(out, part["header"])
-            _line(out, "Links", part["links"])
-            for msg in part["problems"]:
-                _line(out, "problem", msg)
-    return out
-
-
-def _render_part(info: dict[str, Any]) -> list[str]:
-    out = ["Part file:"]
-    _line(out, "path", info["path"])
-    _line(out, "type", info["type"])
-    _line(out, "size", info["file_size"])
-    out.append("")
-    _render_header(out, info["header"], part_file=True)
-    for msg in info["problems"]:
-        _line(out, "problem", msg)
-    out.append("")
-    out.append("This is one part of a pool set: run `pmreplica info` on the pool set file "
-               "for its replicas and their health.")
-    return out
-
+# info (pmreplica/info.py gathers and renders)
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the structure, headers and health of a pool set, pool or part file."""
-    info = gather(args.path)
+    info = _info.gather(args.path)
     if args.json:  # one write: json.dump writes every token on its own
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
-        lines = _render_part(info) if info["kind"] == "part" else _render_set(info)
-        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.write("\n".join(_info.render(info)) + "\n")
     return 0
 
 

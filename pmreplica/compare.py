@@ -2,8 +2,9 @@
 
 The pool's data range is walked in windows (64 MiB): for each, the digests of the source and
 of every replica compared with it are computed at once, each where its replica lives (a
-thread per replica: local ones hash their own mapping, then let its pages go; remote ones
-ask their agent, whose hashing overlaps this side's), then compared block by block, and the
+thread per replica: local ones hash their own mapping, then let its pages go; a plugin's
+target computes its own when it can, as the rpmem target's agent does, whose hashing
+overlaps this side's, or is read and hashed here), then compared block by block, and the
 differing blocks handed to the caller (which may copy them at once) while the next window's
 digests are already being computed. Only two windows' digests are held at any time,
 whatever the pool's size.
@@ -18,14 +19,18 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from rpmem_common import checksum as _checksum
+
 from .errors import PmReplicaError
 from .pmem import Mapping
-from .rpmem import checksum as _checksum
+from .target import DigestTarget
 
 log = logging.getLogger(__name__)
 
 #: bytes compared per step (a multiple of every block size allowed)
 WINDOW = 64 << 20
+#: bytes read at a time from a target hashed here (one without digests of its own)
+READ_PIECE = 8 << 20
 
 Digester = Callable[[int, int], bytes]
 
@@ -47,28 +52,41 @@ def local_digester(mapping: Mapping, block: int, algorithm: int) -> Digester:
     return digests
 
 
-def remote_digester(remote: Any, block: int, algorithm: int) -> Digester:
-    """Digests of a remote replica's range, computed by its agent."""
-    step = _checksum.MAX_BLOCKS * block
+def target_digester(target: Any, block: int, algorithm: int) -> Digester:
+    """Digests of a replica reached through its plugin's target: computed where it lives when
+    the target offers them (:class:`~pmreplica.target.DigestTarget`), else of its bytes read
+    through ``read`` (a block-aligned piece at a time, into one buffer)."""
+    if isinstance(target, DigestTarget):
+        return lambda offset, length: b"".join(target.digests(offset, length, block, algorithm))
+    fn = _checksum.digest_function(algorithm)
+    buf = bytearray(max(block, READ_PIECE // block * block))
 
     def digests(offset: int, length: int) -> bytes:
         out = []
-        for at in range(offset, offset + length, step):
-            out += remote.checksum(at, min(step, offset + length - at), block, algorithm)
+        view = memoryview(buf)
+        try:
+            for at in range(offset, offset + length, len(buf)):
+                n = min(len(buf), offset + length - at)
+                target.read(view[:n], at, 0)
+                out += [fn(view[k:min(k + block, n)]) for k in range(0, n, block)]
+        finally:
+            view.release()
         return b"".join(out)
 
     return digests
 
 
-def choose_algorithm(remotes: Sequence[Any], start: int, block: int) -> int:
-    """The fastest algorithm this side and every remote session in ``remotes`` compute
-    (an older agent knows SHA-256 only)."""
+def choose_algorithm(targets: Sequence[Any], start: int, block: int) -> int:
+    """The fastest algorithm this side and every target in ``targets`` that computes its
+    own digests compute (an older agent knows SHA-256 only)."""
     algorithm = _checksum.best_algorithm()
     if algorithm == _checksum.ALGO_SHA256:
         return algorithm
-    for remote in remotes:
+    for target in targets:
+        if not isinstance(target, DigestTarget):
+            continue  # hashed here
         try:
-            remote.checksum(start, min(block, _checksum.MIN_BLOCK), block, algorithm)
+            target.digests(start, min(block, _checksum.MIN_BLOCK), block, algorithm)
         except OSError as e:
             if e.errno != errno.EPROTONOSUPPORT:
                 raise

@@ -1,10 +1,10 @@
 """The health of a pool set's replicas, judged as replica-sync needs it before repairing.
 
 Each replica is probed where it lives: a local one through its part files (present,
-readable, sizes, header checksums, part links), a remote one through its agent (STAT for its
-size and header health, then OPEN for its attributes; the session stays open, holding the
-remote pool's lock, for the copy or the checksums that follow). Then the replicas are
-judged together:
+readable, sizes, header checksums, part links), any other through its plugin's target
+(``open`` for its attributes, the target staying open for the copy or the checksums that
+follow, the rpmem target holding the remote pool's lock; when that fails, ``stat`` for its
+size and header health). Then the replicas are judged together:
 
 * identity: all must carry the pool set uuid and format of the master; when the master is
   not sound, of the uuid most sound replicas share (ties: the lowest-numbered);
@@ -31,19 +31,18 @@ import os
 import uuid as _uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from . import dirtymap, generation
 from .errors import PmReplicaError
 from .generation import AHEAD, Generation
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
-from .pool import NamedReplica
-from .poolset import LocalReplica, PoolSetFile, RemoteReplica, Replica
+from .identity import Identity, membership_problem
+from .pool import NamedReplica, close_quietly
+from .poolset import LocalReplica, PoolSetFile, Replica
 from .replica import LocalReplicaFiles
 from .state import ReplicaState
-
-if TYPE_CHECKING:
-    from .rpmem.client import RemotePool
+from .target import ReplicaTarget
 
 log = logging.getLogger(__name__)
 
@@ -56,38 +55,6 @@ UNREACHABLE = "unreachable"  # its agent could not be asked, or its pool not ope
 
 # freshness of a sound replica
 FRESH = "fresh"
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What a replica's (first part's) header says about the pool it belongs to."""
-
-    poolset_uuid: _uuid.UUID
-    signature: bytes
-    major: int
-    compat: int
-    incompat: int
-    ro_compat: int
-    uuid: _uuid.UUID
-    prev_repl: _uuid.UUID
-    next_repl: _uuid.UUID
-
-    @property
-    def format(self) -> tuple:
-        return (self.signature.rstrip(b"\0"), self.major, self.compat, self.incompat,
-                self.ro_compat)
-
-    @classmethod
-    def of_header(cls, h: PoolHeader) -> "Identity":
-        return cls(h.poolset_uuid, h.signature, h.major, h.compat, h.incompat, h.ro_compat,
-                   h.uuid, h.prev_repl, h.next_repl)
-
-    @classmethod
-    def of_attr(cls, a: PoolAttr) -> "Identity":
-        uu = _uuid.UUID
-        return cls(uu(bytes_le=a.poolset_uuid), a.signature, a.major, a.compat_features,
-                   a.incompat_features, a.ro_compat_features, uu(bytes_le=a.uuid),
-                   uu(bytes_le=a.prev_uuid), uu(bytes_le=a.next_uuid))
 
 
 @dataclass(eq=False)
@@ -106,8 +73,10 @@ class Probe(NamedReplica):
     #: part 0's header page (local replicas; the replica-state record copy lives in it)
     page: bytes | None = None
     files: LocalReplicaFiles | None = None
-    #: open session on a remote replica (bound to a scratch buffer)
-    remote: "RemotePool | None" = None
+    #: the open target of a replica its plugin serves (bound to a scratch buffer)
+    target: ReplicaTarget | None = None
+    #: the attributes its target's open() gave
+    attr: PoolAttr | None = None
     reachable: bool = True
     #: False when replica-sync cannot repair it (too small, NOHDRS, directory-based)
     repairable: bool = True
@@ -156,48 +125,61 @@ def probe_local(set_file: PoolSetFile, index: int, spec: LocalReplica,
     return probe
 
 
-def probe_remote(index: int, spec: RemoteReplica, pool_size: int, buffer: memoryview) -> Probe:
-    """Ask the replica's agent: OPEN the pool for its attributes (the session, bound to
-    ``buffer``, stays open in ``probe.remote``, holding the remote pool's lock); when that
-    fails, STAT says why: unreachable, too small, or which parts and headers are broken."""
-    from .rpmem import client
-
+def probe_target(index: int, spec: Replica, pool_size: int,
+                 new_target: Callable[[], ReplicaTarget]) -> Probe:
+    """Ask the replica's plugin: open its target (``new_target()``, unopened) for the
+    attributes (the target stays open in ``probe.target``: the rpmem target holds the remote
+    pool's lock); when that fails, its ``stat()`` says why: unreachable, too small, or which
+    parts and headers are broken."""
     probe = Probe(index, spec)
     try:
-        probe.remote = client.RemotePool.open(spec.node, spec.pool_set, buffer, nlanes=1)
+        target = new_target()
+    except OSError as e:
+        probe.reachable = False
+        probe.problems.append(_message(e))
+        return probe
+    try:
+        attr = target.open()
     except OSError as e:
         refused = e
     else:
-        attr = probe.remote.attr
+        probe.target, probe.attr = target, attr
         if attr.is_zeroed:
-            probe.problems.append("remote pool has no header (a NOHDRS pool set): "
+            probe.problems.append("replica has no header (a NOHDRS pool set): "
                                   "replica-sync needs pool headers")
             probe.repairable = False
         else:
             probe.identity = Identity.of_attr(attr)
             try:
-                probe.generation = Generation.unpack(probe.remote.stat().blob)
+                probe.generation = target.stat().generation
             except OSError as e:
                 log.debug("%s: no generation: %s", probe.name, e)
         return probe
     try:
-        st = client.stat(spec.node, spec.pool_set)
+        st = target.stat()
     except OSError as e:
         probe.reachable = False
         probe.problems.append(_message(e))
         return probe
-    probe.generation = Generation.unpack(st.blob) if st.blob else None
+    finally:
+        close_quietly(target)
+    probe.generation = st.generation
     if st.size < pool_size:
         probe.repairable = False
-        probe.problems.append(f"the remote pool set gives {st.size} bytes, the pool needs "
-                              f"{pool_size}")
+        probe.problems.append(f"the replica holds {st.size} bytes, the pool needs {pool_size}")
     elif not st.healthy:
-        probe.problems.extend(_tidy(st.message.split("; ")) if st.message
-                              else ["remote pool is inconsistent"])
+        probe.problems.extend(_tidy(st.detail.split("; ")) if st.detail
+                              else ["replica is inconsistent"])
     else:  # sound, but not to be had: open in another session, or its data path fails
         probe.reachable = False
         probe.problems.append(_message(refused))
     return probe
+
+
+def not_contacted(index: int, spec: Replica) -> Probe:
+    """A replica left alone (``pmreplica info`` contacts no plugin's replica): judged as
+    one whose health is not known."""
+    return Probe(index, spec, problems=["not contacted"], reachable=False)
 
 
 _ENOENT = ": " + os.strerror(errno.ENOENT)
@@ -232,6 +214,10 @@ class Judgement:
     conflict: str | None = None
     #: the newest generation of the replicas (None: none recorded)
     newest: Generation | None = None
+    #: the replica whose newer generation another master began (this set was superseded)
+    superseded_by: int | None = None
+    #: two replicas that took writes after they parted (split brain), one of each side
+    split: tuple[int, int] | None = None
 
 
 def judge(probes: list[Probe], pool_size: int,
@@ -246,12 +232,10 @@ def judge(probes: list[Probe], pool_size: int,
         assert ref is not None
         for p in probes:
             if p.sound and p is not reference:
-                if p.identity.poolset_uuid != ref.poolset_uuid:  # type: ignore[union-attr]
-                    p.problems.append(f"belongs to another pool set (pool set uuid differs "
-                                      f"from replica {reference.index})")
-                elif p.identity.format != ref.format:  # type: ignore[union-attr]
-                    p.problems.append(f"pool format (signature, version or features) differs "
-                                      f"from replica {reference.index}")
+                problem = membership_problem(p.identity, ref,  # type: ignore[arg-type]
+                                             f"replica {reference.index}")
+                if problem:
+                    p.problems.append(problem)
         seen: dict[_uuid.UUID, int] = {}
         for p in probes:  # a copied part file: its data and its record are another's
             if p.sound:
@@ -284,18 +268,19 @@ def judge(probes: list[Probe], pool_size: int,
             p.link_problems.append(f"previous replica uuid does not name replica {prv}")
         if state is not None and state.is_stale(p.index) and state.needs_compare(p.index):
             p.compare = True
-    conflict, newest = _generations(probes, canonical[0], discard)
-    return Judgement(reference, state, holders, canonical, conflict, newest)
+    out = Judgement(reference, state, holders, canonical)
+    _generations(out, probes, canonical[0], discard)
+    return out
 
 
-def _generations(probes: list[Probe], master: _uuid.UUID, discard: frozenset[int]
-                 ) -> tuple[str | None, Generation | None]:
+def _generations(out: Judgement, probes: list[Probe], master: _uuid.UUID,
+                 discard: frozenset[int]) -> None:
     """Judge the replicas' generations (generation.py): a replica behind the newest one
     missed acknowledged writes (stale, repaired by comparison: it may also hold writes the
     newest line lacks); replicas in ``discard`` are treated as behind, whatever they hold.
-    Returns why the pool set cannot be repaired without a choice (two lines of generations
-    that both took writes: split brain; or the newest begun by another master: this set was
-    superseded), and the newest generation."""
+    Sets in ``out`` why the pool set cannot be repaired without a choice (two lines of
+    generations that both took writes: split brain; or the newest begun by another master:
+    this set was superseded), and the newest generation."""
     gens = {p.index: p.generation for p in probes
             if p.sound and p.generation is not None and p.index not in discard}
     heads = [i for i, g in gens.items()
@@ -318,21 +303,25 @@ def _generations(probes: list[Probe], master: _uuid.UUID, discard: frozenset[int
         ga, gb = gens[a.index], gens[b.index]
         parted = ga.parted(gb)
         since = f"generation {parted}" if parted is not None else "a generation no longer recorded"
-        return (f"split brain: {a.name} and {b.name} both took writes after they parted at "
-                f"{since} ({a.name}: {ga.describe()}; {b.name}: {gb.describe()}); nothing is "
-                f"overwritten until you choose the side to lose with --discard "
-                f"{a.index} or --discard {b.index}"), None
+        out.split = (a.index, b.index)
+        out.conflict = (
+            f"split brain: {a.name} and {b.name} both took writes after they parted at "
+            f"{since} ({a.name}: {ga.describe()}; {b.name}: {gb.describe()}); nothing is "
+            f"overwritten until you choose the side to lose with --discard "
+            f"{a.index} or --discard {b.index}")
+        return
     if not lines:
-        return None, None
+        return
     (ids,) = lines.values()
-    newest = gens[ids[0]]
+    out.newest = newest = gens[ids[0]]
     if newest.master != master.bytes:
         holder = probes[ids[0]]
-        return (f"this pool set was superseded: {holder.name} holds newer data "
-                f"({newest.describe()}) under another master (a replica promoted since); "
-                f"rejoin this set's master as a replica of that pool instead, or keep this "
-                f"set's data with --discard {' --discard '.join(map(str, ids))}"), newest
-    return None, newest
+        out.superseded_by = holder.index
+        out.conflict = (
+            f"this pool set was superseded: {holder.name} holds newer data "
+            f"({newest.describe()}) under another master (a replica promoted since); "
+            f"rejoin this set's master as a replica of that pool instead, or keep this "
+            f"set's data with --discard {' --discard '.join(map(str, ids))}")
 
 
 def _reference(probes: list[Probe]) -> Probe | None:

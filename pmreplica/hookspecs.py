@@ -44,7 +44,16 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
     monitor thread, say), and ``report_progress(index, phase, done, total)`` for long work
     (its "create"). A target that can keep the pool's generation also implements
     :class:`~pmreplica.target.GenerationKeeper`; one that cannot is never judged ahead of,
-    behind or diverged from the others.
+    behind or diverged from the others. One that can compute checksums where its replica
+    lives implements :class:`~pmreplica.target.DigestTarget`; one that cannot is verified
+    by reading it.
+
+    replica-sync, check and promote ask for targets too, with ``poolset`` a
+    :class:`~pmreplica.target_host.TargetHost` offering the same attributes: ``buf`` then
+    holds the bytes to copy into the replica (the source of the repair), ``nlanes`` is 1,
+    ``mapping`` is the source replica's mapping or None, and the target is used for the
+    whole lifecycle: ``open`` (``stat`` when that fails), ``create`` after the remove hook,
+    ``flush``/``drain``, ``read``, ``set_attr``, ``close``.
     """
 
 
@@ -56,6 +65,13 @@ def pmreplica_remove_replica(spec: "Replica", index: int, force: bool,
     ``force`` removes what can be found even if the replica is inconsistent;
     ``remove_pool_set`` also removes a remote pool set file (librpmem's
     ``RPMEM_REMOVE_POOL_SET``)."""
+
+
+@hookspec(firstresult=True)
+def pmreplica_describe_replica(spec: "Replica", index: int) -> Optional[list[tuple[str, str]]]:
+    """What ``pmreplica info`` shows of replica ``index``, which it does not contact:
+    ``(key, value)`` lines, e.g. how it would be reached (the rpmem plugin: the launcher
+    and the transport); None to let the next plugin answer."""
 
 
 @hookspec

@@ -20,12 +20,13 @@ from typing import Iterable
 
 import pluggy
 
-from . import dirtymap
+from . import copier, dirtymap
 from . import generation as _generation
 from . import poolset as _poolset
 from .errors import HeaderError, PmReplicaError, ReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, Generation  # noqa: F401
 from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
+from .identity import Identity, membership_problem
 from .pmem import Mapping
 from .plugin_manager import make_plugin_manager
 from .poolset import LocalReplica, PoolSetFile, Replica
@@ -181,7 +182,7 @@ class PoolSet:
                     target.create(attr)
                     self.report_progress(i, "create", self.size, self.size)
                 except BaseException:
-                    _close_quietly(target)
+                    close_quietly(target)
                     raise
                 status.target = target
             self._activate()
@@ -228,7 +229,7 @@ class PoolSet:
                 except OSError as e:
                     if e.errno in (errno.EBUSY, errno.EINVAL):  # there, but not to be had:
                         self._compare_generation(status, target)  # promoted elsewhere?
-                    _close_quietly(target)
+                    close_quietly(target)
                     self._report_failed(status, e)
                     continue
                 status.target = target
@@ -236,7 +237,7 @@ class PoolSet:
                     problem = _attr_problem(attr, hdr, status.index, nexts)
                     nexts[status.index] = attr.next_uuid
                     if problem:
-                        _close_quietly(target)
+                        close_quietly(target)
                         status.target = None
                         self._report_failed(status, ReplicaError(errno.EINVAL, problem))
                         continue
@@ -330,7 +331,7 @@ class PoolSet:
         """Undo a failed create: remove every replica made so far and the master."""
         for status in self.replicas[1:]:
             if status.target is not None:
-                _close_quietly(status.target)
+                close_quietly(status.target)
                 try:
                     self.plugin_manager.hook.pmreplica_remove_replica(
                         spec=status.spec, index=status.index, force=True,
@@ -469,7 +470,7 @@ class PoolSet:
                 return
             dropped = self._drop([(status, error)])
         for st, tgt, err in dropped:
-            _close_quietly(tgt)
+            close_quietly(tgt)
             self._announce_failed(st, err)
 
     def _drop(self, failures: list[tuple[ReplicaStatus, OSError]]
@@ -596,7 +597,7 @@ class PoolSet:
         except Exception:  # a host application's hook must not break the pool
             log.exception("pmreplica_replica_restored hook raised")
 
-    def resync(self, index: int, *, chunk: int = 8 << 20) -> int:
+    def resync(self, index: int, *, chunk: int = copier.CHUNK) -> int:
         """Bring failed or stale replica ``index`` of this open pool up to date online and put
         it back on the write path; returns the bytes copied.
 
@@ -628,7 +629,7 @@ class PoolSet:
                 self.size)
         try:
             if old is not None:
-                _close_quietly(old)
+                close_quietly(old)
             target = self._target(status.spec, index, create=False)
             try:
                 attr = target.open()
@@ -640,7 +641,7 @@ class PoolSet:
                     raise ReplicaError(errno.EINVAL, problem)
                 copied = self._resync_copy(status, target, missed, chunk)
             except BaseException:
-                _close_quietly(target)
+                close_quietly(target)
                 raise
         finally:
             with self._state_lock:
@@ -661,31 +662,29 @@ class PoolSet:
         done = 0
         hook = self.plugin_manager.hook
 
-        def copy(off: int, n: int) -> None:
+        def advance(n: int) -> None:
             nonlocal done
-            end = off + n
-            while off < end:
-                step = min(chunk, end - off)
-                target.persist(off, step, 0, 0)
-                off += step
-                done += step
-                hook.pmreplica_sync_progress(replica=status, phase="resync", done=done,
-                                             total=total)
+            done += n
+            hook.pmreplica_sync_progress(replica=status, phase="resync", done=done,
+                                         total=total)
+
+        def copy(ranges: Iterable[tuple[int, int]]) -> None:
+            copier.copy(ranges, lambda off, n: target.flush(off, n, 0, 0),
+                        lambda off, n: target.drain(0), advance, chunk)
 
         hook.pmreplica_sync_progress(replica=status, phase="resync", done=0, total=total)
-        for off, n in pieces:
-            copy(off, n)
+        copy(pieces)
         with self._state_lock:
             marks = self._resync_marks
             assert marks is not None
-            for off, n in marks.ranges(start, self.size):
-                total += n
-                copy(off, n)
+            written = list(marks.ranges(start, self.size))
+            total += sum(n for _, n in written)
+            copy(written)
             status.target = target
             self._active = self._active + ((status, target),)
             dropped = self._drop(self._restored(status))
         for st, tgt, err in dropped:  # a replica that could not record the new generation
-            _close_quietly(tgt)
+            close_quietly(tgt)
             self._announce_failed(st, err)
         log.info("%s resynced online (%d bytes copied)", status.name, done)
         return done
@@ -715,7 +714,7 @@ class PoolSet:
                     log.warning("cannot record the replica state on close: %s", e)
         for status in self.replicas[1:]:
             if status.target is not None:
-                _close_quietly(status.target)
+                close_quietly(status.target)
                 status.target = None
         self._active = ()
         self._release()
@@ -741,7 +740,7 @@ class PoolSet:
         self.close()
 
 
-def _close_quietly(target: ReplicaTarget) -> None:
+def close_quietly(target: ReplicaTarget) -> None:
     try:
         target.close()
     except OSError as e:
@@ -767,14 +766,13 @@ def split_message(path: str, master: Generation, index: int, name: str, replica:
 
 def _attr_problem(attr: PoolAttr, master: PoolHeader, index: int,
                   nexts: dict[int, bytes]) -> str | None:
-    """Why replica ``index`` (attributes ``attr``) does not belong with this master;
-    ``nexts`` holds the next-replica uuid of the replicas opened before it."""
+    """Why replica ``index`` (attributes ``attr``) does not belong with this master (by the
+    rule replica-sync judges by, :mod:`pmreplica.identity`); ``nexts`` holds the next-replica uuid of the replicas opened before it."""
     if attr.is_zeroed:
         return None  # raw replica without headers (NOHDRS remote set)
-    if attr.poolset_uuid != master.poolset_uuid.bytes_le:
-        return f"replica {index} belongs to another pool set (pool set uuid differs)"
-    if attr.signature.rstrip(b"\0") != master.signature.rstrip(b"\0"):
-        return f"replica {index} has signature {attr.signature!r}, master {master.signature!r}"
+    problem = membership_problem(Identity.of_attr(attr), Identity.of_header(master), "the master")
+    if problem:
+        return f"replica {index} {problem}"
     if index - 1 in nexts and nexts[index - 1] != attr.uuid:
         return f"replica {index} is not the replica its predecessor links to (replica uuid differs)"
     return None

@@ -403,7 +403,7 @@ class _Reader:
 def _check_node(node: str, path: str | None, lineno: int) -> None:
     # the client's own parser of target addresses (imported here: the agent, which only
     # meets this in a set it refuses anyway, starts without it)
-    from .rpmem.target import parse_target
+    from .rpmem.address import parse_target
     try:
         parse_target(node)
     except PmReplicaError as e:

@@ -21,6 +21,7 @@ replica is behind the promoted one, which opening the pool or replica-sync finds
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -28,13 +29,17 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import pluggy
+
 from . import generation, health
 from .errors import PmReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, SAME, Generation
-from .pool import load_set
-from .poolset import LocalReplica, RemoteReplica
+from .plugin_manager import make_plugin_manager
+from .pool import close_quietly, load_set
+from .poolset import LocalReplica
 from .replica import lock_pool
 from .state import ReplicaState, store_copy
+from .target_host import TargetHost, open_target
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,7 @@ def promote(path: str | os.PathLike[str], *, force: bool = False,
         if mine is not None and mine.is_master(me.header.uuid):
             out.already, out.generation = True, mine
         else:
-            out.compared = _compare(set_file, size, mine)
+            out.compared = _compare(set_file, size, mine, make_plugin_manager(plugins))
             _judge(path, out, force)
             # the commit point: from here this replica is the master of its pool
             out.generation = (mine.next(1, me.header.uuid) if mine is not None
@@ -99,20 +104,21 @@ def promote(path: str | os.PathLike[str], *, force: bool = False,
         os.close(lock_fd)
 
 
-def _compare(set_file, size: int, mine: Generation | None) -> list[Compared]:
+def _compare(set_file, size: int, mine: Generation | None,
+             pm: pluggy.PluginManager) -> list[Compared]:
     """Every other replica of the set: its generation and how it relates to ``mine``."""
     out = []
     scratch = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
     view = memoryview(scratch)
     try:
         for i, spec in enumerate(set_file.replicas[1:], start=1):
-            if isinstance(spec, RemoteReplica):
-                p = health.probe_remote(i, spec, size, view)
-                if p.remote is not None:
-                    p.remote.close()
-            else:
-                assert isinstance(spec, LocalReplica)
+            if isinstance(spec, LocalReplica):
                 p = health.probe_local(set_file, i, spec, size)
+            else:
+                p = health.probe_target(i, spec, size, functools.partial(
+                    open_target, pm, spec, i, TargetHost(set_file, view, pm)))
+                if p.target is not None:
+                    close_quietly(p.target)
             c = Compared(i, p.name, p.generation)
             if not p.reachable:
                 c.problem = "; ".join(p.problems) or "unreachable"

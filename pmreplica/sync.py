@@ -9,8 +9,10 @@ A repair copies the pool's data range ``[4096, size)`` (each replica has its own
 page) into every replica that is broken, unknown or stale: all of it, or for a stale
 replica whose record is intact only the chunks written while it was failed (the record's
 bitmap), then rewrites its headers with the links the pool set needs. Broken local parts are
-recreated (missing) or extended (short); a broken remote pool is removed and created again
-through its agent, with the attributes the source's identity and the replica circle give it.
+recreated (missing) or extended (short); any other replica is reached through its plugin's
+target (:mod:`pmreplica.target_host`): when broken, removed (the remove hook) and created
+again with the attributes the source's identity and the replica circle give it, then
+copied into with flush/drain (:mod:`pmreplica.copier`, as every repair copies).
 
 Crash safety (SIGKILL or power loss at any point; the next run must finish the job and no
 replica that holds the newest data may ever be overwritten with older data):
@@ -27,11 +29,12 @@ replica that holds the newest data may ever be overwritten with older data):
    is being repaired (its record is the one that would have to say it is stale) from ever
    looking sound: its new header is written only after all its data is durable, in one page
    write together with the record.
-4. A remote replica cannot lose its header that way, so it is repaired only while its stale
-   mark is recorded where a record counts (the master's part 0, or a sound local replica);
-   with no such place (the master lost and not yet recreated, no sound local replica) it
-   is left alone. Replicas are repaired in index order, so a lost master is recreated, and
-   holds the record, before any remote replica is touched.
+4. A replica reached through its target (a remote one) cannot lose its header that way, so
+   it is repaired only while its stale mark is recorded where a record counts (the
+   master's part 0, or a sound local replica); with no such place (the master lost and not
+   yet recreated, no sound local replica) it is left alone. Replicas are repaired in index
+   order, so a lost master is recreated, and holds the record, before any remote replica
+   is touched.
 5. The stale mark of a replica is cleared only after its data and its headers are durable
    (the record is written master first, then the copies; a crash in between leaves some
    copies older, and the newest generation wins).
@@ -52,97 +55,41 @@ close it.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import mmap
 import os
 import sys
 import uuid as _uuid
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable
+
+from rpmem_common import checksum as _checksum
 
 from . import compare as _compare
-from . import dirtymap, generation, health
+from . import copier, generation, health
 from . import progress as _progress_mod
+from . import sync_report
 from .errors import PmReplicaError
 from .generation import Generation
 from .header import HDR_SIZE, PoolAttr, PoolHeader
-from .health import BROKEN, HEALTHY, STALE, UNKNOWN, Probe
+from .health import BROKEN, HEALTHY, STALE, Probe
 from .plugin_manager import make_plugin_manager
 from .pmem import MAP_NORESERVE, Mapping
-from .pool import ReplicaStatus, load_set
-from .poolset import LocalReplica, RemoteReplica
+from .pool import ReplicaStatus, close_quietly, load_set
+from .poolset import LocalReplica
 from .replica import ReplicaWriter, lock_pool
-from .rpmem import checksum as _checksum
-from .state import ReplicaState, store_copy
+from .sync_record import RunRecord
+# the report and its statuses are part of this module's API (sync.OK_HEALTHY, ...)
+from .sync_report import (EXIT_ERROR, EXIT_HEALTHY, EXIT_PROBLEMS, EXIT_REPAIRED,  # noqa: F401
+                          FAILED, NEEDS_REPAIR, OK_HEALTHY, OK_REPAIRED, Report,
+                          ReplicaReport, note_differing)
+from .target import GenerationKeeper
+from .target_host import TargetHost, open_target
 
 log = logging.getLogger(__name__)
 
-# report statuses and the exit codes the CLI gives them (fsck's numbers)
-OK_HEALTHY = "healthy"
-OK_REPAIRED = "repaired"
-NEEDS_REPAIR = "needs repair"
-FAILED = "failed"
-EXIT_HEALTHY, EXIT_REPAIRED, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 4, 8
-_EXIT = {OK_HEALTHY: EXIT_HEALTHY, OK_REPAIRED: EXIT_REPAIRED, NEEDS_REPAIR: EXIT_PROBLEMS,
-         FAILED: EXIT_PROBLEMS}
-
 _NO_RECORD_PLACE = ("no local replica can record that it is being repaired; repair the "
                     "master first")
-#: bytes copied per step: progress and the hook advance this much at a time
-COPY_CHUNK = 8 << 20
-
-
-@dataclass
-class ReplicaReport:
-    """One replica: what was found, what was (or would be) done, and how it went."""
-
-    index: int
-    name: str
-    kind: str
-    health: str
-    problems: list[str] = field(default_factory=list)
-    source: bool = False
-    #: what the repair does to it: None (nothing), "rewrite headers", "resync dirty
-    #: chunks", "full copy", "recreate and copy", "copy differing ranges", "cannot repair"
-    action: str | None = None
-    #: bytes the repair copies (planned) or copied
-    copy_bytes: int = 0
-    #: None (not attempted), "repaired" or "failed"
-    result: str | None = None
-    error: str | None = None
-    #: ranges (offset, length) where --verify found it differs from the source (the first
-    #: MAX_REPORTED_RANGES); None when it was not compared
-    differing: list[tuple[int, int]] | None = None
-    #: bytes in differing ranges (all of them)
-    differing_bytes: int = 0
-
-
-@dataclass
-class Report:
-    """What replica-sync found and did; ``status`` sums it up, ``exit_code`` for the CLI."""
-
-    path: str
-    pool_size: int
-    dry_run: bool
-    replicas: list[ReplicaReport]
-    source: int | None = None
-    status: str = OK_HEALTHY
-    #: why nothing could be repaired, when so
-    reason: str | None = None
-    verified: bool = False
-    #: the authoritative replica-state record, summarized (None: no record found)
-    record: dict[str, Any] | None = None
-    #: bytes copied in all (or, in a dry run, that would be)
-    copied: int = 0
-
-    @property
-    def exit_code(self) -> int:
-        return _EXIT[self.status]
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["exit_code"] = self.exit_code
-        return out
 
 
 def check(path: str | os.PathLike[str], *, verify: bool = False,
@@ -161,7 +108,7 @@ def sync(path: str | os.PathLike[str], *, dry_run: bool = False, verify: bool = 
     ``dry_run`` only reports. ``verify`` compares the healthy replicas with the source by
     ``block``-byte checksums; ``repair`` then copies the differing ranges from the source.
     ``source`` names the replica to repair from when none is known to be up to date;
-    ``algorithm`` the digest (:mod:`pmreplica.rpmem.checksum`; default: the fastest both
+    ``algorithm`` the digest (:mod:`rpmem_common.checksum`; default: the fastest both
     sides compute); ``discard`` the replicas whose data to give up when their generations
     conflict with the others' (split brain, or a set superseded by a promoted replica): they
     are repaired by comparison, never a source.
@@ -210,26 +157,6 @@ class _Progress:
                                            done=self._done, total=self._total)
 
 
-def _batches(ranges: Iterable[tuple[int, int]], size: int = COPY_CHUNK
-             ) -> Iterator[list[tuple[int, int]]]:
-    """``ranges`` cut into pieces of at most ``size`` bytes and grouped into batches of
-    about ``size`` bytes (one drain, one release of source pages, one progress step each)."""
-    batch: list[tuple[int, int]] = []
-    total = 0
-    for off, n in ranges:
-        end = off + n
-        while off < end:
-            step = min(size - total, end - off)
-            batch.append((off, step))
-            total += step
-            off += step
-            if total >= size or len(batch) >= 4096:
-                yield batch
-                batch, total = [], 0
-    if batch:
-        yield batch
-
-
 class _Run:
     """One replica-sync run over one pool set."""
 
@@ -249,17 +176,18 @@ class _Run:
         self.renderer = _progress_mod.HookRenderer(
             progress if isinstance(progress, str) else
             _progress_mod.mode_for(sys.stderr, True) if progress else _progress_mod.OFF)
-        self.progress = _Progress(make_plugin_manager([*plugins, self.renderer]).hook)
+        self.pm = make_plugin_manager([*plugins, self.renderer])
+        self.progress = _Progress(self.pm.hook)
         self.probes: list[Probe] = []
         self.reports: list[ReplicaReport] = []
         self.lock_fd = -1
-        # remote sessions that need no local source are bound to this buffer, and data read
-        # from a remote source lands in it on its way to a replica (pages freed after use)
+        # targets that need no local source are bound to this buffer, and data read from
+        # a source reached through its target lands in it on its way to a replica (pages
+        # freed after use)
         self.scratch = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
         self.src_map: Mapping | None = None
-        #: replicas whose part-0 page may hold the record (index 0: the master)
-        self.record_places: set[int] = set()
-        self.state: ReplicaState | None = None
+        #: the record this run writes (made once the replicas are judged)
+        self.record: RunRecord
         self.judgement: health.Judgement | None = None
         self.source: int | None = None
         self._missed_map: Any = None
@@ -274,7 +202,11 @@ class _Run:
                 raise PmReplicaError(errno.EINVAL, f"--discard: the pool set has replicas 0 to "
                                                    f"{len(self.probes) - 1}")
             self.judgement = health.judge(self.probes, self.size, self.discard)
-            report = self._report_found()
+            self.record = RunRecord(self.probes, self.judgement, self.size,
+                                    self.set_file.master.parts[0].path)
+            report = sync_report.found(self.path, self.size, self.dry_run, self.probes,
+                                       self.judgement)
+            self.reports = report.replicas
             self.source, why = health.choose_source(self.probes, self.forced)
             if self.judgement.conflict is not None:
                 self.source, why = None, self.judgement.conflict
@@ -290,26 +222,15 @@ class _Run:
             if self.verify:
                 self._verify()
                 report.verified = True
-            if self.state is not None:
-                self.state.drop_side_file()  # nothing stale any more: the fine map is moot
+            if self.record.state is not None:
+                self.record.state.drop_side_file()  # nothing stale any more: the fine map is moot
             report.copied = sum(r.copy_bytes for r in self.reports
                                 if r.result == "repaired" or self.dry_run)
-            report.status = self._status()
+            report.status = sync_report.status(self.reports)
             return report
         finally:
             self.renderer.close()
             self._close()
-
-    def _status(self) -> str:
-        reps = self.reports
-        if any(r.result == "failed" or r.action == "cannot repair" for r in reps):
-            return FAILED
-        pending = [r for r in reps if r.action is not None and r.result is None]
-        differing = [r for r in reps if r.differing and not (
-            r.action == "copy differing ranges" and r.result == "repaired")]
-        if pending or differing:
-            return NEEDS_REPAIR
-        return OK_REPAIRED if any(r.result == "repaired" for r in reps) else OK_HEALTHY
 
     # -- locking and probing ---------------------------------------------------------------
     def _lock(self) -> None:
@@ -325,38 +246,13 @@ class _Run:
     def _probe(self) -> None:
         view = memoryview(self.scratch)
         for i, spec in enumerate(self.set_file.replicas):
-            if isinstance(spec, RemoteReplica):
-                probe = health.probe_remote(i, spec, self.size, view)
-            else:
-                assert isinstance(spec, LocalReplica)
+            if isinstance(spec, LocalReplica):
                 probe = health.probe_local(self.set_file, i, spec, self.size)
+            else:
+                probe = health.probe_target(i, spec, self.size, functools.partial(
+                    open_target, self.pm, spec, i, self._host(view)))
             self.probes.append(probe)
         view.release()
-
-    def _report_found(self) -> Report:
-        j = self.judgement
-        assert j is not None
-        for p in self.probes:
-            why = {STALE: ["marked stale: it missed writes while it was failed"],
-                   UNKNOWN: ["not known to be up to date: no replica-state record vouches "
-                             "for it (the master's was lost)"]}.get(p.health, [])
-            self.reports.append(ReplicaReport(
-                index=p.index, name=p.name, kind="remote" if p.is_remote else "local",
-                health=p.health, problems=p.problems + p.link_problems + p.remarks + why))
-            if p.health != HEALTHY:
-                log.info("%s is %s%s", p.name, p.health,
-                         ": " + "; ".join(p.problems) if p.problems else "")
-        record = None
-        if j.state is not None:
-            st = j.state
-            record = {"generation": st.generation, "holders": j.holders,
-                      "stale": [i for i in range(len(self.probes)) if st.is_stale(i)],
-                      "full_resync": [i for i in range(len(self.probes)) if st.is_full(i)],
-                      "chunk_size": st.chunk,
-                      "fine_chunk_size": st.fine.chunk if st.fine is not None else None,
-                      "dirty_bytes": st.dirty_bytes(HDR_SIZE, self.size)}
-        return Report(path=os.path.abspath(self.path), pool_size=self.size,
-                      dry_run=self.dry_run, replicas=self.reports, record=record)
 
     # -- planning --------------------------------------------------------------------------
     def _full(self, p: Probe) -> bool:
@@ -391,54 +287,6 @@ class _Run:
                 r.copy_bytes = (self.size - HDR_SIZE if self._full(p)
                                 else self._missed.dirty_bytes(HDR_SIZE, self.size))
 
-    # -- the record ------------------------------------------------------------------------
-    def _record_places(self) -> None:
-        """Where a record counts (health.py): the master's part 0 (unless it is another
-        pool's), and the part 0 of every sound local replica."""
-        for p in self.probes:
-            if p.is_remote or p.page is None:
-                continue
-            if p.index == 0:
-                hdr = PoolHeader.unpack(p.page)
-                ref = self.judgement.reference  # type: ignore[union-attr]
-                foreign = (PoolHeader.checksum_ok(p.page) and not hdr.is_zeroed and ref is not None
-                           and hdr.poolset_uuid != ref.identity.poolset_uuid)  # type: ignore[union-attr]
-                if not foreign:
-                    self.record_places.add(0)
-            elif p.sound:
-                self.record_places.add(p.index)
-
-    def _start_record(self) -> None:
-        """The record this run writes: the authority's, one generation above every record
-        found, so that it is the newest wherever it lands."""
-        if self.state is not None:
-            return
-        self._record_places()
-        found = self.judgement.state  # type: ignore[union-attr]
-        if found is None:
-            self.state = ReplicaState(self.size)
-            self.state.fine_path = dirtymap.path_for(self.set_file.master.parts[0].path)
-        else:
-            self.state = found.copy()
-        self.state.generation += 1
-
-    def _store_record(self) -> None:
-        """Write the record durably where it counts, the master first (its fine dirty map
-        saved before it)."""
-        assert self.state is not None
-        self.state.save_fine(keep_working_set=False)
-        for i in sorted(self.record_places):
-            path = self.probes[i].spec.parts[0].path  # type: ignore[union-attr]
-            raw = self.state.pack() if i == 0 else self.state.pack_copy()
-            try:
-                store_copy(path, raw)
-            except OSError as e:
-                if i == 0:
-                    raise PmReplicaError(e.errno or errno.EIO, f"cannot record the replica "
-                                                               f"state in {path}: {e}") from e
-                log.warning("cannot store the replica-state copy in %s: %s", path, e)
-                self.record_places.discard(i)
-
     # -- repair ----------------------------------------------------------------------------
     def _repair(self) -> None:
         j = self.judgement
@@ -449,11 +297,10 @@ class _Run:
         if not dests and not relink:
             return
         plans = [(p, self._ranges(p), self._full(p)) for p in dests]
-        self._start_record()
-        assert self.state is not None
+        self.record.begin()
         for p, _, full in plans:
-            self.state.mark_stale(p.index, full=full, compare=p.compare and p.sound)
-        self._store_record()
+            self.record.mark_stale(p.index, full=full, compare=p.compare and p.sound)
+        self.record.store()
         for p, ranges, _ in plans:
             r = self.reports[p.index]
             if r.action == "copy differing ranges":
@@ -465,10 +312,7 @@ class _Run:
                 r.result, r.error = "failed", _text(e)
                 log.info("%s: repair failed: %s", p.name, r.error)
                 continue
-            if not p.is_remote:
-                self.record_places.add(p.index)  # a sound replica again: it keeps a copy
-            self.state.clear_stale(p.index)
-            self._store_record()
+            self.record.repaired(p)
             r.result = "repaired"
             log.info("%s repaired (%d bytes copied)", p.name, r.copy_bytes)
         for p in relink:
@@ -483,8 +327,8 @@ class _Run:
         src = self.probes[self.source]  # type: ignore[index]
         if src.header is not None:
             return src.header._replace(sds=bytes(len(src.header.sds)))
-        assert src.remote is not None
-        return src.remote.attr.to_header()
+        assert src.attr is not None
+        return src.attr.to_header()
 
     def _attr(self, p: Probe) -> PoolAttr:
         j, n = self.judgement, len(self.probes)
@@ -496,35 +340,46 @@ class _Run:
                         next_uuid=canon[(p.index + 1) % n].bytes_le,
                         prev_uuid=canon[(p.index - 1) % n].bytes_le, user_flags=t.arch.pack())
 
-    def _write_headers(self, p: Probe, remote: Any = None) -> None:
+    def _write_headers(self, p: Probe, target: Any = None) -> None:
         """Give replica ``p`` headers of the source's identity with the right links (a local
-        replica's part 0 page gets the current record with them); ``remote`` is an open
-        session on a remote ``p``, else the probe's is used."""
+        replica's part 0 page gets the current record with them); ``target`` is an open
+        target of ``p``, else the probe's is used."""
         if p.files is not None:
             canon, n = self.judgement.canonical, len(self.probes)  # type: ignore[union-attr]
             uuids = [canon[p.index]] + [_uuid.uuid4() for _ in range(p.files.nhdrs - 1)]
-            state = self.state.pack() if self.state is not None else None
+            state = self.record.state.pack() if self.record.state is not None else None
             p.files.write_headers(self._template(), uuids, canon[(p.index - 1) % n],
                                   canon[(p.index + 1) % n], state=state,
                                   gen=self._generation().pack())
             return
-        if remote is None:
-            if p.remote is None:
-                p.remote = self._open_remote(p, memoryview(self.scratch))
-            remote = p.remote
-        remote.set_attr(self._attr(p))
-        remote.store_generation(self._generation().pack())
+        if target is None:
+            if p.target is None:
+                p.target = self._open_target(p, memoryview(self.scratch))
+            target = p.target
+        target.set_attr(self._attr(p))
+        if isinstance(target, GenerationKeeper):
+            target.store_generation(self._generation())
 
-    def _open_remote(self, p: Probe, buffer: memoryview, create: bool = False) -> Any:
-        from .rpmem import client
+    def _host(self, buf: memoryview) -> TargetHost:
+        """What a plugin's target is handed as its pool: ``buf`` is what it copies from."""
+        src = self.src_map if buf.obj is not self.scratch else None
+        return TargetHost(self.set_file, buf, self.pm, src)
 
-        spec = p.spec
-        assert isinstance(spec, RemoteReplica)
-        if create:
-            client.remove(spec.node, spec.pool_set, client.REMOVE_FORCE)
-            return client.RemotePool.create(spec.node, spec.pool_set, buffer, nlanes=1,
-                                            attr=self._attr(p))
-        return client.RemotePool.open(spec.node, spec.pool_set, buffer, nlanes=1)
+    def _open_target(self, p: Probe, buffer: memoryview, create: bool = False) -> Any:
+        """Replica ``p``'s target, copying from ``buffer``, opened (``create``: its storage
+        removed and created again, with the headers it is to have)."""
+        target = open_target(self.pm, p.spec, p.index, self._host(buffer), create)
+        try:
+            if create:
+                self.pm.hook.pmreplica_remove_replica(spec=p.spec, index=p.index, force=True,
+                                                      remove_pool_set=False)
+                target.create(self._attr(p))
+            else:
+                p.attr = target.open()
+        except BaseException:
+            close_quietly(target)
+            raise
+        return target
 
     def _source_view(self) -> memoryview:
         """The pool as the source holds it: the mapped local source, or the scratch buffer
@@ -536,7 +391,7 @@ class _Run:
     def _fill(self, view: memoryview, off: int, n: int) -> None:
         src = self.probes[self.source]  # type: ignore[index]
         if src.is_remote:
-            src.remote.read(view[off:off + n], off, n)  # type: ignore[union-attr]
+            src.target.read(view[off:off + n], off, 0)  # type: ignore[union-attr]
 
     def _release(self, off: int, n: int) -> None:
         """Let go of the source's pages of a range copied: the run's memory stays bounded."""
@@ -547,7 +402,7 @@ class _Run:
 
     def _repair_one(self, p: Probe, ranges: Iterable[tuple[int, int]]) -> None:
         """Copy ``ranges`` from the source into ``p`` and give it its headers."""
-        if p.is_remote and not self.record_places:
+        if p.is_remote and not self.record.places:
             raise PmReplicaError(errno.EAGAIN, _NO_RECORD_PLACE)
         writer = _Writer(self, p, create=p.health == BROKEN)
         try:
@@ -570,7 +425,7 @@ class _Run:
         """Compare ``p`` with the source by checksums and copy what differs as it is found
         (a replica that may hold writes the source lacks: behind by generation, or
         discarded); its stale mark is recorded already."""
-        if p.is_remote and not self.record_places:
+        if p.is_remote and not self.record.places:
             r.result, r.error = "failed", _NO_RECORD_PLACE
             return
         self._stream([p], repair=True, begun=True)
@@ -589,12 +444,11 @@ class _Run:
 
         def begin(p: Probe) -> _Writer:
             if not begun:
-                self._start_record()
-                if p.is_remote and not self.record_places:
+                self.record.begin()
+                if p.is_remote and not self.record.places:
                     raise PmReplicaError(errno.EAGAIN, _NO_RECORD_PLACE)
-                assert self.state is not None
-                self.state.mark_stale(p.index, full=True, compare=True)
-                self._store_record()
+                self.record.mark_stale(p.index, full=True, compare=True)
+                self.record.store()
                 self.reports[p.index].action = "copy differing ranges"
             writers[p.index] = _Writer(self, p, session=bound.pop(p.index, None))
             return writers[p.index]
@@ -604,8 +458,8 @@ class _Run:
             r.result, r.error = "failed", f"{'compare' if begun else 'verify'}: {_text(e)}"
             log.info("%s: %s", p.name, r.error)
 
-        # remote targets to be repaired: a session bound to the source's buffer, which
-        # computes their digests and, once one differs, takes the copy (its writer's)
+        # targets to be repaired: one bound to the source's buffer, which computes their
+        # digests and, once one differs, takes the copy (its writer's)
         bound: dict[int, Any] = {}
         src_view = self._source_view()
         try:
@@ -613,26 +467,26 @@ class _Run:
             for p in targets:
                 self.reports[p.index].differing = []
                 if p.is_remote and repair and not begun:
-                    if p.remote is not None:
-                        p.remote.close()
-                    p.remote = None
-                    bound[p.index] = self._open_remote(p, src_view)
+                    if p.target is not None:
+                        close_quietly(p.target)
+                    p.target = None
+                    bound[p.index] = self._open_target(p, src_view)
                 if repair and begun:
                     begin(p)
                 if p.is_remote:
-                    session = (writers[p.index].remote if p.index in writers
-                               else bound.get(p.index) or p.remote)
+                    session = (writers[p.index].target if p.index in writers
+                               else bound.get(p.index) or p.target)
                     if session is None:
-                        session = p.remote = self._open_remote(p, memoryview(self.scratch))
+                        session = p.target = self._open_target(p, memoryview(self.scratch))
                     sessions.append((p, session))
             if src.is_remote:
-                sessions.insert(0, (src, src.remote))
+                sessions.insert(0, (src, src.target))
             algorithm = self.algorithm or _compare.choose_algorithm(
                 [s for _, s in sessions], HDR_SIZE, block)
             by_index = dict(sessions)
             for p in [src, *targets]:
                 if p.is_remote:
-                    digester = _compare.remote_digester(by_index[p], block, algorithm)
+                    digester = _compare.target_digester(by_index[p], block, algorithm)
                 else:
                     mapping = self._source_mapping() if p is src else p.files.open()  # type: ignore[union-attr]
                     if p is not src:
@@ -648,7 +502,7 @@ class _Run:
                     if not ranges:
                         continue
                     p, r = probes[index], self.reports[index]
-                    _note_differing(r, ranges)
+                    note_differing(r, ranges)
                     if not repair:
                         continue
                     try:
@@ -675,10 +529,7 @@ class _Run:
                 except OSError as e:
                     fail(p, e)
                     continue
-                if not p.is_remote:
-                    self.record_places.add(p.index)  # a sound replica again: it keeps a copy
-                self.state.clear_stale(p.index)  # type: ignore[union-attr]
-                self._store_record()
+                self.record.repaired(p)
                 r.result = "repaired"
         except OSError as e:
             for p in targets:
@@ -688,7 +539,7 @@ class _Run:
             for writer in writers.values():
                 writer.close()
             for session in bound.values():
-                session.close()
+                close_quietly(session)
             src_view.release()
             for mapping in mappings:
                 _close_mapping(mapping)
@@ -734,24 +585,22 @@ class _Run:
         if not p.is_remote:
             generation.store(p.spec.parts[0].path, gen)  # type: ignore[union-attr]
             return
-        remote = p.remote
-        if remote is None:
-            remote = self._open_remote(p, memoryview(self.scratch))
+        target = p.target
+        if target is None:
+            target = self._open_target(p, memoryview(self.scratch))
         try:
-            remote.store_generation(gen.pack())
+            if isinstance(target, GenerationKeeper):
+                target.store_generation(gen)
         finally:
-            if remote is not p.remote:
-                remote.close()
+            if target is not p.target:
+                close_quietly(target)
 
     # -- cleanup ---------------------------------------------------------------------------
     def _close(self) -> None:
         for p in self.probes:
-            if p.remote is not None:
-                try:
-                    p.remote.close()
-                except OSError as e:
-                    log.debug("closing %s: %s", p.name, e)
-                p.remote = None
+            if p.target is not None:
+                close_quietly(p.target)
+                p.target = None
         if self.src_map is not None:
             _close_mapping(self.src_map)
         try:
@@ -766,7 +615,7 @@ class _Run:
 class _Writer:
     """Copies from the source into one replica under repair. A local replica loses its
     header first (it is no pool until :meth:`finish`) and its parts are written with
-    pwrite; a remote one gets the ranges over a session bound to the source's buffer.
+    pwrite; any other gets the ranges through its target, bound to the source's buffer.
     Source pages are let go as each batch is durable or sent."""
 
     def __init__(self, run: "_Run", p: Probe, create: bool = False,
@@ -774,14 +623,14 @@ class _Writer:
         self.run, self.p = run, p
         self.view = run._source_view()
         self.io: ReplicaWriter | None = None
-        self.remote: Any = session  # one bound to the source's buffer already: its own
+        self.target: Any = session  # one bound to the source's buffer already: its own
         try:
             if p.is_remote:
                 if session is None:
-                    if p.remote is not None:  # the probe's is bound to the scratch buffer
-                        p.remote.close()
-                        p.remote = None
-                    self.remote = run._open_remote(p, self.view, create=create)
+                    if p.target is not None:  # the probe's is bound to the scratch buffer
+                        close_quietly(p.target)
+                        p.target = None
+                    self.target = run._open_target(p, self.view, create=create)
             else:
                 self._clear_local()
                 self.io = ReplicaWriter(p.files)  # type: ignore[arg-type]
@@ -791,33 +640,34 @@ class _Writer:
 
     def _clear_local(self) -> None:
         run, p = self.run, self.p
-        files, state = p.files, run.state
+        files, state = p.files, run.record.state
         assert files is not None and state is not None
         files.restore_parts()
         files.clear_header(state.pack() if p.index == 0 else state.pack_copy())
         if p.index == 0:
-            run.record_places.add(0)  # the master's record counts even while it is broken
+            run.record.places.add(0)  # the master's record counts even while it is broken
             if run.lock_fd < 0:
                 run._lock()
         else:
-            run.record_places.discard(p.index)  # a broken replica's copy does not count
+            run.record.places.discard(p.index)  # a broken replica's copy does not count
 
     def copy(self, ranges: Iterable[tuple[int, int]],
-             advance: Any = None) -> None:
+             advance: Callable[[int], None] | None = None) -> None:
         run, view = self.run, self.view
-        for batch in _batches(ranges):
-            for off, n in batch:
-                run._fill(view, off, n)
-                if self.io is not None:
-                    self.io.write(off, view[off:off + n])
-                else:
-                    self.remote.flush(off, n)
-            if self.remote is not None:
-                self.remote.drain()  # sent and durable: the source's pages may go
-            lo = batch[0][0]
-            run._release(lo, batch[-1][0] + batch[-1][1] - lo)
-            if advance is not None:
-                advance(sum(n for _, n in batch))
+
+        def write(off: int, n: int) -> None:
+            run._fill(view, off, n)
+            if self.io is not None:
+                self.io.write(off, view[off:off + n])
+            else:
+                self.target.flush(off, n, 0, 0)
+
+        def settle(off: int, n: int) -> None:
+            if self.target is not None:
+                self.target.drain(0)  # sent and durable: the source's pages may go
+            run._release(off, n)
+
+        copier.copy(ranges, write, settle, advance)
 
     def finish(self) -> None:
         """Make what was copied durable and write the replica's headers."""
@@ -825,35 +675,16 @@ class _Writer:
             self.io.sync()
             self.run._write_headers(self.p)
         else:
-            self.run._write_headers(self.p, self.remote)
+            self.run._write_headers(self.p, self.target)
 
     def close(self) -> None:
         if self.io is not None:
             self.io.close()
             self.io = None
-        if self.remote is not None:
-            try:
-                self.remote.close()
-            except OSError as e:
-                log.debug("closing %s: %s", self.p.name, e)
-            self.remote = None
+        if self.target is not None:
+            close_quietly(self.target)
+            self.target = None
         self.view.release()
-
-
-#: differing ranges kept per replica in a report (the bytes are counted past it)
-MAX_REPORTED_RANGES = 10_000
-
-
-def _note_differing(r: ReplicaReport, ranges: list[tuple[int, int]]) -> None:
-    """Add ``ranges`` to the report's differing ranges (merged with the last one)."""
-    assert r.differing is not None
-    r.differing_bytes += sum(n for _, n in ranges)
-    for off, n in ranges:
-        last = r.differing[-1] if r.differing else None
-        if last is not None and last[0] + last[1] == off:
-            r.differing[-1] = (last[0], last[1] + n)
-        elif len(r.differing) < MAX_REPORTED_RANGES:
-            r.differing.append((off, n))
 
 
 def _close_mapping(mapping: Mapping) -> None:

@@ -31,6 +31,7 @@ class TargetStat:
     generation: Generation | None = None
 
 
+@runtime_checkable
 class GenerationKeeper(Protocol):
     """What a target offers to keep the pool's generation (:mod:`pmreplica.generation`).
     Optional: a target without it is never known to be ahead of, behind or diverged from
@@ -38,6 +39,19 @@ class GenerationKeeper(Protocol):
 
     def store_generation(self, record: Generation) -> None:
         """Record ``record`` on the replica, durably; ``stat().generation`` returns it."""
+
+
+@runtime_checkable
+class DigestTarget(Protocol):
+    """What a target offers to compute checksums where its replica lives (the rpmem target:
+    its agent hashes its own copy), so that ``replica-sync --verify`` moves digests, not
+    data. Optional: a target without it is compared by reading its bytes through
+    :meth:`ReplicaTarget.read`."""
+
+    def digests(self, offset: int, length: int, block: int, algorithm: int) -> list[bytes]:
+        """The digests of ``[offset, offset+length)`` in ``block``-byte blocks (the last may
+        be shorter) by ``algorithm`` (:mod:`rpmem_common.checksum`'s ``ALGO_*``);
+        EPROTONOSUPPORT for an algorithm the target cannot compute."""
 
 
 @runtime_checkable
@@ -72,7 +86,8 @@ class ReplicaTarget(Protocol):
         """Rewrite the attributes in the replica's header."""
 
     def stat(self) -> TargetStat:
-        """Size and header health, without opening the replica for writing."""
+        """Size and header health, without opening the replica for writing (replica-sync
+        and check call it on a target that is not open, to learn why ``open`` failed)."""
 
     def close(self) -> None:
         """Release the replica; its data stays. A pool closes a failed target at once, while

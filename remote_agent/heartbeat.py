@@ -21,8 +21,8 @@ from collections.abc import Callable
 # agent start
 from _operator import _compare_digest as compare_digest
 
-from pmreplica.rpmem.transport.wire import (HEARTBEAT, HEARTBEAT_HELLO, PING, SECRET_LEN,
-                                            STATUS, recv_exact)
+from rpmem_common.wire import (HEARTBEAT, HEARTBEAT_HELLO, PING, SECRET_LEN,
+                               STATUS, recv_exact)
 
 log = logging.getLogger("remote_agent.heartbeat")
 

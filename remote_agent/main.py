@@ -9,7 +9,7 @@ import os
 import sys
 
 from pmreplica.errors import PmReplicaError
-from pmreplica.rpmem import proto
+from rpmem_common import proto
 
 from .config import AgentConfig, load
 from .pooldb import PoolDB

@@ -13,9 +13,9 @@ import os
 
 from pmreplica.header import PoolAttr
 from pmreplica.poolset import MIN_REMOTE_POOL, PAGE_SIZE
-from pmreplica.rpmem import proto
-from pmreplica.rpmem.proto import Request, Response
-from pmreplica.rpmem.transport.wire import TLS_NAME
+from rpmem_common import proto
+from rpmem_common.proto import Request, Response
+from rpmem_common.wire import TLS_NAME
 
 from .config import AgentConfig
 from .heartbeat import Heartbeat
@@ -134,8 +134,8 @@ class Session:
                     raise PoolError(errno.EINVAL, "CONNECT needs a pool open over verbs")
                 return Response(rtype, blob=connect(req.blob))
             if req.type == proto.CHECKSUM:  # replica-sync --verify; hashlib loads only here
-                from . import checksum
-                return Response(rtype, blob=checksum.handle(self.pool, req.blob))
+                from . import digests
+                return Response(rtype, blob=digests.handle(self.pool, req.blob))
             raise PoolError(errno.EPROTONOSUPPORT, f"request type {req.type} is not supported")
         except OSError as e:
             log.warning("%s failed: %s", _NAMES.get(req.type, req.type), e)

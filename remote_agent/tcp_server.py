@@ -23,10 +23,9 @@ import threading
 from _operator import _compare_digest as compare_digest
 
 from pmreplica.pmem import Mapping
-from pmreplica.rpmem.transport.spin import DEFAULT_WINDOW_US, MAX_WINDOW_US, Spinner
-from pmreplica.rpmem.transport.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE,
-                                            OPF_ACK_LATER, SECRET_LEN, STATUS, connection_blob,
-                                            recv_exact)
+from rpmem_common.spin import DEFAULT_WINDOW_US, MAX_WINDOW_US, Spinner
+from rpmem_common.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, OPF_ACK_LATER,
+                               SECRET_LEN, STATUS, connection_blob, recv_exact)
 
 log = logging.getLogger("remote_agent.tcp")
 
@@ -67,7 +66,7 @@ class TcpServer:
         self.secret = os.urandom(SECRET_LEN)
         self.identity = None
         if tls:
-            from pmreplica.rpmem.transport import tls as _tls  # ssl loads only for TLS
+            from rpmem_common import tls as _tls  # ssl loads only for TLS
             self.identity = _tls.AgentIdentity()
         self.blob = connection_blob(self.secret, self.identity and self.identity.certificate)
         addr = address or listen_address()

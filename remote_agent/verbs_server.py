@@ -19,12 +19,12 @@ import os
 import threading
 
 from pmreplica.pmem import buffer_address, memory_backed
-from pmreplica.rpmem.transport.verbs_common import (
+from rpmem_common.verbs_common import (
     AGENT_GID, AGENT_INFO, CLIENT_INFO, LANE_QP, MAX_DEPTH, MSG_DEEP, REPLY, RoceGid, Waiter,
     completion_channel, connect_rc_qp, create_rc_qp, device_limits, gid_for_address,
     gid_toward, is_loopback, load_pyverbs, open_context, random_psn, register, roce_gids,
     verbs_error, wc_status_text)
-from pmreplica.rpmem.transport.wire import PERSIST_MSG
+from rpmem_common.wire import PERSIST_MSG
 
 from .pooldb import OpenPool, PoolError
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -106,6 +107,21 @@ def run_threads(work: Callable[[int], None], n: int) -> list[BaseException]:
     for t in threads:
         t.join()
     return errors
+
+
+def pip_install(dist: Path, base: Path) -> Path:
+    """Install the distribution in folder ``dist`` with pip, offline, into a folder of its
+    own under ``base`` (put on PYTHONPATH to use it), as a user installs a plugin."""
+    src = base / "src"
+    shutil.copytree(dist, src)  # pip builds in the source tree
+    site = base / "site"
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                          "--no-build-isolation", "--no-index", "--target", str(site), str(src)],
+                         capture_output=True, text=True)
+    if run.returncode:
+        unavailable(f"cannot install {dist.name} (the test extra needs setuptools>=70.1 in "
+                    f"the venv): {run.stderr.strip()[-500:]}")
+    return site
 
 
 def unavailable(reason: str) -> None:

@@ -38,12 +38,12 @@ from typing import Any
 import pytest
 
 from pmreplica.header import PoolAttr
-from pmreplica.rpmem import proto
+from rpmem_common import proto
 from pmreplica.rpmem.channel import AgentChannel
 from pmreplica.rpmem.client import read_ready
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import launch
-from pmreplica.rpmem.transport.wire import HELLO, OP, STATUS, split_connection_blob
+from rpmem_common.wire import HELLO, OP, STATUS, split_connection_blob
 from remote_agent.processes import running_agents
 
 from .helpers import (CLIENT_VARS, ROOT, apply_overrides, environ_without_client_vars,

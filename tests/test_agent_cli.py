@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pmreplica.header import HDR_SIZE
-from pmreplica.rpmem import proto
+from rpmem_common import proto
 from pmreplica.rpmem.client import RemotePool
 
 from .rpmem_helpers import (AGENT, M, agent_command, attr, local_node, local_pool,  # noqa: F401
@@ -200,7 +200,7 @@ def test_agent_start_imports_stay_lean():
     """Every pool's create or open starts an agent, and a further pool on a reused SSH
     connection is to take <= 50 ms: the agent's start must not pull in the heavy modules
     (dataclasses and typing import inspect and more; pluggy, paramiko and hashlib are
-    for the client, replica-sync and verify only)."""
+    for the client, replica-sync and verify only), nor anything of the client package."""
     code = ("import sys, remote_agent.main, remote_agent.session, remote_agent.pooldb, "
             "remote_agent.tcp_server; print(' '.join(sorted(sys.modules)))")
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -208,3 +208,6 @@ def test_agent_start_imports_stay_lean():
     heavy = {"typing", "dataclasses", "inspect", "pluggy", "paramiko", "hashlib", "secrets",
              "pyverbs"} & loaded
     assert not heavy, f"agent start imports {sorted(heavy)}"
+    # what the agent shares with the client is rpmem_common: nothing of the client package
+    assert "rpmem_common.proto" in loaded
+    assert not [m for m in loaded if m.startswith("pmreplica.rpmem")]

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from pmreplica.header import HDR_SIZE, PoolAttr
-from pmreplica.rpmem import proto
+from rpmem_common import proto
 from pmreplica.rpmem.launch import launch
 from pmreplica.rpmem.client import read_ready
 

@@ -21,7 +21,7 @@ import pytest
 from pmreplica import PoolSet, poolset
 from pmreplica.header import PoolHeader
 from pmreplica.replica import LocalReplicaFiles, ReplicaWriter, lock_pool
-from pmreplica.rpmem import proto
+from rpmem_common import proto
 from pmreplica.state import store_copy
 
 from .rpmem_helpers import AGENT, M, RawSession, attr, local_node, transport  # noqa: F401

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from pmreplica.rpmem.address import Target, parse_target
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import AgentChannel, close_connections, launch
-from pmreplica.rpmem.target import Target, parse_target
 
 from .helpers import run_threads
 

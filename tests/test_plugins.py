@@ -7,9 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -19,8 +17,7 @@ from pmreplica import PoolSet, ReplicaError, hookimpl
 from pmreplica.header import HDR_SIZE, PoolAttr, PoolHeader
 from pmreplica.poolset import LocalReplica, RemoteReplica
 
-from .helpers import unavailable
-from .helpers import ROOT, replica_bytes, run_python, write_set
+from .helpers import ROOT, pip_install, replica_bytes, run_python, write_set
 
 M = 1 << 20
 
@@ -147,17 +144,7 @@ def test_plugin_can_take_over_a_local_replica(pool_dir):
 @pytest.fixture(scope="session")
 def toy_site(tmp_path_factory) -> Path:
     """tests/plugin_dist installed with pip into a directory of its own."""
-    base = tmp_path_factory.mktemp("toy-plugin")
-    src = base / "src"
-    shutil.copytree(ROOT / "tests" / "plugin_dist", src)  # pip builds in the source tree
-    site = base / "site"
-    run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                          "--no-build-isolation", "--no-index", "--target", str(site), str(src)],
-                         capture_output=True, text=True)
-    if run.returncode:
-        unavailable("cannot install the test plugin distribution (the test extra needs "
-                    f"setuptools>=70.1 in the venv): {run.stderr.strip()[-500:]}")
-    return site
+    return pip_install(ROOT / "tests" / "plugin_dist", tmp_path_factory.mktemp("toy-plugin"))
 
 
 ENTRY_POINT_CHILD = r"""
@@ -231,3 +218,18 @@ def test_cli_create_and_rm_use_the_entry_point_plugin(pool_dir, toy_site, pmrepl
     assert [e["event"] for e in events] == ["open_replica", "create", "close", "remove_replica"]
     assert events[-1] == {"event": "remove_replica", "pool_set": "sub/toy.set", "index": 2,
                           "force": False, "remove_pool_set": True}
+
+
+def test_front_door_exports_what_a_plugin_needs():
+    """Everything a plugin is written against comes from `pmreplica` itself, and the
+    installed distribution's version is the package's."""
+    import importlib.metadata
+
+    import pmreplica
+    for name in pmreplica.__all__:
+        assert getattr(pmreplica, name) is not None, name
+    assert {"ReplicaTarget", "TargetStat", "GenerationKeeper", "DigestTarget", "RELAXED",
+            "PoolAttr", "Replica", "LocalReplica", "RemoteReplica", "hookimpl"} <= set(
+        pmreplica.__all__)
+    assert importlib.metadata.version("pmreplica") == pmreplica.__version__
+    assert (ROOT / "pmreplica" / "py.typed").exists()

@@ -18,8 +18,10 @@ import pytest
 from pmreplica import HeaderError, PoolSet, PoolSetError, ReplicaError, generation, hookimpl
 from pmreplica.errors import PmReplicaError
 from pmreplica.header import HDR_SIZE, PoolHeader
-from pmreplica.replica import RECORDS_END
+from pmreplica.poolset import parse
+from pmreplica.replica import RECORDS_END, LocalReplicaFiles
 from pmreplica.state import OFFSET as STATE_OFFSET, ReplicaState
+from pmreplica.sync import check
 
 from .helpers import read_json_line, replica_bytes, run_threads, start_python, write_set
 
@@ -309,6 +311,32 @@ def test_replica_of_another_pool_is_not_written(pool_dir):
         pool.buf[HDR_SIZE:HDR_SIZE + 4] = b"mine"
         pool.persist(HDR_SIZE, 4)
     assert (d / "r").read_bytes() == before
+
+
+def test_open_and_replica_sync_judge_a_replica_of_another_format_alike(pool_dir):
+    """A replica whose header gives another format version is failed by PoolSet.open, not
+    written, and called broken by replica-sync's check, by the same rule and words."""
+    d = pool_dir
+    path = write_set(d / "p.set", f"4M {d}/m", "REPLICA", f"4M {d}/r")
+    PoolSet.create(path).close()
+    set_file = parse(str(path))
+    files = LocalReplicaFiles(set_file, set_file.replicas[1], set_file.pool_size)
+    (part,) = files.read_headers()
+    hdr = part.header
+    files.write_headers(hdr._replace(major=hdr.major + 1), [hdr.uuid], hdr.prev_repl,
+                        hdr.next_repl)
+    before = (d / "r").read_bytes()
+    why = "pool format (signature, version or features) differs from"
+    rec = Recorder()
+    with PoolSet.open(path, plugins=[rec]) as pool:
+        (replica, error, _), = rec.failed
+        assert replica is pool.replicas[1] and error.errno == errno.EINVAL
+        assert str(error).startswith(f"replica 1 {why} the master")
+        pool.persist(HDR_SIZE, 4)
+    assert (d / "r").read_bytes() == before
+    report = check(path)
+    assert report.replicas[1].health == "broken"
+    assert f"{why} replica 0" in report.replicas[1].problems
 
 
 def test_stale_replica_stays_stale_until_resynced(pool_dir):

@@ -14,9 +14,9 @@ import time
 import pytest
 
 from pmreplica.header import HDR_SIZE
-from pmreplica.rpmem import proto
+from rpmem_common import proto
 from pmreplica.rpmem.client import RemotePool
-from pmreplica.rpmem.transport.wire import OP, OP_WRITE
+from rpmem_common.wire import OP, OP_WRITE
 
 from .helpers import read_json_line, start_python
 from .rpmem_helpers import (M, RawSession, attr, local_node, local_pool,  # noqa: F401

@@ -10,9 +10,9 @@ import errno
 import pytest
 
 from pmreplica.header import HDR_SIZE
-from pmreplica.rpmem import proto
 from pmreplica.rpmem.client import RemotePool
-from pmreplica.rpmem.transport.wire import OP, OP_READ, OP_WRITE, OPF_ACK_LATER
+from rpmem_common import proto
+from rpmem_common.wire import OP, OP_READ, OP_WRITE, OPF_ACK_LATER
 
 from .helpers import run_threads
 from .rpmem_helpers import (M, RawSession, assert_closed, attr, local_node,  # noqa: F401

@@ -1,4 +1,4 @@
-"""Polling for answers (transport/spin.py) costs nothing when nothing happens: an idle pool and
+"""Polling for answers (rpmem_common/spin.py) costs nothing when nothing happens: an idle pool and
 its agent use no CPU, a wait for a frozen agent sleeps, a lane shut down or closed by its peer
 ends a wait at once, and polling that keeps missing stops by itself. The client's window
 reaches the agent through the CREATE/OPEN flags."""
@@ -14,10 +14,9 @@ import time
 import pytest
 
 from pmreplica.header import HDR_SIZE
-from pmreplica.rpmem import proto
 from pmreplica.rpmem.client import RemotePool
-from pmreplica.rpmem.transport import spin
-from pmreplica.rpmem.transport.spin import DEFAULT_WINDOW_US, MISSES, Spinner
+from rpmem_common import proto, spin
+from rpmem_common.spin import DEFAULT_WINDOW_US, MISSES, Spinner
 
 from .rpmem_helpers import (M, attr, local_node, local_pool, persist_in_thread,  # noqa: F401
                             transport)

@@ -12,10 +12,10 @@ import time
 import pytest
 
 from pmreplica.header import HDR_SIZE
-from pmreplica.rpmem import proto
+from rpmem_common import proto
 from pmreplica.rpmem.client import RemotePool
-from pmreplica.rpmem.transport.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, SECRET_LEN,
-                                            split_connection_blob)
+from rpmem_common.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, SECRET_LEN,
+                               split_connection_blob)
 
 from .rpmem_helpers import (M, Node, RawSession, assert_closed, attr, check_no_agents_left,
                             local_pool, recv_status, remote_bytes, write_op)

@@ -15,10 +15,10 @@ import pytest
 from pmreplica.errors import PmReplicaError
 from pmreplica.header import HDR_SIZE
 from pmreplica.pool import FAILED, OK, PoolSet
-from pmreplica.rpmem import proto
+from rpmem_common import proto
 from pmreplica.rpmem.client import RemotePool
 from pmreplica.rpmem.launch import close_connections
-from pmreplica.rpmem.transport.wire import split_connection_blob
+from rpmem_common.wire import split_connection_blob
 
 from .fixtures.capture import LoopbackCapture, pieces_seen
 from .fixtures.mitm import ALIAS, Mitm

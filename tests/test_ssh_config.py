@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
+from pmreplica.rpmem.address import Target
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import OpenSSHChannel, close_connections, describe, launch
 from pmreplica.rpmem.ssh import NeedsOpenSSH, resolve
-from pmreplica.rpmem.target import Target
 
 
 @pytest.fixture(autouse=True)

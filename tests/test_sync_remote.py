@@ -20,7 +20,8 @@ import pytest
 
 from pmreplica import PoolSet, sync
 from pmreplica.header import HDR_SIZE
-from pmreplica.rpmem import client, proto
+from pmreplica.rpmem import client
+from rpmem_common import proto
 from pmreplica.rpmem.client import start_session
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import close_connections, launch

@@ -13,7 +13,7 @@ whenever that answer arrived in two pieces and the receive started between them:
 segments of a few status words, often. ``poll`` counts every unread byte, so a poll for
 SO_RCVLOWAT bytes followed by a non-blocking receive does not hang; the lanes need neither
 (the agent receives payloads with MSG_WAITALL, one call, and polls before it sleeps with
-``transport/spin.py``)."""
+``rpmem_common/spin.py``)."""
 
 from __future__ import annotations
 

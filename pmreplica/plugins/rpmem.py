@@ -3,7 +3,8 @@ remote agent through :class:`pmreplica.rpmem.RemotePool`.
 
 The pool set has already checked each range, so once the remote pool is open the target's
 persist, flush, drain and read are the data path's own methods: no second check and no
-extra call on the hot path.
+extra call on the hot path. Outside an open pool (replica-sync, check, promote) the same
+target serves repairs and verifies: its :meth:`RpmemTarget.digests` are the agent's.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 
+from rpmem_common import checksum as _checksum
+
 from ..errors import ReplicaError
 from ..generation import Generation
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
 from ..pool import describe
 from ..poolset import RemoteReplica
-from ..rpmem import client
+from ..rpmem import client, launch
+from ..rpmem.transport import provider
 from ..target import TargetStat
 
 
@@ -68,6 +72,17 @@ class RpmemTarget:
         return TargetStat(size=resp.size, healthy=resp.healthy, detail=resp.message,
                           generation=Generation.unpack(resp.blob) if resp.blob else None)
 
+    def digests(self, offset: int, length: int, block: int, algorithm: int) -> list[bytes]:
+        """Checksums computed by the agent over its own copy (:class:`DigestTarget`)."""
+        remote = self.remote
+        if remote is None:
+            raise ReplicaError(errno.EBADF, f"{self.name} is not open")
+        step = _checksum.MAX_BLOCKS * block  # the most one request may cover
+        out: list[bytes] = []
+        for at in range(offset, offset + length, step):
+            out += remote.checksum(at, min(step, offset + length - at), block, algorithm)
+        return out
+
     def store_generation(self, record: Generation) -> None:
         if self.remote is None:
             self._not_open()
@@ -93,6 +108,14 @@ def pmreplica_open_replica(spec, index, poolset, create):
         return None
     return RpmemTarget(spec, describe(spec, index), poolset.buf, poolset.nlanes,
                        poolset.target_failed)
+
+
+@hookimpl(trylast=True)
+def pmreplica_describe_replica(spec, index):
+    if not isinstance(spec, RemoteReplica):
+        return None
+    return [("launcher", launch.describe(spec.node)),
+            ("transport", provider.describe(spec.node))]
 
 
 @hookimpl(trylast=True)

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from pmreplica.errors import RemoteError
-from pmreplica.rpmem.target import Target
+from pmreplica.rpmem.address import Target
 
 log = logging.getLogger("pmreplica.rpmem.launch")
 

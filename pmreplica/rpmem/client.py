@@ -15,17 +15,19 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union
 
+from rpmem_common import checksum as _checksum
+from rpmem_common import proto, wire
+
 from ..errors import PmReplicaError, PoolSetError, RemoteError
 from ..header import HDR_SIZE, PoolAttr
 from ..pmem import buffer_address
 from ..poolset import MIN_REMOTE_POOL, check_pool_set_name
-from . import checksum as _checksum
-from . import heartbeat, proto
+from . import heartbeat
+from .address import parse_target
 from .channel import AgentChannel
 from .config import RpmemConfig
 from .launch import launch
-from .target import parse_target
-from .transport import provider, wire
+from .transport import provider
 from .transport.tcp import DEFAULT_WORK_QUEUE, TcpDataPath
 
 if TYPE_CHECKING:
@@ -498,7 +500,7 @@ class RemotePool:
                  algorithm: int = _checksum.ALGO_SHA256) -> list[bytes]:
         """Digests of the remote pool's ``block``-byte blocks in ``[offset, offset+length)``
         (the last may be shorter), computed by the agent: the data stays where it is.
-        At most :data:`~pmreplica.rpmem.checksum.MAX_BLOCKS` blocks per call."""
+        At most :data:`~rpmem_common.checksum.MAX_BLOCKS` blocks per call."""
         if self.closed:
             raise RemoteError(errno.EBADF, f"{self._data.name}: pool is closed")
         if offset < 0 or length <= 0 or offset + length > self.size:

@@ -45,13 +45,13 @@ pmreplica's own:
     instead of hanging the application.
 ``PMREPLICA_TCP_TLS``
     ``1`` (default): TCP data lanes run over TLS 1.3, pinned to a certificate the agent makes
-    for the session and sends over SSH (``transport/tls.py``). ``0`` asks for clear text, for
+    for the session and sends over SSH (``rpmem_common/tls.py``). ``0`` asks for clear text, for
     networks the user trusts; an agent started with ``require-tls`` refuses that (EACCES).
     RDMA lanes are not affected.
 ``PMREPLICA_SPIN_US``
     Microseconds (default 50, at most 10000; 0 turns it off) that a TCP lane polls for an
     answer before its thread sleeps, on the client and, told by the client, on the agent
-    for the next request (``transport/spin.py``). Sleeping costs a wake-up per operation,
+    for the next request (``rpmem_common/spin.py``). Sleeping costs a wake-up per operation,
     20-30 us on a VM when client and agent run on different CPUs; polling costs CPU while
     operations are in flight, at most the window per operation and side, and stops by itself
     when it keeps missing (an idle pool polls nothing). 0 saves that CPU on a machine where
@@ -72,8 +72,8 @@ from typing import Literal
 
 from pmreplica.errors import PmReplicaError
 from pmreplica.rpmem import account
-from pmreplica.rpmem.transport.spin import DEFAULT_WINDOW_US, MAX_WINDOW_US
-from pmreplica.rpmem.transport.wire import TLS_NAME
+from rpmem_common.spin import DEFAULT_WINDOW_US, MAX_WINDOW_US
+from rpmem_common.wire import TLS_NAME
 
 LauncherName = Literal["paramiko", "openssh", "local"]
 LAUNCHERS: tuple[LauncherName, ...] = ("paramiko", "openssh", "local")

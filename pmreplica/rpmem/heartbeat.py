@@ -26,8 +26,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from rpmem_common.wire import HEARTBEAT_HELLO, PING, STATUS, recv_exact
+
 from ..errors import RemoteError
-from .transport.wire import HEARTBEAT_HELLO, PING, STATUS, recv_exact
 
 log = logging.getLogger(__name__)
 

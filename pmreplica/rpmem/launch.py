@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pmreplica.errors import RemoteError
+from pmreplica.rpmem.address import Target, parse_target
 from pmreplica.rpmem.channel import AgentChannel, AgentConnectionLost, ProcessChannel, exit_error
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.ssh_config import NeedsOpenSSH
-from pmreplica.rpmem.target import Target, parse_target
 
 __all__ = ["AgentChannel", "Launcher", "LocalLauncher", "OpenSSHLauncher", "close_connections",
            "command_line", "describe", "launch", "next_command"]

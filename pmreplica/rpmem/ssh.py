@@ -1,6 +1,6 @@
 """The paramiko launcher: one authenticated SSH connection per target, an exec channel per agent.
 
-The first launch to a target connects as its ssh config says (:mod:`.ssh_settings`: HostName,
+The first launch to a target connects (:mod:`.ssh_connect`) as its ssh config says (:mod:`.ssh_settings`: HostName,
 User, Port, IdentityFile, IdentitiesOnly, IdentityAgent, UserKnownHostsFile,
 GlobalKnownHostsFile, HostKeyAlias, HashKnownHosts, ProxyCommand, AddressFamily,
 ConnectTimeout, ServerAliveInterval, with Include and %-tokens), checks the host key
@@ -23,143 +23,22 @@ import errno
 import logging
 import os
 import socket
-import subprocess
 import threading
-from typing import Any
 
 import paramiko
 
 from pmreplica.errors import RemoteError
-from pmreplica.rpmem import known_hosts, ssh_auth, ssh_host_key
+from pmreplica.rpmem.address import Target
 from pmreplica.rpmem.channel import AgentChannel, StderrTail
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.launch import OpenSSHLauncher
+from pmreplica.rpmem.ssh_connect import addresses, connect
 from pmreplica.rpmem.ssh_settings import NeedsOpenSSH, SshSettings, resolve
-from pmreplica.rpmem.target import Target
 
 __all__ = ["ConnectionPool", "NeedsOpenSSH", "POOL", "ParamikoChannel", "ParamikoLauncher",
            "SshSettings", "close_connections", "connect", "resolve"]
 
 log = logging.getLogger("pmreplica.rpmem.launch")
-
-
-# -- connecting -----------------------------------------------------------------------------
-def _addresses(s: SshSettings) -> list[tuple[Any, ...]]:
-    """getaddrinfo for the AddressFamily; with ``any``, IPv4 first (librpmem ran ``ssh -4``;
-    IPv6 when there is no IPv4)."""
-    infos = socket.getaddrinfo(s.hostname, s.port, s.address_family, socket.SOCK_STREAM)
-    return sorted(infos, key=lambda info: info[0] != socket.AF_INET)
-
-
-class _QuickAckSocket(socket.socket):
-    """A TCP socket that acknowledges what it receives at once.
-
-    sshd leaves Nagle's algorithm on for sessions without a tty, so when it sends two small
-    packets in a row the second waits for our ACK of the first, which Linux delays by up to
-    40 ms. It happens on every login (a hostkeys notice, then the reply to our first channel
-    open: measured 42 ms of a 60 ms connect). Re-arming TCP_QUICKACK after every read sends
-    that ACK right away (one setsockopt per read, on the control path only)."""
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
-        data = super().recv(bufsize, flags)
-        try:
-            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
-        return data
-
-
-def _tcp_connect(s: SshSettings) -> socket.socket:
-    try:
-        infos = _addresses(s)
-    except socket.gaierror as exc:
-        raise RemoteError(errno.EHOSTUNREACH, f"{s.target}: cannot resolve host name "
-                          f"{s.hostname!r}: {exc.strerror}") from None
-    last: OSError | None = None
-    for family, kind, proto, _, address in infos:
-        sock = _QuickAckSocket(family, kind, proto)
-        sock.settimeout(s.connect_timeout)
-        try:
-            sock.connect(address)
-        except OSError as exc:
-            sock.close()
-            last = exc
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    assert last is not None
-    if isinstance(last, TimeoutError):
-        raise RemoteError(errno.ETIMEDOUT, f"{s.target}: connecting to {s.hostname} port {s.port} "
-                          f"timed out after {s.connect_timeout:g} s") from None
-    code = last.errno or errno.ECONNREFUSED
-    raise RemoteError(code, f"{s.target}: cannot connect to {s.hostname} port {s.port}: "
-                      f"{os.strerror(code)}") from None
-
-
-class _ProxySocket(socket.socket):
-    """Our end of a socket pair whose other end is a ProxyCommand's stdin and stdout.
-
-    Used instead of paramiko.ProxyCommand, which spins on a closed pipe instead of seeing
-    the end of the stream and leaves its process unreaped; a socket pair (as OpenSSH uses
-    for ProxyCommand) gives paramiko real end-of-stream and timeouts."""
-
-    process: subprocess.Popen[bytes] | None = None
-
-    def close(self) -> None:
-        super().close()
-        process, self.process = self.process, None
-        if process is not None:
-            try:
-                process.wait(timeout=1.0)  # it sees the end of its stdin and exits
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _proxy_connect(s: SshSettings) -> socket.socket:
-    assert s.proxy_command is not None
-    ours, theirs = socket.socketpair()
-    sock = _ProxySocket(ours.family, ours.type, ours.proto, fileno=ours.detach())
-    try:
-        # Like OpenSSH: run by the shell, stderr left to the user.
-        sock.process = subprocess.Popen(["/bin/sh", "-c", "exec " + s.proxy_command],
-                                        stdin=theirs, stdout=theirs, start_new_session=True)
-    except OSError as exc:
-        sock.close()
-        raise RemoteError(exc.errno or errno.ENOENT, f"{s.target}: cannot run ProxyCommand "
-                          f"{s.proxy_command!r}: {exc.strerror}") from None
-    finally:
-        theirs.close()
-    return sock
-
-
-def _handshake(s: SshSettings, known: known_hosts.HostKeys,
-               accept_new: bool) -> paramiko.Transport:
-    """A new transport to ``s`` whose host key has been checked, not yet logged in."""
-    sock = _proxy_connect(s) if s.proxy_command else _tcp_connect(s)
-    t = paramiko.Transport(sock)
-    try:
-        t.banner_timeout = t.auth_timeout = t.handshake_timeout = s.connect_timeout
-        ssh_host_key.prefer_known_key_types(t, known)
-        try:
-            t.start_client(timeout=s.connect_timeout)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise RemoteError(errno.ECONNABORTED, f"{s.target}: SSH handshake with {s.hostname} "
-                              f"port {s.port} failed: {exc or type(exc).__name__}") from None
-        ssh_host_key.check(t, s, known, accept_new)
-        return t
-    except BaseException:
-        t.close()
-        raise
-
-
-def connect(s: SshSettings, accept_new: bool) -> paramiko.Transport:
-    """A new authenticated transport, host key checked; errors carry errno and the target."""
-    known = known_hosts.load(s.known_hosts + s.global_known_hosts, s.host_key_name)
-    t = ssh_auth.login(s, lambda: _handshake(s, known, accept_new))
-    if s.server_alive_interval > 0:
-        t.set_keepalive(s.server_alive_interval)
-    return t
 
 
 # -- the connection cache -------------------------------------------------------------------
@@ -277,7 +156,7 @@ class ParamikoChannel(AgentChannel):
             if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
                 self._peer_address = str(sock.getpeername()[0])
             else:  # through a ProxyCommand: where the host name leads
-                infos = _addresses(self._settings)
+                infos = addresses(self._settings)
                 self._peer_address = str(infos[0][4][0])
         return self._peer_address
 

@@ -29,9 +29,9 @@ import paramiko
 
 from pmreplica.errors import PmReplicaError
 from pmreplica.rpmem import account, known_hosts, ssh_config
+from pmreplica.rpmem.address import Target
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.ssh_config import NeedsOpenSSH
-from pmreplica.rpmem.target import Target
 
 __all__ = ["NeedsOpenSSH", "SshSettings", "resolve"]
 

@@ -7,7 +7,7 @@ import sys
 
 sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "pyverbs"))]
 
-from pmreplica.rpmem.transport import verbs_common  # noqa: E402
+from rpmem_common import verbs_common  # noqa: E402
 
 verbs_common.DEBIAN_PYVERBS = "/nonexistent/pyverbs"
 

@@ -25,11 +25,11 @@ import pytest
 from pmreplica.header import HDR_SIZE
 from pmreplica.hookspecs import hookimpl
 from pmreplica.pool import FAILED, PoolSet
-from pmreplica.rpmem import proto
+from rpmem_common import proto
 from pmreplica.rpmem.client import FLUSH_RELAXED, RemotePool
 from pmreplica.rpmem.config import RpmemConfig
 from pmreplica.rpmem.transport import provider, verbs
-from pmreplica.rpmem.transport.verbs_common import CLIENT_INFO, LANE_QP
+from rpmem_common.verbs_common import CLIENT_INFO, LANE_QP
 from tests.helpers import ROOT, replica_bytes, unavailable, write_set
 from tests.rpmem_helpers import (M, Node, RawSession, attr, check_no_agents_left,
                                   local_pool)
@@ -309,7 +309,8 @@ import json, os, sys
 # the folders that would give this interpreter pyverbs are taken away: importing it fails
 sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "pyverbs"))]
 from pmreplica.rpmem.config import RpmemConfig
-from pmreplica.rpmem.transport import provider, verbs_common
+from pmreplica.rpmem.transport import provider
+from rpmem_common import verbs_common
 verbs_common.DEBIAN_PYVERBS = "/nonexistent/pyverbs"
 for env in map(json.loads, sys.argv[2:]):
     try:

@@ -18,11 +18,12 @@ import errno
 import logging
 from dataclasses import dataclass
 
+from rpmem_common.proto import PROV_TCP, PROV_VERBS, PROVIDER_NAMES
+from rpmem_common.verbs_common import (RoceGid, check_memlock, gid_toward, is_loopback,
+                                       load_pyverbs, resolve, roce_gids)
+
 from ...errors import PmReplicaError
 from ..config import RpmemConfig
-from ..proto import PROV_TCP, PROV_VERBS, PROVIDER_NAMES
-from .verbs_common import (RoceGid, check_memlock, gid_toward, is_loopback, load_pyverbs,
-                           resolve, roce_gids)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def describe(node: str, config: RpmemConfig | None = None) -> str:
     """The data path a pool on ``node`` ([user@]host[:port]) would use from here, with the
     reason and, for TCP, TLS or clear text, as ``pmreplica info`` shows it (the agent's side
     is not asked)."""
-    from ..target import parse_target
+    from ..address import parse_target
 
     try:
         config = config or RpmemConfig.from_env()

@@ -20,9 +20,11 @@ import socket
 import struct
 import threading
 
+from rpmem_common.spin import DEFAULT_WINDOW_US, Spinner
+from rpmem_common.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, OPF_ACK_LATER, STATUS,
+                               recv_exact)
+
 from ...errors import RemoteError
-from .spin import DEFAULT_WINDOW_US, Spinner
-from .wire import HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, OPF_ACK_LATER, STATUS, recv_exact
 
 DEFAULT_WORK_QUEUE = 256
 _ZEROS = bytes(STATUS.size * 4096)
@@ -107,7 +109,7 @@ class TcpDataPath:
                 lanes.append(TcpLane(sock))
                 _tune(sock)
                 if certificate is not None:
-                    from .tls import client_lane  # ssl loads with the first TLS lane
+                    from rpmem_common.tls import client_lane  # ssl loads with the first TLS lane
                     sock = lanes[-1].sock = client_lane(sock, certificate, name)
                 sock.sendall(HELLO.pack(secret, lane), _NOSIGNAL)
                 answer = recv_exact(sock, STATUS.size)

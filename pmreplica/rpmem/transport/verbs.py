@@ -28,13 +28,15 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from rpmem_common.verbs_common import (AGENT_GID, AGENT_INFO, CLIENT_INFO, LANE_QP, MAX_DEPTH,
+                                       MSG_DEEP, REPLY, RoceGid, Waiter, completion_channel,
+                                       connect_rc_qp, create_rc_qp, device_limits,
+                                       load_pyverbs, open_context, random_psn, register,
+                                       verbs_error, wc_errno, wc_status_text)
+from rpmem_common.wire import PERSIST_MSG
+
 from ...errors import PmReplicaError, RemoteError
 from ...pmem import buffer_address
-from .verbs_common import (AGENT_GID, AGENT_INFO, CLIENT_INFO, LANE_QP, MAX_DEPTH, MSG_DEEP,
-                           REPLY, RoceGid, Waiter, completion_channel, connect_rc_qp,
-                           create_rc_qp, device_limits, load_pyverbs, open_context, random_psn,
-                           register, verbs_error, wc_errno, wc_status_text)
-from .wire import PERSIST_MSG
 
 DEFAULT_WORK_QUEUE = 256
 RELAXED = 1  # client.FLUSH_RELAXED: the WRITE only, the persist operation waits for drain

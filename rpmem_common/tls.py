@@ -26,7 +26,7 @@ from _operator import _compare_digest as compare_digest  # hmac's, without impor
 # the signal module's getsignal() makes an enum of the answer: 1.1 us of every send
 from _signal import SIG_IGN, getsignal
 
-from ...errors import RemoteError
+from pmreplica.errors import RemoteError
 
 #: the most plaintext one TLS record carries: a header and a payload up to this size go out
 #: as one record (one write, one receive, one authentication tag) rather than two

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from ...errors import PmReplicaError
+from pmreplica.errors import PmReplicaError
 
 SYSFS = "/sys/class/infiniband"
 README_HINT = ("install Debian's python3-pyverbs (PyPI's pyverbs does not build against "

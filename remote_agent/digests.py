@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 
-from pmreplica.rpmem import checksum
+from rpmem_common import checksum
 
 from .pooldb import OpenPool, PoolError
 

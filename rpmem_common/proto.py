@@ -15,7 +15,7 @@ import errno
 import struct
 from collections import namedtuple
 
-from ..header import ATTR_SIZE, PoolAttr
+from pmreplica.header import ATTR_SIZE, PoolAttr
 
 PROTO_MAJOR = 1
 PROTO_MINOR = 1  # 1.1: CREATE/OPEN end with a flags word
@@ -105,7 +105,7 @@ RESP_HDR = struct.Struct(">IIQ")
 
 #: The agent's first words on stdout: this marker, then READY (its start status, 0 or an
 #: errno, and the length of a blob that follows: the session's heartbeat port and secret,
-#: :data:`~pmreplica.rpmem.transport.wire.HEARTBEAT`, when the status is 0). A remote login
+#: :data:`~rpmem_common.wire.HEARTBEAT`, when the status is 0). A remote login
 #: shell may print before the agent runs (a banner in .bashrc): the client scans up to
 #: :data:`MAX_LOGIN_OUTPUT` bytes for the marker and shows what came before it on failure.
 READY_MARKER = b"\0pmreplica-agent\0"
