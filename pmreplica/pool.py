@@ -40,6 +40,8 @@ DEFAULT_SIGNATURE = b"PMREPLIC"
 DEFAULT_NLANES = 4
 #: flushed ranges remembered per lane until its drain (beyond that, one covering span)
 PENDING_RANGES = 16
+#: seconds close() waits for the targets of replicas failing on other threads to be let go of
+LET_GO_WAIT = 10.0
 
 OK, FAILED, STALE = "ok", "failed", "stale"
 
@@ -113,6 +115,10 @@ class PoolSet:
         self.nlanes = nlanes
         self._lock_fd = lock_fd
         self._state_lock = threading.Lock()
+        #: targets dropped by _drop and not yet let go of (closed, failure announced); close()
+        #: waits for them, since a failing target may still hold a view of the mapping
+        self._letting_go = 0
+        self._let_go = threading.Condition(self._state_lock)
         self.replicas: list[ReplicaStatus] = [ReplicaStatus(0, set_file.replicas[0])]
         self._active: tuple[tuple[ReplicaStatus, ReplicaTarget], ...] = ()
         self.state = ReplicaState.load(self.buf[:HDR_SIZE], self.size, len(set_file.replicas),
@@ -469,9 +475,7 @@ class PoolSet:
                     self._store_state()
                 return
             dropped = self._drop([(status, error)])
-        for st, tgt, err in dropped:
-            close_quietly(tgt)
-            self._announce_failed(st, err)
+        self._let_go_of(dropped)
 
     def _drop(self, failures: list[tuple[ReplicaStatus, OSError]]
               ) -> list[tuple[ReplicaStatus, ReplicaTarget, OSError]]:
@@ -490,7 +494,20 @@ class PoolSet:
                 dropped.append((status, target, error))
             self._store_state()
             failures = self._advance_generation()
+        self._letting_go += len(dropped)
         return dropped  # type: ignore[return-value]
+
+    def _let_go_of(self, dropped: list[tuple[ReplicaStatus, ReplicaTarget, OSError]]) -> None:
+        """Close the targets :meth:`_drop` returned and tell the host application (outside
+        the state lock: a target's close or a hook may take time)."""
+        try:
+            for st, tgt, err in dropped:
+                close_quietly(tgt)
+                self._announce_failed(st, err)
+        finally:
+            with self._let_go:
+                self._letting_go -= len(dropped)
+                self._let_go.notify_all()
 
     def _advance_generation(self, only_if_changed: bool = False
                             ) -> list[tuple[ReplicaStatus, OSError]]:
@@ -683,9 +700,7 @@ class PoolSet:
             status.target = target
             self._active = self._active + ((status, target),)
             dropped = self._drop(self._restored(status))
-        for st, tgt, err in dropped:  # a replica that could not record the new generation
-            close_quietly(tgt)
-            self._announce_failed(st, err)
+        self._let_go_of(dropped)  # a replica that could not record the new generation
         log.info("%s resynced online (%d bytes copied)", status.name, done)
         return done
 
@@ -703,6 +718,9 @@ class PoolSet:
         """Save the dirty map, close every replica and unmap the master (views of ``buf``
         must be released)."""
         if not self.mapping.closed:
+            with self._let_go:  # a replica failing on another thread: its target let go of
+                if not self._let_go.wait_for(lambda: not self._letting_go, LET_GO_WAIT):
+                    log.warning("a failed replica's target is still being closed")
             with self._state_lock:
                 try:
                     if self.state.period:

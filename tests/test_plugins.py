@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -233,3 +235,46 @@ def test_front_door_exports_what_a_plugin_needs():
         pmreplica.__all__)
     assert importlib.metadata.version("pmreplica") == pmreplica.__version__
     assert (ROOT / "pmreplica" / "py.typed").exists()
+
+
+class ViewHoldingReplicas(DictReplicas):
+    """Its targets keep a view of the pool's mapping while open (as the rpmem target's data
+    path does) and take ``close_seconds`` to let it go (a host that is slow to give up)."""
+
+    close_seconds = 0.5
+
+    @hookimpl
+    def pmreplica_open_replica(self, spec, index, poolset, create):
+        if isinstance(spec, RemoteReplica) and spec.node == "dict.invalid":
+            return ViewHoldingTarget(self, spec.pool_set, poolset)
+        return None
+
+
+class ViewHoldingTarget(DictTarget):
+    def __init__(self, plugin, name, poolset) -> None:
+        super().__init__(plugin, name, poolset)
+        self.view = poolset.buf[:]
+
+    def close(self):
+        time.sleep(self.plugin.close_seconds)
+        self.view.release()
+        super().close()
+
+
+def test_close_waits_for_a_replica_failing_on_another_thread(pool_dir):
+    """A heartbeat thread fails a replica while the application closes the pool: close waits
+    for the failed target to let go of its view of the mapping instead of refusing (EBUSY)."""
+    path = write_set(pool_dir / "p.set", f"4M {pool_dir}/m", "REPLICA dict.invalid x.set")
+    plugin = ViewHoldingReplicas()
+    pool = PoolSet.create(path, plugins=[plugin])
+    target = pool.replicas[1].target
+    failing = threading.Thread(target=pool.target_failed,
+                               args=(target, ReplicaError(errno.ECONNRESET, "peer lost")))
+    failing.start()
+    while pool.replicas[1].target is not None:  # the failure is under way ...
+        time.sleep(0.001)
+    pool.close()  # ... and its target still holds the mapping: close waits, then unmaps
+    failing.join()
+    assert pool.mapping.closed
+    (_, replica, error), = _calls(plugin, "failed")
+    assert replica.state == "failed" and error.errno == errno.ECONNRESET
