@@ -78,9 +78,12 @@ class RawPeers:
             for s in socks:
                 s.sendall(msg)
             for s in socks:
-                got = 0
-                while got < 4:
-                    got += s.recv_into(memoryview(word)[got:])
+                got = s.recv_into(word)
+                while got < 4:  # (a TLS record's word comes whole; a TCP one nearly always)
+                    r = s.recv_into(memoryview(word)[got:])
+                    if not r:
+                        raise ConnectionResetError("the raw peer closed its connection")
+                    got += r
             out.append(clock() - t0)
         return out
 

@@ -34,7 +34,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {"PoolSet": "pool", "ReplicaStatus": "pool", "hookimpl": "hookspecs",
          "hookspec": "hookspecs", "ReplicaTarget": "target", "TargetStat": "target",
-         "GenerationKeeper": "target", "DigestTarget": "target", "RELAXED": "target", "Generation": "generation",
+         "GenerationKeeper": "target", "DigestTarget": "target", "RELAXED": "target",
+         "Generation": "generation",
          "PoolAttr": "header", "Replica": "poolset", "LocalReplica": "poolset",
          "RemoteReplica": "poolset"}
 

@@ -785,7 +785,8 @@ def split_message(path: str, master: Generation, index: int, name: str, replica:
 def _attr_problem(attr: PoolAttr, master: PoolHeader, index: int,
                   nexts: dict[int, bytes]) -> str | None:
     """Why replica ``index`` (attributes ``attr``) does not belong with this master (by the
-    rule replica-sync judges by, :mod:`pmreplica.identity`); ``nexts`` holds the next-replica uuid of the replicas opened before it."""
+    rule replica-sync judges by, :mod:`pmreplica.identity`); ``nexts`` holds the
+    next-replica uuid of the replicas opened before it."""
     if attr.is_zeroed:
         return None  # raw replica without headers (NOHDRS remote set)
     problem = membership_problem(Identity.of_attr(attr), Identity.of_header(master), "the master")

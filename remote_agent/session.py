@@ -72,7 +72,8 @@ class Session:
                     log.info("control channel closed by the client")
                     return 0
                 rtype, size = proto.REQ_HDR.unpack(raw)
-                if rtype not in proto.REQUEST_TYPES or not proto.REQ_HDR.size <= size <= proto.MAX_MESSAGE:
+                if (rtype not in proto.REQUEST_TYPES
+                        or not proto.REQ_HDR.size <= size <= proto.MAX_MESSAGE):
                     log.warning("garbage on the control channel (type %d, size %d)", rtype, size)
                     self._reply(Response((rtype + 1) & 0xFFFFFFFF, proto.ERR_BADPROTO,
                                          message=f"unknown message (type {rtype}, size {size})"))

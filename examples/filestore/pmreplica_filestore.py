@@ -6,8 +6,9 @@ Written against :class:`pmreplica.ReplicaTarget` and nothing else of pmreplica's
 write it, and ``replica-sync``/``pmreplica check`` probe it (``open``, ``stat``), recreate it
 (the remove hook, ``create``), copy into it (``flush``/``drain``), give it its headers
 (``set_attr``) and verify it by reading it back (``read``: it computes no digests of its
-own); ``pmreplica info`` shows where it is kept (the describe hook). It keeps the pool's generation too (``store_generation``), so that it is never taken
-for current when it missed writes.
+own); ``pmreplica info`` shows where it is kept (the describe hook). It keeps the pool's
+generation too (``store_generation``), so that it is never taken for current when it missed
+writes.
 """
 
 from __future__ import annotations

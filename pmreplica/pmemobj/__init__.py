@@ -36,8 +36,9 @@ Transactions and the log (txn.py, redolog.py): a redo log
     when enough freed memory waits for reuse, when an allocation finds the pool full, on
     ``close()`` and ``checkpoint()``, and after recovery. It flushes the changed ranges
     (merged when less than 2 KiB apart), fences them on the master, then writes the newer
-    of two control slots, which empties the log. Freed memory is reused only after the checkpoint that follows
-    its transaction, so no record still in the log refers to memory being rewritten.
+    of two control slots, which empties the log. Freed memory is reused only after the
+    checkpoint that follows its transaction, so no record still in the log refers to memory
+    being rewritten.
 
     Ranges flushed on one lane are applied in issue order on every replica, and the
     master orders its own with those fences, so a replica (or the master) stopped at any
@@ -45,9 +46,9 @@ Transactions and the log (txn.py, redolog.py): a redo log
     of valid records; open replays them in order (replay writes absolute values, so it
     is idempotent) and stops at the first record that is torn (checksum) or stale
     (sequence number). A transaction too big for the log area is written to free chunks
-    and checkpointed at once (see Full pools). Between checkpoints a replica is logically identical to the
-    master (opened on its own it shows the same objects); after a checkpoint and after a
-    clean close it is byte-identical, free space included.
+    and checkpointed at once (see Full pools). Between checkpoints a replica is logically
+    identical to the master (opened on its own it shows the same objects); after a
+    checkpoint and after a clean close it is byte-identical, free space included.
 
 Allocator (heap.py)
     A chunk is free, a run of equal units (31 size classes up to 8 KiB, a bitmap at the

@@ -1,10 +1,10 @@
 """The paramiko launcher: one authenticated SSH connection per target, an exec channel per agent.
 
-The first launch to a target connects (:mod:`.ssh_connect`) as its ssh config says (:mod:`.ssh_settings`: HostName,
-User, Port, IdentityFile, IdentitiesOnly, IdentityAgent, UserKnownHostsFile,
-GlobalKnownHostsFile, HostKeyAlias, HashKnownHosts, ProxyCommand, AddressFamily,
-ConnectTimeout, ServerAliveInterval, with Include and %-tokens), checks the host key
-(:mod:`.ssh_host_key`: known_hosts, @revoked, @cert-authority) and logs in
+The first launch to a target connects (:mod:`.ssh_connect`) as its ssh config says
+(:mod:`.ssh_settings`: HostName, User, Port, IdentityFile, IdentitiesOnly, IdentityAgent,
+UserKnownHostsFile, GlobalKnownHostsFile, HostKeyAlias, HashKnownHosts, ProxyCommand,
+AddressFamily, ConnectTimeout, ServerAliveInterval, with Include and %-tokens), checks the
+host key (:mod:`.ssh_host_key`: known_hosts, @revoked, @cert-authority) and logs in
 (:mod:`.ssh_auth`: the agent's keys, then key files). Later launches to the same target
 open a new session channel on that connection, which costs two round trips instead of a
 key exchange and a login. A connection that died is dropped and replaced; when the
