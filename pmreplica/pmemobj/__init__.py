@@ -68,7 +68,7 @@ Full pools
     transaction is refused with PoolFullError before anything is written: the pool keeps
     its state and takes the next transaction.
 
-Reference counts and gc (memory.py, pool.py)
+Reference counts and gc (memory.py, gc.py)
     Objects carry refcounts as in pynvm. An object whose count drops to zero is freed
     when the transaction commits, unless it was referenced again by then or Python still
     holds a proxy of it (``x = lst.pop(); other.append(x)`` is safe; pynvm freed ``x`` at

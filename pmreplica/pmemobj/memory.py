@@ -11,6 +11,7 @@ are the constant oids 1, 2 and 3.
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import logging
 import pickle
@@ -18,12 +19,12 @@ import struct
 import sys
 import weakref
 from pickle import whichmodule
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import PmReplicaError
 from . import layout as L
 from .heap import Heap
-from .txn import _CONTEXT, _FREE, Engine
+from .txn import CONTEXT_LEVEL, FREE_LEVEL, Engine
 
 log = logging.getLogger("pmreplica.pmemobj")
 
@@ -74,7 +75,7 @@ class Transaction:
         self._eng = eng
 
     def __enter__(self) -> "Transaction":
-        self._eng.begin(_CONTEXT)
+        self._eng.begin(CONTEXT_LEVEL)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -83,7 +84,7 @@ class Transaction:
 
     def begin(self) -> None:
         """Open a (nested) level without a context manager; end it with commit or abort."""
-        self._eng.begin(_FREE)
+        self._eng.begin(FREE_LEVEL)
 
     def commit(self) -> None:
         self._eng.commit_level()
@@ -229,6 +230,17 @@ class MemoryManager:
         if self._track_free is not None:
             self._track_free.add(oid)
 
+    @contextlib.contextmanager
+    def recording_frees(self) -> Iterator[set[int]]:
+        """Yield a set that receives every oid freed inside the block (gc uses it to skip
+        objects that an earlier free's cascade already freed)."""
+        freed: set[int] = set()
+        self._track_free = freed
+        try:
+            yield freed
+        finally:
+            self._track_free = None
+
     def realloc(self, oid: int, size: int, type_num: int | None = None) -> int:
         return self._realloc(oid, size, type_num, zero=False)
 
@@ -302,19 +314,29 @@ class MemoryManager:
         if oid != L.OID_NULL:
             self.decref(oid)
 
+    def committed_refcount(self, oid: int) -> int:
+        """The refcount of the object at ``oid`` in the committed state, which is what a
+        walk of the heap (``heap.allocations()``) sees."""
+        return self._eng.q[oid >> 3]
+
+    def has_proxy(self, oid: int) -> bool:
+        """True while Python holds a proxy of the object at ``oid`` (a refcount-0 object
+        with one is not garbage yet: it may still be stored somewhere)."""
+        return oid in self._objs
+
     def _free_zero_counts(self) -> None:
         """Pre-commit: free objects whose refcount stayed zero (children follow)."""
         zct, objs, get = self._zct, self._objs, self._eng.get
         while zct:
             oid = zct.pop()
             if get(oid) == 0 and oid not in objs:
-                self._deallocate(oid)
+                self.deallocate(oid)
 
-    def _deallocate(self, oid: int) -> None:
+    def deallocate(self, oid: int) -> None:
         """Drop the object's references and free it (inside a transaction)."""
         if not self._eng.in_tx():
             with self._transaction:
-                self._deallocate(oid)
+                self.deallocate(oid)
             return
         _, _, code = self.heap.header(oid)
         if self._decoder(code) is self._resurrect_persistent:
@@ -505,7 +527,7 @@ class MemoryManager:
 
     # -- the type table ------------------------------------------------------------------
 
-    def _bootstrap_type_table(self) -> int:
+    def create_type_table(self) -> int:
         """Create the type table of a new pool (codes 0 and 1 are fixed); return its oid."""
         PL = self._PersistentList
         self._type_names = [class_string(PL), class_string(str)]
@@ -516,12 +538,17 @@ class MemoryManager:
         self._type_table = table
         return table._p_oid
 
-    def _load_type_table(self, oid: int) -> None:
+    def load_type_table(self, oid: int) -> None:
+        """Attach to the type table of an existing pool at ``oid``."""
         self._type_names = [class_string(self._PersistentList), class_string(str)]
         table = self.resurrect(oid)
         self._type_table = table
         self._type_names = list(table)
         self._type_codes = {}
+
+    def persist_via_pickle(self, cls: type) -> None:
+        """Store instances of ``cls`` (immutable, not a container) with pickle."""
+        self._pickleable.add(class_string(cls))
 
     def get_type_code(self, cls: type) -> int:
         """The type table index of ``cls``, appending it (transactionally) if new."""

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import os
-import reprlib
 from typing import Any, Iterable
 
 from ..errors import PmReplicaError
 from . import layout as L
 from . import redolog
+from .gc import collect
 from .heap import Heap
-from .memory import MemoryManager, Transaction, class_string
+from .memory import MemoryManager, Transaction
 from .txn import Engine
 
 log = logging.getLogger("pmreplica.pmemobj")
 
 MIN_POOL_SIZE = L.MIN_POOL_SIZE
-#: gc frees unreachable objects in transactions of this many objects each.
-GC_BATCH = 256
 
 
 def _poolset_class() -> Any:
@@ -96,13 +93,13 @@ class PersistentObjectPool:
             if readonly:
                 raise PmReplicaError(errno.EINVAL, "object pool was never initialized")
             with mm.transaction():
-                oid = mm._bootstrap_type_table()
+                oid = mm.create_type_table()
                 eng.set(geo.sb + L.SB_W_TYPES, oid)
                 eng.set(geo.sb + L.SB_W_ROOT, L.OID_NONE)
                 eng.set(geo.sb + L.SB_W_CLEAN, 0)
             gc_needed = False
         else:
-            mm._load_type_table(types_oid)
+            mm.load_type_table(types_oid)
             gc_needed = eng.get(geo.sb + L.SB_W_CLEAN) == 0
         if readonly:
             return
@@ -156,7 +153,7 @@ class PersistentObjectPool:
     def persist_via_pickle(self, *types: type) -> None:
         """Store instances of these immutable, non-container types with pickle."""
         for t in types:
-            self.mm._pickleable.add(class_string(t))
+            self.mm.persist_via_pickle(t)
 
     def gc(self, debug: bool | None = None) -> tuple[dict[str, int], dict[str, int]]:
         """Free objects not reachable from the root (cycles, and orphans left by crashes).
@@ -165,7 +162,13 @@ class PersistentObjectPool:
         collection, and what was found and freed."""
         debug = self.debug if debug is None else debug
         with self.lock:
-            return _collect(self, debug, closing=False)
+            return self._collect(debug, closing=False)
+
+    def _collect(self, debug: bool, closing: bool) -> tuple[dict[str, int], dict[str, int]]:
+        """gc from the pool's roots: its type table and its root object."""
+        sb, get = self._geo.sb, self._eng.get
+        return collect(self.mm, (get(sb + L.SB_W_TYPES), get(sb + L.SB_W_ROOT)), debug,
+                       closing)
 
     def close(self) -> None:
         """gc, mark the pool cleanly shut down, and close it (and its replicas)."""
@@ -179,7 +182,7 @@ class PersistentObjectPool:
             self.closed = True
             try:
                 if hasattr(self, "_eng") and not self._eng.readonly and self._eng.broken is None:
-                    _collect(self, self.debug, closing=True)
+                    self._collect(self.debug, closing=True)
                     with self.mm.transaction():
                         self._heap.reclaim_empty_runs()
                         self._eng.set(self._geo.sb + L.SB_W_CLEAN, 1)
@@ -272,126 +275,6 @@ def _check_set_size(path: str) -> None:
     size = parse(path).pool_size
     if size < MIN_POOL_SIZE:
         raise ValueError(f"pool size {size} smaller than {MIN_POOL_SIZE}")
-
-
-def _collect(pool: PersistentObjectPool, debug: bool, closing: bool
-             ) -> tuple[dict[str, int], dict[str, int]]:
-    """pynvm's gc: catalog, free refcount-0 orphans, trace from the roots, free the rest."""
-    mm, eng, heap = pool.mm, pool._eng, pool._heap
-    geo = pool._geo
-    containers: set[int] = set()
-    other: set[int] = set()
-    orphans: list[int] = []
-    substructures: dict[int, dict[int, list[int]]] = collections.defaultdict(dict)
-    type_counts: dict[str, int] = collections.defaultdict(int)
-    gc_counts: dict[str, int] = dict.fromkeys(
-        ("containers-total", "other-total", "orphans0-gced", "containers-live",
-         "other-live", "collections-gced", "other-gced", "orphans1-gced"), 0)
-    container_code: dict[int, bool] = {}
-    q = eng.q
-    for oid, _size, type_num, code in heap.allocations():
-        if type_num != L.POBJECT_TYPE_NUM:
-            if debug:
-                substructures[type_num][oid] = []
-            continue
-        type_counts[mm.type_name_of(oid)] += 1
-        refcnt = q[oid >> 3]
-        is_container = container_code.get(code)
-        if is_container is None:
-            is_container = container_code[code] = mm.is_container_code(code)
-        if refcnt == 0:
-            if closing or oid not in mm._objs:
-                if debug:
-                    log.debug("gc: orphan %#x", oid)
-                orphans.append(oid)
-        elif is_container:
-            containers.add(oid)
-        else:
-            other.add(oid)
-    gc_counts["containers-total"] = len(containers)
-    gc_counts["other-total"] = len(other)
-
-    freed: set[int] = set()
-    mm._track_free = freed
-    try:
-        # Refcount-0 objects: left by a crash between creation and first reference, or
-        # created and dropped (pool.new without storing the result).
-        gc_counts["orphans0-gced"] = len(orphans)
-        for i in range(0, len(orphans), GC_BATCH):
-            with mm.transaction():
-                for oid in orphans[i:i + GC_BATCH]:
-                    if oid in freed:
-                        continue
-                    if debug:
-                        log.warning("deallocating orphan (refcount 0): %#x %s",
-                                    oid, reprlib.repr(mm.resurrect(oid)))
-                    mm._deallocate(oid)
-        containers -= freed
-        other -= freed
-
-        if debug:
-            for c in containers:
-                subs = getattr(mm.resurrect(c), "_p_substructures", None)
-                for sub, type_num in (subs() if subs is not None else ()):
-                    if sub == L.OID_NULL:
-                        continue
-                    if sub not in substructures.get(type_num, {}):
-                        log.error("%#x points to substructure type %s at %#x, which is not "
-                                  "allocated", c, type_num, sub)
-                    else:
-                        substructures[type_num][sub].append(c)
-            for type_num, structs in substructures.items():
-                for sub, parents in structs.items():
-                    if len(parents) != 1:
-                        log.error("substructure type %s at %#x is referenced by %d objects",
-                                  type_num, sub, len(parents))
-
-        # Trace from the type table and the root.
-        live = []
-        for root in (eng.get(geo.sb + L.SB_W_TYPES), eng.get(geo.sb + L.SB_W_ROOT)):
-            if root in containers:
-                containers.discard(root)
-                live.append(root)
-            elif root in other:
-                other.discard(root)
-        n = 0
-        while n < len(live):
-            for sub in list(mm.resurrect(live[n])._p_traverse()):
-                if sub in containers:
-                    containers.discard(sub)
-                    live.append(sub)
-                elif sub in other:
-                    other.discard(sub)
-                    gc_counts["other-live"] += 1
-            n += 1
-        gc_counts["containers-live"] = len(live)
-
-        # Unreachable containers (cycles): pin them all, drop their references, free them.
-        garbage = sorted(containers)
-        gc_counts["collections-gced"] = len(garbage)
-        for i in range(0, len(garbage), GC_BATCH):
-            batch = [o for o in garbage[i:i + GC_BATCH] if o not in freed]
-            with mm.transaction():
-                for oid in batch:
-                    mm.incref(oid)
-                for oid in batch:
-                    if debug:
-                        log.debug("gc: deallocating container %#x", oid)
-                    mm.resurrect(oid)._p_deallocate()
-                for oid in batch:
-                    mm.free(oid)
-        for oid in sorted(other):
-            if oid in freed:
-                gc_counts["other-gced"] += 1
-                continue
-            log.warning("Orphaned with positive refcount: %#x: %s", oid,
-                        reprlib.repr(mm.resurrect(oid)))
-            with mm.transaction():
-                mm.free(oid)
-            gc_counts["orphans1-gced"] += 1
-    finally:
-        mm._track_free = None
-    return dict(type_counts), gc_counts
 
 
 def open(filename: str | os.PathLike[str], debug: bool = False, **kw: Any

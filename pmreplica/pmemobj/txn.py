@@ -56,7 +56,9 @@ RELEASE_BATCH = 1024
 DIRTY_BATCH = 4096
 
 _NONE, _WORK, _ABORTED = 0, 1, 2
-_FREE, _CONTEXT = "F", "C"
+#: kinds of level for Engine.begin: one opened by begin() (ended by commit() or abort())
+#: and one opened by a ``with`` block
+FREE_LEVEL, CONTEXT_LEVEL = "F", "C"
 _get_ident = threading.get_ident
 
 
@@ -227,6 +229,7 @@ class Engine:
     # -- transaction levels --------------------------------------------------------------
 
     def begin(self, kind: str) -> None:
+        """Open a transaction level of ``kind`` (FREE_LEVEL or CONTEXT_LEVEL) in this thread."""
         if self.broken is not None or self.readonly:
             self._refuse_write()
         self.lock.acquire()
@@ -288,8 +291,8 @@ class Engine:
         """``__exit__`` of a context level; raises when an abort needs reporting."""
         if not self.stack or self.writer != _get_ident():
             raise RuntimeError("transaction context exited outside of its transaction")
-        if self.stack[-1] != _CONTEXT:
-            while self.stack and self.stack[-1] == _FREE:
+        if self.stack[-1] != CONTEXT_LEVEL:
+            while self.stack and self.stack[-1] == FREE_LEVEL:
                 self.stack.pop()
                 self.lock.release()
             if self.stage == _WORK:
@@ -309,7 +312,7 @@ class Engine:
         """Non-context ``commit()``."""
         if not self.stack or self.writer != _get_ident():
             raise RuntimeError("commit called outside of transaction")
-        if self.stack[-1] != _FREE:
+        if self.stack[-1] != FREE_LEVEL:
             raise RuntimeError("Non-context commit inside a context")
         if self.stage == _ABORTED:
             self._pop()
@@ -332,7 +335,7 @@ class Engine:
             raise RuntimeError("abort called outside of transaction")
         if self.stage == _WORK:
             self.rollback()
-        if self.stack[-1] == _FREE:
+        if self.stack[-1] == FREE_LEVEL:
             self._pop()
             raise TransactionAborted(err, "transaction aborted")
 
