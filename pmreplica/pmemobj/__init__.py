@@ -103,20 +103,26 @@ Differences from pynvm worth knowing
 
 import logging
 
+from .dict import PersistentDict
 from .heap import PoolFullError
 from .layout import MIN_POOL_SIZE, POOL_SIGNATURE
+from .list import PersistentList
 from .memory import MemoryManager, Persistent, Transaction
-from .pdict import PersistentDict
-from .plist import PersistentList
-from .pobject import PersistentObject
+from .object import PersistentObject
 from .pool import PersistentObjectPool, create, open
-from .pset import PersistentFrozenSet, PersistentSet
-from .ptuple import PersistentTuple
+from .set import PersistentFrozenSet, PersistentSet
+from .tuple import PersistentTuple
 from .txn import PoolClosedError, TransactionAborted
+
+# (Importing list.py, dict.py, set.py, tuple.py and object.py binds those names here to
+# the modules, as in pynvm: this file must not use the builtins of those names.)
 
 for _cls in (PersistentList, PersistentDict, PersistentTuple, PersistentSet,
              PersistentFrozenSet, PersistentObject):
     Persistent.register(_cls)
+    # A pool's type table names a class by module and name: the public name keeps pools
+    # readable whichever module of this package holds the class.
+    _cls.__module__ = __name__
 del _cls
 
 

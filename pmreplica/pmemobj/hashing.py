@@ -30,8 +30,8 @@ def stable_hash(key: Any) -> int:
         return _NONE_HASH
     if isinstance(key, bytes):
         return _bytes_hash(key)
-    from .pset import PersistentFrozenSet
-    from .ptuple import PersistentTuple
+    from .set import PersistentFrozenSet
+    from .tuple import PersistentTuple
     if isinstance(key, (tuple, PersistentTuple)):
         h = 0x345678
         for item in key:

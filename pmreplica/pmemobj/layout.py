@@ -24,9 +24,10 @@ from ..errors import PmReplicaError
 
 #: PoolSet header signature of object pools.
 POOL_SIGNATURE = b"PMREPOBJ"
-#: Superblock magic and layout version (bumped on an incompatible layout change).
+#: Superblock magic and layout version (bumped on an incompatible layout change; 2: the
+#: type table names the built-in persistent types ``pmreplica.pmemobj:<class>``).
 SB_MAGIC = int.from_bytes(b"PMROBJSB", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 #: Smallest pool (same as libpmemobj's PMEMOBJ_MIN_POOL).
 MIN_POOL_SIZE = 8 << 20

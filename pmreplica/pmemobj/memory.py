@@ -160,7 +160,7 @@ class MemoryManager:
     OID_NULL = L.OID_NULL
 
     def __init__(self, eng: Engine, heap: Heap, geo: L.Geometry) -> None:
-        from .plist import PersistentList  # the type table's own type (code 0)
+        from .list import PersistentList  # the type table's own type (code 0)
         self._eng = eng
         self.heap = heap
         self.geo = geo

@@ -4,6 +4,7 @@ what pmreplica adds (read-only mode, thread safety, EBUSY, clear errors)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import subprocess
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pmreplica import pmemobj
+from pmreplica.pmemobj import layout
 from tests.helpers import run_python, run_threads
 
 
@@ -124,6 +126,37 @@ def test_not_an_object_pool(pool_dir: Path) -> None:
     with pytest.raises(OSError):
         pmemobj.open(str(fn))
     assert fn.read_bytes() == b"x" * (8 << 20)
+
+
+def test_type_table_names_the_public_classes(pool_dir: Path) -> None:
+    """The pool names built-in types by their public path, not by the module holding
+    them, so that moving a class between this package's modules keeps pools readable."""
+    fn = pool_dir / "p"
+    with pmemobj.create(str(fn)) as pool:
+        pool.root = pool.new(pmemobj.PersistentDict, {"s": pool.new(pmemobj.PersistentSet)})
+    image = fn.read_bytes()
+    for name in ("PersistentList", "PersistentDict", "PersistentSet"):
+        assert f"pmreplica.pmemobj:{name}".encode() in image
+    assert b"pmreplica.pmemobj.dict:" not in image and b"pmreplica.pmemobj.set:" not in image
+
+
+def test_a_pool_of_an_older_layout_is_refused(pool_dir: Path) -> None:
+    """Layout 1 named types by module (pmreplica.pmemobj.pdict:...): EINVAL, not an
+    ImportError later, and the pool is left as it was."""
+    fn = pool_dir / "p"
+    with pmemobj.create(str(fn)) as pool:
+        sb = pool.poolset.data_offset
+    image = bytearray(fn.read_bytes())
+    image[sb + 8:sb + 16] = (1).to_bytes(8, "little")      # the version word
+    body = bytes(image[sb:sb + layout.SB_STATIC])
+    image[sb + layout.SB_STATIC:sb + layout.SB_STATIC + 8] = hashlib.blake2b(
+        body, digest_size=8).digest()
+    fn.write_bytes(image)
+    with pytest.raises(OSError) as e:
+        pmemobj.open(str(fn))
+    assert e.value.errno == errno.EINVAL
+    assert "layout version 1 is not supported (this is 2)" in str(e.value)
+    assert fn.read_bytes() == image
 
 
 def test_context_manager_closes(pool_dir: Path) -> None:

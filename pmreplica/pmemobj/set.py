@@ -94,7 +94,7 @@ class _SetBase(PersistentCollection, HashTable, abc.Set):
 
     @classmethod
     def _from_iterable(cls, it: Iterable[Any]) -> set[Any]:
-        # Reflected operators (set | pset) produce a plain set.
+        # Reflected operators (a set | a persistent set) produce a plain set.
         return set(it)
 
     def union(self, *others: Iterable[Any]) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
-from .pdict import PersistentDict
+from .dict import PersistentDict
 
 _VOLATILE = ("_p_", "_v_")
 
