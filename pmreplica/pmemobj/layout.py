@@ -24,10 +24,9 @@ from ..errors import PmReplicaError
 
 #: PoolSet header signature of object pools.
 POOL_SIGNATURE = b"PMREPOBJ"
-#: Superblock magic and layout version (bumped on an incompatible layout change; 2: the
-#: type table names the built-in persistent types ``pmreplica.pmemobj:<class>``).
+#: Superblock magic and layout version (bumped on an incompatible layout change).
 SB_MAGIC = int.from_bytes(b"PMROBJSB", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 1
 
 #: Smallest pool (same as libpmemobj's PMEMOBJ_MIN_POOL).
 MIN_POOL_SIZE = 8 << 20

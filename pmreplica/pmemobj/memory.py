@@ -127,6 +127,17 @@ def class_string(cls: type) -> str:
     return res
 
 
+#: The names pools made before the built-in persistent types took their public path give
+#: them (each was named by a module of its own): read as the public names. Old pools keep
+#: their table as it is, so code of either age opens them; what is added is named the new
+#: way, which the older code reads too (its package exports every one of these classes).
+FORMER_NAMES = {f"pmreplica.pmemobj.{module}:{cls}": f"pmreplica.pmemobj:{cls}"
+                for module, cls in (("plist", "PersistentList"), ("pdict", "PersistentDict"),
+                                    ("pset", "PersistentSet"), ("pset", "PersistentFrozenSet"),
+                                    ("ptuple", "PersistentTuple"),
+                                    ("pobject", "PersistentObject"))}
+
+
 def find_class(cls_string: str) -> type:
     try:
         return _class_from_string_cache[cls_string]
@@ -543,7 +554,7 @@ class MemoryManager:
         self._type_names = [class_string(self._PersistentList), class_string(str)]
         table = self.resurrect(oid)
         self._type_table = table
-        self._type_names = list(table)
+        self._type_names = [FORMER_NAMES.get(name, name) for name in table]
         self._type_codes = {}
 
     def persist_via_pickle(self, cls: type) -> None:

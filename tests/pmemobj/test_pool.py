@@ -4,7 +4,7 @@ what pmreplica adds (read-only mode, thread safety, EBUSY, clear errors)."""
 from __future__ import annotations
 
 import errno
-import hashlib
+import gzip
 import logging
 import subprocess
 import threading
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from pmreplica import pmemobj
-from pmreplica.pmemobj import layout
 from tests.helpers import run_python, run_threads
 
 
@@ -140,23 +139,26 @@ def test_type_table_names_the_public_classes(pool_dir: Path) -> None:
     assert b"pmreplica.pmemobj.dict:" not in image and b"pmreplica.pmemobj.set:" not in image
 
 
-def test_a_pool_of_an_older_layout_is_refused(pool_dir: Path) -> None:
-    """Layout 1 named types by module (pmreplica.pmemobj.pdict:...): EINVAL, not an
-    ImportError later, and the pool is left as it was."""
-    fn = pool_dir / "p"
-    with pmemobj.create(str(fn)) as pool:
-        sb = pool.poolset.data_offset
-    image = bytearray(fn.read_bytes())
-    image[sb + 8:sb + 16] = (1).to_bytes(8, "little")      # the version word
-    body = bytes(image[sb:sb + layout.SB_STATIC])
-    image[sb + layout.SB_STATIC:sb + layout.SB_STATIC + 8] = hashlib.blake2b(
-        body, digest_size=8).digest()
-    fn.write_bytes(image)
-    with pytest.raises(OSError) as e:
-        pmemobj.open(str(fn))
-    assert e.value.errno == errno.EINVAL
-    assert "layout version 1 is not supported (this is 2)" in str(e.value)
-    assert fn.read_bytes() == image
+def test_a_pool_made_before_the_modules_were_renamed_opens(pool_dir: Path) -> None:
+    """data/pool-before-rename.gz was made by the release before this package's modules
+    took pynvm's names (its type table says pmreplica.pmemobj.pdict:PersistentDict ...):
+    it opens, reads and takes new objects of those types without a second table entry."""
+    fn = pool_dir / "old"
+    fn.write_bytes(gzip.decompress((Path(__file__).parent / "data" /
+                                    "pool-before-rename.gz").read_bytes()))
+    assert b"pmreplica.pmemobj.pdict:PersistentDict" in fn.read_bytes()
+    with pmemobj.open(str(fn)) as pool:
+        root = pool.root
+        assert list(root["list"]) == [1, "two", 3.0]
+        assert set(root["set"]) == {1, 2, 3} and set(root["frozen"]) == {"a", "b"}
+        assert tuple(root["tuple"]) == (1, "x") and root["nested"][0]["k"] == "v"
+        root["more"] = pool.new(pmemobj.PersistentSet, {4})
+        root["list"].append(pool.new(pmemobj.PersistentDict, {"n": 1}))
+    image = fn.read_bytes()
+    assert b"pmreplica.pmemobj:PersistentSet" not in image  # the old entry was used
+    assert b"pmreplica.pmemobj:PersistentDict" not in image
+    with pmemobj.open(str(fn)) as pool:
+        assert set(pool.root["more"]) == {4} and pool.root["list"][3]["n"] == 1
 
 
 def test_context_manager_closes(pool_dir: Path) -> None:
