@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from pmreplica.header import HDR_SIZE, PoolAttr  # noqa: E402
 from pmreplica.rpmem.client import RemotePool  # noqa: E402
-from pmreplica.rpmem.config import RpmemConfig  # noqa: E402
+from pmreplica.rpmem.environ import RpmemConfig  # noqa: E402
 
 POOL = 16 << 20
 SIZES = (64, 4096, 65536)

@@ -375,7 +375,7 @@ SUFFIX = ("", ", TLS")
 def _pools(pool, open_: bool, d: str) -> Iterator[list]:
     """The clear-text and the TLS remote pool, created (or with ``open_``, opened) on ``d``."""
     from .rpmem import RemotePool
-    from .rpmem.config import RpmemConfig
+    from .rpmem.environ import RpmemConfig
     with contextlib.ExitStack() as stack:
         remotes = []
         for name, tls in POOLS:
@@ -395,7 +395,7 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
     """Run every measurement in each placement (default: all three); ``ssh_target`` adds
     create+close through a real sshd."""
     import mmap
-    from .rpmem.config import RpmemConfig
+    from .rpmem.environ import RpmemConfig
     rounds, count, nbytes = (2, 200, 100 << 20) if quick else (7, 2000, 1500 << 20)
     rows: list[Row] = []
     if not as_json:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 #: ``register(subparsers)``: it adds its parsers and sets ``func`` (args -> exit status) on
 #: them with ``set_defaults``; ``-v/--verbose`` is added to every command here. Adding a
 #: command module is one line in this tuple.
-COMMAND_MODULES: tuple[str, ...] = ("pmreplica.sync_cli", "pmreplica.promote", "pmreplica.demo",
+COMMAND_MODULES: tuple[str, ...] = ("pmreplica.sync.command", "pmreplica.promote", "pmreplica.demo",
                                     "pmreplica.bench")
 
 EXIT_ERROR = 1
@@ -103,7 +103,7 @@ def register_create(sub: argparse._SubParsersAction) -> None:
                    help="pool type signature in the header (default: PMREPLIC)")
     p.add_argument("--json", action="store_true", help="print what was made as JSON (and "
                                                        "progress as JSON lines on stderr)")
-    from .sync_cli import add_progress_option
+    from .sync.command import add_progress_option
     add_progress_option(p)
     p.set_defaults(func=cmd_create)
 

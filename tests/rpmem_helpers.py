@@ -41,7 +41,7 @@ from pmreplica.header import PoolAttr
 from rpmem_common import proto
 from pmreplica.rpmem.channel import AgentChannel
 from pmreplica.rpmem.client import read_ready
-from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.launch import launch
 from rpmem_common.wire import HELLO, OP, STATUS, split_connection_blob
 from remote_agent.processes import running_agents

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pmreplica.rpmem.address import Target, parse_target
-from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.launch import AgentChannel, close_connections, launch
 
 from .helpers import run_threads

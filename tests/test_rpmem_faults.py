@@ -112,7 +112,7 @@ def test_client_killed_mid_session_ends_the_agent_and_frees_the_pool(local_node)
     code = """
 import json, mmap, sys
 from pmreplica.rpmem.client import RemotePool
-from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.environ import RpmemConfig
 from tests.rpmem_helpers import attr
 pool = mmap.mmap(-1, 8 << 20)
 pool[4096:4101] = b"hello"

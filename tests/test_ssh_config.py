@@ -14,9 +14,10 @@ import sys
 import pytest
 
 from pmreplica.rpmem.address import Target
-from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.launch import OpenSSHChannel, close_connections, describe, launch
-from pmreplica.rpmem.ssh import NeedsOpenSSH, resolve
+from pmreplica.rpmem.ssh.includes import NeedsOpenSSH
+from pmreplica.rpmem.ssh.settings import resolve
 
 
 @pytest.fixture(autouse=True)

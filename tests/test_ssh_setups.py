@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pmreplica.rpmem import ssh_cert
+from pmreplica.rpmem.ssh import cert as ssh_cert
 
 from .fixtures.client_user import ClientUser
 from .fixtures.sshd import Sshd, start_sshd

@@ -23,7 +23,7 @@ from pmreplica.header import HDR_SIZE
 from pmreplica.rpmem import client
 from rpmem_common import proto
 from pmreplica.rpmem.client import start_session
-from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.launch import close_connections, launch
 
 from .helpers import unavailable

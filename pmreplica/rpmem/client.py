@@ -25,7 +25,7 @@ from ..poolset import MIN_REMOTE_POOL, check_pool_set_name
 from . import heartbeat
 from .address import parse_target
 from .channel import AgentChannel
-from .config import RpmemConfig
+from .environ import RpmemConfig
 from .launch import launch
 from .transport import provider
 from .transport.tcp import DEFAULT_WORK_QUEUE, TcpDataPath

@@ -36,8 +36,8 @@ from typing import Protocol
 from pmreplica.errors import RemoteError
 from pmreplica.rpmem.address import Target, parse_target
 from pmreplica.rpmem.channel import AgentChannel, AgentConnectionLost, ProcessChannel, exit_error
-from pmreplica.rpmem.config import RpmemConfig
-from pmreplica.rpmem.ssh_config import NeedsOpenSSH
+from pmreplica.rpmem.environ import RpmemConfig
+from pmreplica.rpmem.ssh.includes import NeedsOpenSSH
 
 __all__ = ["AgentChannel", "Launcher", "LocalLauncher", "OpenSSHLauncher", "close_connections",
            "command_line", "describe", "launch", "next_command"]
@@ -205,7 +205,7 @@ class OpenSSHLauncher:
 # -- the entry point ------------------------------------------------------------------------
 def _launcher(name: str, config: RpmemConfig) -> Launcher:
     if name == "paramiko":
-        from pmreplica.rpmem.ssh import ParamikoLauncher  # paramiko loads only when used
+        from pmreplica.rpmem.ssh.launcher import ParamikoLauncher  # paramiko loads only when used
         return ParamikoLauncher(config)
     if name == "openssh":
         return OpenSSHLauncher(config)
@@ -245,7 +245,7 @@ def describe(node: str, config: RpmemConfig | None = None) -> str:
         if config.launcher != "paramiko":
             chosen_by = "RPMEM_SSH" if config.ssh_command else "PMREPLICA_LAUNCHER"
             return f"{config.launcher} ({chosen_by})"
-        from pmreplica.rpmem.ssh_settings import resolve  # paramiko loads only when used
+        from pmreplica.rpmem.ssh.settings import resolve  # paramiko loads only when used
         resolve(parse_target(node), config)
     except NeedsOpenSSH as why:
         return f"openssh (the paramiko launcher cannot do {why.strerror})"
@@ -257,6 +257,6 @@ def describe(node: str, config: RpmemConfig | None = None) -> str:
 def close_connections() -> None:
     """Close the paramiko launcher's cached SSH connections, if any were made."""
     import sys
-    ssh = sys.modules.get("pmreplica.rpmem.ssh")
+    ssh = sys.modules.get("pmreplica.rpmem.ssh.connections")
     if ssh is not None:
         ssh.close_connections()

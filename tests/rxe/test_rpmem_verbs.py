@@ -27,7 +27,7 @@ from pmreplica.hookspecs import hookimpl
 from pmreplica.pool import FAILED, PoolSet
 from rpmem_common import proto
 from pmreplica.rpmem.client import FLUSH_RELAXED, RemotePool
-from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.transport import provider, verbs
 from rpmem_common.verbs_common import CLIENT_INFO, LANE_QP
 from tests.helpers import ROOT, replica_bytes, unavailable, write_set
@@ -226,7 +226,7 @@ def test_queue_pair_error_fails_the_replica_not_the_pool(local_node, pool_dir, m
 _CLIENT = r"""
 import json, mmap, sys
 from pmreplica.rpmem.client import RemotePool
-from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.environ import RpmemConfig
 from tests.rpmem_helpers import attr
 target, env = sys.argv[1], json.loads(sys.argv[2])
 for size in map(int, sys.argv[3:]):
@@ -308,7 +308,7 @@ _CHOOSE_WITHOUT_PYVERBS = r"""
 import json, os, sys
 # the folders that would give this interpreter pyverbs are taken away: importing it fails
 sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "pyverbs"))]
-from pmreplica.rpmem.config import RpmemConfig
+from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.transport import provider
 from rpmem_common import verbs_common
 verbs_common.DEBIAN_PYVERBS = "/nonexistent/pyverbs"

@@ -23,7 +23,7 @@ from rpmem_common.verbs_common import (RoceGid, check_memlock, gid_toward, is_lo
                                        load_pyverbs, resolve, roce_gids)
 
 from ...errors import PmReplicaError
-from ..config import RpmemConfig
+from ..environ import RpmemConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What the ssh config says for one target: :func:`resolve` gives its :class:`SshSettings`.
 
-paramiko parses the file (its Includes expanded by :mod:`.ssh_config`) and matches Host and
+paramiko parses the file (its Includes expanded by :mod:`.includes`) and matches Host and
 Match blocks; the values are expanded here as ssh_config(5) defines them, not by paramiko,
 whose expansion takes ``~`` and ``%d`` from ``$HOME`` and ``%u`` from ``$USER``, knows no
 ``%%``, ``%k``, ``%i``, ``${VAR}`` and leaves IdentityAgent and UserKnownHostsFile alone:
@@ -28,10 +28,10 @@ from typing import Any
 import paramiko
 
 from pmreplica.errors import PmReplicaError
-from pmreplica.rpmem import account, known_hosts, ssh_config
+from pmreplica.rpmem.ssh import account, includes, known_hosts
 from pmreplica.rpmem.address import Target
-from pmreplica.rpmem.config import RpmemConfig
-from pmreplica.rpmem.ssh_config import NeedsOpenSSH
+from pmreplica.rpmem.environ import RpmemConfig
+from pmreplica.rpmem.ssh.includes import NeedsOpenSSH
 
 __all__ = ["NeedsOpenSSH", "SshSettings", "resolve"]
 
@@ -91,7 +91,7 @@ class _RawConfig(paramiko.SSHConfig):
         return config
 
 
-_cache: dict[str, tuple[ssh_config.Stamp, list[str], paramiko.SSHConfig]] = {}
+_cache: dict[str, tuple[includes.Stamp, list[str], paramiko.SSHConfig]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -100,10 +100,10 @@ def _load(config: RpmemConfig) -> paramiko.SSHConfig:
     path = config.ssh_config_path
     with _cache_lock:
         cached = _cache.get(path)
-    if cached is not None and ssh_config.stamp(cached[1]) == cached[0]:
+    if cached is not None and includes.stamp(cached[1]) == cached[0]:
         return cached[2]
     try:
-        text, sources = ssh_config.expand(path)
+        text, sources = includes.expand(path)
         parsed = _RawConfig.from_text(text)
     except FileNotFoundError:
         if config.ssh_config is not None:
@@ -115,7 +115,7 @@ def _load(config: RpmemConfig) -> paramiko.SSHConfig:
     except (OSError, paramiko.ConfigParseError) as exc:
         raise PmReplicaError(errno.EINVAL, f"ssh config {path}: {exc}") from None
     with _cache_lock:
-        _cache[path] = (ssh_config.stamp(sources), sources, parsed)
+        _cache[path] = (includes.stamp(sources), sources, parsed)
     return parsed
 
 

@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 
-from . import progress as _progress
-from . import sync as _sync
+from .. import progress as _progress
+from .. import sync as _sync
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace, call) -> int:
     try:
         report = call(progress)
     except OSError as e:
-        from .cli import error_message
+        from ..cli import error_message
         print(f"{_prog(args)}: {error_message(e)}", file=sys.stderr)
         if args.json:  # scripts get a document on stdout in every case
             json.dump({"path": os.path.abspath(args.poolset), "status": "error",

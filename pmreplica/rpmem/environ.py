@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pmreplica.errors import PmReplicaError
-from pmreplica.rpmem import account
+from pmreplica.rpmem.ssh import account
 from rpmem_common.spin import DEFAULT_WINDOW_US, MAX_WINDOW_US
 from rpmem_common.wire import TLS_NAME
 

@@ -26,8 +26,8 @@ import paramiko
 from paramiko.agent import AgentSSH
 
 from pmreplica.errors import RemoteError
-from pmreplica.rpmem import account, known_hosts
-from pmreplica.rpmem.ssh_settings import DEFAULT_IDENTITIES, SshSettings
+from pmreplica.rpmem.ssh import account, known_hosts
+from pmreplica.rpmem.ssh.settings import DEFAULT_IDENTITIES, SshSettings
 
 _OPENSSH_KEY = re.compile(rb"-----BEGIN OPENSSH PRIVATE KEY-----(.*?)-----END OPENSSH PRIVATE KEY",
                           re.S)

@@ -1,7 +1,7 @@
 """Is the server's host key the one on record? Checked as ssh(1) checks it.
 
 Revoked keys (the host's or its CA's) are refused; a host certificate is accepted when an
-``@cert-authority`` line for the host holds its CA and :func:`ssh_cert.problem` finds
+``@cert-authority`` line for the host holds its CA and :func:`cert.problem` finds
 nothing wrong; otherwise, as OpenSSH does, its plain key is checked like any host key: a
 recorded key lets it in, a different recorded key is refused as a changed host, and an
 unknown key is refused unless PMREPLICA_SSH_ACCEPT_NEW=1 records it.
@@ -15,8 +15,9 @@ import logging
 import paramiko
 
 from pmreplica.errors import RemoteError
-from pmreplica.rpmem import known_hosts, ssh_cert
-from pmreplica.rpmem.ssh_settings import SshSettings
+from pmreplica.rpmem.ssh import cert as ssh_cert
+from pmreplica.rpmem.ssh import known_hosts
+from pmreplica.rpmem.ssh.settings import SshSettings
 
 log = logging.getLogger("pmreplica.rpmem.launch")
 

@@ -12,13 +12,17 @@ from __future__ import annotations
 import errno
 import logging
 
-from . import dirtymap
-from .errors import PmReplicaError
-from .header import PoolHeader
-from .health import Judgement, Probe
-from .state import ReplicaState, store_copy
+from .. import dirtymap
+from ..errors import PmReplicaError
+from ..header import PoolHeader
+from ..health import Judgement, Probe
+from ..state import ReplicaState, store_copy
 
 log = logging.getLogger("pmreplica.sync")
+
+#: why a replica reached through its target is left alone (rule 4 of :mod:`pmreplica.sync`)
+NO_RECORD_PLACE = ("no local replica can record that it is being repaired; repair the "
+                   "master first")
 
 
 class RunRecord:
@@ -78,6 +82,11 @@ class RunRecord:
                                                                f"state in {path}: {e}") from e
                 log.warning("cannot store the replica-state copy in %s: %s", path, e)
                 self.places.discard(i)
+
+    def can_mark(self, p: Probe) -> bool:
+        """Whether ``p`` may be touched: a replica reached through its target only while its
+        stale mark is recorded where a record counts."""
+        return not p.is_remote or bool(self.places)
 
     def mark_stale(self, index: int, full: bool = True, compare: bool = False) -> None:
         """Record replica ``index`` stale, durably, before it is touched."""

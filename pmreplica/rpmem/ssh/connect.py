@@ -1,7 +1,7 @@
 """Connecting the paramiko launcher to a target: a TCP connection (the addresses in the order
 AddressFamily gives, ACKs sent at once) or a ProxyCommand's socket pair, the SSH handshake
-with the host key checked (:mod:`.ssh_host_key`), the login (:mod:`.ssh_auth`). Errors carry
-an errno and name the target. :mod:`.ssh` keeps the connections and opens channels on them.
+with the host key checked (:mod:`.host_key`), the login (:mod:`.auth`). Errors carry
+an errno and name the target. :mod:`.connections` keeps the connections.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import paramiko
 
 from pmreplica.errors import RemoteError
-from pmreplica.rpmem import known_hosts, ssh_auth, ssh_host_key
-from pmreplica.rpmem.ssh_settings import SshSettings
+from pmreplica.rpmem.ssh import auth, host_key, known_hosts
+from pmreplica.rpmem.ssh.settings import SshSettings
 
 def addresses(s: SshSettings) -> list[tuple[Any, ...]]:
     """getaddrinfo for the AddressFamily; with ``any``, IPv4 first (librpmem ran ``ssh -4``;
@@ -114,13 +114,13 @@ def _handshake(s: SshSettings, known: known_hosts.HostKeys,
     t = paramiko.Transport(sock)
     try:
         t.banner_timeout = t.auth_timeout = t.handshake_timeout = s.connect_timeout
-        ssh_host_key.prefer_known_key_types(t, known)
+        host_key.prefer_known_key_types(t, known)
         try:
             t.start_client(timeout=s.connect_timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise RemoteError(errno.ECONNABORTED, f"{s.target}: SSH handshake with {s.hostname} "
                               f"port {s.port} failed: {exc or type(exc).__name__}") from None
-        ssh_host_key.check(t, s, known, accept_new)
+        host_key.check(t, s, known, accept_new)
         return t
     except BaseException:
         t.close()
@@ -130,7 +130,7 @@ def _handshake(s: SshSettings, known: known_hosts.HostKeys,
 def connect(s: SshSettings, accept_new: bool) -> paramiko.Transport:
     """A new authenticated transport, host key checked; errors carry errno and the target."""
     known = known_hosts.load(s.known_hosts + s.global_known_hosts, s.host_key_name)
-    t = ssh_auth.login(s, lambda: _handshake(s, known, accept_new))
+    t = auth.login(s, lambda: _handshake(s, known, accept_new))
     if s.server_alive_interval > 0:
         t.set_keepalive(s.server_alive_interval)
     return t

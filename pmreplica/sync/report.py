@@ -8,8 +8,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .header import HDR_SIZE
-from .health import HEALTHY, STALE, UNKNOWN, Judgement, Probe
+from ..errors import PmReplicaError
+from ..header import HDR_SIZE
+from ..health import HEALTHY, STALE, UNKNOWN, Judgement, Probe
 
 log = logging.getLogger("pmreplica.sync")
 
@@ -129,3 +130,8 @@ def note_differing(r: ReplicaReport, ranges: list[tuple[int, int]]) -> None:
             r.differing[-1] = (last[0], last[1] + n)
         elif len(r.differing) < MAX_REPORTED_RANGES:
             r.differing.append((off, n))
+
+
+def error_text(e: OSError) -> str:
+    """How an error reads in a report: pmreplica's own message, else the OS's."""
+    return str(e) if isinstance(e, PmReplicaError) else (e.strerror or str(e))

@@ -21,9 +21,9 @@ from typing import Any
 
 from rpmem_common import checksum as _checksum
 
-from .errors import PmReplicaError
-from .pmem import Mapping
-from .target import DigestTarget
+from ..errors import PmReplicaError
+from ..pmem import Mapping
+from ..target import DigestTarget
 
 log = logging.getLogger(__name__)
 

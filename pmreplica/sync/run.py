@@ -1,0 +1,166 @@
+"""One replica-sync run over one pool set, in order: lock the set, probe and judge every
+replica, choose the source, plan, repair, verify; and the targets the run opens on its
+replicas. What each step does lives beside it (:mod:`.plan`, :mod:`.repair`,
+:mod:`.verify`); the crash-safety rules they follow are :mod:`pmreplica.sync`'s."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import sys
+from typing import Any, Iterable
+
+from .. import health
+from .. import progress as _progress_mod
+from ..errors import PmReplicaError
+from ..health import Probe
+from ..plugin_manager import make_plugin_manager
+from ..pool import close_quietly, load_set
+from ..poolset import LocalReplica
+from ..replica import lock_pool
+from ..target_host import open_target
+from . import report as _report
+from .headers import Headers
+from .plan import Plan
+from .replica_progress import ReplicaProgress
+from .record import RunRecord
+from .repair import repair
+from .report import FAILED, Report, ReplicaReport
+from .source import SourceData
+from .verify import verify
+
+log = logging.getLogger("pmreplica.sync")
+
+
+class Run:
+    """One replica-sync run over one pool set: what it found (``probes``, ``judgement``),
+    what it reports, and what its steps share (the record, the source's data, the lock)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, dry_run: bool, verify: bool,
+                 repair: bool, forced: int | None, plugins: Iterable[object],
+                 progress: bool | str,
+                 block: int, discard: frozenset[int] = frozenset(),
+                 algorithm: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self.discard = discard
+        self.set_file = load_set(self.path)
+        self.set_file.validate()
+        self.size = self.set_file.pool_size
+        self.dry_run, self.verify, self.repair, self.forced = dry_run, verify, repair, forced
+        self.block = block
+        self.algorithm = algorithm
+        self.renderer = _progress_mod.HookRenderer(
+            progress if isinstance(progress, str) else
+            _progress_mod.mode_for(sys.stderr, True) if progress else _progress_mod.OFF)
+        self.pm = make_plugin_manager([*plugins, self.renderer])
+        self.progress = ReplicaProgress(self.pm.hook)
+        self.probes: list[Probe] = []
+        self.reports: list[ReplicaReport] = []
+        self.lock_fd = -1
+        self.data = SourceData(self.set_file, self.pm, self.size)
+        #: the record this run writes (made once the replicas are judged)
+        self.record: RunRecord
+        self.judgement: health.Judgement | None = None
+        self.source: int | None = None
+        self.plan: Plan
+        self.headers = Headers(self)
+
+    def run(self) -> Report:
+        try:
+            self.lock()
+            self._probe()
+            if any(not 0 <= i < len(self.probes) for i in self.discard):
+                raise PmReplicaError(errno.EINVAL, f"--discard: the pool set has replicas 0 to "
+                                                   f"{len(self.probes) - 1}")
+            self.judgement = health.judge(self.probes, self.size, self.discard)
+            self.record = RunRecord(self.probes, self.judgement, self.size,
+                                    self.set_file.master.parts[0].path)
+            report = _report.found(self.path, self.size, self.dry_run, self.probes,
+                                   self.judgement)
+            self.reports = report.replicas
+            self.source, why = health.choose_source(self.probes, self.forced)
+            if self.judgement.conflict is not None:
+                self.source, why = None, self.judgement.conflict
+            report.source = self.source
+            if self.source is None:
+                report.reason, report.status = why, FAILED
+                log.info("%s: %s", self.path, why)
+                return report
+            self.reports[self.source].source = True
+            self.data.probe = self.probes[self.source]
+            self.plan = Plan(self.probes, self.reports, self.judgement, self.source, self.size)
+            self.plan.decide()
+            if not self.dry_run:
+                repair(self)
+            if self.verify:
+                verify(self)
+                report.verified = True
+            if self.record.state is not None:
+                self.record.state.drop_side_file()  # nothing stale any more: the fine map is moot
+            report.copied = sum(r.copy_bytes for r in self.reports
+                                if r.result == "repaired" or self.dry_run)
+            report.status = _report.status(self.reports)
+            return report
+        finally:
+            self.renderer.close()
+            self._close()
+
+    def lock(self) -> None:
+        """Hold the master's lock (the one an open PoolSet holds) for the whole run."""
+        path = self.set_file.master.parts[0].path
+        try:
+            fd = lock_pool(path, f"{self.path}: the pool set is open in another process; "
+                                 "close it before replica-sync")
+        except FileNotFoundError:
+            return  # nothing can have it open; taken once the repair recreates it
+        self.lock_fd = fd
+
+    def _probe(self) -> None:
+        view = memoryview(self.data.scratch)
+        for i, spec in enumerate(self.set_file.replicas):
+            if isinstance(spec, LocalReplica):
+                probe = health.probe_local(self.set_file, i, spec, self.size)
+            else:
+                probe = health.probe_target(i, spec, self.size, functools.partial(
+                    open_target, self.pm, spec, i, self.data.host(view)))
+            self.probes.append(probe)
+        view.release()
+
+    def open_target(self, p: Probe, buffer: memoryview | None = None,
+                    create: bool = False) -> Any:
+        """Replica ``p``'s target, copying from ``buffer`` (default: the scratch buffer),
+        opened (``create``: its storage removed and created again, with the headers it is
+        to have)."""
+        if buffer is None:
+            buffer = memoryview(self.data.scratch)
+        target = open_target(self.pm, p.spec, p.index, self.data.host(buffer), create)
+        try:
+            if create:
+                self.pm.hook.pmreplica_remove_replica(spec=p.spec, index=p.index, force=True,
+                                                      remove_pool_set=False)
+                target.create(self.headers.attr(p))
+            else:
+                p.attr = target.open()
+        except BaseException:
+            close_quietly(target)
+            raise
+        return target
+
+    def probe_target(self, p: Probe) -> Any:
+        """The target replica ``p`` was probed through (bound to the scratch buffer), opened
+        again when it was let go."""
+        if p.target is None:
+            p.target = self.open_target(p)
+        return p.target
+
+    def _close(self) -> None:
+        for p in self.probes:
+            if p.target is not None:
+                close_quietly(p.target)
+                p.target = None
+        self.data.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
