@@ -24,6 +24,11 @@ from pmreplica import generation, sync
 from pmreplica.header import HDR_SIZE
 from pmreplica.hookspecs import hookimpl
 from pmreplica.pool import FAILED, OK, STALE, PoolSet
+from pmreplica.rpmem.address import parse_target
+from pmreplica.rpmem.environ import RpmemConfig
+from pmreplica.rpmem.ssh.connections import ConnectionPool
+from pmreplica.rpmem.ssh.launcher import ParamikoLauncher
+from pmreplica.rpmem.ssh.settings import resolve
 
 from .fixtures.hosts import HostBed
 from .helpers import write_set
@@ -312,6 +317,42 @@ def test_a_cut_host_at_create_and_at_open(bed, pool_dir):
         pool.buf[HDR_SIZE:HDR_SIZE + 5] = b"hello"
         pool.persist(HDR_SIZE, 5)
     assert data(bed["h1"].dir / "r.part0")[:5] == b"hello"
+
+
+class CutAfterSession(ConnectionPool):
+    """Kept SSH connections whose host's link is cut (for real) the moment a session
+    channel has opened, before the agent's command is asked for: the one step paramiko
+    waits on without a time limit of its own."""
+
+    def __init__(self, host) -> None:
+        super().__init__()
+        self.host = host
+
+    def open_session(self, s, accept_new, reuse_timeout):
+        t, chan = super().open_session(s, accept_new, reuse_timeout)
+        self.host.cut()
+        return t, chan
+
+
+def test_a_cut_between_session_and_command_fails_the_launch_within_connect_timeout(bed):
+    config = RpmemConfig.from_env(os.environ)
+    target = parse_target("h1")
+    pool = CutAfterSession(bed["h1"])
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as e:
+        ParamikoLauncher(config, pool).launch(target, "cat")
+    took = time.monotonic() - t0
+    assert e.value.errno == errno.ETIMEDOUT, e.value
+    assert "h1" in str(e.value) and "did not answer" in str(e.value)
+    assert took < 3 + 3 * MARGIN, took  # the bed's ConnectTimeout is 3 s
+    assert pool.transports(resolve(target, config)) == []  # dropped, not kept for reuse
+    bed["h1"].heal()
+    fresh = ConnectionPool()
+    try:
+        chan = ParamikoLauncher(config, fresh).launch(target, "cat")
+        chan.close()
+    finally:
+        fresh.close_all()
 
 
 class CutDuringCopy:

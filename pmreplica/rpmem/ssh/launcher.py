@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
+from collections.abc import Callable
 
 import paramiko
 
@@ -52,10 +54,19 @@ class ParamikoLauncher:
         for attempt in (1, 2):
             t, chan = self.pool.open_session(s, self.config.ssh_accept_new,
                                              self.config.connect_timeout)
+            deadline = _Deadline(s.connect_timeout, lambda t=t: self.pool.discard(s, t))
             try:
-                chan.exec_command(command)
+                with deadline:
+                    chan.exec_command(command)
+                if deadline.expired:  # answered as the deadline closed the connection
+                    raise EOFError("connection closed at the deadline")
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 chan.close()
+                if deadline.expired:
+                    raise RemoteError(errno.ETIMEDOUT,
+                                      f"{target}: the SSH server did not answer the request to "
+                                      f"run {command!r} within {s.connect_timeout:g} s "
+                                      f"(ConnectTimeout)") from None
                 if attempt == 1 and not t.is_active():
                     self.pool.discard(s, t)
                     continue  # the cached connection died under us: once more on a new one
@@ -70,6 +81,37 @@ class ParamikoLauncher:
             log.warning("%s: using the OpenSSH client (%s): the paramiko launcher cannot do %s",
                         target, " ".join(self.config.ssh_argv0), why)
         return OpenSSHLauncher(self.config).launch(target, command)
+
+
+class _Deadline:
+    """Calls ``give_up`` if the body has not ended ``seconds`` after it began: paramiko's
+    ``exec_command`` waits for the server's answer without a time limit, so on a link cut
+    after the session opened it would wait until TCP gives up (minutes); closing the
+    connection ends that wait at once with an exception. ``expired`` says it happened."""
+
+    def __init__(self, seconds: float, give_up: Callable[[], None]) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._done = False
+        self._give_up = give_up
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return  # the answer came first: the connection is in use, keep it
+            self.expired = True
+        self._give_up()
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
 
 
 #: (target, reason) pairs already said in the log, so a reconnecting pool says it once
