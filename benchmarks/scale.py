@@ -282,7 +282,7 @@ def bench_repair(d: Path, size: int, rounds: int) -> dict:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from pmreplica.poolset import parse_size
+    from pmreplica.setfile import parse_size
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("size", nargs="?", default="4G", help="pool size (default 4G)")
     ap.add_argument("--dir", default="/dev/shm", help="where the parts go (default /dev/shm)")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .header import PoolAttr
     from .hookspecs import hookimpl, hookspec
     from .pool import PoolSet, ReplicaStatus
-    from .poolset import LocalReplica, RemoteReplica, Replica
+    from .setfile import LocalReplica, RemoteReplica, Replica
     from .target import RELAXED, DigestTarget, GenerationKeeper, ReplicaTarget, TargetStat
 
 #: the application's API, then what a replica plugin is written against (hookspecs.py)
@@ -36,8 +36,8 @@ _LAZY = {"PoolSet": "pool", "ReplicaStatus": "pool", "hookimpl": "hookspecs",
          "hookspec": "hookspecs", "ReplicaTarget": "target", "TargetStat": "target",
          "GenerationKeeper": "target", "DigestTarget": "target", "RELAXED": "target",
          "Generation": "generation",
-         "PoolAttr": "header", "Replica": "poolset", "LocalReplica": "poolset",
-         "RemoteReplica": "poolset"}
+         "PoolAttr": "header", "Replica": "setfile", "LocalReplica": "setfile",
+         "RemoteReplica": "setfile"}
 
 
 def __getattr__(name: str) -> object:

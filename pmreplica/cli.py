@@ -19,9 +19,9 @@ from typing import Callable
 
 from . import dirtymap
 from . import info as _info
-from . import poolset as _poolset
+from . import setfile
 from .errors import PmReplicaError
-from .poolset import LocalReplica, PoolSetFile
+from .setfile import LocalReplica, PoolSetFile
 from .replica import lock_pool
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,13 @@ class UsageError(Exception):
 
 def _size_arg(text: str) -> int:
     try:
-        size = _poolset.parse_size(text)
+        size = setfile.parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 64M, 1GiB, 100MB)"
                                          ) from None
-    if size < _poolset.MIN_PART:
+    if size < setfile.MIN_PART:
         raise argparse.ArgumentTypeError(f"{text} is smaller than the minimum pool size "
-                                         f"{_poolset.format_size(_poolset.MIN_PART)}")
+                                         f"{setfile.format_size(setfile.MIN_PART)}")
     return size
 
 
@@ -68,7 +68,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from .pool import PoolSet  # the write path (pluggy, plugins) only for commands that use it
 
     path = args.poolset
-    is_set = os.path.exists(path) and _poolset.is_poolset_file(path)
+    is_set = os.path.exists(path) and setfile.is_poolset_file(path)
     if is_set and args.size is not None:
         raise UsageError(f"--size is for a single pool file; {path} is a pool set file, "
                          "whose part lines give the sizes")
@@ -163,9 +163,9 @@ def _unlink(path: str, args: argparse.Namespace) -> int:
 
 
 def _rm_one(path: str, args: argparse.Namespace) -> int:
-    if not os.path.lexists(path) or not _poolset.is_poolset_file(path):
+    if not os.path.lexists(path) or not setfile.is_poolset_file(path):
         return _unlink(path, args)  # a single-file pool (or whatever the user named)
-    set_file = _poolset.parse(path)
+    set_file = setfile.parse(path)
     try:  # the lock an open PoolSet (or a running replica-sync) holds: never pull parts away
         lock_fd = lock_pool(set_file.master.parts[0].path,
                             f"{path}: the pool set is open in another process; not removed")

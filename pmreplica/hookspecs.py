@@ -17,7 +17,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .pool import PoolSet, ReplicaStatus
-    from .poolset import Replica
+    from .setfile import Replica
     from .target import ReplicaTarget
 
 PROJECT = "pmreplica"
@@ -30,8 +30,8 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
                            create: bool) -> Optional["ReplicaTarget"]:
     """Return a target for replica ``index`` of ``poolset`` if this plugin serves ``spec``.
 
-    ``spec`` is the parsed replica (:class:`~pmreplica.poolset.LocalReplica` with its parts,
-    or :class:`~pmreplica.poolset.RemoteReplica` with node and pool set name). The target is
+    ``spec`` is the parsed replica (:class:`~pmreplica.setfile.LocalReplica` with its parts,
+    or :class:`~pmreplica.setfile.RemoteReplica` with node and pool set name). The target is
     returned unopened: pmreplica then calls ``create(attr)`` or ``open()`` on it. Return
     ``None`` to let the next plugin try; the first non-None result wins. ``create`` tells
     whether the pool set is being created (plugins that cannot create may decline).

@@ -14,12 +14,12 @@ from collections.abc import Container
 from typing import Any
 
 from . import dirtymap, generation
-from . import poolset as _poolset
+from . import setfile
 from .errors import HeaderError
 from .files import open_regular
 from .header import (FEAT_CHECK_BAD_BLOCKS, FEAT_CKSUM_2K, FEAT_SDS, FEAT_SINGLEHDR, HDR_SIZE,
                      ArchFlags, PoolHeader)
-from .poolset import LocalReplica, PoolSetFile, RemoteReplica
+from .setfile import LocalReplica, PoolSetFile, RemoteReplica
 from .replica import LocalReplicaFiles, PartHeader
 from .state import ReplicaState
 
@@ -202,8 +202,8 @@ def gather(path: str) -> dict[str, Any]:
     """``info`` for a pool set file, a single-file pool, or one part file of a set."""
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-    if _poolset.is_poolset_file(path):
-        return gather_set(path, _poolset.parse(path))
+    if setfile.is_poolset_file(path):
+        return gather_set(path, setfile.parse(path))
     fd = open_regular(path)
     try:
         raw = os.pread(fd, HDR_SIZE, 0)
@@ -219,7 +219,7 @@ def gather(path: str) -> dict[str, Any]:
     single = (hdr.prev_part == hdr.next_part == hdr.prev_repl == hdr.next_repl == hdr.uuid
               and not hdr.incompat & FEAT_SINGLEHDR)
     if single:
-        return gather_set(path, _poolset.single_file(path, os.stat(path).st_size))
+        return gather_set(path, setfile.single_file(path, os.stat(path).st_size))
     ftype, fsize = _file_type(path)
     ph = PartHeader(path, raw, hdr, tuple(hdr.problems(raw)))
     return {"path": os.path.abspath(path), "kind": "part", "type": ftype, "file_size": fsize,

@@ -22,14 +22,14 @@ import pluggy
 
 from . import copier, dirtymap
 from . import generation as _generation
-from . import poolset as _poolset
+from . import setfile
 from .errors import HeaderError, PmReplicaError, ReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, Generation  # noqa: F401
 from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
 from .identity import Identity, membership_problem
 from .pmem import Mapping
 from .plugin_manager import make_plugin_manager
-from .poolset import LocalReplica, PoolSetFile, Replica
+from .setfile import LocalReplica, PoolSetFile, Replica
 from .replica import LocalReplicaFiles, lock_pool, raise_if_broken
 from .state import OFFSET as STATE_OFFSET, SIZE as STATE_SIZE, ReplicaState, store_copy
 from .target import RELAXED, ReplicaTarget
@@ -81,25 +81,6 @@ class ReplicaStatus(NamedReplica):
     target: ReplicaTarget | None = field(default=None, repr=False)
 
 
-def load_set(path: str | os.PathLike[str], size: int | None = None) -> PoolSetFile:
-    """The pool set at ``path``: a PMEMPOOLSET file, or a single pool file (``size`` for one
-    that does not exist yet; its current size otherwise)."""
-    path = os.fspath(path)
-    if "\0" in path:  # the OS takes no such name (os.stat would raise ValueError)
-        raise PmReplicaError(errno.EINVAL, f"{path!r}: a NUL byte in the file name")
-    if os.path.isdir(path):
-        raise PmReplicaError(errno.EISDIR, f"{path} is a directory, not a pool file or a pool "
-                                           "set file")
-    if os.path.exists(path) and _poolset.is_poolset_file(path):
-        return _poolset.parse(path)
-    if size is None:
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            raise PmReplicaError(errno.ENOENT, f"{path}: no such pool or pool set file") from None
-    return _poolset.single_file(path, size)
-
-
 class PoolSet:
     """An open pool set. Use :meth:`create` or :meth:`open`; close it (or use ``with``)."""
 
@@ -148,12 +129,12 @@ class PoolSet:
         their blocks (for tests and benchmarks of pools larger than the storage at hand:
         a file system that fills up then ends the process with SIGBUS)."""
         path = os.fspath(path)
-        if size is not None and os.path.exists(path) and not _poolset.is_poolset_file(path):
+        if size is not None and os.path.exists(path) and not setfile.is_poolset_file(path):
             raise PmReplicaError(errno.EEXIST, f"file {path} already exists")
-        set_file = load_set(path, size)
+        set_file = setfile.load_set(path, size)
         set_file.validate()
         master = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
-        if _poolset.OPT_SINGLEHDR in set_file.options:
+        if setfile.OPT_SINGLEHDR in set_file.options:
             incompat |= FEAT_SINGLEHDR
         template = PoolHeader(signature=signature, major=major, compat=compat,
                               incompat=incompat | FEAT_CKSUM_2K, ro_compat=ro_compat,
@@ -204,7 +185,7 @@ class PoolSet:
              plugins: Iterable[object] = (), nlanes: int = DEFAULT_NLANES) -> "PoolSet":
         """Open an existing pool set. The master must be consistent; a replica that cannot be
         opened or does not belong to the pool is reported failed and the pool opens degraded."""
-        set_file = load_set(path)
+        set_file = setfile.load_set(path)
         set_file.validate()
         master = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
         headers, problems = master.check(signature)

@@ -35,9 +35,9 @@ from . import generation, health
 from .errors import PmReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, SAME, Generation
 from .plugin_manager import make_plugin_manager
-from .pool import close_quietly, load_set
-from .poolset import LocalReplica
+from .pool import close_quietly
 from .replica import lock_pool
+from .setfile import LocalReplica, load_set
 from .state import ReplicaState, store_copy
 from .target_host import TargetHost, open_target
 

@@ -22,7 +22,7 @@ from .files import kind_of, open_regular
 from .generation import OFFSET as GEN_OFFSET
 from .header import HDR_SIZE, PoolHeader, replica_headers
 from .pmem import Mapping, Segment, open_part
-from .poolset import LocalReplica, PoolSetFile
+from .setfile import LocalReplica, PoolSetFile
 from .state import OFFSET as STATE_OFFSET
 
 #: the end of what pmreplica keeps in part 0's page after the header (state record and

@@ -18,7 +18,7 @@ import pluggy
 from .errors import ReplicaError
 from .pmem import Mapping
 from .pool import describe
-from .poolset import PoolSetFile, Replica
+from .setfile import PoolSetFile, Replica
 from .target import ReplicaTarget
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from pmreplica import generation, poolset
+from pmreplica import generation, setfile
 from pmreplica.errors import PmReplicaError, PoolSetError
 from pmreplica.files import open_regular, read_fd
 from pmreplica.header import FEAT_SINGLEHDR, HDR_SIZE, PoolAttr
@@ -39,7 +39,7 @@ class OpenPool:
     """A pool this session created or opened: mapped, locked, ready for the data path.
     ``pool_size`` is the size the client asked for; the data path stays below it."""
 
-    def __init__(self, name: str, set_file: poolset.PoolSetFile, files: LocalReplicaFiles,
+    def __init__(self, name: str, set_file: setfile.PoolSetFile, files: LocalReplicaFiles,
                  mapping: Mapping, lock_fd: int, pool_size: int, data_offset: int,
                  created: bool, attr: PoolAttr) -> None:
         self.name, self.set_file, self.files = name, set_file, files
@@ -52,7 +52,7 @@ class OpenPool:
             raise PoolError(errno.EINVAL, "cannot set attributes of a pool without headers "
                                           "(NOHDRS)")
         if bool(attr.incompat_features & FEAT_SINGLEHDR) != (
-                poolset.OPT_SINGLEHDR in self.set_file.options):
+                setfile.OPT_SINGLEHDR in self.set_file.options):
             raise PoolError(errno.EINVAL, "pool incompat feature flags and remote poolset "
                                           "options do not match")
         hdr = attr.to_header()
@@ -96,7 +96,7 @@ class PoolDB:
     def resolve(self, name: str) -> str:
         """The pool set file for ``name``; EINVAL if it is absolute or leaves the root."""
         try:
-            poolset.check_pool_set_name(name)
+            setfile.check_pool_set_name(name)
         except PoolSetError as e:
             raise PoolError(errno.EINVAL, e.strerror or "invalid pool set name") from None
         path = os.path.realpath(os.path.join(self.root, name))
@@ -106,7 +106,7 @@ class PoolDB:
 
     @contextlib.contextmanager
     def _set(self, name: str, how: int,
-             validate: bool = True) -> Iterator[poolset.PoolSetFile]:
+             validate: bool = True) -> Iterator[setfile.PoolSetFile]:
         """The parsed pool set ``name`` (``validate``: validated for a remote pool), its file
         locked with ``how`` (LOCK_SH or LOCK_EX) until the block ends. The file is read by
         the name given (``x.set/`` is not ``x.set``), never blocking, at most MAX_SET_FILE
@@ -126,7 +126,7 @@ class PoolDB:
             except OSError as e:
                 raise _set_file_error(name, path, e) from None
             try:
-                set_file = poolset.parse_bytes(data, path)
+                set_file = setfile.parse_bytes(data, path)
                 if validate:
                     set_file.validate(remote=True)
             except PoolSetError as e:
@@ -135,7 +135,7 @@ class PoolDB:
         finally:
             os.close(fd)
 
-    def _files(self, name: str, set_file: poolset.PoolSetFile,
+    def _files(self, name: str, set_file: setfile.PoolSetFile,
                pool_size: int) -> LocalReplicaFiles:
         size = set_file.pool_size
         if size < pool_size:
@@ -149,7 +149,7 @@ class PoolDB:
                 raise PoolError(errno.EINVAL, "pool attributes are required exactly when the "
                                               "remote pool set has headers (no NOHDRS option)")
             if not attr.is_zeroed and bool(attr.incompat_features & FEAT_SINGLEHDR) != (
-                    poolset.OPT_SINGLEHDR in set_file.options):
+                    setfile.OPT_SINGLEHDR in set_file.options):
                 raise PoolError(errno.EINVAL, "pool incompat feature flags and remote poolset "
                                               "options do not match")
             files = self._files(name, set_file, pool_size)
@@ -194,7 +194,7 @@ class PoolDB:
                 raise
             return self._map(name, set_file, files, pool_size, False, attr, fd)
 
-    def _map(self, name: str, set_file: poolset.PoolSetFile, files: LocalReplicaFiles,
+    def _map(self, name: str, set_file: setfile.PoolSetFile, files: LocalReplicaFiles,
              pool_size: int, created: bool, attr: PoolAttr, lock_fd: int) -> OpenPool:
         """Map the pool whose lock ``lock_fd`` holds (closed here if that fails)."""
         try:
@@ -274,7 +274,7 @@ def _set_file_error(name: str, path: str, e: OSError) -> PoolError:
     return PoolError(code, f"pool set file {name}: {why}")
 
 
-def _generation_of(set_file: poolset.PoolSetFile) -> bytes:
+def _generation_of(set_file: setfile.PoolSetFile) -> bytes:
     """The generation record in the header page of the set's first part (b"": none)."""
     if not set_file.has_headers or not set_file.master.parts:
         return b""

@@ -12,7 +12,7 @@ import logging
 import os
 
 from pmreplica.header import PoolAttr
-from pmreplica.poolset import MIN_REMOTE_POOL, PAGE_SIZE
+from pmreplica.setfile import MIN_REMOTE_POOL, PAGE_SIZE
 from rpmem_common import proto
 from rpmem_common.proto import Request, Response
 from rpmem_common.wire import TLS_NAME

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pmreplica import PoolSet, poolset
+from pmreplica import PoolSet, setfile
 from pmreplica.header import PoolHeader
 from pmreplica.replica import LocalReplicaFiles, ReplicaWriter, lock_pool
 from rpmem_common import proto
@@ -122,7 +122,7 @@ def test_parts_that_turn_into_fifos_after_parsing_are_refused_not_waited_on(pool
     path = d / "p.set"
     path.write_text(f"PMEMPOOLSET\n8M {d}/a\n")
     PoolSet.create(path).close()
-    set_file = poolset.parse(path)
+    set_file = setfile.parse(path)
     hdr = PoolHeader.unpack((d / "a").read_bytes()[:4096])
     (d / "a").unlink()
     os.mkfifo(d / "a")
@@ -139,12 +139,12 @@ def test_parts_that_turn_into_fifos_after_parsing_are_refused_not_waited_on(pool
 
 
 def test_twenty_thousand_parts(pool_dir, pmreplica_cmd):
-    """Parsing is linear (benchmarks/poolset.py measures it): 20,000 parts parse and
+    """Parsing is linear (benchmarks/setfile.py measures it): 20,000 parts parse and
     `pmreplica info` shows them (a quadratic parser or report takes minutes here)."""
     d = pool_dir
     path = d / "many.set"
     path.write_text("PMEMPOOLSET\n" + "".join(f"2M {d}/p{i}\n" for i in range(20000)))
-    s = poolset.parse(path)
+    s = setfile.parse(path)
     assert len(s.master.parts) == 20000 and s.master.parts[-1].line == 20001
     res = subprocess.run(pmreplica_cmd + ["info", "--json", str(path)], capture_output=True,
                          text=True, timeout=100)

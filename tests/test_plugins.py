@@ -17,7 +17,7 @@ import pytest
 
 from pmreplica import PoolSet, ReplicaError, hookimpl
 from pmreplica.header import HDR_SIZE, PoolAttr, PoolHeader
-from pmreplica.poolset import LocalReplica, RemoteReplica
+from pmreplica.setfile import LocalReplica, RemoteReplica
 
 from .helpers import ROOT, pip_install, replica_bytes, run_python, write_set
 

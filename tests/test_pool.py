@@ -18,7 +18,7 @@ import pytest
 from pmreplica import HeaderError, PoolSet, PoolSetError, ReplicaError, generation, hookimpl
 from pmreplica.errors import PmReplicaError
 from pmreplica.header import HDR_SIZE, PoolHeader
-from pmreplica.poolset import parse
+from pmreplica.setfile import parse
 from pmreplica.replica import RECORDS_END, LocalReplicaFiles
 from pmreplica.state import OFFSET as STATE_OFFSET, ReplicaState
 from pmreplica.sync import check

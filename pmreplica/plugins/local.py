@@ -35,7 +35,7 @@ from ..header import PoolAttr
 from ..hookspecs import hookimpl
 from ..pmem import Mapping, memory_backed
 from ..pool import describe
-from ..poolset import LocalReplica
+from ..setfile import LocalReplica
 from ..replica import LocalReplicaFiles, raise_if_broken, remove_parts
 from ..target import TargetStat
 

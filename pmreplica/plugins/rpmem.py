@@ -19,7 +19,7 @@ from ..generation import Generation
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
 from ..pool import describe
-from ..poolset import RemoteReplica
+from ..setfile import RemoteReplica
 from ..rpmem import client, launch
 from ..rpmem.transport import provider
 from ..target import TargetStat

@@ -26,7 +26,7 @@ def _poolset_class() -> Any:
 
 
 def _is_poolset_file(path: str) -> bool:
-    from ..poolset import is_poolset_file
+    from ..setfile import is_poolset_file
     return is_poolset_file(path)
 
 
@@ -242,7 +242,7 @@ def _refuse_other_pool_types(path: str) -> None:
     sound header with another signature): PoolSet would call it inconsistent and suggest
     replica-sync, which cannot help."""
     from ..header import HDR_SIZE, PoolHeader
-    from ..pool import load_set
+    from ..setfile import load_set
 
     first = load_set(path).master.parts[0].path
     try:  # (this module's open() is pynvm's, not the builtin)
@@ -266,12 +266,12 @@ def _refuse_other_pool_types(path: str) -> None:
 
 
 def _poolset_parts_exist(path: str) -> bool:
-    from ..poolset import parse
+    from ..setfile import parse
     return any(os.path.exists(p.path) for p in parse(path).master.parts)
 
 
 def _check_set_size(path: str) -> None:
-    from ..poolset import parse
+    from ..setfile import parse
     size = parse(path).pool_size
     if size < MIN_POOL_SIZE:
         raise ValueError(f"pool size {size} smaller than {MIN_POOL_SIZE}")

@@ -21,7 +21,7 @@ from rpmem_common import proto, wire
 from ..errors import PmReplicaError, PoolSetError, RemoteError
 from ..header import HDR_SIZE, PoolAttr
 from ..pmem import buffer_address
-from ..poolset import MIN_REMOTE_POOL, check_pool_set_name
+from ..setfile import MIN_REMOTE_POOL, check_pool_set_name
 from . import heartbeat
 from .address import parse_target
 from .channel import AgentChannel

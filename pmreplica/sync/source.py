@@ -12,7 +12,7 @@ import pluggy
 
 from ..health import Probe
 from ..pmem import MAP_NORESERVE, Mapping
-from ..poolset import PoolSetFile
+from ..setfile import PoolSetFile
 from ..target_host import TargetHost
 
 log = logging.getLogger("pmreplica.sync")

@@ -15,7 +15,7 @@ import uuid
 from pmreplica import hookimpl
 from pmreplica.errors import ReplicaError
 from pmreplica.header import PoolAttr
-from pmreplica.poolset import RemoteReplica
+from pmreplica.setfile import RemoteReplica
 from pmreplica.target import TargetStat
 
 NODE = "toy.invalid"

@@ -1,6 +1,6 @@
 """poolset(5): every rule with a set it accepts and one it refuses (refusals are PoolSetError,
 an OSError naming file, line and the fault), each compared with what PMDK's parser says of
-the same file (tests/pmempool_oracle.py; the generated files of test_poolset_pmdk.py do the
+the same file (tests/pmempool_oracle.py; the generated files of test_setfile_pmdk.py do the
 same by the thousand), size suffixes checked against the sizes PMDK's pmempool gives the same
 text, and writing a parsed set back."""
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pmreplica import PoolSetError
-from pmreplica import poolset
-from pmreplica.poolset import LocalReplica, Part, PoolSetFile, RemoteReplica
+from pmreplica import setfile
+from pmreplica.setfile import LocalReplica, Part, PoolSetFile, RemoteReplica
 
 from .helpers import write_set
 from .pmempool_oracle import ask
@@ -163,7 +163,7 @@ def test_parser_refusal_names_file_line_and_fault(pool_dir, pmempool, case, text
     path = pool_dir / "case.set"
     path.write_bytes(text.format(d=pool_dir).encode("utf-8", "surrogateescape"))
     with pytest.raises(PoolSetError) as e:
-        poolset.parse(path)
+        setfile.parse(path)
     code = {"same-directory-twice": errno.EEXIST, "part-under-a-file": errno.ENOTDIR}
     _assert_refusal(e.value, path, line, words, code.get(case, errno.EINVAL))
     verdict = ask(pmempool, path)
@@ -180,7 +180,7 @@ def test_validate_refusal_names_file_line_and_fault(pool_dir, pmempool, case, li
                                                     words):
     (pool_dir / "dir1").mkdir()
     path = write_set(pool_dir / "case.set", *(ln.format(d=pool_dir) for ln in lines))
-    set_file = poolset.parse(path)
+    set_file = setfile.parse(path)
     with pytest.raises(PoolSetError) as e:
         set_file.validate()
     _assert_refusal(e.value, path, line, words)
@@ -190,19 +190,19 @@ def test_validate_refusal_names_file_line_and_fault(pool_dir, pmempool, case, li
 def test_remote_set_rules(pool_dir):
     path = write_set(pool_dir / "remote.set", f"8M {pool_dir}/a", "REPLICA", f"8M {pool_dir}/b")
     with pytest.raises(PoolSetError) as e:
-        poolset.parse(path).validate(remote=True)
+        setfile.parse(path).validate(remote=True)
     _assert_refusal(e.value, path, 3, "remote pool set cannot have replicas")
     # both header options: PMDK logs the clash and goes on with SINGLEHDR; refused here
     path = write_set(pool_dir / "both.set", "OPTION SINGLEHDR", "OPTION NOHDRS", f"8M {pool_dir}/a")
     with pytest.raises(PoolSetError) as e:
-        poolset.parse(path).validate(remote=True)
+        setfile.parse(path).validate(remote=True)
     _assert_refusal(e.value, path, 3, "both SINGLEHDR and NOHDRS poolset options used")
-    poolset.parse(write_set(pool_dir / "ok.set", f"8M {pool_dir}/a")).validate(remote=True)
+    setfile.parse(write_set(pool_dir / "ok.set", f"8M {pool_dir}/a")).validate(remote=True)
 
 
 def test_unreadable_set_file_is_a_poolset_error_naming_it(pool_dir):
     with pytest.raises(PoolSetError) as e:
-        poolset.parse(pool_dir / "missing.set")
+        setfile.parse(pool_dir / "missing.set")
     assert e.value.errno == errno.ENOENT
     assert str(e.value).startswith(f"{pool_dir}/missing.set: cannot read pool set file")
 
@@ -216,7 +216,7 @@ def test_comments_empty_lines_crlf_and_what_c_calls_no_blank_are_accepted(pool_d
             f"8M {d}/missing/e#f\nREPLICA host x.set#remote").encode("utf-8", "surrogateescape")
     path = pool_dir / "crlf.set"
     path.write_bytes(text)
-    s = poolset.parse(path)
+    s = setfile.parse(path)
     assert s.options == {"SINGLEHDR"}  # PMDK reads the name after "OPTION", blank or not
     assert [[(p.size, p.path, p.line) for p in r.parts] for r in s.local_replicas()] == [
         [(8 * M, f"{d}/missing/a", 5)],
@@ -232,26 +232,26 @@ def test_comments_empty_lines_crlf_and_what_c_calls_no_blank_are_accepted(pool_d
         assert verdict.accepted != refused, verdict
         if refused:
             with pytest.raises(PoolSetError, match="unknown option"):
-                poolset.parse(path)
+                setfile.parse(path)
         else:
-            assert poolset.parse(path).options == {"SINGLEHDR"}
+            assert setfile.parse(path).options == {"SINGLEHDR"}
 
 
 def test_options_accepted(pool_dir):
-    single = poolset.parse(write_set(pool_dir / "s.set", "OPTION SINGLEHDR",
+    single = setfile.parse(write_set(pool_dir / "s.set", "OPTION SINGLEHDR",
                                      f"8M {pool_dir}/a", f"4M {pool_dir}/b"))
     single.validate()
     assert single.nhdrs(single.master) == 1
     assert single.pool_size == 12 * M  # one header for the whole replica
-    nohdrs = poolset.parse(write_set(pool_dir / "n.set", "OPTION NOHDRS", f"8M {pool_dir}/a"))
+    nohdrs = setfile.parse(write_set(pool_dir / "n.set", "OPTION NOHDRS", f"8M {pool_dir}/a"))
     nohdrs.validate(remote=True)  # raw remote pools have no headers
     assert not nohdrs.has_headers and nohdrs.pool_size == 8 * M
-    plain = poolset.parse(write_set(pool_dir / "p.set", f"8M {pool_dir}/a", f"4M {pool_dir}/b"))
+    plain = setfile.parse(write_set(pool_dir / "p.set", f"8M {pool_dir}/a", f"4M {pool_dir}/b"))
     assert plain.pool_size == 12 * M - 4096  # the second part's header is not mapped
 
 
 def test_local_and_remote_replicas_accepted(pool_dir):
-    s = poolset.parse(write_set(
+    s = setfile.parse(write_set(
         pool_dir / "r.set", f"8M {pool_dir}/a", "REPLICA", f"4M {pool_dir}/b",
         f"5M {pool_dir}/c", "REPLICA user@node1:2222 sets/remote.set",
         "REPLICA [fe80::1]:22 r.set", "REPLICA node2 ./x.set"))
@@ -267,21 +267,21 @@ def test_local_and_remote_replicas_accepted(pool_dir):
 def test_directories_accepted_with_singlehdr(pool_dir):
     (pool_dir / "d1").mkdir()
     (pool_dir / "d2").mkdir()
-    s = poolset.parse(write_set(pool_dir / "d.set", "OPTION SINGLEHDR", f"8M {pool_dir}/d1",
+    s = setfile.parse(write_set(pool_dir / "d.set", "OPTION SINGLEHDR", f"8M {pool_dir}/d1",
                                 "REPLICA", f"8M {pool_dir}/d2/"))
     s.validate()
     assert s.is_directory_based and all(p.is_dir for r in s.replicas for p in r.parts)
 
 
 def test_smallest_part_accepted_and_the_pool_is_the_smallest_replica(pool_dir, pmempool):
-    s = poolset.parse(write_set(pool_dir / "min.set", f"2M {pool_dir}/a", "REPLICA",
+    s = setfile.parse(write_set(pool_dir / "min.set", f"2M {pool_dir}/a", "REPLICA",
                                 f"2097152 {pool_dir}/b"))
     s.validate()
     assert s.pool_size == s.replica_size(s.replicas[1]) == 2 * M
     # a replica smaller than the master: PMDK makes the pool that size, and so does pmreplica
     path = write_set(pool_dir / "small.set", f"8M {pool_dir}/m0", f"4M {pool_dir}/m1", "REPLICA",
                      f"8M {pool_dir}/r", "REPLICA", f"10M {pool_dir}/q")
-    s = poolset.parse(path)
+    s = setfile.parse(path)
     s.validate()
     assert [s.replica_size(r) for r in s.replicas] == [12 * M - 4096, 8 * M, 10 * M]
     assert s.pool_size == 8 * M
@@ -290,7 +290,7 @@ def test_smallest_part_accepted_and_the_pool_is_the_smallest_replica(pool_dir, p
 
 
 def test_part_sizes_round_down_to_pages(pool_dir):
-    s = poolset.parse(write_set(pool_dir / "a.set", f"{2 * M + 4095} {pool_dir}/a"))
+    s = setfile.parse(write_set(pool_dir / "a.set", f"{2 * M + 4095} {pool_dir}/a"))
     assert s.master.parts[0].size == 2 * M + 4095
     assert s.pool_size == 2 * M
 
@@ -323,9 +323,9 @@ def _pmdk_size(pmempool: str, d: Path, text: str) -> int:
 
 @pytest.mark.parametrize("text", list(SIZES))
 def test_size_suffix_means_what_pmdk_means(pool_dir, pmempool, text):
-    assert poolset.parse_size(text) == SIZES[text]
+    assert setfile.parse_size(text) == SIZES[text]
     assert _pmdk_size(pmempool, pool_dir, text) == SIZES[text]
-    s = poolset.parse(write_set(pool_dir / "s.set", f"{text} {pool_dir}/p"))
+    s = setfile.parse(write_set(pool_dir / "s.set", f"{text} {pool_dir}/p"))
     assert s.master.parts[0].size == SIZES[text]
 
 
@@ -333,16 +333,16 @@ def test_size_suffix_means_what_pmdk_means(pool_dir, pmempool, text):
                                   "8 M", "8Mi", "8EiB", "0x10M"])
 def test_bad_sizes_refused(text):
     with pytest.raises(ValueError):
-        poolset.parse_size(text)
+        setfile.parse_size(text)
 
 
 def test_format_size_is_exact_and_shortest():
     for size in (4096, 2 * M, 3 * M + 4096, 5 << 30, 7 << 40, 1 << 50, 123457):
-        text = poolset.format_size(size)
-        assert poolset.parse_size(text) == size
-    assert poolset.format_size(8 * M) == "8M"
-    assert poolset.format_size(3 * M + 4096) == "3076K"
-    assert poolset.format_size(123457) == "123457"
+        text = setfile.format_size(size)
+        assert setfile.parse_size(text) == size
+    assert setfile.format_size(8 * M) == "8M"
+    assert setfile.format_size(3 * M + 4096) == "3076K"
+    assert setfile.format_size(123457) == "123457"
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -352,10 +352,10 @@ def test_written_set_parses_to_an_equivalent_set(pool_dir, pmempool):
         pool_dir / "src.set", "# comment dropped", "OPTION SINGLEHDR",
         f"8M {pool_dir}/a", f"3076K {pool_dir}/b  # note", "REPLICA", f"12M {pool_dir}/c",
         "REPLICA user@host:2222 sub/r.set")
-    parsed = poolset.parse(src)
+    parsed = setfile.parse(src)
     out = pool_dir / "out.set"
     parsed.write(out)
-    again = poolset.parse(out)
+    again = setfile.parse(out)
     assert again.equivalent(parsed) and parsed.equivalent(again)
     assert again.options == parsed.options
     assert [type(r) for r in again.replicas] == [type(r) for r in parsed.replicas]
@@ -372,17 +372,17 @@ def test_written_set_parses_to_an_equivalent_set(pool_dir, pmempool):
 
 
 def test_equivalence_sees_every_difference(pool_dir):
-    base = poolset.parse(write_set(pool_dir / "a.set", f"8M {pool_dir}/a", "REPLICA",
+    base = setfile.parse(write_set(pool_dir / "a.set", f"8M {pool_dir}/a", "REPLICA",
                                    f"8M {pool_dir}/b"))
     variants = [
-        poolset.parse(write_set(pool_dir / "b.set", f"9M {pool_dir}/a", "REPLICA",
+        setfile.parse(write_set(pool_dir / "b.set", f"9M {pool_dir}/a", "REPLICA",
                                 f"8M {pool_dir}/b")),
-        poolset.parse(write_set(pool_dir / "c.set", f"8M {pool_dir}/x", "REPLICA",
+        setfile.parse(write_set(pool_dir / "c.set", f"8M {pool_dir}/x", "REPLICA",
                                 f"8M {pool_dir}/b")),
-        poolset.parse(write_set(pool_dir / "d.set", "OPTION SINGLEHDR", f"8M {pool_dir}/a",
+        setfile.parse(write_set(pool_dir / "d.set", "OPTION SINGLEHDR", f"8M {pool_dir}/a",
                                 "REPLICA", f"8M {pool_dir}/b")),
-        poolset.parse(write_set(pool_dir / "e.set", f"8M {pool_dir}/a", "REPLICA h r.set")),
-        poolset.parse(write_set(pool_dir / "f.set", f"8M {pool_dir}/a")),
+        setfile.parse(write_set(pool_dir / "e.set", f"8M {pool_dir}/a", "REPLICA h r.set")),
+        setfile.parse(write_set(pool_dir / "f.set", f"8M {pool_dir}/a")),
     ]
     assert all(not base.equivalent(v) for v in variants)
     same = PoolSetFile(replicas=[LocalReplica([Part(8 * M, f"{pool_dir}/a")]),
@@ -393,8 +393,8 @@ def test_equivalence_sees_every_difference(pool_dir):
 def test_single_file_and_poolset_detection(pool_dir):
     pool = pool_dir / "pool"
     pool.write_bytes(b"\0" * 4096)
-    assert not poolset.is_poolset_file(pool)
-    assert not poolset.is_poolset_file(pool_dir)
-    assert poolset.is_poolset_file(write_set(pool_dir / "x.set", f"8M {pool_dir}/a"))
-    s = poolset.single_file(pool, 4 * M)
+    assert not setfile.is_poolset_file(pool)
+    assert not setfile.is_poolset_file(pool_dir)
+    assert setfile.is_poolset_file(write_set(pool_dir / "x.set", f"8M {pool_dir}/a"))
+    s = setfile.single_file(pool, 4 * M)
     assert s.master.parts == [Part(4 * M, str(pool), 0)] and s.pool_size == 4 * M

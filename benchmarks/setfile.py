@@ -3,7 +3,7 @@
 beside a baseline measured in the same run: reading the file, splitting each line into its
 two fields and looking the part path up (the least any parser that checks its parts does).
 
-    .venv/bin/python benchmarks/poolset.py [--parts 1000,10000,20000] [--rounds N] [--json]
+    .venv/bin/python benchmarks/setfile.py [--parts 1000,10000,20000] [--rounds N] [--json]
 
 Each size runs ``--rounds`` times (interleaved: parse, info, baseline); p50 and p99 are
 over the rounds. ``scale`` is the p50 divided by the p50 of the first size, per part: 1.0
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pmreplica import info, poolset  # noqa: E402
+from pmreplica import info, setfile  # noqa: E402
 
 
 def baseline(path: str) -> None:
@@ -60,7 +60,7 @@ def main() -> int:
                 f.write("PMEMPOOLSET\n" + "".join(f"2M {d}/p{i}\n" for i in range(n)))
             runs: dict[str, list[float]] = {"parse": [], "info": [], "baseline": []}
             for _ in range(args.rounds):
-                runs["parse"].append(timed(poolset.parse, path))
+                runs["parse"].append(timed(setfile.parse, path))
                 runs["info"].append(timed(info.gather, path))
                 runs["baseline"].append(timed(baseline, path))
             base = statistics.median(runs["baseline"])

@@ -3,7 +3,7 @@
 Each run writes PMREPLICA_POOLSET_CASES (default 2400) files from a seeded generator
 (tests/poolset_cases.py; the seed is printed, PMREPLICA_POOLSET_SEED repeats a run), asks
 Debian's ``pmempool`` for PMDK's verdict on each (tests/pmempool_oracle.py) and parses it
-with :func:`pmreplica.poolset.parse`. Both must agree on accept or refuse, on the line named
+with :func:`pmreplica.setfile.parse`. Both must agree on accept or refuse, on the line named
 and on the words, everywhere but where the README's list of deliberate differences lets
 pmreplica refuse a line PMDK takes (the generator marks those lines; pmreplica must then
 refuse at the first of them, or earlier where PMDK refuses earlier).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pmreplica import PoolSetError, poolset
+from pmreplica import PoolSetError, setfile
 
 from .pmempool_oracle import Verdict, ask
 from .poolset_cases import Case, Generator
@@ -51,7 +51,7 @@ def _case_dir(root: Path, i: int) -> Path:
 
 def _pmreplica(path: Path) -> Verdict:
     try:
-        poolset.parse(path)
+        setfile.parse(path)
     except PoolSetError as e:
         assert e.path == str(path), e
         return Verdict(False, e.line, str(e).removeprefix(f"{path}:{e.line}: "))
