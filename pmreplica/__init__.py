@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .generation import Generation
     from .header import PoolAttr
     from .hookspecs import hookimpl, hookspec
-    from .pool import PoolSet, ReplicaStatus
+    from .poolset import PoolSet, ReplicaStatus
     from .setfile import LocalReplica, RemoteReplica, Replica
     from .target import RELAXED, DigestTarget, GenerationKeeper, ReplicaTarget, TargetStat
 
@@ -32,7 +32,7 @@ __all__ = ["PoolSet", "ReplicaStatus", "hookimpl", "PmReplicaError", "PoolSetErr
 # a library logs; the application decides where to (nothing shows unless it configures it)
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_LAZY = {"PoolSet": "pool", "ReplicaStatus": "pool", "hookimpl": "hookspecs",
+_LAZY = {"PoolSet": "poolset", "ReplicaStatus": "poolset", "hookimpl": "hookspecs",
          "hookspec": "hookspecs", "ReplicaTarget": "target", "TargetStat": "target",
          "GenerationKeeper": "target", "DigestTarget": "target", "RELAXED": "target",
          "Generation": "generation",

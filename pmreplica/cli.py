@@ -65,7 +65,7 @@ def _signature_arg(text: str) -> bytes:
 
 def cmd_create(args: argparse.Namespace) -> int:
     """Create the pool set's master and replicas (or a single pool file of ``--size``)."""
-    from .pool import PoolSet  # the write path (pluggy, plugins) only for commands that use it
+    from .poolset import PoolSet  # the write path (pluggy, plugins) only for commands that use it
 
     path = args.poolset
     is_set = os.path.exists(path) and setfile.is_poolset_file(path)

@@ -145,7 +145,7 @@ class Demo:
 
         self.setup()
         # the failure hook below tells the story; the pool's own warning would repeat it
-        logging.getLogger("pmreplica.pool").setLevel(logging.ERROR)
+        logging.getLogger("pmreplica.poolset").setLevel(logging.ERROR)
         events = _Events(self.say)
         self.say("\n1. an object store on the pool set: every commit is durable on all replicas")
         pool = pmemobj.PersistentObjectPool(self.set_path, flag="c", plugins=[events])

@@ -38,7 +38,7 @@ from .errors import PmReplicaError
 from .generation import AHEAD, Generation
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
 from .identity import Identity, membership_problem
-from .pool import NamedReplica, close_quietly
+from .poolset import NamedReplica, close_quietly
 from .setfile import LocalReplica, PoolSetFile, Replica
 from .replica import LocalReplicaFiles
 from .state import ReplicaState

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import pluggy
 
 if TYPE_CHECKING:
-    from .pool import PoolSet, ReplicaStatus
+    from .poolset import PoolSet, ReplicaStatus
     from .setfile import Replica
     from .target import ReplicaTarget
 

@@ -35,7 +35,7 @@ from . import generation, health
 from .errors import PmReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, SAME, Generation
 from .plugin_manager import make_plugin_manager
-from .pool import close_quietly
+from .poolset import close_quietly
 from .replica import lock_pool
 from .setfile import LocalReplica, load_set
 from .state import ReplicaState, store_copy

@@ -2,7 +2,7 @@
 replica that is not a local one through its plugin's target, as :class:`PoolSet` does.
 
 A plugin is handed a :class:`TargetHost` where an open pool would hand it the
-:class:`~pmreplica.pool.PoolSet`: the same attributes (hookspecs lists them), with ``buf``
+:class:`~pmreplica.poolset.PoolSet`: the same attributes (hookspecs lists them), with ``buf``
 the bytes a flush copies from (the source of a repair, or a scratch buffer when nothing is
 to be written) and one lane.
 """
@@ -17,7 +17,7 @@ import pluggy
 
 from .errors import ReplicaError
 from .pmem import Mapping
-from .pool import describe
+from .poolset import describe
 from .setfile import PoolSetFile, Replica
 from .target import ReplicaTarget
 

@@ -17,7 +17,7 @@ import pytest
 
 from pmreplica import PoolSet, generation, sync
 from pmreplica.header import HDR_SIZE
-from pmreplica.pool import OK
+from pmreplica.poolset import OK
 from pmreplica.promote import promote
 
 from .helpers import write_set

@@ -23,7 +23,7 @@ import pytest
 from pmreplica import generation, sync
 from pmreplica.header import HDR_SIZE
 from pmreplica.hookspecs import hookimpl
-from pmreplica.pool import FAILED, OK, STALE, PoolSet
+from pmreplica.poolset import FAILED, OK, STALE, PoolSet
 from pmreplica.rpmem.address import parse_target
 from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.ssh.connections import ConnectionPool

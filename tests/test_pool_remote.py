@@ -15,7 +15,7 @@ import pytest
 from pmreplica.errors import PmReplicaError
 from pmreplica.header import HDR_SIZE, PoolHeader
 from pmreplica.hookspecs import hookimpl
-from pmreplica.pool import FAILED, OK, STALE, PoolSet
+from pmreplica.poolset import FAILED, OK, STALE, PoolSet
 from pmreplica.rpmem.client import RemotePool
 from pmreplica.rpmem.launch import close_connections
 

@@ -14,7 +14,7 @@ import pytest
 
 from pmreplica.errors import PmReplicaError
 from pmreplica.header import HDR_SIZE
-from pmreplica.pool import FAILED, OK, PoolSet
+from pmreplica.poolset import FAILED, OK, PoolSet
 from rpmem_common import proto
 from pmreplica.rpmem.client import RemotePool
 from pmreplica.rpmem.launch import close_connections

@@ -174,7 +174,7 @@ def test_stale_replica_resyncs_only_what_it_missed(pool_dir, failing_fs, caplog)
             pool.persist(off, 3000)
         assert [r.state for r in pool.replicas] == ["ok", "failed", "ok"]
     failing_fs.remount()  # the replica is back, holding what it had before it failed
-    caplog.set_level(logging.WARNING, "pmreplica.pool")
+    caplog.set_level(logging.WARNING, "pmreplica.poolset")
     with PoolSet.open(path) as pool:  # a reopened pool is told which replicas are stale
         assert [r.index for r in pool.stale_replicas] == [1]
         assert [r.state for r in pool.replicas] == ["ok", "stale", "ok"]

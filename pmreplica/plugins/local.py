@@ -34,7 +34,7 @@ from ..files import open_regular
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
 from ..pmem import Mapping, memory_backed
-from ..pool import describe
+from ..poolset import describe
 from ..setfile import LocalReplica
 from ..replica import LocalReplicaFiles, raise_if_broken, remove_parts
 from ..target import TargetStat

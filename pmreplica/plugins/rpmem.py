@@ -18,7 +18,7 @@ from ..errors import ReplicaError
 from ..generation import Generation
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
-from ..pool import describe
+from ..poolset import describe
 from ..setfile import RemoteReplica
 from ..rpmem import client, launch
 from ..rpmem.transport import provider

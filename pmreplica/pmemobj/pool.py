@@ -21,7 +21,7 @@ MIN_POOL_SIZE = L.MIN_POOL_SIZE
 
 
 def _poolset_class() -> Any:
-    from ..pool import PoolSet
+    from ..poolset import PoolSet
     return PoolSet
 
 

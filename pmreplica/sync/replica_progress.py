@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..health import Probe
-from ..pool import ReplicaStatus
+from ..poolset import ReplicaStatus
 
 
 class ReplicaProgress:

@@ -17,7 +17,7 @@ from .. import progress as _progress_mod
 from ..errors import PmReplicaError
 from ..health import Probe
 from ..plugin_manager import make_plugin_manager
-from ..pool import close_quietly
+from ..poolset import close_quietly
 from ..replica import lock_pool
 from ..setfile import LocalReplica, load_set
 from ..target_host import open_target

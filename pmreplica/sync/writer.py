@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .. import copier
 from ..health import Probe
-from ..pool import close_quietly
+from ..poolset import close_quietly
 from ..replica import ReplicaWriter
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ import sys
 
 from pmreplica import pmemobj
 from pmreplica.pmemobj import txn
-from pmreplica.pool import PoolSet
+from pmreplica.poolset import PoolSet
 from tests.pmemobj import workload
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from pmreplica.header import HDR_SIZE
 from pmreplica.hookspecs import hookimpl
-from pmreplica.pool import FAILED, PoolSet
+from pmreplica.poolset import FAILED, PoolSet
 from rpmem_common import proto
 from pmreplica.rpmem.client import FLUSH_RELAXED, RemotePool
 from pmreplica.rpmem.environ import RpmemConfig
