@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from .generation import Generation
     from .header import PoolAttr
     from .hookspecs import hookimpl, hookspec
-    from .poolset import PoolSet, ReplicaStatus
+    from .poolset import PoolSet
     from .setfile import LocalReplica, RemoteReplica, Replica
+    from .status import ReplicaStatus
     from .target import RELAXED, DigestTarget, GenerationKeeper, ReplicaTarget, TargetStat
 
 #: the application's API, then what a replica plugin is written against (hookspecs.py)
@@ -32,7 +33,7 @@ __all__ = ["PoolSet", "ReplicaStatus", "hookimpl", "PmReplicaError", "PoolSetErr
 # a library logs; the application decides where to (nothing shows unless it configures it)
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_LAZY = {"PoolSet": "poolset", "ReplicaStatus": "poolset", "hookimpl": "hookspecs",
+_LAZY = {"PoolSet": "poolset", "ReplicaStatus": "status", "hookimpl": "hookspecs",
          "hookspec": "hookspecs", "ReplicaTarget": "target", "TargetStat": "target",
          "GenerationKeeper": "target", "DigestTarget": "target", "RELAXED": "target",
          "Generation": "generation",

@@ -21,8 +21,8 @@ from . import dirtymap
 from . import info as _info
 from . import setfile
 from .errors import PmReplicaError
-from .setfile import LocalReplica, PoolSetFile
 from .replica import lock_pool
+from .setfile import LocalReplica, PoolSetFile
 
 log = logging.getLogger(__name__)
 

@@ -144,8 +144,9 @@ class Demo:
         from . import pmemobj, sync
 
         self.setup()
-        # the failure hook below tells the story; the pool's own warning would repeat it
-        logging.getLogger("pmreplica.poolset").setLevel(logging.ERROR)
+        # the failure hook below tells the story; the pool's own warnings would repeat it
+        for name in ("pmreplica.poolset", "pmreplica.failures"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         events = _Events(self.say)
         self.say("\n1. an object store on the pool set: every commit is durable on all replicas")
         pool = pmemobj.PersistentObjectPool(self.set_path, flag="c", plugins=[events])

@@ -31,17 +31,17 @@ import os
 import uuid as _uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import dirtymap, generation
 from .errors import PmReplicaError
-from .generation import AHEAD, Generation
+from .generation import AHEAD, BEHIND, DIVERGED, Generation
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
 from .identity import Identity, membership_problem
-from .poolset import NamedReplica, close_quietly
-from .setfile import LocalReplica, PoolSetFile, Replica
 from .replica import LocalReplicaFiles
+from .setfile import LocalReplica, PoolSetFile, Replica
 from .state import ReplicaState
+from .status import NamedReplica, close_quietly
 from .target import ReplicaTarget
 
 log = logging.getLogger(__name__)
@@ -298,30 +298,56 @@ def _generations(out: Judgement, probes: list[Probe], master: _uuid.UUID,
                          if p.index in discard else
                          f"behind: it missed acknowledged writes ({gens[p.index].describe()})")
     if len(lines) > 1:
-        sides = [probes[ids[0]] for ids in lines.values()]
-        a, b = sides[0], sides[1]
-        ga, gb = gens[a.index], gens[b.index]
-        parted = ga.parted(gb)
-        since = f"generation {parted}" if parted is not None else "a generation no longer recorded"
-        out.split = (a.index, b.index)
-        out.conflict = (
-            f"split brain: {a.name} and {b.name} both took writes after they parted at "
-            f"{since} ({a.name}: {ga.describe()}; {b.name}: {gb.describe()}); nothing is "
-            f"overwritten until you choose the side to lose with --discard "
-            f"{a.index} or --discard {b.index}")
+        a, b = [Side(probes[ids[0]].name, gens[ids[0]], tuple(ids))
+                for ids in lines.values()][:2]
+        out.split = (a.indices[0], b.indices[0])
+        out.conflict = conflict(DIVERGED, a, b)
         return
     if not lines:
         return
     (ids,) = lines.values()
     out.newest = newest = gens[ids[0]]
     if newest.master != master.bytes:
-        holder = probes[ids[0]]
-        out.superseded_by = holder.index
-        out.conflict = (
-            f"this pool set was superseded: {holder.name} holds newer data "
-            f"({newest.describe()}) under another master (a replica promoted since); "
-            f"rejoin this set's master as a replica of that pool instead, or keep this "
-            f"set's data with --discard {' --discard '.join(map(str, ids))}")
+        out.superseded_by = ids[0]
+        master_probe = probes[0]
+        ours = Side(master_probe.name,
+                    master_probe.generation if master_probe.sound else None, (0,))
+        out.conflict = conflict(BEHIND, ours, Side(probes[ids[0]].name, newest, tuple(ids)))
+
+
+class Side(NamedTuple):
+    """One side of a conflict between generations: the replica named for it, its
+    generation, and the replicas ``--discard`` names to give that side up."""
+
+    name: str
+    generation: Generation | None
+    indices: tuple[int, ...]
+
+
+def conflict(relation: str, ours: Side, theirs: Side) -> str:
+    """The verdict when two lines of generations cannot be reconciled without the operator,
+    in the one wording ``PoolSet.open`` and replica-sync give: ``relation`` BEHIND, ours was
+    superseded by theirs (begun by another master: a replica promoted since); DIVERGED,
+    both took writes after they parted (split brain)."""
+    def discard(side: Side) -> str:
+        return "replica-sync " + " ".join(f"--discard {i}" for i in side.indices)
+
+    assert theirs.generation is not None
+    if relation == BEHIND:
+        mine = (f"; {ours.name}: {ours.generation.describe()}"
+                if ours.generation is not None else "")
+        return (f"this pool set was superseded: {theirs.name} holds newer data "
+                f"({theirs.generation.describe()}{mine}) under another master (a replica "
+                f"promoted since); rejoin this set's master as a replica of that pool "
+                f"(replica-sync there), or keep this set's data with `{discard(theirs)}`")
+    assert ours.generation is not None
+    parted = ours.generation.parted(theirs.generation)
+    since = f"generation {parted}" if parted is not None else "a generation no longer recorded"
+    return (f"split brain: {ours.name} and {theirs.name} both took writes after they parted "
+            f"at {since} ({ours.name}: {ours.generation.describe()}; {theirs.name}: "
+            f"{theirs.generation.describe()}); nothing is overwritten until you choose: "
+            f"`{discard(theirs)}` keeps {ours.name}'s data, `{discard(ours)}` keeps "
+            f"{theirs.name}'s")
 
 
 def _reference(probes: list[Probe]) -> Probe | None:

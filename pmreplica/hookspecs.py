@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Optional
 import pluggy
 
 if TYPE_CHECKING:
-    from .poolset import PoolSet, ReplicaStatus
+    from .poolset import PoolSet
     from .setfile import Replica
+    from .status import ReplicaStatus
     from .target import ReplicaTarget
 
 PROJECT = "pmreplica"

@@ -50,3 +50,18 @@ def membership_problem(identity: Identity, reference: Identity, name: str) -> st
     if identity.format != reference.format:
         return f"pool format (signature, version or features) differs from {name}"
     return None
+
+
+def attr_problem(attr: PoolAttr, master: PoolHeader, index: int,
+                 nexts: dict[int, bytes]) -> str | None:
+    """Why replica ``index`` (attributes ``attr``, as its target's ``open`` gave them) does not
+    belong with the master of header ``master``, by :func:`membership_problem`; ``nexts``
+    holds the next-replica uuid of the replicas opened before it (``PoolSet.open``, resync)."""
+    if attr.is_zeroed:
+        return None  # raw replica without headers (NOHDRS remote set)
+    problem = membership_problem(Identity.of_attr(attr), Identity.of_header(master), "the master")
+    if problem:
+        return f"replica {index} {problem}"
+    if index - 1 in nexts and nexts[index - 1] != attr.uuid:
+        return f"replica {index} is not the replica its predecessor links to (replica uuid differs)"
+    return None

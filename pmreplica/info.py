@@ -19,8 +19,8 @@ from .errors import HeaderError
 from .files import open_regular
 from .header import (FEAT_CHECK_BAD_BLOCKS, FEAT_CKSUM_2K, FEAT_SDS, FEAT_SINGLEHDR, HDR_SIZE,
                      ArchFlags, PoolHeader)
-from .setfile import LocalReplica, PoolSetFile, RemoteReplica
 from .replica import LocalReplicaFiles, PartHeader
+from .setfile import LocalReplica, PoolSetFile, RemoteReplica
 from .state import ReplicaState
 
 def _ctime(seconds: int) -> str:

@@ -35,10 +35,10 @@ from . import generation, health
 from .errors import PmReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, SAME, Generation
 from .plugin_manager import make_plugin_manager
-from .poolset import close_quietly
 from .replica import lock_pool
 from .setfile import LocalReplica, load_set
 from .state import ReplicaState, store_copy
+from .status import close_quietly
 from .target_host import TargetHost, open_target
 
 log = logging.getLogger(__name__)

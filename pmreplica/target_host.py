@@ -17,8 +17,8 @@ import pluggy
 
 from .errors import ReplicaError
 from .pmem import Mapping
-from .poolset import describe
 from .setfile import PoolSetFile, Replica
+from .status import describe
 from .target import ReplicaTarget
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import pytest
 
 from pmreplica import PoolSet, generation, sync
 from pmreplica.header import HDR_SIZE
-from pmreplica.poolset import OK
 from pmreplica.promote import promote
+from pmreplica.status import OK
 
 from .helpers import write_set
 
@@ -91,6 +91,7 @@ def test_a_replica_is_not_opened_as_a_master_until_promoted(three, pool_dir):
     before = data(d / "m")
     report = sync.sync(three)
     assert report.exit_code == 4 and "superseded" in report.reason
+    assert e.value.strerror == f"{three}: {report.reason}"  # one judge, one wording
     assert data(d / "m") == before
     assert promote(d / "r1+r2.set").already
 
@@ -137,6 +138,8 @@ def test_split_brain_is_refused_until_a_side_is_discarded(pool_dir, failing_fs):
         PoolSet.open(path)
     assert e.value.errno == errno.ESTALE and "split brain" in str(e.value)
     assert "--discard 1" in str(e.value) and "--discard 0" in str(e.value)
+    report = sync.sync(path)  # one judge, one wording
+    assert report.exit_code == 4 and e.value.strerror == f"{path}: {report.reason}"
     done = subprocess.run([str(BIN / "replica-sync"), str(path)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 4 and "split brain" in done.stdout, done.stdout

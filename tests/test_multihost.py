@@ -23,12 +23,13 @@ import pytest
 from pmreplica import generation, sync
 from pmreplica.header import HDR_SIZE
 from pmreplica.hookspecs import hookimpl
-from pmreplica.poolset import FAILED, OK, STALE, PoolSet
+from pmreplica.poolset import PoolSet
 from pmreplica.rpmem.address import parse_target
 from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.ssh.connections import ConnectionPool
 from pmreplica.rpmem.ssh.launcher import ParamikoLauncher
 from pmreplica.rpmem.ssh.settings import resolve
+from pmreplica.status import FAILED, OK, STALE
 
 from .fixtures.hosts import HostBed
 from .helpers import write_set

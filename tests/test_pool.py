@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import signal
@@ -18,8 +19,8 @@ import pytest
 from pmreplica import HeaderError, PoolSet, PoolSetError, ReplicaError, generation, hookimpl
 from pmreplica.errors import PmReplicaError
 from pmreplica.header import HDR_SIZE, PoolHeader
-from pmreplica.setfile import parse
 from pmreplica.replica import RECORDS_END, LocalReplicaFiles
+from pmreplica.setfile import parse
 from pmreplica.state import OFFSET as STATE_OFFSET, ReplicaState
 from pmreplica.sync import check
 
@@ -585,3 +586,37 @@ def test_online_resync_copies_the_4k_chunks_written_while_stale(pool_dir):
     assert replica_bytes([(size, d / "m")])[HDR_SIZE:] == \
         replica_bytes([(size, d / "r")])[HDR_SIZE:]
     assert not (d / "m.pmrdirty").exists()  # nothing stale: the side file is gone
+
+
+class RaisingProgress:
+    """A host application whose progress hook fails (a bug of its own)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    @hookimpl
+    def pmreplica_sync_progress(self, replica, phase, done, total):
+        self.calls.append((phase, done, total))
+        raise RuntimeError("the application's progress bar broke")
+
+
+def test_a_raising_progress_hook_does_not_break_an_online_resync(pool_dir, caplog):
+    d = pool_dir
+    path = write_set(d / "p.set", f"8M {d}/m", "REPLICA", f"8M {d}/r")
+    PoolSet.create(path).close()
+    os.rename(d / "r", d / "r.away")
+    hook = RaisingProgress()
+    with PoolSet.open(path, plugins=[hook]) as pool:
+        assert [r.state for r in pool.replicas] == ["ok", "failed"]
+        pool.buf[HDR_SIZE:HDR_SIZE + 4096] = os.urandom(4096)
+        pool.persist(HDR_SIZE, 4096)
+        os.rename(d / "r.away", d / "r")
+        with caplog.at_level(logging.ERROR, "pmreplica.poolset"):
+            assert pool.resync(1) == 4096
+        assert [r.state for r in pool.replicas] == ["ok", "ok"]
+        assert hook.calls == [("resync", 0, 4096), ("resync", 4096, 4096)]
+        assert caplog.text.count("pmreplica_sync_progress hook raised") == 2
+        pool.buf[HDR_SIZE:HDR_SIZE + 5] = b"after"  # back on the write path
+        pool.persist(HDR_SIZE, 5)
+    assert replica_bytes([(8 * M, d / "m")])[HDR_SIZE:] == \
+        replica_bytes([(8 * M, d / "r")])[HDR_SIZE:]

@@ -15,9 +15,10 @@ import pytest
 from pmreplica.errors import PmReplicaError
 from pmreplica.header import HDR_SIZE, PoolHeader
 from pmreplica.hookspecs import hookimpl
-from pmreplica.poolset import FAILED, OK, STALE, PoolSet
+from pmreplica.poolset import PoolSet
 from pmreplica.rpmem.client import RemotePool
 from pmreplica.rpmem.launch import close_connections
+from pmreplica.status import FAILED, OK, STALE
 
 from .helpers import run_python, run_threads, write_set
 from .rpmem_helpers import (M, Node, check_no_agents_left, local_node,  # noqa: F401

@@ -14,7 +14,8 @@ import pytest
 
 from pmreplica.errors import PmReplicaError
 from pmreplica.header import HDR_SIZE
-from pmreplica.poolset import FAILED, OK, PoolSet
+from pmreplica.poolset import PoolSet
+from pmreplica.status import FAILED, OK
 from rpmem_common import proto
 from pmreplica.rpmem.client import RemotePool
 from pmreplica.rpmem.launch import close_connections

@@ -34,9 +34,9 @@ from ..files import open_regular
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
 from ..pmem import Mapping, memory_backed
-from ..poolset import describe
-from ..setfile import LocalReplica
 from ..replica import LocalReplicaFiles, raise_if_broken, remove_parts
+from ..setfile import LocalReplica
+from ..status import describe
 from ..target import TargetStat
 
 #: local replicas have no per-lane resources; any lane count the pool asks for works

@@ -18,10 +18,10 @@ from ..errors import ReplicaError
 from ..generation import Generation
 from ..header import PoolAttr
 from ..hookspecs import hookimpl
-from ..poolset import describe
-from ..setfile import RemoteReplica
 from ..rpmem import client, launch
 from ..rpmem.transport import provider
+from ..setfile import RemoteReplica
+from ..status import describe
 from ..target import TargetStat
 
 

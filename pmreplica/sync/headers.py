@@ -14,7 +14,7 @@ from ..errors import PmReplicaError
 from ..generation import Generation
 from ..header import PoolAttr, PoolHeader
 from ..health import HEALTHY, Probe
-from ..poolset import close_quietly
+from ..status import close_quietly
 from ..target import GenerationKeeper
 from .report import error_text
 

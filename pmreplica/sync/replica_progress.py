@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..health import Probe
-from ..poolset import ReplicaStatus
+from ..status import ReplicaStatus
 
 
 class ReplicaProgress:

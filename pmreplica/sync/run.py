@@ -17,9 +17,9 @@ from .. import progress as _progress_mod
 from ..errors import PmReplicaError
 from ..health import Probe
 from ..plugin_manager import make_plugin_manager
-from ..poolset import close_quietly
 from ..replica import lock_pool
 from ..setfile import LocalReplica, load_set
+from ..status import close_quietly
 from ..target_host import open_target
 from . import report as _report
 from .headers import Headers

@@ -14,7 +14,7 @@ from ..errors import PmReplicaError
 from ..header import HDR_SIZE
 from ..health import HEALTHY, Probe
 from ..pmem import Mapping
-from ..poolset import close_quietly
+from ..status import close_quietly
 from . import compare as _compare
 from .record import NO_RECORD_PLACE
 from .report import ReplicaReport, error_text, note_differing

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .. import copier
 from ..health import Probe
-from ..poolset import close_quietly
 from ..replica import ReplicaWriter
+from ..status import close_quietly
 
 if TYPE_CHECKING:
     from .run import Run

@@ -24,7 +24,8 @@ import pytest
 
 from pmreplica.header import HDR_SIZE
 from pmreplica.hookspecs import hookimpl
-from pmreplica.poolset import FAILED, PoolSet
+from pmreplica.poolset import PoolSet
+from pmreplica.status import FAILED
 from rpmem_common import proto
 from pmreplica.rpmem.client import FLUSH_RELAXED, RemotePool
 from pmreplica.rpmem.environ import RpmemConfig

@@ -1,0 +1,107 @@
+"""Online resync: a failed or stale replica of an open pool set brought up to date from the
+master while the application goes on writing (``PoolSet.resync``).
+
+The replica is reopened (its storage must be sound: a missing or broken one needs
+``replica-sync`` with the pool closed) and gets from the master what it missed: the chunks
+written while it was stale, or everything when the record cannot tell. Writes go on
+meanwhile and are tracked; the last pass copies what they touched while holding the lock
+that every persist takes in degraded mode, and the replica rejoins the write path under
+that lock, so no write can fall between the copy and its return. The copy is
+:mod:`pmreplica.copier`'s, the one every repair uses.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING, Iterable
+
+from . import copier, dirtymap
+from .errors import PmReplicaError, ReplicaError
+from .identity import attr_problem
+from .status import OK, ReplicaStatus, close_quietly
+from .target import ReplicaTarget
+
+if TYPE_CHECKING:
+    from .poolset import PoolSet
+
+log = logging.getLogger(__name__)
+
+
+def resync(pool: "PoolSet", index: int, chunk: int = copier.CHUNK) -> int:
+    """Bring replica ``index`` of ``pool`` up to date and put it back on the write path;
+    returns the bytes copied (0 when it is in step already)."""
+    if not 0 < index < len(pool.replicas):
+        raise PmReplicaError(errno.EINVAL, f"no replica {index} to resync (replica 0 is "
+                                           "the master)")
+    status = pool.replicas[index]
+    with pool._state_lock:
+        if status.state == OK and status.target is not None:
+            return 0
+        if pool._resync_marks is not None:
+            raise PmReplicaError(errno.EBUSY, "another resync is running on this pool")
+        # off the write path while it is copied (a stale replica may be on it)
+        old = pool._take_off(status)
+        full = pool.state.is_full(index) or not pool.state.is_stale(index)
+        missed = None if full else pool.state.fine_snapshot()
+        pool._resync_marks = dirtymap.Bitmap.covering(
+            missed.chunk if missed is not None else dirtymap.fine_chunk_for(pool.size),
+            pool.size)
+    try:
+        if old is not None:
+            close_quietly(old)
+        target = pool._target(status.spec, index, create=False)
+        try:
+            attr = target.open()
+            problem = attr_problem(attr, pool.header, index, {})
+            if problem is None and target.nlanes < pool.nlanes:
+                problem = (f"{status.name} offers {target.nlanes} lanes, the pool uses "
+                           f"{pool.nlanes}")
+            if problem:
+                raise ReplicaError(errno.EINVAL, problem)
+            copied = _copy(pool, status, target, missed, chunk)
+        except BaseException:
+            close_quietly(target)
+            raise
+    finally:
+        with pool._state_lock:
+            pool._resync_marks = None
+    pool._notify_restored(status)
+    return copied
+
+
+def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,
+          missed: dirtymap.Bitmap | None, chunk: int) -> int:
+    """Copy what ``missed`` marks (None: everything) into ``target``, then under the lock
+    what was written meanwhile, and put the target on the write path."""
+    start, size = pool.data_offset, pool.size
+    if missed is None:
+        pieces: Iterable[tuple[int, int]] = [(start, size - start)]
+        total = size - start
+    else:
+        pieces, total = missed.ranges(start, size), missed.dirty_bytes(start, size)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        pool.report_progress(status.index, "resync", done, total)
+
+    def copy(ranges: Iterable[tuple[int, int]]) -> None:
+        copier.copy(ranges, lambda off, n: target.flush(off, n, 0, 0),
+                    lambda off, n: target.drain(0), advance, chunk)
+
+    pool.report_progress(status.index, "resync", 0, total)
+    copy(pieces)
+    with pool._state_lock:
+        marks = pool._resync_marks
+        assert marks is not None
+        written = list(marks.ranges(start, size))
+        total += sum(n for _, n in written)
+        copy(written)
+        status.target = target
+        pool._active = pool._active + ((status, target),)
+        dropped = pool._drop(pool._restored(status))
+    pool._let_go_of(dropped)  # a replica that could not record the new generation
+    log.info("%s resynced online (%d bytes copied)", status.name, done)
+    return done
