@@ -36,11 +36,13 @@ class Recorder:
     def __init__(self) -> None:
         self.failed: list[tuple[int, str, BaseException]] = []
         self.lock = threading.Lock()
+        self.told = threading.Event()
 
     @hookimpl
     def pmreplica_replica_failed(self, replica, error):
         with self.lock:
             self.failed.append((replica.index, replica.name, error))
+        self.told.set()
 
 
 @pytest.fixture(params=["local", "paramiko", "openssh"])
@@ -160,6 +162,9 @@ def test_remote_agent_killed_mid_session_degrades_and_marks_stale(node, pool_dir
             off = 3 * M + i * 100_000
             ps.buf[off:off + 5] = b"after"
             ps.persist(off, 5)
+        # the heartbeat may find the dead agent first: it tells the application from its own
+        # thread, maybe after these persists returned
+        assert rec.told.wait(5)
         assert len(rec.failed) == 1
         index, name, error = rec.failed[0]
         assert index == 2 and node.target in name
