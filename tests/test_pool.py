@@ -600,6 +600,18 @@ class RaisingProgress:
         raise RuntimeError("the application's progress bar broke")
 
 
+def test_a_raising_progress_hook_does_not_break_create(pool_dir, caplog):
+    d = pool_dir
+    path = write_set(d / "p.set", f"8M {d}/m", "REPLICA", f"8M {d}/r")
+    hook = RaisingProgress()
+    with caplog.at_level(logging.ERROR, "pmreplica.poolset"):
+        with PoolSet.create(path, plugins=[hook]) as pool:
+            assert [r.state for r in pool.replicas] == ["ok", "ok"]
+    assert {phase for phase, _, _ in hook.calls} == {"create"}
+    assert caplog.text.count("pmreplica_sync_progress hook raised") == len(hook.calls)
+    PoolSet.open(path).close()
+
+
 def test_a_raising_progress_hook_does_not_break_an_online_resync(pool_dir, caplog):
     d = pool_dir
     path = write_set(d / "p.set", f"8M {d}/m", "REPLICA", f"8M {d}/r")
