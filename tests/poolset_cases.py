@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import posixpath
 import random
+import re
 from dataclasses import dataclass
 
 NBSP = "\u00a0".encode()
@@ -99,6 +100,12 @@ def escapes(desc: bytes) -> bool:
     return norm in (b".", b"..") or b".." in norm.split(b"/")
 
 
+def valid_node(node: bytes) -> bool:
+    """A node pmreplica takes: one of :data:`VALID_NODES`, or a plain host name, as a noise
+    line's keyword becomes when its line end is kept (``REPLICA OPTION<CR>``: node OPTION)."""
+    return node in VALID_NODES or re.fullmatch(rb"[A-Za-z][A-Za-z0-9-]*", node) is not None
+
+
 def stricter(line: bytes) -> bool:
     """True if pmreplica refuses this logical line (no line end) where PMDK may take it."""
     if b"\0" in line:
@@ -111,7 +118,7 @@ def stricter(line: bytes) -> bool:
         words = c_fields(rest)
         if not rest or rest[:1] not in b" \t" or len(words) != 2 or words[1].startswith(b"/"):
             return False
-        return words[0] not in VALID_NODES or escapes(words[1])
+        return not valid_node(words[0]) or escapes(words[1])
     words = c_fields(text)
     if len(words) != 2 or not words[1].startswith(b"/"):
         return False
