@@ -50,7 +50,9 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
     by reading it. One that keeps its header pages as local part files do (the replica-state
     record's copy beside the header) implements
     :class:`~pmreplica.target.HeaderPageKeeper` (the local plugin's target does); one that
-    cannot is recreated when broken and relinked with ``set_attr``.
+    cannot is recreated when broken and relinked with ``set_attr``. One that can map its
+    replica here implements :class:`~pmreplica.target.MappedTarget`: a repair copies from
+    it and verify hashes it in place; one that cannot is read.
 
     replica-sync, check, info and promote ask for targets too, for every replica (the
     master and the local ones included), with ``poolset`` a

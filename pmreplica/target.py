@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import uuid as _uuid
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .generation import Generation
 from .header import PoolAttr, PoolHeader
+
+if TYPE_CHECKING:
+    from .pmem import Mapping
 
 #: ``persist``/``flush`` flag: the caller does not need ordering with other lanes (librpmem's
 #: RPMEM_PERSIST_RELAXED / RPMEM_FLUSH_RELAXED).
@@ -53,6 +56,18 @@ class DigestTarget(Protocol):
         """The digests of ``[offset, offset+length)`` in ``block``-byte blocks (the last may
         be shorter) by ``algorithm`` (:mod:`rpmem_common.checksum`'s ``ALGO_*``);
         EPROTONOSUPPORT for an algorithm the target cannot compute."""
+
+
+@runtime_checkable
+class MappedTarget(Protocol):
+    """What a target offers to lend its replica's bytes mapped in this process (the local
+    plugin's: its part files), so that a repair copies from a source in place and
+    ``verify`` hashes it in place, with no copy into a buffer. Optional: a target without it
+    is read through :meth:`ReplicaTarget.read` (or hashes its own: :class:`DigestTarget`)."""
+
+    def map_replica(self) -> Mapping:
+        """The replica's pool range mapped shared (:class:`~pmreplica.pmem.Mapping`), whether
+        the target is open or not; the caller closes it."""
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from pmreplica.target import HeaderPageKeeper
 
 from .sync_harness import M, PoolLayout, fill
 
-#: what a target without the header-page capability lacks
-KEEPER_METHODS = ("header_pages", "restore", "clear_header", "write_headers", "store_record")
+#: what a target without the header-page capability (nor a mapping to lend) lacks
+KEEPER_METHODS = ("header_pages", "restore", "clear_header", "write_headers", "store_record",
+                  "map_replica")
 
 
 class Recorder:
@@ -103,8 +104,8 @@ def test_sync_repairs_a_local_replica_only_through_its_target(pool_dir):
         < first((1, "flush")) < first((1, "write_headers")) < first((1, "store_record"))
     last_drain = max(i for i, c in enumerate(calls) if c == (1, "drain"))
     assert last_drain < first((1, "write_headers"))
-    # the source was read through its target
-    assert "read" in plugin.of(0)
+    # the source was mapped through its target (MappedTarget), not from its files
+    assert "map_replica" in plugin.of(0)
     assert sync.check(layout.path).status == "healthy"
 
 

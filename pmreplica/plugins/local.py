@@ -20,7 +20,9 @@ process with SIGBUS, as truncating the master's would.
 
 The target keeps its header pages itself (:class:`~pmreplica.target.HeaderPageKeeper`):
 replica-sync, check and verify read a broken replica's record and repair it in place
-through it, as they reach every other replica through its target.
+through it, as they reach every other replica through its target; and it lends its parts
+mapped (:class:`~pmreplica.target.MappedTarget`), so that a repair copies from a local
+source and verify hashes a local replica in place.
 """
 
 from __future__ import annotations
@@ -248,6 +250,11 @@ class LocalTarget:
         except OSError as e:
             raise ReplicaError(e.errno or errno.EIO, f"{self.name}: cannot record the "
                                                      f"generation: {e.strerror or e}") from e
+
+    def map_replica(self) -> Mapping:
+        """MappedTarget: the part files mapped, for a repair to copy from and verify to hash
+        in place."""
+        return self._usable().open()
 
     def header_pages(self) -> HeaderPages:
         """HeaderPageKeeper: each header part's page and the problems of its part files and

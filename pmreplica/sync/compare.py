@@ -3,10 +3,11 @@
 The pool's data range is walked in windows (64 MiB): for each, the digests of the source and
 of every replica compared with it are computed at once, each where its replica lives (a
 thread per replica: its target computes its own when it can, as the rpmem target's agent
-does, whose hashing overlaps this side's, or is read and hashed here), then compared block
-by block, and the differing blocks handed to the caller (which may copy them at once)
-while the next window's digests are already being computed. Only two windows' digests are held at any time,
-whatever the pool's size.
+does, whose hashing overlaps this side's; one mapped here, as a local one, is hashed in
+place, its pages let go; any other is read and hashed here), then compared block by
+block, and the differing blocks handed to the caller (which may copy them at once) while
+the next window's digests are already being computed. Only two windows' digests are held
+at any time, whatever the pool's size.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from rpmem_common import checksum as _checksum
 
 from ..errors import PmReplicaError
+from ..pmem import Mapping
 from ..target import DigestTarget
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,24 @@ WINDOW = 64 << 20
 READ_PIECE = 8 << 20
 
 Digester = Callable[[int, int], bytes]
+
+
+def local_digester(mapping: Mapping, block: int, algorithm: int) -> Digester:
+    """Digests of a replica mapped here (:class:`~pmreplica.target.MappedTarget`), its pages
+    let go once hashed."""
+    fn = _checksum.digest_function(algorithm)
+
+    def digests(offset: int, length: int) -> bytes:
+        mapping.prefetch(offset, length)
+        view = mapping.buf[offset:offset + length]
+        try:
+            out = b"".join(fn(view[at:at + block]) for at in range(0, length, block))
+        finally:
+            view.release()
+        mapping.release(offset, length)
+        return out
+
+    return digests
 
 
 def target_digester(target: Any, block: int, algorithm: int) -> Digester:

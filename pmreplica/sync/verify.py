@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import PmReplicaError
 from ..header import HDR_SIZE
 from ..health import HEALTHY, Probe
+from ..pmem import Mapping
 from ..status import close_quietly
+from ..target import DigestTarget, MappedTarget
 from . import compare as _compare
 from .record import NO_RECORD_PLACE
 from .report import ReplicaReport, error_text, note_differing
+from .source import close_mapping
 from .writer import Writer
 
 if TYPE_CHECKING:
@@ -53,6 +56,7 @@ def _stream(run: Run, targets: list[Probe], repair: bool, begun: bool = False) -
     block = run.block
     writers: dict[int, Writer] = {}
     digesters: dict[int, _compare.Digester] = {}
+    mappings: list[Mapping] = []  # replicas mapped here to be hashed in place
 
     def begin(p: Probe) -> Writer:
         if not begun:
@@ -91,7 +95,14 @@ def _stream(run: Run, targets: list[Probe], repair: bool, begun: bool = False) -
         algorithm = run.algorithm or _compare.choose_algorithm(
             [s for _, s in sessions], HDR_SIZE, block)
         for p, session in sessions:
-            digesters[p.index] = _compare.target_digester(session, block, algorithm)
+            mapping = run.data.mapping() if p is src else None
+            if mapping is None and isinstance(session, MappedTarget) \
+                    and not isinstance(session, DigestTarget):
+                mapping = session.map_replica()
+                mappings.append(mapping)
+            digesters[p.index] = (_compare.local_digester(mapping, block, algorithm)
+                                  if mapping is not None else
+                                  _compare.target_digester(session, block, algorithm))
         stream = _compare.Stream(digesters.pop(src.index), digesters, block, algorithm)
         probes = {p.index: p for p in targets}
 
@@ -140,3 +151,5 @@ def _stream(run: Run, targets: list[Probe], repair: bool, begun: bool = False) -
         for session in bound.values():
             close_quietly(session)
         src_view.release()
+        for mapping in mappings:
+            close_mapping(mapping)
