@@ -21,13 +21,14 @@ if TYPE_CHECKING:
     from .poolset import PoolSet
     from .setfile import LocalReplica, RemoteReplica, Replica
     from .status import ReplicaStatus
-    from .target import RELAXED, DigestTarget, GenerationKeeper, ReplicaTarget, TargetStat
+    from .target import (RELAXED, DigestTarget, GenerationKeeper, HeaderPageKeeper,
+                         HeaderPages, MappedTarget, ReplicaTarget, TargetStat)
 
 #: the application's API, then what a replica plugin is written against (hookspecs.py)
 __all__ = ["PoolSet", "ReplicaStatus", "hookimpl", "PmReplicaError", "PoolSetError",
            "HeaderError", "ReplicaError", "RemoteError",
            "hookspec", "ReplicaTarget", "TargetStat", "GenerationKeeper", "DigestTarget",
-           "Generation",
+           "HeaderPageKeeper", "HeaderPages", "MappedTarget", "Generation",
            "RELAXED", "PoolAttr", "Replica", "LocalReplica", "RemoteReplica", "__version__"]
 
 # a library logs; the application decides where to (nothing shows unless it configures it)
@@ -36,6 +37,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _LAZY = {"PoolSet": "poolset", "ReplicaStatus": "status", "hookimpl": "hookspecs",
          "hookspec": "hookspecs", "ReplicaTarget": "target", "TargetStat": "target",
          "GenerationKeeper": "target", "DigestTarget": "target", "RELAXED": "target",
+         "HeaderPageKeeper": "target", "HeaderPages": "target", "MappedTarget": "target",
          "Generation": "generation",
          "PoolAttr": "header", "Replica": "setfile", "LocalReplica": "setfile",
          "RemoteReplica": "setfile"}

@@ -1,16 +1,17 @@
 """The health of a pool set's replicas, judged as replica-sync needs it before repairing.
 
-Each replica is probed where it lives: a local one through its part files (present,
-readable, sizes, header checksums, part links), any other through its plugin's target
-(``open`` for its attributes, the target staying open for the copy or the checksums that
-follow, the rpmem target holding the remote pool's lock; when that fails, ``stat`` for its
-size and header health). Then the replicas are judged together:
+Each replica is probed through its plugin's target, the local ones included: a target that
+keeps its header pages (:class:`~pmreplica.target.HeaderPageKeeper`, the local plugin's) is
+read for them and their problems (present, readable, sizes, header checksums, part links),
+broken or not; any other is opened for its attributes (the target staying open for the copy
+or the checksums that follow, the rpmem target holding the remote pool's lock; when that
+fails, ``stat`` for its size and header health). Then the replicas are judged together:
 
 * identity: all must carry the pool set uuid and format of the master; when the master is
   not sound, of the uuid most sound replicas share (ties: the lowest-numbered);
 * links: each replica's next/previous replica uuids must name its neighbours;
 * freshness, from the replica-state record (:mod:`pmreplica.state`). The record is read
-  from the master and from the copies in local replicas; the one with the highest
+  from the master and from the copies in the replicas that keep header pages; the one with the highest
   generation is the authority (copies of one generation are merged, stale marks unioned).
   The master vouches for every replica, itself included. A copy vouches for every replica
   except the one holding it: a replica that failed after its copy was last written would
@@ -38,11 +39,10 @@ from .errors import PmReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, Generation
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
 from .identity import Identity, membership_problem
-from .replica import LocalReplicaFiles
-from .setfile import LocalReplica, PoolSetFile, Replica
+from .setfile import LocalReplica, Replica
 from .state import ReplicaState
 from .status import NamedReplica, close_quietly
-from .target import ReplicaTarget
+from .target import HeaderPageKeeper, HeaderPages, ReplicaTarget
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,15 @@ class Probe(NamedReplica):
     #: wrong replica links: fixed by rewriting headers, the data is not in question
     link_problems: list[str] = field(default_factory=list)
     identity: Identity | None = None
-    #: the first part's header as read (local replicas)
+    #: the first part's header as read (replicas that keep header pages)
     header: PoolHeader | None = None
-    #: part 0's header page (local replicas; the replica-state record copy lives in it)
+    #: part 0's header page (replicas that keep header pages; the replica-state record
+    #: copy lives in it)
     page: bytes | None = None
-    files: LocalReplicaFiles | None = None
-    #: the open target of a replica its plugin serves (bound to a scratch buffer)
+    #: the target of a replica that keeps its header pages (not open; bound to a scratch
+    #: buffer): its pages are read and written through it
+    keeper: HeaderPageKeeper | None = None
+    #: the open target of a replica (bound to a scratch buffer)
     target: ReplicaTarget | None = None
     #: the attributes its target's open() gave
     attr: PoolAttr | None = None
@@ -101,42 +104,43 @@ class Probe(NamedReplica):
             return BROKEN
         return {FRESH: HEALTHY, STALE: STALE}.get(self.freshness or "", UNKNOWN)
 
+    @property
+    def keeps_pages(self) -> bool:
+        """Whether the replica keeps its header pages (and a copy of the record in them)."""
+        return self.keeper is not None
 
-def probe_local(set_file: PoolSetFile, index: int, spec: LocalReplica,
-                pool_size: int) -> Probe:
-    """Check a local replica's part files and headers."""
-    probe = Probe(index, spec)
-    try:
-        probe.files = LocalReplicaFiles(set_file, spec, pool_size)
-    except PmReplicaError as e:
-        probe.problems.append(e.strerror or str(e))
-        probe.repairable = False
-        return probe
-    headers, problems = probe.files.check()
-    probe.problems += _tidy(problems)
-    if headers and headers[0].raw is not None and len(headers[0].raw) == HDR_SIZE:
-        probe.page = headers[0].raw
-    if not problems and headers and headers[0].header is not None:
-        probe.header = headers[0].header
-        probe.identity = Identity.of_header(headers[0].header)
-        probe.generation = generation.of_page(headers[0].raw)  # type: ignore[arg-type]
-    elif not headers:
-        probe.problems.append("replica has no headers")
-    return probe
+    def close(self) -> None:
+        """Let go of the targets the probe holds."""
+        for target in (self.target, self.keeper):
+            if target is not None:
+                close_quietly(target)
+        self.target = self.keeper = None
 
 
 def probe_target(index: int, spec: Replica, pool_size: int,
                  new_target: Callable[[], ReplicaTarget]) -> Probe:
-    """Ask the replica's plugin: open its target (``new_target()``, unopened) for the
+    """Ask the replica's plugin for its target (``new_target()``, unopened). One that keeps
+    its header pages is read for them (``probe.keeper``); any other is opened for the
     attributes (the target stays open in ``probe.target``: the rpmem target holds the remote
-    pool's lock); when that fails, its ``stat()`` says why: unreachable, too small, or which
-    parts and headers are broken."""
+    pool's lock), and when that fails, its ``stat()`` says why: unreachable, too small, or
+    which parts and headers are broken."""
     probe = Probe(index, spec)
     try:
         target = new_target()
     except OSError as e:
         probe.reachable = False
         probe.problems.append(_message(e))
+        return probe
+    if isinstance(target, HeaderPageKeeper):
+        try:
+            pages = target.header_pages()
+        except OSError as e:
+            close_quietly(target)
+            probe.problems.append(e.strerror or str(e))
+            probe.repairable = False
+            return probe
+        probe.keeper = target
+        _judge_pages(probe, pages)
         return probe
     try:
         attr = target.open()
@@ -174,6 +178,21 @@ def probe_target(index: int, spec: Replica, pool_size: int,
         probe.reachable = False
         probe.problems.append(_message(refused))
     return probe
+
+
+def _judge_pages(probe: Probe, found: HeaderPages) -> None:
+    """What a replica's header pages say of it: its problems, header, identity, generation
+    and record page."""
+    probe.problems += _tidy(list(found.problems))
+    first = found.pages[0] if found.pages else None
+    if first is not None and len(first) == HDR_SIZE:
+        probe.page = first
+    if not found.problems and probe.page is not None:
+        probe.header = PoolHeader.unpack(probe.page)
+        probe.identity = Identity.of_header(probe.header)
+        probe.generation = generation.of_page(probe.page)
+    elif not found.pages:
+        probe.problems.append("replica has no headers")
 
 
 def not_contacted(index: int, spec: Replica) -> Probe:
@@ -370,7 +389,7 @@ def _authority(probes: list[Probe], reference: Probe | None,
     ref_uuid = reference.identity.poolset_uuid if reference else None  # type: ignore[union-attr]
     found: list[tuple[int, ReplicaState]] = []
     for p in probes:
-        if p.is_remote or p.page is None:
+        if not p.keeps_pages or p.page is None:
             continue
         if p.index == 0:
             # the master's record counts even when the rest of the master is broken (its

@@ -47,14 +47,23 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
     :class:`~pmreplica.target.GenerationKeeper`; one that cannot is never judged ahead of,
     behind or diverged from the others. One that can compute checksums where its replica
     lives implements :class:`~pmreplica.target.DigestTarget`; one that cannot is verified
-    by reading it.
+    by reading it. One that keeps its header pages as local part files do (the replica-state
+    record's copy beside the header) implements
+    :class:`~pmreplica.target.HeaderPageKeeper` (the local plugin's target does); one that
+    cannot is recreated when broken and relinked with ``set_attr``. One that can map its
+    replica here implements :class:`~pmreplica.target.MappedTarget`: a repair copies from
+    it and verify hashes it in place; one that cannot is read.
 
-    replica-sync, check and promote ask for targets too, with ``poolset`` a
+    replica-sync, check, info and promote ask for targets too, for every replica (the
+    master and the local ones included), with ``poolset`` a
     :class:`~pmreplica.target_host.TargetHost` offering the same attributes: ``buf`` then
-    holds the bytes to copy into the replica (the source of the repair), ``nlanes`` is 1,
-    ``mapping`` is the source replica's mapping or None, and the target is used for the
-    whole lifecycle: ``open`` (``stat`` when that fails), ``create`` after the remove hook,
-    ``flush``/``drain``, ``read``, ``set_attr``, ``close``.
+    holds the bytes to copy into the replica (the source of the repair, or a scratch
+    buffer), ``nlanes`` is 1, ``mapping`` is None, and the target is used for the whole
+    lifecycle: ``open`` (``stat`` when that fails; ``header_pages`` instead for a
+    HeaderPageKeeper), ``create`` after the remove hook (``restore`` for a
+    HeaderPageKeeper), ``flush``/``drain``, ``read``, ``set_attr``, ``close``. A target
+    must therefore not rely on more of ``poolset`` than the attributes above, and should
+    fail with an ``OSError`` when one it needs is missing.
     """
 
 

@@ -149,9 +149,15 @@ def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
     """Everything ``info`` reports about a pool set (or a single-file pool). Replicas that
     are not local are listed, not contacted; health is health.judge's verdict, the one
     replica-sync and check give."""
+    import functools
+
     from . import health
+    from .plugin_manager import make_plugin_manager
+    from .target_host import TargetHost, open_target
 
     nrep, size = len(set_file.replicas), set_file.pool_size
+    pm = make_plugin_manager()
+    host = TargetHost(set_file, memoryview(b""), pm)  # nothing is written: no source
     reps: list[dict[str, Any]] = []
     probes: list[health.Probe] = []
     master_raw: bytes | None = None
@@ -163,11 +169,14 @@ def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
             continue
         info, _, raw = _local_replica_info(set_file, i, rep)
         reps.append(info)
-        probes.append(health.probe_local(set_file, i, rep, size))
+        probes.append(health.probe_target(i, rep, size, functools.partial(
+            open_target, pm, rep, i, host)))
         if i == 0:
             master_raw = raw
     found = [len(p.problems) for p in probes]
     judged = health.judge(probes, size)
+    for p in probes:
+        p.close()
     for r, p, k in zip(reps, probes, found):
         if r["kind"] == "remote":
             r["health"] = "remote (not contacted)"

@@ -36,9 +36,8 @@ from .errors import PmReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, SAME, Generation
 from .plugin_manager import make_plugin_manager
 from .replica import lock_pool
-from .setfile import LocalReplica, load_set
+from .setfile import load_set
 from .state import ReplicaState, store_copy
-from .status import close_quietly
 from .target_host import TargetHost, open_target
 
 log = logging.getLogger(__name__)
@@ -80,18 +79,19 @@ def promote(path: str | os.PathLike[str], *, force: bool = False,
     size = set_file.pool_size
     first = set_file.master.parts[0].path
     lock_fd = lock_pool(first, f"{path}: the pool set is open; close it before promoting")
+    pm = make_plugin_manager(plugins)
     try:
-        me = health.probe_local(set_file, 0, set_file.master, size)  # type: ignore[arg-type]
+        me = _probe(pm, set_file, 0, memoryview(b""))  # the master's header: nothing written
         if not me.sound:
             raise PmReplicaError(errno.EINVAL, f"{path}: cannot promote a damaged replica: "
                                                + "; ".join(me.problems[:3]))
-        assert me.header is not None and me.files is not None
+        assert me.header is not None
         mine = me.generation
         out = Promotion(path, mine)
         if mine is not None and mine.is_master(me.header.uuid):
             out.already, out.generation = True, mine
         else:
-            out.compared = _compare(set_file, size, mine, make_plugin_manager(plugins))
+            out.compared = _compare(set_file, size, mine, pm)
             _judge(path, out, force)
             # the commit point: from here this replica is the master of its pool
             out.generation = (mine.next(1, me.header.uuid) if mine is not None
@@ -111,14 +111,8 @@ def _compare(set_file, size: int, mine: Generation | None,
     scratch = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
     view = memoryview(scratch)
     try:
-        for i, spec in enumerate(set_file.replicas[1:], start=1):
-            if isinstance(spec, LocalReplica):
-                p = health.probe_local(set_file, i, spec, size)
-            else:
-                p = health.probe_target(i, spec, size, functools.partial(
-                    open_target, pm, spec, i, TargetHost(set_file, view, pm)))
-                if p.target is not None:
-                    close_quietly(p.target)
+        for i in range(1, len(set_file.replicas)):
+            p = _probe(pm, set_file, i, view)
             c = Compared(i, p.name, p.generation)
             if not p.reachable:
                 c.problem = "; ".join(p.problems) or "unreachable"
@@ -129,6 +123,15 @@ def _compare(set_file, size: int, mine: Generation | None,
         view.release()
         scratch.close()
     return out
+
+
+def _probe(pm: pluggy.PluginManager, set_file, index: int, view: memoryview) -> health.Probe:
+    """Replica ``index`` probed through its plugin's target (bound to ``view``), let go."""
+    spec = set_file.replicas[index]
+    p = health.probe_target(index, spec, set_file.pool_size, functools.partial(
+        open_target, pm, spec, index, TargetHost(set_file, view, pm)))
+    p.close()
+    return p
 
 
 def _judge(path: str, out: Promotion, force: bool) -> None:

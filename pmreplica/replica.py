@@ -8,7 +8,6 @@ one contiguous range. With SINGLEHDR or NOHDRS every part is mapped whole.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import fcntl
 import os
@@ -202,46 +201,6 @@ class LocalReplicaFiles:
     def remove(self, force: bool = False) -> None:
         """Delete the part files (missing ones are an error unless ``force``)."""
         remove_parts(self.replica, force)
-
-
-class ReplicaWriter:
-    """Writes a local replica's bytes by pool offset through its part files with pwrite: a
-    short or failing file gives an errno, never a SIGBUS as a store into a mapping would."""
-
-    def __init__(self, files: LocalReplicaFiles) -> None:
-        self.files = files
-        self._starts = [s.pool_offset for s in files.segments]
-        self._fds: list[int] = []
-        try:
-            for seg in files.segments:
-                self._fds.append(open_regular(seg.path, os.O_RDWR))
-        except BaseException:
-            self.close()
-            raise
-
-    def write(self, offset: int, data: memoryview) -> None:
-        """Write ``data`` at pool ``offset`` (durable after :meth:`sync`)."""
-        segs = self.files.segments
-        i = bisect.bisect_right(self._starts, offset) - 1
-        at, end = offset, offset + len(data)
-        while at < end:
-            seg = segs[i]
-            n = min(end, seg.pool_offset + seg.length) - at
-            if os.pwritev(self._fds[i], [data[at - offset:at - offset + n]],
-                          seg.file_offset + at - seg.pool_offset) != n:
-                raise PmReplicaError(errno.EIO, f"{seg.path}: short write")
-            at += n
-            i += 1
-
-    def sync(self) -> None:
-        """Make everything written so far durable."""
-        for fd in self._fds:
-            os.fdatasync(fd)
-
-    def close(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            os.close(fd)
 
 
 def lock_pool(path: str, busy: str) -> int:

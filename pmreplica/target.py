@@ -9,11 +9,15 @@ be used from different threads at once. Failures raise ``OSError`` with an errno
 
 from __future__ import annotations
 
+import uuid as _uuid
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .generation import Generation
-from .header import PoolAttr
+from .header import PoolAttr, PoolHeader
+
+if TYPE_CHECKING:
+    from .pmem import Mapping
 
 #: ``persist``/``flush`` flag: the caller does not need ordering with other lanes (librpmem's
 #: RPMEM_PERSIST_RELAXED / RPMEM_FLUSH_RELAXED).
@@ -52,6 +56,72 @@ class DigestTarget(Protocol):
         """The digests of ``[offset, offset+length)`` in ``block``-byte blocks (the last may
         be shorter) by ``algorithm`` (:mod:`rpmem_common.checksum`'s ``ALGO_*``);
         EPROTONOSUPPORT for an algorithm the target cannot compute."""
+
+
+@runtime_checkable
+class MappedTarget(Protocol):
+    """What a target offers to lend its replica's bytes mapped in this process (the local
+    plugin's: its part files), so that a repair copies from a source in place and
+    ``verify`` hashes it in place, with no copy into a buffer. Optional: a target without it
+    is read through :meth:`ReplicaTarget.read` (or hashes its own: :class:`DigestTarget`)."""
+
+    def map_replica(self) -> Mapping:
+        """The replica's pool range mapped shared (:class:`~pmreplica.pmem.Mapping`), whether
+        the target is open or not; the caller closes it."""
+
+
+@dataclass(frozen=True)
+class HeaderPages:
+    """A replica's header pages as found, whatever state it is in: ``pages`` holds the first
+    page of each part that carries a header (None: unreadable; shorter than a page when the
+    file is), ``problems`` what is wrong with its parts and headers (missing or short parts,
+    checksums, the part links), each naming its part; empty when the replica is consistent."""
+
+    pages: tuple[bytes | None, ...]
+    problems: tuple[str, ...]
+
+
+@runtime_checkable
+class HeaderPageKeeper(Protocol):
+    """What a target offers to keep its header pages the way a local replica's part files
+    do: the first part's page holds, beside the header, the replica-state record's copy and
+    the generation (:mod:`pmreplica.state`, :mod:`pmreplica.generation`). With it,
+    replica-sync, check and verify read that record even from a broken replica, count the
+    replica as a place the record is kept, and repair it in place in the crash-safe order
+    :mod:`pmreplica.sync` lists: storage restored, header cleared (record kept), data
+    copied with flush/drain, then header, record and generation in one page write. Every
+    method works on a target that is not open and on a broken replica; ``restore`` opens it.
+
+    Optional: a target without it is probed with ``open`` (``stat`` when that fails),
+    recreated when broken (the remove hook, then ``create``), relinked with ``set_attr``,
+    and repaired only while a replica that keeps pages records that it is being repaired."""
+
+    def header_pages(self) -> HeaderPages:
+        """The header pages and problems as the storage holds them (never refused for a
+        broken replica); OSError when the replica's layout cannot hold the pool at all
+        (replica-sync cannot repair it)."""
+
+    def restore(self) -> None:
+        """Give the replica its full storage, keeping what is intact (missing parts created,
+        short ones extended), and open it for ``flush``/``drain``/``read`` whatever its
+        headers say."""
+
+    def clear_header(self, record: bytes) -> None:
+        """Zero the first part's header durably, keeping ``record`` (a packed replica-state
+        record) in the same page, in one write: the replica is no pool until
+        :meth:`write_headers`."""
+
+    def write_headers(self, template: PoolHeader, uuid: _uuid.UUID, prev_repl: _uuid.UUID,
+                      next_repl: _uuid.UUID, record: bytes | None = None,
+                      gen: bytes | None = None) -> None:
+        """Write every part's header from ``template`` (the first part gets ``uuid``, the
+        others new ones, all linked), durably; ``record`` (a packed replica-state record) and
+        ``gen`` (a packed generation) go into the first part's page in the same page write,
+        and what that page holds besides and is not given stays."""
+
+    def store_record(self, record: bytes) -> None:
+        """Store ``record`` (a packed replica-state record) in the first part's page,
+        durably, leaving the rest of the page as it is."""
 
 
 @runtime_checkable

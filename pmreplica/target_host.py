@@ -1,10 +1,11 @@
-"""Replica targets opened without an open pool: replica-sync, check and promote reach every
-replica that is not a local one through its plugin's target, as :class:`PoolSet` does.
+"""Replica targets opened without an open pool: replica-sync, check, info and promote reach
+every replica through its plugin's target (the local ones through the local plugin's), as
+:class:`PoolSet` reaches the replicas beside its master.
 
 A plugin is handed a :class:`TargetHost` where an open pool would hand it the
 :class:`~pmreplica.poolset.PoolSet`: the same attributes (hookspecs lists them), with ``buf``
 the bytes a flush copies from (the source of a repair, or a scratch buffer when nothing is
-to be written) and one lane.
+to be written), one lane, and no ``mapping`` (None: no replica is mapped here).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 import pluggy
 
 from .errors import ReplicaError
-from .pmem import Mapping
 from .setfile import PoolSetFile, Replica
 from .status import describe
 from .target import ReplicaTarget
@@ -29,14 +29,13 @@ class TargetHost:
 
     nlanes = 1
     sparse = False
+    #: what an open pool's master mapping is: none outside one (the source is read into buf)
+    mapping = None
 
-    def __init__(self, set_file: PoolSetFile, buf: memoryview, pm: pluggy.PluginManager,
-                 mapping: Mapping | None = None) -> None:
+    def __init__(self, set_file: PoolSetFile, buf: memoryview, pm: pluggy.PluginManager) -> None:
         self.set_file = set_file
         self.buf = buf
         self.size = set_file.pool_size
-        #: the source replica mapped, when it is a local one (else None)
-        self.mapping = mapping
         self._pm = pm
 
     def target_failed(self, target: Any, error: OSError) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from pmreplica import PoolSet, setfile
 from pmreplica.header import PoolHeader
-from pmreplica.replica import LocalReplicaFiles, ReplicaWriter, lock_pool
+from pmreplica.replica import LocalReplicaFiles, lock_pool
 from rpmem_common import proto
 from pmreplica.state import store_copy
 
@@ -130,7 +130,7 @@ def test_parts_that_turn_into_fifos_after_parsing_are_refused_not_waited_on(pool
     headers, problems = files.check()
     assert problems == [f"{d}/a: not a regular file (a FIFO)",
                         f"{d}/a: cannot read: not a regular file (a FIFO)"]
-    for call in (files.open, lambda: lock_pool(f"{d}/a", "busy"), lambda: ReplicaWriter(files),
+    for call in (files.open, lambda: lock_pool(f"{d}/a", "busy"),
                  files.restore_parts, lambda: store_copy(f"{d}/a", b"x"),
                  lambda: files.write_headers(hdr, [hdr.uuid], hdr.uuid, hdr.uuid)):
         with pytest.raises(OSError) as e:

@@ -17,6 +17,12 @@ count check cost more than the whole commit's own work. Such a file system canno
 write (the parts' blocks were allocated when they were made); what is checked is the link
 count, once per drain. Truncating a part of such a replica under an open pool would end the
 process with SIGBUS, as truncating the master's would.
+
+The target keeps its header pages itself (:class:`~pmreplica.target.HeaderPageKeeper`):
+replica-sync, check and verify read a broken replica's record and repair it in place
+through it, as they reach every other replica through its target; and it lends its parts
+mapped (:class:`~pmreplica.target.MappedTarget`), so that a repair copies from a local
+source and verify hashes a local replica in place.
 """
 
 from __future__ import annotations
@@ -28,36 +34,47 @@ import os
 import threading
 from collections.abc import Callable
 
+import uuid as _uuid
+
 from .. import generation
-from ..errors import ReplicaError
+from ..errors import PmReplicaError, ReplicaError
 from ..files import open_regular
-from ..header import PoolAttr
+from ..header import PoolAttr, PoolHeader
 from ..hookspecs import hookimpl
 from ..pmem import Mapping, memory_backed
 from ..replica import LocalReplicaFiles, raise_if_broken, remove_parts
-from ..setfile import LocalReplica
+from ..setfile import LocalReplica, PoolSetFile
+from ..state import store_copy
 from ..status import describe
-from ..target import TargetStat
+from ..target import HeaderPages, TargetStat
 
 #: local replicas have no per-lane resources; any lane count the pool asks for works
 NLANES = 1 << 16
 
 
 class LocalTarget:
-    """A local replica of an open pool set."""
+    """A local replica, written from ``src`` (the bytes a flush copies: the master's mapping
+    in an open pool set, replica-sync's source buffer outside one)."""
 
     nlanes = NLANES
 
-    def __init__(self, files: LocalReplicaFiles, master: Mapping, name: str,
+    def __init__(self, set_file: PoolSetFile, spec: LocalReplica, pool_size: int,
+                 src: memoryview | None, name: str,
                  progress: Callable[[int, int], None] | None = None,
                  sparse: bool = False) -> None:
-        self.files = files
         self.name = name
+        try:
+            self.files = LocalReplicaFiles(set_file, spec, pool_size)
+        except PmReplicaError as e:  # a layout that cannot hold the pool: every call says so
+            self._unusable: PmReplicaError | None = e
+            self.files = None  # type: ignore[assignment]
+        else:
+            self._unusable = None
         self._progress = progress
         self._sparse = sparse
-        self._src = master.buf
+        self._src = src
         self._fds: list[int] = []
-        self._starts = [s.pool_offset for s in files.segments]
+        self._starts = [s.pool_offset for s in self.files.segments] if self.files else []
         self._background: _Background | None = None
         #: the replica mapped, when its parts are memory-backed (else None: pwrite)
         self._map: Mapping | None = None
@@ -68,15 +85,32 @@ class LocalTarget:
         self._inflight = 0
         self._closing = False
 
+    def _usable(self, writing: bool = False) -> LocalReplicaFiles:
+        """The replica's files; the error that says why there are none, or (``writing``)
+        nothing to copy from."""
+        if self._unusable is not None:
+            raise self._unusable
+        if writing and self._src is None:
+            raise ReplicaError(errno.EINVAL, f"{self.name}: no buffer to copy from (the "
+                                             "pool gave the target no 'buf')")
+        return self.files
+
     def create(self, attr: PoolAttr) -> None:
-        self.files.create(attr.to_header(), sparse=self._sparse, progress=self._progress)
+        self._usable(writing=True).create(attr.to_header(), sparse=self._sparse,
+                                          progress=self._progress)
         self._open_fds()
 
     def open(self) -> PoolAttr:
-        headers, problems = self.files.check()
+        headers, problems = self._usable(writing=True).check()
         raise_if_broken(self.name, problems)
         self._open_fds()
         return PoolAttr.from_header(headers[0].header) if headers else PoolAttr()
+
+    def restore(self) -> None:
+        """HeaderPageKeeper: create missing parts, extend short ones, and open the replica
+        for writing whatever its headers say (replica-sync then clears its header)."""
+        self._usable(writing=True).restore_parts()
+        self._open_fds()
 
     def _open_fds(self) -> None:
         try:
@@ -204,7 +238,7 @@ class LocalTarget:
         self.files.write_headers(hdr, uuids, hdr.prev_repl, hdr.next_repl)
 
     def stat(self) -> TargetStat:
-        headers, problems = self.files.check()
+        headers, problems = self._usable().check()
         page = headers[0].raw if headers else None
         return TargetStat(size=self.files.pool_size, healthy=not problems,
                           detail="; ".join(problems),
@@ -212,10 +246,38 @@ class LocalTarget:
 
     def store_generation(self, record: generation.Generation) -> None:
         try:
-            generation.store(self.files.paths[0], record)
+            generation.store(self._usable().paths[0], record)
         except OSError as e:
             raise ReplicaError(e.errno or errno.EIO, f"{self.name}: cannot record the "
                                                      f"generation: {e.strerror or e}") from e
+
+    def map_replica(self) -> Mapping:
+        """MappedTarget: the part files mapped, for a repair to copy from and verify to hash
+        in place."""
+        return self._usable().open()
+
+    def header_pages(self) -> HeaderPages:
+        """HeaderPageKeeper: each header part's page and the problems of its part files and
+        headers, as :meth:`LocalReplicaFiles.check` finds them."""
+        headers, problems = self._usable().check()
+        return HeaderPages(tuple(h.raw for h in headers), tuple(problems))
+
+    def clear_header(self, record: bytes) -> None:
+        """HeaderPageKeeper: part 0's header zeroed, ``record`` kept in its page."""
+        self._usable().clear_header(record)
+
+    def write_headers(self, template: PoolHeader, uuid: _uuid.UUID, prev_repl: _uuid.UUID,
+                      next_repl: _uuid.UUID, record: bytes | None = None,
+                      gen: bytes | None = None) -> None:
+        """HeaderPageKeeper: every part's header; part 0's page with ``record`` and ``gen``
+        in the same write."""
+        files = self._usable()
+        uuids = [uuid] + [_uuid.uuid4() for _ in range(files.nhdrs - 1)]
+        files.write_headers(template, uuids, prev_repl, next_repl, state=record, gen=gen)
+
+    def store_record(self, record: bytes) -> None:
+        """HeaderPageKeeper: the replica-state record's copy, into part 0's page."""
+        store_copy(self._usable().paths[0], record)
 
     def close(self) -> None:
         background, self._background = self._background, None
@@ -305,8 +367,8 @@ class _Background:
 def pmreplica_open_replica(spec, index, poolset, create):
     if not isinstance(spec, LocalReplica):
         return None
-    files = LocalReplicaFiles(poolset.set_file, spec, poolset.size)
-    return LocalTarget(files, poolset.mapping, describe(spec, index),
+    return LocalTarget(poolset.set_file, spec, poolset.size, getattr(poolset, "buf", None),
+                       describe(spec, index),
                        lambda done, total: poolset.report_progress(index, "create", done, total),
                        sparse=poolset.sparse)
 

@@ -11,11 +11,15 @@ and reports: :mod:`.record`, :mod:`.report`; the command: :mod:`.command`.
 A repair copies the pool's data range ``[4096, size)`` (each replica has its own header
 page) into every replica that is broken, unknown or stale: all of it, or for a stale
 replica whose record is intact only the chunks written while it was failed (the record's
-bitmap), then rewrites its headers with the links the pool set needs. Broken local parts are
-recreated (missing) or extended (short); any other replica is reached through its plugin's
-target (:mod:`pmreplica.target_host`): when broken, removed (the remove hook) and created
-again with the attributes the source's identity and the replica circle give it, then
-copied into with flush/drain (:mod:`pmreplica.copier`, as every repair copies).
+bitmap), then rewrites its headers with the links the pool set needs. Every replica, the
+master and the local ones included, is reached through its plugin's target
+(:mod:`pmreplica.target_host`) and copied into with flush/drain (:mod:`pmreplica.copier`,
+as every repair copies). A target that keeps its header pages
+(:class:`~pmreplica.target.HeaderPageKeeper`: the local plugin's, whose part 0 page also
+holds the record's copy and the generation) is repaired in place: its storage restored
+(missing parts recreated, short ones extended); any other, when broken, is removed (the
+remove hook) and created again with the attributes the source's identity and the replica
+circle give it.
 
 Crash safety (SIGKILL or power loss at any point; the next run must finish the job and no
 replica that holds the newest data may ever be overwritten with older data):
@@ -26,14 +30,14 @@ replica that holds the newest data may ever be overwritten with older data):
    record (``full`` when it gets a complete copy), written durably to the master and to the
    copies in sound local replicas. A replica is therefore stale in the newest record while
    its data is being rewritten, and a later run never takes it for a source.
-3. A local replica additionally loses its header before its data is touched (part 0's
-   header is zeroed, the record in the same page kept): until its headers are written again
-   it is not a pool at all, whatever becomes of the record. This is what keeps a master that
-   is being repaired (its record is the one that would have to say it is stale) from ever
-   looking sound: its new header is written only after all its data is durable, in one page
-   write together with the record.
-4. A replica reached through its target (a remote one) cannot lose its header that way, so
-   it is repaired only while its stale mark is recorded where a record counts (the
+3. A replica that keeps its header pages (a local one) additionally loses its header
+   before its data is touched (``clear_header``: part 0's header zeroed, the record in the
+   same page kept): until its headers are written again it is not a pool at all, whatever
+   becomes of the record. This is what keeps a master that is being repaired (its record
+   is the one that would have to say it is stale) from ever looking sound: its new header is written only after all its data is durable, in one page
+   write together with the record (``write_headers``).
+4. A replica whose target keeps no header pages (a remote one) cannot lose its header that
+   way, so it is repaired only while its stale mark is recorded where a record counts (the
    master's part 0, or a sound local replica); with no such place (the master lost and not
    yet recreated, no sound local replica) it is left alone. Replicas are repaired in index
    order, so a lost master is recreated, and holds the record, before any remote replica

@@ -2,12 +2,12 @@
 
 The pool's data range is walked in windows (64 MiB): for each, the digests of the source and
 of every replica compared with it are computed at once, each where its replica lives (a
-thread per replica: local ones hash their own mapping, then let its pages go; a plugin's
-target computes its own when it can, as the rpmem target's agent does, whose hashing
-overlaps this side's, or is read and hashed here), then compared block by block, and the
-differing blocks handed to the caller (which may copy them at once) while the next window's
-digests are already being computed. Only two windows' digests are held at any time,
-whatever the pool's size.
+thread per replica: its target computes its own when it can, as the rpmem target's agent
+does, whose hashing overlaps this side's; one mapped here, as a local one, is hashed in
+place, its pages let go; any other is read and hashed here), then compared block by
+block, and the differing blocks handed to the caller (which may copy them at once) while
+the next window's digests are already being computed. Only two windows' digests are held
+at any time, whatever the pool's size.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ Digester = Callable[[int, int], bytes]
 
 
 def local_digester(mapping: Mapping, block: int, algorithm: int) -> Digester:
-    """Digests of a locally mapped replica's range, its pages let go once hashed."""
+    """Digests of a replica mapped here (:class:`~pmreplica.target.MappedTarget`), its pages
+    let go once hashed."""
     fn = _checksum.digest_function(algorithm)
 
     def digests(offset: int, length: int) -> bytes:

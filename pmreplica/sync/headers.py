@@ -1,15 +1,14 @@
 """What a repaired replica is given besides its data: headers of the source's identity with
-the links the pool set needs (a local replica's part-0 page with the current record), and
+the links the pool set needs (the first page of one that keeps its header pages with the
+current record), and
 the generation this run leaves the pool in."""
 
 from __future__ import annotations
 
 import errno
 import logging
-import uuid as _uuid
 from typing import TYPE_CHECKING, Any
 
-from .. import generation
 from ..errors import PmReplicaError
 from ..generation import Generation
 from ..header import PoolAttr, PoolHeader
@@ -51,17 +50,16 @@ class Headers:
                         prev_uuid=canon[(p.index - 1) % n].bytes_le, user_flags=t.arch.pack())
 
     def write(self, p: Probe, target: Any = None) -> None:
-        """Give replica ``p`` headers of the source's identity with the right links (a local
-        replica's part 0 page gets the current record with them); ``target`` is an open
-        target of ``p``, else the probe's is used."""
+        """Give replica ``p`` headers of the source's identity with the right links (one
+        that keeps its header pages gets the current record in the same page write);
+        ``target`` is a target of ``p`` (open, or keeping its pages), else the probe's."""
         run = self.run
-        if p.files is not None:
+        if p.keeps_pages:
             canon, n = run.judgement.canonical, len(run.probes)  # type: ignore[union-attr]
-            uuids = [canon[p.index]] + [_uuid.uuid4() for _ in range(p.files.nhdrs - 1)]
             state = run.record.state.pack() if run.record.state is not None else None
-            p.files.write_headers(self.template(), uuids, canon[(p.index - 1) % n],
-                                  canon[(p.index + 1) % n], state=state,
-                                  gen=self.generation().pack())
+            (target or p.keeper).write_headers(
+                self.template(), canon[p.index], canon[(p.index - 1) % n],
+                canon[(p.index + 1) % n], record=state, gen=self.generation().pack())
             return
         if target is None:
             target = run.probe_target(p)
@@ -99,15 +97,12 @@ class Headers:
         return gen
 
     def _store_generation(self, p: Probe, gen: Generation) -> None:
-        if not p.is_remote:
-            generation.store(p.spec.parts[0].path, gen)  # type: ignore[union-attr]
-            return
-        target = p.target
+        target = p.keeper or p.target
         if target is None:
             target = self.run.open_target(p)
         try:
             if isinstance(target, GenerationKeeper):
                 target.store_generation(gen)
         finally:
-            if target is not p.target:
+            if target is not p.target and target is not p.keeper:
                 close_quietly(target)

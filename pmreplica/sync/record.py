@@ -1,7 +1,8 @@
 """The replica-state record a replica-sync run writes, and where it writes it.
 
-A record counts where :mod:`pmreplica.health` looks for one: the master's part 0 (unless it
-is another pool's) and the part 0 of every sound local replica. The run's record is the
+A record counts where :mod:`pmreplica.health` looks for one: the master's first page (unless
+it is another pool's) and the first page of every sound replica that keeps its header pages
+(:class:`~pmreplica.target.HeaderPageKeeper`: the local ones), written through its target. The run's record is the
 authority's, one generation above every record found, so that it is the newest wherever it
 lands; it is written durably, the master first (its fine dirty map saved before it). See
 :mod:`pmreplica.sync` for the order of marks and clears that keeps a crash safe.
@@ -16,7 +17,7 @@ from .. import dirtymap
 from ..errors import PmReplicaError
 from ..header import PoolHeader
 from ..health import Judgement, Probe
-from ..state import ReplicaState, store_copy
+from ..state import ReplicaState
 
 log = logging.getLogger("pmreplica.sync")
 
@@ -27,7 +28,7 @@ NO_RECORD_PLACE = ("no local replica can record that it is being repaired; repai
 
 class RunRecord:
     """The record of one run (``state``, None until :meth:`begin`) and the replicas whose
-    part-0 page holds it (``places``; index 0: the master)."""
+    first page holds it (``places``; index 0: the master)."""
 
     def __init__(self, probes: list[Probe], judgement: Judgement, size: int,
                  master_path: str) -> None:
@@ -37,10 +38,10 @@ class RunRecord:
         self.state: ReplicaState | None = None
 
     def _find_places(self) -> None:
-        """Where a record counts (health.py): the master's part 0 (unless it is another
-        pool's), and the part 0 of every sound local replica."""
+        """Where a record counts (health.py): the master's first page (unless it is another
+        pool's), and that of every sound replica that keeps its header pages."""
         for p in self.probes:
-            if p.is_remote or p.page is None:
+            if not p.keeps_pages or p.page is None:
                 continue
             if p.index == 0:
                 hdr = PoolHeader.unpack(p.page)
@@ -72,21 +73,21 @@ class RunRecord:
         assert self.state is not None
         self.state.save_fine(keep_working_set=False)
         for i in sorted(self.places):
-            path = self.probes[i].spec.parts[0].path  # type: ignore[union-attr]
+            p = self.probes[i]
             raw = self.state.pack() if i == 0 else self.state.pack_copy()
             try:
-                store_copy(path, raw)
+                p.keeper.store_record(raw)  # type: ignore[union-attr]
             except OSError as e:
                 if i == 0:
                     raise PmReplicaError(e.errno or errno.EIO, f"cannot record the replica "
-                                                               f"state in {path}: {e}") from e
-                log.warning("cannot store the replica-state copy in %s: %s", path, e)
+                                                               f"state in {p.name}: {e}") from e
+                log.warning("cannot store the replica-state copy in %s: %s", p.name, e)
                 self.places.discard(i)
 
     def can_mark(self, p: Probe) -> bool:
-        """Whether ``p`` may be touched: a replica reached through its target only while its
-        stale mark is recorded where a record counts."""
-        return not p.is_remote or bool(self.places)
+        """Whether ``p`` may be touched: one that does not keep its header pages only while
+        its stale mark is recorded where a record counts."""
+        return p.keeps_pages or bool(self.places)
 
     def mark_stale(self, index: int, full: bool = True, compare: bool = False) -> None:
         """Record replica ``index`` stale, durably, before it is touched."""
@@ -95,9 +96,9 @@ class RunRecord:
         self.state.mark_stale(index, full=full, compare=compare)
 
     def repaired(self, p: Probe) -> None:
-        """Replica ``p``'s data and headers are durable: clear its stale mark, durably (a
-        local one keeps a copy of the record again)."""
-        if not p.is_remote:
+        """Replica ``p``'s data and headers are durable: clear its stale mark, durably (one
+        that keeps its header pages holds a copy of the record again)."""
+        if p.keeps_pages:
             self.places.add(p.index)
         self.state.clear_stale(p.index)  # type: ignore[union-attr]
         self.store()

@@ -18,7 +18,7 @@ from ..errors import PmReplicaError
 from ..health import Probe
 from ..plugin_manager import make_plugin_manager
 from ..replica import lock_pool
-from ..setfile import LocalReplica, load_set
+from ..setfile import load_set
 from ..status import close_quietly
 from ..target_host import open_target
 from . import report as _report
@@ -89,7 +89,7 @@ class Run:
                 log.info("%s: %s", self.path, why)
                 return report
             self.reports[self.source].source = True
-            self.data.probe = self.probes[self.source]
+            self.data.target = functools.partial(self.probe_target, self.probes[self.source])
             self.plan = Plan(self.probes, self.reports, self.judgement, self.source, self.size)
             self.plan.decide()
             if not self.dry_run:
@@ -120,22 +120,23 @@ class Run:
     def _probe(self) -> None:
         view = memoryview(self.data.scratch)
         for i, spec in enumerate(self.set_file.replicas):
-            if isinstance(spec, LocalReplica):
-                probe = health.probe_local(self.set_file, i, spec, self.size)
-            else:
-                probe = health.probe_target(i, spec, self.size, functools.partial(
-                    open_target, self.pm, spec, i, self.data.host(view)))
-            self.probes.append(probe)
+            self.probes.append(health.probe_target(i, spec, self.size, functools.partial(
+                open_target, self.pm, spec, i, self.data.host(view))))
         view.release()
+
+    def new_target(self, p: Probe, buffer: memoryview | None = None) -> Any:
+        """Replica ``p``'s target, copying from ``buffer`` (default: the scratch buffer),
+        not opened."""
+        if buffer is None:
+            buffer = memoryview(self.data.scratch)
+        return open_target(self.pm, p.spec, p.index, self.data.host(buffer))
 
     def open_target(self, p: Probe, buffer: memoryview | None = None,
                     create: bool = False) -> Any:
         """Replica ``p``'s target, copying from ``buffer`` (default: the scratch buffer),
         opened (``create``: its storage removed and created again, with the headers it is
         to have)."""
-        if buffer is None:
-            buffer = memoryview(self.data.scratch)
-        target = open_target(self.pm, p.spec, p.index, self.data.host(buffer), create)
+        target = self.new_target(p, buffer)
         try:
             if create:
                 self.pm.hook.pmreplica_remove_replica(spec=p.spec, index=p.index, force=True,
@@ -157,9 +158,7 @@ class Run:
 
     def _close(self) -> None:
         for p in self.probes:
-            if p.target is not None:
-                close_quietly(p.target)
-                p.target = None
+            p.close()
         self.data.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)

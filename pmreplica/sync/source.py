@@ -1,65 +1,70 @@
-"""The source's data as a repair reads it: a local source mapped once per run, a source
-reached through its target read range by range into a scratch buffer the size of the pool.
-Targets that need no local source are bound to the scratch buffer too. Pages of a range are
-let go once it is copied, so a run's memory stays bounded whatever the pool's size."""
+"""The source's data as a repair reads it: mapped once per run when its target lends a
+mapping (:class:`~pmreplica.target.MappedTarget`, a local source), else read through its
+target range by range into a scratch buffer the size of the pool. The targets being
+repaired copy from that view; those that need no source are bound to the scratch buffer.
+Pages of a range are let go once it is copied, so a run's memory stays bounded whatever
+the pool's size."""
 
 from __future__ import annotations
 
 import logging
 import mmap
+from typing import Callable
 
 import pluggy
 
-from ..health import Probe
 from ..pmem import MAP_NORESERVE, Mapping
 from ..setfile import PoolSetFile
+from ..target import MappedTarget, ReplicaTarget
 from ..target_host import TargetHost
 
 log = logging.getLogger("pmreplica.sync")
 
 
 class SourceData:
-    """The scratch buffer, the mapped local source, and the source's probe once chosen."""
+    """The scratch buffer, the source's open target and its mapping once asked."""
 
     def __init__(self, set_file: PoolSetFile, pm: pluggy.PluginManager, size: int) -> None:
         self.set_file, self.pm = set_file, pm
         self.scratch = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
-        self.probe: Probe | None = None
+        #: the source's open target, when asked (given by the run once the source is chosen)
+        self.target: Callable[[], ReplicaTarget] | None = None
         self._map: Mapping | None = None
+        self._mapped: bool | None = None  # whether the source lends a mapping (once known)
 
     def host(self, buf: memoryview) -> TargetHost:
         """What a plugin's target is handed as its pool: ``buf`` is what it copies from."""
-        src = self._map if buf.obj is not self.scratch else None
-        return TargetHost(self.set_file, buf, self.pm, src)
+        return TargetHost(self.set_file, buf, self.pm)
+
+    def mapping(self) -> Mapping | None:
+        """The source mapped (once per run), when its target lends a mapping; else None."""
+        if self._mapped is None:
+            assert self.target is not None
+            target = self.target()
+            self._mapped = isinstance(target, MappedTarget)
+            if self._mapped:
+                self._map = target.map_replica()  # type: ignore[union-attr]
+        return self._map
 
     def view(self) -> memoryview:
-        """The pool as the source holds it: the mapped local source, or the scratch buffer
-        that :meth:`fill` reads a remote source into."""
-        assert self.probe is not None
-        if self.probe.is_remote:
-            return memoryview(self.scratch)
-        return self.mapping().buf[:]  # a view of its own: released by the caller
+        """The pool as the source holds it: its mapping, or the scratch buffer that
+        :meth:`fill` reads it into (a view of its own: released by the caller)."""
+        mapping = self.mapping()
+        return mapping.buf[:] if mapping is not None else memoryview(self.scratch)
 
     def fill(self, view: memoryview, off: int, n: int) -> None:
-        """Bring ``[off, off + n)`` of a source reached through its target into ``view``."""
-        assert self.probe is not None
-        if self.probe.is_remote:
-            self.probe.target.read(view[off:off + n], off, 0)  # type: ignore[union-attr]
+        """Bring ``[off, off + n)`` of a source that is not mapped into ``view``."""
+        assert self.target is not None
+        if self.mapping() is None:
+            self.target().read(view[off:off + n], off, 0)
 
     def release(self, off: int, n: int) -> None:
         """Let go of the source's pages of a range copied: the run's memory stays bounded."""
-        assert self.probe is not None
-        if self.probe.is_remote:
+        mapping = self.mapping()
+        if mapping is not None:
+            mapping.release(off, n)
+        else:
             self.scratch.madvise(mmap.MADV_DONTNEED, off, n)
-        elif self._map is not None:
-            self._map.release(off, n)
-
-    def mapping(self) -> Mapping:
-        """The local source, mapped (once per run)."""
-        if self._map is None:
-            assert self.probe is not None and self.probe.files is not None
-            self._map = self.probe.files.open()
-        return self._map
 
     def close(self) -> None:
         if self._map is not None:

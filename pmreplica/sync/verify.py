@@ -15,6 +15,7 @@ from ..header import HDR_SIZE
 from ..health import HEALTHY, Probe
 from ..pmem import Mapping
 from ..status import close_quietly
+from ..target import DigestTarget, MappedTarget
 from . import compare as _compare
 from .record import NO_RECORD_PLACE
 from .report import ReplicaReport, error_text, note_differing
@@ -54,8 +55,8 @@ def _stream(run: Run, targets: list[Probe], repair: bool, begun: bool = False) -
     src = run.probes[run.source]  # type: ignore[index]
     block = run.block
     writers: dict[int, Writer] = {}
-    mappings: list[Mapping] = []
     digesters: dict[int, _compare.Digester] = {}
+    mappings: list[Mapping] = []  # replicas mapped here to be hashed in place
 
     def begin(p: Probe) -> Writer:
         if not begun:
@@ -78,37 +79,30 @@ def _stream(run: Run, targets: list[Probe], repair: bool, begun: bool = False) -
     bound: dict[int, Any] = {}
     src_view = run.data.view()
     try:
-        sessions = []
+        sessions = [(src, run.probe_target(src))]
         for p in targets:
             run.reports[p.index].differing = []
-            if p.is_remote and repair and not begun:
+            if repair and not begun:
                 if p.target is not None:
                     close_quietly(p.target)
                 p.target = None
                 bound[p.index] = run.open_target(p, src_view)
             if repair and begun:
                 begin(p)
-            if p.is_remote:
-                session = (writers[p.index].target if p.index in writers
-                           else bound.get(p.index) or run.probe_target(p))
-                sessions.append((p, session))
-        if src.is_remote:
-            sessions.insert(0, (src, src.target))
+            session = (writers[p.index].target if p.index in writers
+                       else bound.get(p.index) or run.probe_target(p))
+            sessions.append((p, session))
         algorithm = run.algorithm or _compare.choose_algorithm(
             [s for _, s in sessions], HDR_SIZE, block)
-        by_index = dict(sessions)
-        for p in [src, *targets]:
-            if p.is_remote:
-                digester = _compare.target_digester(by_index[p], block, algorithm)
-            else:
-                if p is src:
-                    mapping = run.data.mapping()
-                else:
-                    assert p.files is not None
-                    mapping = p.files.open()
-                    mappings.append(mapping)
-                digester = _compare.local_digester(mapping, block, algorithm)
-            digesters[p.index] = digester
+        for p, session in sessions:
+            mapping = run.data.mapping() if p is src else None
+            if mapping is None and isinstance(session, MappedTarget) \
+                    and not isinstance(session, DigestTarget):
+                mapping = session.map_replica()
+                mappings.append(mapping)
+            digesters[p.index] = (_compare.local_digester(mapping, block, algorithm)
+                                  if mapping is not None else
+                                  _compare.target_digester(session, block, algorithm))
         stream = _compare.Stream(digesters.pop(src.index), digesters, block, algorithm)
         probes = {p.index: p for p in targets}
 

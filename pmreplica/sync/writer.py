@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .. import copier
 from ..health import Probe
-from ..replica import ReplicaWriter
 from ..status import close_quietly
 
 if TYPE_CHECKING:
@@ -14,37 +13,40 @@ if TYPE_CHECKING:
 
 
 class Writer:
-    """Copies from the source into one replica under repair. A local replica loses its
-    header first (it is no pool until :meth:`finish`) and its parts are written with
-    pwrite; any other gets the ranges through its target, bound to the source's buffer.
-    Source pages are let go as each batch is durable or sent."""
+    """Copies from the source into one replica under repair, through the replica's target
+    bound to the source's buffer. A replica that keeps its header pages is repaired in
+    place: its storage restored, then its header cleared (it is no pool until
+    :meth:`finish`); any other is created again when broken. Source pages are let go as
+    each batch is durable."""
 
     def __init__(self, run: Run, p: Probe, create: bool = False,
                  session: Any = None) -> None:
         self.run, self.p = run, p
         self.view = run.data.view()
-        self.io: ReplicaWriter | None = None
         self.target: Any = session  # one bound to the source's buffer already: its own
         try:
-            if p.is_remote:
-                if session is None:
-                    if p.target is not None:  # the probe's is bound to the scratch buffer
-                        close_quietly(p.target)
-                        p.target = None
+            if session is None:
+                if p.target is not None:  # the probe's is bound to the scratch buffer
+                    close_quietly(p.target)
+                    p.target = None
+                if p.keeps_pages:
+                    self.target = run.new_target(p, self.view)
+                    self.target.restore()
+                else:
                     self.target = run.open_target(p, self.view, create=create)
-            else:
-                self._clear_local()
-                self.io = ReplicaWriter(p.files)  # type: ignore[arg-type]
+            if p.keeps_pages:
+                self._clear_header()
         except BaseException:
             self.close()
             raise
 
-    def _clear_local(self) -> None:
+    def _clear_header(self) -> None:
+        """Rule 3 of :mod:`pmreplica.sync`: the header goes before the data is touched, the
+        record staying in its page."""
         run, p = self.run, self.p
-        files, state = p.files, run.record.state
-        assert files is not None and state is not None
-        files.restore_parts()
-        files.clear_header(state.pack() if p.index == 0 else state.pack_copy())
+        state = run.record.state
+        assert state is not None
+        self.target.clear_header(state.pack() if p.index == 0 else state.pack_copy())
         if p.index == 0:
             run.record.places.add(0)  # the master's record counts even while it is broken
             if run.lock_fd < 0:
@@ -58,30 +60,20 @@ class Writer:
 
         def write(off: int, n: int) -> None:
             data.fill(view, off, n)
-            if self.io is not None:
-                self.io.write(off, view[off:off + n])
-            else:
-                self.target.flush(off, n, 0, 0)
+            self.target.flush(off, n, 0, 0)
 
         def settle(off: int, n: int) -> None:
-            if self.target is not None:
-                self.target.drain(0)  # sent and durable: the source's pages may go
+            self.target.drain(0)  # durable: the source's pages may go
             data.release(off, n)
 
         copier.copy(ranges, write, settle, advance)
 
     def finish(self) -> None:
         """Make what was copied durable and write the replica's headers."""
-        if self.io is not None:
-            self.io.sync()
-            self.run.headers.write(self.p)
-        else:
-            self.run.headers.write(self.p, self.target)
+        self.target.drain(0)
+        self.run.headers.write(self.p, self.target)
 
     def close(self) -> None:
-        if self.io is not None:
-            self.io.close()
-            self.io = None
         if self.target is not None:
             close_quietly(self.target)
             self.target = None
