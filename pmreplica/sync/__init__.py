@@ -34,8 +34,9 @@ replica that holds the newest data may ever be overwritten with older data):
    before its data is touched (``clear_header``: part 0's header zeroed, the record in the
    same page kept): until its headers are written again it is not a pool at all, whatever
    becomes of the record. This is what keeps a master that is being repaired (its record
-   is the one that would have to say it is stale) from ever looking sound: its new header is written only after all its data is durable, in one page
-   write together with the record (``write_headers``).
+   is the one that would have to say it is stale) from ever looking sound: its new header
+   is written only after all its data is durable, in one page write together with the
+   record (``write_headers``).
 4. A replica whose target keeps no header pages (a remote one) cannot lose its header that
    way, so it is repaired only while its stale mark is recorded where a record counts (the
    master's part 0, or a sound local replica); with no such place (the master lost and not
