@@ -13,9 +13,9 @@ fails, ``stat`` for its size and header health). Then the replicas are judged to
 * freshness, from the replica-state record (:mod:`pmreplica.state`). The record is read
   from the master and from the copies in the replicas that keep header pages; the one
   with the highest generation is the authority (copies of one generation are merged,
-  stale marks unioned). The master vouches for every replica, itself included. A copy vouches for every replica
-  except the one holding it: a replica that failed after its copy was last written would
-  otherwise clear itself (its failure was recorded only where it could still be written).
+  stale marks unioned). The master vouches for every replica, itself included. A copy
+  vouches for every replica except the one holding it: a replica that failed after its
+  copy was last written would otherwise clear itself (its failure was recorded only where it could still be written).
   A replica not marked stale but vouched for by nobody is *unknown*: never a source,
   resynced in full. With no record at all (master lost, no local replica), the master alone
   counts as up to date.
