@@ -11,14 +11,14 @@ fails, ``stat`` for its size and header health). Then the replicas are judged to
   not sound, of the uuid most sound replicas share (ties: the lowest-numbered);
 * links: each replica's next/previous replica uuids must name its neighbours;
 * freshness, from the replica-state record (:mod:`pmreplica.state`). The record is read
-  from the master and from the copies in the replicas that keep header pages; the one
-  with the highest generation is the authority (copies of one generation are merged,
-  stale marks unioned). The master vouches for every replica, itself included. A copy
-  vouches for every replica except the one holding it: a replica that failed after its
-  copy was last written would otherwise clear itself (its failure was recorded only where it could still be written).
-  A replica not marked stale but vouched for by nobody is *unknown*: never a source,
-  resynced in full. With no record at all (master lost, no local replica), the master alone
-  counts as up to date.
+  from the master and from the copies in the replicas that keep header pages; the one with
+  the highest generation is the authority (copies of one generation are merged, stale marks
+  unioned). The master vouches for every replica, itself included. A copy vouches for every
+  replica except the one holding it: a replica that failed after its copy was last written
+  would otherwise clear itself (its failure was recorded only where it could still be
+  written). A replica not marked stale but vouched for by nobody is *unknown*: never a
+  source, resynced in full. With no record at all (master lost, no local replica), the
+  master alone counts as up to date.
 
 The source of a repair is the lowest-numbered replica that is sound, of the pool set's
 identity, and known to be up to date (PMDK picks the lowest-numbered healthy replica too).
