@@ -61,7 +61,8 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
     buffer), ``nlanes`` is 1, ``mapping`` is None, and the target is used for the whole
     lifecycle: ``open`` (``stat`` when that fails; ``header_pages`` instead for a
     HeaderPageKeeper), ``create`` after the remove hook (``restore`` for a
-    HeaderPageKeeper), ``flush``/``drain``, ``read``, ``set_attr``, ``close``. A target
+    HeaderPageKeeper), ``flush``/``drain`` (``write_through`` and one ``drain`` for a
+    HeaderPageKeeper), ``read``, ``set_attr``, ``close``. A target
     must therefore not rely on more of ``poolset`` than the attributes above, and should
     fail with an ``OSError`` when one it needs is missing.
     """

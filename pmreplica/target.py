@@ -89,7 +89,8 @@ class HeaderPageKeeper(Protocol):
     replica-sync, check and verify read that record even from a broken replica, count the
     replica as a place the record is kept, and repair it in place in the crash-safe order
     :mod:`pmreplica.sync` lists: storage restored, header cleared (record kept), data
-    copied with flush/drain, then header, record and generation in one page write. Every
+    copied with ``write_through`` and made durable by one ``drain``, then header, record
+    and generation in one page write. Every
     method works on a target that is not open and on a broken replica; ``restore`` opens it.
 
     Optional: a target without it is probed with ``open`` (``stat`` when that fails),
@@ -122,6 +123,12 @@ class HeaderPageKeeper(Protocol):
     def store_record(self, record: bytes) -> None:
         """Store ``record`` (a packed replica-state record) in the first part's page,
         durably, leaving the rest of the page as it is."""
+
+    def write_through(self, offset: int, length: int) -> None:
+        """Write the source's range into the replica before returning (its bytes may be
+        let go then), in order with earlier flushes; durable at the next ``drain``. A
+        repair copies with it and drains once, where flush/drain per batch would make
+        every batch durable on its own."""
 
 
 @runtime_checkable

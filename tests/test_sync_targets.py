@@ -20,7 +20,7 @@ from .sync_harness import M, PoolLayout, fill
 
 #: what a target without the header-page capability (nor a mapping to lend) lacks
 KEEPER_METHODS = ("header_pages", "restore", "clear_header", "write_headers", "store_record",
-                  "map_replica")
+                  "write_through", "map_replica")
 
 
 class Recorder:
@@ -101,9 +101,12 @@ def test_sync_repairs_a_local_replica_only_through_its_target(pool_dir):
     # its storage restored, its header cleared before its data, headers written once the
     # data is durable, its record copy stored after
     assert first((0, "store_record")) < first((1, "restore")) < first((1, "clear_header")) \
-        < first((1, "flush")) < first((1, "write_headers")) < first((1, "store_record"))
-    last_drain = max(i for i, c in enumerate(calls) if c == (1, "drain"))
-    assert last_drain < first((1, "write_headers"))
+        < first((1, "write_through")) < first((1, "write_headers")) \
+        < first((1, "store_record"))
+    # its data made durable once, after the last write and before its headers
+    assert (1, "flush") not in calls and calls.count((1, "drain")) == 1
+    last_write = max(i for i, c in enumerate(calls) if c == (1, "write_through"))
+    assert last_write < calls.index((1, "drain")) < first((1, "write_headers"))
     # the source was mapped through its target (MappedTarget), not from its files
     assert "map_replica" in plugin.of(0)
     assert sync.check(layout.path).status == "healthy"

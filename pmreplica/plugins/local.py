@@ -85,6 +85,9 @@ class LocalTarget:
         # closed number cannot be reused under a write still in flight on another lane
         self._use_lock = threading.Lock()
         self._inflight = 0
+        #: write_through wrote what no fdatasync has covered yet (the next drain syncs it)
+        self._unsynced = False
+        self._sync_lock = threading.Lock()
         self._closing = False
 
     def _usable(self, writing: bool = False) -> LocalReplicaFiles:
@@ -223,6 +226,42 @@ class LocalTarget:
         background = self._background
         if background is not None:
             background.wait()
+            if self._unsynced:
+                self._sync_written()
+
+    def write_through(self, offset: int, length: int) -> None:
+        """HeaderPageKeeper: the range written now, durable at the next drain (a repair's
+        copy: one fdatasync at its end instead of one per batch)."""
+        background = self._background
+        if background is None:  # mapped: a flush is a copy (or pwrite), done on return
+            self.flush(offset, length)
+            return
+        background.wait()  # the flushes before it go first: a lane applies in issue order
+        self._write(offset, length, durable=False)
+        with self._sync_lock:
+            self._unsynced = True
+
+    def _sync_written(self) -> None:
+        """fdatasync what write_through wrote. The flag is cleared before the sync, under
+        the lock the sync holds, so a write flagged meanwhile is synced by its own drain."""
+        with self._sync_lock:
+            if not self._unsynced:
+                return
+            self._unsynced = False
+            fds = self._acquire_fds()
+            try:
+                for fd in fds:
+                    os.fdatasync(fd)
+                    if os.fstat(fd).st_nlink == 0:
+                        raise ReplicaError(errno.ENOENT, f"{self.name}: part file was removed")
+            except ReplicaError:
+                self._unsynced = True
+                raise
+            except OSError as e:
+                self._unsynced = True
+                raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e.strerror}") from e
+            finally:
+                self._release_fds()
 
     def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         self.flush(offset, length, lane, flags)

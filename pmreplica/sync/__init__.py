@@ -17,7 +17,8 @@ master and the local ones included, is reached through its plugin's target
 as every repair copies). A target that keeps its header pages
 (:class:`~pmreplica.target.HeaderPageKeeper`: the local plugin's, whose part 0 page also
 holds the record's copy and the generation) is repaired in place: its storage restored
-(missing parts recreated, short ones extended); any other, when broken, is removed (the
+(missing parts recreated, short ones extended), its copy written with ``write_through``
+and made durable by one drain at the end; any other, when broken, is removed (the
 remove hook) and created again with the attributes the source's identity and the replica
 circle give it.
 

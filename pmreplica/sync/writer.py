@@ -17,7 +17,8 @@ class Writer:
     bound to the source's buffer. A replica that keeps its header pages is repaired in
     place: its storage restored, then its header cleared (it is no pool until
     :meth:`finish`); any other is created again when broken. Source pages are let go as
-    each batch is durable."""
+    each batch is taken: written (``write_through``) into a replica that keeps its pages,
+    whose copy is made durable once, at the end; sent and drained into any other."""
 
     def __init__(self, run: Run, p: Probe, create: bool = False,
                  session: Any = None) -> None:
@@ -58,12 +59,19 @@ class Writer:
              advance: Callable[[int], None] | None = None) -> None:
         data, view = self.run.data, self.view
 
+        keeps = self.p.keeps_pages
+        target = self.target
+
         def write(off: int, n: int) -> None:
             data.fill(view, off, n)
-            self.target.flush(off, n, 0, 0)
+            if keeps:
+                target.write_through(off, n)
+            else:
+                target.flush(off, n, 0, 0)
 
         def settle(off: int, n: int) -> None:
-            self.target.drain(0)  # durable: the source's pages may go
+            if not keeps:
+                target.drain(0)  # sent and durable: the source's pages may go
             data.release(off, n)
 
         copier.copy(ranges, write, settle, advance)
