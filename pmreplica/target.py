@@ -90,8 +90,8 @@ class HeaderPageKeeper(Protocol):
     replica as a place the record is kept, and repair it in place in the crash-safe order
     :mod:`pmreplica.sync` lists: storage restored, header cleared (record kept), data
     copied with ``write_through`` and made durable by one ``drain``, then header, record
-    and generation in one page write. Every
-    method works on a target that is not open and on a broken replica; ``restore`` opens it.
+    and generation in one page write. Every method works on a target that is not open and
+    on a broken replica; ``restore`` opens it.
 
     Optional: a target without it is probed with ``open`` (``stat`` when that fails),
     recreated when broken (the remove hook, then ``create``), relinked with ``set_attr``,

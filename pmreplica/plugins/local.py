@@ -32,9 +32,8 @@ import collections
 import errno
 import os
 import threading
-from collections.abc import Callable
-
 import uuid as _uuid
+from collections.abc import Callable
 
 from .. import generation
 from ..errors import PmReplicaError, ReplicaError
@@ -172,17 +171,20 @@ class LocalTarget:
             for fd, foff, poff, n in self._pieces(fds, offset, length):
                 if os.pwrite(fd, self._src[poff:poff + n], foff) != n:
                     raise ReplicaError(errno.EIO, f"{self.name}: short write")
-                if not durable:
-                    continue
-                os.fdatasync(fd)
-                if os.fstat(fd).st_nlink == 0:
-                    raise ReplicaError(errno.ENOENT, f"{self.name}: part file was removed")
+                if durable:
+                    self._make_durable(fd)
         except ReplicaError:
             raise
         except OSError as e:
             raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e.strerror}") from e
         finally:
             self._release_fds()
+
+    def _make_durable(self, fd: int) -> None:
+        """fdatasync one part; ENOENT if it was unlinked meanwhile (writes reach no file)."""
+        os.fdatasync(fd)
+        if os.fstat(fd).st_nlink == 0:
+            raise ReplicaError(errno.ENOENT, f"{self.name}: part file was removed")
 
     def _copy(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """flush of a mapped replica: copy the range from the master's mapping."""
@@ -251,14 +253,11 @@ class LocalTarget:
             fds = self._acquire_fds()
             try:
                 for fd in fds:
-                    os.fdatasync(fd)
-                    if os.fstat(fd).st_nlink == 0:
-                        raise ReplicaError(errno.ENOENT, f"{self.name}: part file was removed")
-            except ReplicaError:
-                self._unsynced = True
-                raise
+                    self._make_durable(fd)
             except OSError as e:
                 self._unsynced = True
+                if isinstance(e, ReplicaError):
+                    raise
                 raise ReplicaError(e.errno or errno.EIO, f"{self.name}: {e.strerror}") from e
             finally:
                 self._release_fds()
