@@ -25,6 +25,7 @@ from . import generation as _generation
 from .errors import ReplicaError
 from .generation import Generation
 from .header import PoolHeader
+from .plugin_manager import notify
 from .pmem import Mapping
 from .setfile import LocalReplica
 from .state import OFFSET as STATE_OFFSET, SIZE as STATE_SIZE, ReplicaState, store_copy
@@ -228,16 +229,10 @@ class FailureBook:
         # with the error, they would stop the pool from ever being unmapped (close: EBUSY)
         error.__traceback__ = None
         log.warning("%s failed: %s", status.name, error)
-        try:
-            self.plugin_manager.hook.pmreplica_replica_failed(replica=status, error=error)
-        except Exception:  # a host application's hook must not break the write path
-            log.exception("pmreplica_replica_failed hook raised")
+        notify(self.plugin_manager, "pmreplica_replica_failed", replica=status, error=error)
 
     def _notify_restored(self, status: ReplicaStatus) -> None:
-        try:
-            self.plugin_manager.hook.pmreplica_replica_restored(replica=status)
-        except Exception:  # a host application's hook must not break the pool
-            log.exception("pmreplica_replica_restored hook raised")
+        notify(self.plugin_manager, "pmreplica_replica_restored", replica=status)
 
     # -- close -----------------------------------------------------------------------------
     def _close_book(self) -> None:

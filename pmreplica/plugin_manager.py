@@ -27,6 +27,15 @@ def _entry_point_plugins() -> tuple[tuple[str, object], ...]:
     return tuple(found)
 
 
+def notify(pm: pluggy.PluginManager, hook: str, **kwargs: object) -> None:
+    """Call the host application's notification hook ``hook``; one that raises is logged,
+    never propagated: an application's bug must not break the pool or the write path."""
+    try:
+        getattr(pm.hook, hook)(**kwargs)
+    except Exception:
+        log.exception("%s hook raised", hook)
+
+
 def make_plugin_manager(plugins: Iterable[object] = ()) -> pluggy.PluginManager:
     """A manager with the entry-point plugins, then ``plugins``; later ones are asked first,
     so a host application's plugin can take over a replica from a built-in."""

@@ -32,7 +32,7 @@ from .failures import FailureBook
 from .generation import AHEAD, BEHIND, DIVERGED
 from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
 from .identity import attr_problem
-from .plugin_manager import make_plugin_manager
+from .plugin_manager import make_plugin_manager, notify
 from .pmem import Mapping
 from .replica import LocalReplicaFiles, lock_pool, raise_if_broken
 from .setfile import PoolSetFile, Replica
@@ -104,8 +104,9 @@ class PoolSet(FailureBook):
         master_status = ReplicaStatus(0, set_file.master)
         master.create(template._replace(uuid=first_uuids[0], prev_repl=first_uuids[-1],
                                         next_repl=first_uuids[1 % n]), mode, sparse=sparse,
-                      progress=lambda done, total: _tell_progress(
-                          pm, master_status, "create", done, total))
+                      progress=lambda done, total: notify(
+                          pm, "pmreplica_sync_progress", replica=master_status,
+                          phase="create", done=done, total=total))
         try:
             self = cls._map(set_file, master, pm, nlanes)
         except BaseException:
@@ -418,7 +419,8 @@ class PoolSet(FailureBook):
     def report_progress(self, index: int, phase: str, done: int, total: int) -> None:
         """Tell ``pmreplica_sync_progress`` how long work on replica ``index`` goes (for
         plugins: "create" while a replica's storage is allocated)."""
-        _tell_progress(self.plugin_manager, self.replicas[index], phase, done, total)
+        notify(self.plugin_manager, "pmreplica_sync_progress", replica=self.replicas[index],
+               phase=phase, done=done, total=total)
 
     def resync(self, index: int, *, chunk: int = copier.CHUNK) -> int:
         """Bring failed or stale replica ``index`` of this open pool up to date online and put
@@ -468,12 +470,3 @@ class PoolSet(FailureBook):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _tell_progress(pm: pluggy.PluginManager, replica: ReplicaStatus, phase: str, done: int,
-                   total: int) -> None:
-    """Call ``pmreplica_sync_progress``; a hook that raises is logged, not propagated."""
-    try:
-        pm.hook.pmreplica_sync_progress(replica=replica, phase=phase, done=done, total=total)
-    except Exception:  # a host application's hook must not break the pool
-        log.exception("pmreplica_sync_progress hook raised")

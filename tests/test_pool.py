@@ -604,7 +604,7 @@ def test_a_raising_progress_hook_does_not_break_create(pool_dir, caplog):
     d = pool_dir
     path = write_set(d / "p.set", f"8M {d}/m", "REPLICA", f"8M {d}/r")
     hook = RaisingProgress()
-    with caplog.at_level(logging.ERROR, "pmreplica.poolset"):
+    with caplog.at_level(logging.ERROR, "pmreplica"):
         with PoolSet.create(path, plugins=[hook]) as pool:
             assert [r.state for r in pool.replicas] == ["ok", "ok"]
     assert {phase for phase, _, _ in hook.calls} == {"create"}
@@ -623,7 +623,7 @@ def test_a_raising_progress_hook_does_not_break_an_online_resync(pool_dir, caplo
         pool.buf[HDR_SIZE:HDR_SIZE + 4096] = os.urandom(4096)
         pool.persist(HDR_SIZE, 4096)
         os.rename(d / "r.away", d / "r")
-        with caplog.at_level(logging.ERROR, "pmreplica.poolset"):
+        with caplog.at_level(logging.ERROR, "pmreplica"):
             assert pool.resync(1) == 4096
         assert [r.state for r in pool.replicas] == ["ok", "ok"]
         assert hook.calls == [("resync", 0, 4096), ("resync", 4096, 4096)]
