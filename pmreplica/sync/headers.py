@@ -1,12 +1,12 @@
 """What a repaired replica is given besides its data: headers of the source's identity with
 the links the pool set needs (the first page of one that keeps its header pages with the
-current record), and
-the generation this run leaves the pool in."""
+current record), and the generation this run leaves the pool in."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import uuid as _uuid
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PmReplicaError
@@ -40,14 +40,19 @@ class Headers:
 
     def attr(self, p: Probe) -> PoolAttr:
         """The attributes replica ``p`` is created or relinked with through its target."""
-        run = self.run
-        n, t = len(run.probes), self.template()
-        canon = run.judgement.canonical  # type: ignore[union-attr]
+        t = self.template()
+        uuid, prev, next_ = self._links(p)
         return PoolAttr(signature=t.signature, major=t.major, compat_features=t.compat,
                         incompat_features=t.incompat, ro_compat_features=t.ro_compat,
-                        poolset_uuid=t.poolset_uuid.bytes_le, uuid=canon[p.index].bytes_le,
-                        next_uuid=canon[(p.index + 1) % n].bytes_le,
-                        prev_uuid=canon[(p.index - 1) % n].bytes_le, user_flags=t.arch.pack())
+                        poolset_uuid=t.poolset_uuid.bytes_le, uuid=uuid.bytes_le,
+                        next_uuid=next_.bytes_le, prev_uuid=prev.bytes_le,
+                        user_flags=t.arch.pack())
+
+    def _links(self, p: Probe) -> tuple[_uuid.UUID, _uuid.UUID, _uuid.UUID]:
+        """Replica ``p``'s uuid and its neighbours' (previous, next) in the pool set's
+        circle of replicas."""
+        canon, n = self.run.judgement.canonical, len(self.run.probes)  # type: ignore[union-attr]
+        return canon[p.index], canon[(p.index - 1) % n], canon[(p.index + 1) % n]
 
     def write(self, p: Probe, target: Any = None) -> None:
         """Give replica ``p`` headers of the source's identity with the right links (one
@@ -55,11 +60,9 @@ class Headers:
         ``target`` is a target of ``p`` (open, or keeping its pages), else the probe's."""
         run = self.run
         if p.keeps_pages:
-            canon, n = run.judgement.canonical, len(run.probes)  # type: ignore[union-attr]
             state = run.record.state.pack() if run.record.state is not None else None
-            (target or p.keeper).write_headers(
-                self.template(), canon[p.index], canon[(p.index - 1) % n],
-                canon[(p.index + 1) % n], record=state, gen=self.generation().pack())
+            (target or p.keeper).write_headers(self.template(), *self._links(p), record=state,
+                                               gen=self.generation().pack())
             return
         if target is None:
             target = run.probe_target(p)
