@@ -5,10 +5,10 @@ asked for clear text), then must present the session's secret (handed to the cli
 authenticated control channel, with the certificate) and an unused lane number; after the
 last lane arrives the listener closes, so the secret is good for this session's lanes only.
 A WRITE is received with ``recv_into`` straight into the mapped pool (decrypted there by
-OpenSSL on a TLS lane), made durable, then acknowledged; a client's flush (``OPF_ACK_LATER``)
-is acknowledged together with the operations already waiting behind it, in one send. After
-each answer the lane polls for the next request for the client's spin window (``spin.py``)
-before it sleeps.
+OpenSSL on a TLS lane; in clear text polling for its next segments while they arrive), made
+durable, then acknowledged; a client's flush (``OPF_ACK_LATER``) is acknowledged together
+with the operations already waiting behind it, in one send. After each answer the lane polls
+for the next request for the client's spin window (``spin.py``) before it sleeps.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ STAGE = 8192 + OP.size
 ACK_BATCH = 64
 _OKS = memoryview(bytes(STATUS.size * ACK_BATCH))
 _WAITALL = socket.MSG_WAITALL
+_DONTWAIT = socket.MSG_DONTWAIT
 
 
 def listen_address() -> str:
@@ -156,7 +157,9 @@ class TcpServer:
         recv_into, send, send_some = conn.recv_into, conn.sendall, conn.send
         unpack_from, hdr_size, word = OP.unpack_from, OP.size, STATUS.size
         spin = Spinner(conn.fileno(), self.spin_us, getattr(conn, "pending", None))
-        wait, ready = spin.wait, spin.ready
+        wait, ready, more = spin.wait, spin.ready, spin.more
+        # a TLS lane decrypts into the pool in OpenSSL's own pieces: it receives blocking
+        polling = self.identity is None
         held = 0  # acknowledgements not sent yet
         try:
             while True:
@@ -208,7 +211,9 @@ class TcpServer:
                     have = end - start
                     pool[off:off + have] = staged[start:end]
                     start = end = 0
-                    if not _fill(recv_into, pool[off + have:stop]):
+                    rest = pool[off + have:stop]
+                    if not (_fill_polling(recv_into, rest, more) if polling
+                            else _fill(recv_into, rest)):
                         return
                 if flush_needed and length:
                     try:
@@ -255,6 +260,27 @@ class TcpServer:
             threads = list(self._threads)
         for t in threads:
             t.join(5.0)
+
+
+def _fill_polling(recv_into, view: memoryview, more) -> bool:
+    """Receive exactly ``len(view)`` bytes into ``view`` from a clear-text lane, taking what has
+    arrived without blocking and polling for the rest (``more``, the lane's Spinner.more)
+    while it is on its way; blocking (:func:`_fill`) once polling gives up. A receiver that
+    sleeps until the next segment pays a wake-up for each and finishes that much later after
+    the last (a stream of 1 MiB persists, client and agent on two vCPUs, ran 1.3-1.7x as
+    fast polling). False on end of stream."""
+    got, n = 0, len(view)
+    while got < n:
+        try:
+            r = recv_into(view[got:], 0, _DONTWAIT)
+        except BlockingIOError:
+            if more():
+                continue
+            return _fill(recv_into, view[got:])
+        if not r:
+            return False
+        got += r
+    return True
 
 
 def _fill(recv_into, view: memoryview) -> bool:

@@ -12,6 +12,10 @@ other work. ``poll`` also reports the end of the stream, a reset and a local shu
 aborted from another thread): the wait ends at once, and the receive that follows fails as it
 would have.
 
+A large message is received the same way while it arrives: the receiver takes what has come
+without blocking and polls for the rest (:meth:`Spinner.more`), where sleeping until the next
+segment would cost a wake-up per segment, and at the end the time until its answer goes out.
+
 Polling adapts: after :data:`MISSES` waits in a row where it saved nothing (the bytes came
 later than the window, or never; another thread wanted the CPU; or they were there at once),
 it is skipped for 1, 2, 4 ... up to :data:`MAX_SKIP` waits, then tried again; one wait that
@@ -89,3 +93,23 @@ class Spinner:
         self.misses = misses = self.misses + 1
         if misses >= MISSES:
             self.skip = min(MAX_SKIP, 1 << min(misses - MISSES, 16))
+
+    def more(self) -> bool:
+        """Poll for the next bytes of a message that is arriving (its sender sends it whole,
+        waiting for nothing): True once they can be read, False when the window passed without
+        any or another thread wanted this CPU; the caller then blocks. No adapting here: the
+        bytes are known to be on their way, and a CPU shared with the sender ends the polling
+        at the first yield."""
+        if not self.window:
+            return False
+        poll = self._poll
+        end = _clock() + self.window
+        while True:
+            before = _clock()
+            if before > end:
+                return False
+            _yield()
+            if _clock() - before > _RAN:
+                return False
+            if poll(0):
+                return True

@@ -131,6 +131,27 @@ def test_bytes_already_there_end_the_wait_without_polling(pair):
     assert timed_wait(Spinner(a.fileno(), 20_000_000)) < 1
 
 
+def test_polling_for_the_rest_of_a_message_ends_with_its_bytes_or_its_window(pair,
+                                                                          monkeypatch):
+    """Spinner.more (the agent's receive of a large write): True as soon as the next bytes
+    can be read, False once the window passed without any; it never skips."""
+    a, b = pair
+    monkeypatch.setattr(spin, "_RAN", 10**12)  # only bytes or the window end it
+    spinner = Spinner(a.fileno(), 50_000)  # 50 ms
+    timer = threading.Timer(0.01, lambda: b.sendall(b"x"))
+    timer.start()
+    t0 = time.monotonic()
+    assert spinner.more()
+    assert 0.005 < time.monotonic() - t0 < 0.045
+    timer.join()
+    a.recv(1)
+    for _ in range(MISSES + 1):  # a miss does not turn it off, as it does wait()
+        t0 = time.monotonic()
+        assert not spinner.more()
+        assert 0.045 < time.monotonic() - t0 < 1
+    assert not Spinner(a.fileno(), 0).more()  # no window: the caller blocks at once
+
+
 # -- the window on the wire ------------------------------------------------------------------------
 def test_the_clients_window_travels_in_the_create_flags():
     for window in (0, 1, DEFAULT_WINDOW_US, 10_000):

@@ -70,15 +70,21 @@ def test_a_lane_with_the_secret_writes_and_reads(opened):
     assert on_disk[2 * M:2 * M + 200] == b"".join(bytes([i]) * 10 for i in range(20))
 
 
-def test_an_operation_sent_in_pieces_lands_whole(opened):
+@pytest.mark.parametrize("size, cuts", [
+    (3000, (5, 17, 24, 1000, 2500)),
+    # past its staging buffer the agent receives a write into the pool as it arrives (in
+    # clear text polling for the next segment); pauses longer than the polling window find
+    # it asleep in the kernel instead
+    (M + 12345, (100, 9000, 300_000, 300_001, 700_000))])
+def test_an_operation_sent_in_pieces_lands_whole(opened, size, cuts):
     # the header and the payload each split over several segments, and a read asked for
     # in pieces: the agent waits for each whole, never taking a piece for something else
     session, resp, parts = opened
     sock, _ = session.lane(resp, 0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    data = os.urandom(3000)
+    data = os.urandom(size)
     message = OP.pack(OP_WRITE, 0, HDR_SIZE + 7, len(data)) + data
-    cuts = (0, 5, 17, 24, 1000, 2500, len(message))
+    cuts = (0, *cuts, len(message))
     for a, b in zip(cuts, cuts[1:]):
         sock.sendall(message[a:b])
         time.sleep(0.02)
@@ -92,7 +98,9 @@ def test_an_operation_sent_in_pieces_lands_whole(opened):
         back += sock.recv(len(data) - len(back))
     assert back == data
     sock.close()
-    assert remote_bytes(parts)[HDR_SIZE + 7:HDR_SIZE + 7 + len(data)] == data
+    on_disk = remote_bytes(parts)
+    assert on_disk[HDR_SIZE + 7:HDR_SIZE + 7 + len(data)] == data
+    assert on_disk[HDR_SIZE + 7 + len(data)] == 0
 
 
 def test_a_lane_without_the_secret_is_refused(opened):
@@ -204,18 +212,21 @@ def test_acknowledgements_before_a_refusal_are_still_sent(opened):
     assert on_disk[HDR_SIZE:HDR_SIZE + 3] == b"one" and on_disk[M:M + 3] == b"two"
 
 
-def test_a_lane_that_ends_mid_payload_writes_only_what_arrived(opened):
+@pytest.mark.parametrize("length, sent", [(1000, 10), (2 * M, 100_000)])
+def test_a_lane_that_ends_mid_payload_writes_only_what_arrived(opened, length, sent):
     session, resp, parts = opened
     sock, _ = session.lane(resp, 0)
-    sock.sendall(OP.pack(OP_WRITE, 0, M, 1000) + b"z" * 10)
-    sock.close()  # the agent gets 10 of 1000 bytes, then the end of the stream
+    sock.sendall(OP.pack(OP_WRITE, 0, M, length) + b"z" * sent)
+    time.sleep(0.05)  # the large write: the agent is receiving (polling) when the stream ends
+    sock.close()  # the agent gets some of the bytes, then the end of the stream
     # the session still works and the bytes around the range are untouched
     other, status = session.lane(resp, 1)
     assert status == 0 and write_op(other, OP_WRITE, HDR_SIZE, b"k") == 0
     other.close()
     assert session.request(proto.Request(proto.CLOSE)).status == proto.OK
     on_disk = remote_bytes(parts)
-    assert on_disk[M + 1000:M + 1001] == b"\0"
+    assert on_disk[M:M + sent] == b"z" * sent
+    assert on_disk[M + sent:M + length + 1] == bytes(length + 1 - sent)
     assert on_disk[M - 1:M] == b"\0"
 
 
