@@ -1,5 +1,5 @@
 """Why SO_RCVLOWAT hung lanes (issue 13: earlier work set it and saw lanes hang, reasons never
-found), shown on this machine's kernel, and that the lanes do not set it.
+found), shown on this machine's kernel, and that the client's lanes leave it at one byte.
 
 Linux wakes a thread that sleeps in ``recv`` when at least SO_RCVLOWAT bytes are *unread on
 the socket* (``tcp_data_ready`` -> ``tcp_epollin_ready``: ``rcv_nxt - copied_seq``), but a
@@ -11,9 +11,11 @@ after which it returns the whole message as if nothing had happened. A lane that
 SO_RCVLOWAT to the answer it expects (the status words of its flushes, a read's bytes) hung
 whenever that answer arrived in two pieces and the receive started between them: with TCP
 segments of a few status words, often. ``poll`` counts every unread byte, so a poll for
-SO_RCVLOWAT bytes followed by a non-blocking receive does not hang; the lanes need neither
-(the agent receives payloads with MSG_WAITALL, one call, and polls before it sleeps with
-``rpmem_common/spin.py``)."""
+SO_RCVLOWAT bytes followed by a non-blocking receive does not hang: the agent receives a large
+clear-text write that way once polling for it gave up (``_fill_batched`` in
+``remote_agent/tcp_server.py``, never more than the bytes still to come, and back to one byte
+before its next receive; ``tests/test_rpmem_tcp_wire.py`` sends writes in pieces slower than
+its polling)."""
 
 from __future__ import annotations
 
