@@ -31,6 +31,9 @@ _ZEROS = bytes(STATUS.size * 4096)
 _OK_WORD = bytes(STATUS.size)
 _pack_op = OP.pack_into
 _OP_SIZE = OP.size
+#: a persist of at most this many bytes is copied behind its header and sent with ``send``:
+#: cheaper than ``sendmsg``'s two buffers (250 ns less per 64 B call here), up to about 1 KiB
+SMALL = 1024
 
 
 DEFAULT_OP_TIMEOUT = 60.0
@@ -64,11 +67,14 @@ def _deadline(sock: socket.socket, op_timeout: float) -> None:
 class TcpLane:
     """One lane: its connection and the count of flushes not yet answered."""
 
-    __slots__ = ("sock", "hdr", "status", "status_word", "pending", "lock", "broken", "spin")
+    __slots__ = ("sock", "hdr", "small", "status", "status_word", "pending", "lock", "broken",
+                 "spin")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock  # or a tls.TlsLane, which has the methods used here
         self.hdr = bytearray(OP.size)
+        #: a small persist's header and bytes, sent in one ``send``
+        self.small = memoryview(bytearray(OP.size + SMALL))
         self.status = bytearray(STATUS.size * 4096)
         #: a persist's answer: a bytearray of its own compares with _OK_WORD 4x faster than a view
         self.status_word = bytearray(STATUS.size)
@@ -222,12 +228,22 @@ class TcpDataPath:
                 self._collect(ln)  # its answer comes after those to the flushes before it
                 return
             # the usual case, written out: this is the hot loop of a pool with remote replicas
-            _pack_op(ln.hdr, 0, op, flags, offset, length)
             sock = ln.sock
-            sent = sock.sendmsg((ln.hdr, self._pool[offset:offset + length]), (), _NOSIGNAL)
-            ln.pending = 1  # until its answer is read, whatever interrupts this
-            if sent != _OP_SIZE + length:
-                self._send_rest(ln, offset, length, sent)
+            if length <= SMALL:
+                out = ln.small
+                _pack_op(out, 0, op, flags, offset, length)
+                end = _OP_SIZE + length
+                out[_OP_SIZE:end] = self._pool[offset:offset + length]
+                sent = sock.send(out[:end], _NOSIGNAL)
+                ln.pending = 1  # until its answer is read, whatever interrupts this
+                if sent != end:
+                    sock.sendall(out[sent:end], _NOSIGNAL)
+            else:
+                _pack_op(ln.hdr, 0, op, flags, offset, length)
+                sent = sock.sendmsg((ln.hdr, self._pool[offset:offset + length]), (), _NOSIGNAL)
+                ln.pending = 1
+                if sent != _OP_SIZE + length:
+                    self._send_rest(ln, offset, length, sent)
             spin = ln.spin
             if spin.skip:
                 spin.skip -= 1
