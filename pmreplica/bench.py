@@ -230,7 +230,7 @@ def latency(remotes: list, n: int, rounds: int, count: int, cpu: int | None,
     return found
 
 
-def _parallel(nlanes: int, work: Callable[[int], None]) -> float:
+def parallel(nlanes: int, work: Callable[[int], None]) -> float:
     """Run ``work(lane)`` on ``nlanes`` threads at once; the wall time in seconds."""
     start = threading.Barrier(nlanes + 1)
     threads = [threading.Thread(target=lambda i=i: (start.wait(), work(i))) for i in range(nlanes)]
@@ -271,8 +271,8 @@ def throughput(remotes: list, pool: memoryview, size: int, nlanes: int, rounds: 
         for _ in range(rounds):
             for (ours, base), remote, lanes, n in zip(found, remotes, socks, nbytes):
                 steps = max(2, n // size)
-                base.append(steps * size / _parallel(nlanes, lambda i: raw(lanes, steps, i)))
-                ours.append(steps * size / _parallel(nlanes, lambda i: persist(remote, steps, i)))
+                base.append(steps * size / parallel(nlanes, lambda i: raw(lanes, steps, i)))
+                ours.append(steps * size / parallel(nlanes, lambda i: persist(remote, steps, i)))
     finally:
         for s in sum(socks, []):
             s.close()
@@ -282,7 +282,7 @@ def throughput(remotes: list, pool: memoryview, size: int, nlanes: int, rounds: 
 
 
 @contextlib.contextmanager
-def _running_on(cpu: int | None) -> Iterator[None]:
+def running_on(cpu: int | None) -> Iterator[None]:
     """This process on ``cpu`` alone for the block (all of it if None), as it was after."""
     saved = os.sched_getaffinity(0)
     if cpu is not None:
@@ -307,7 +307,7 @@ def _environ_restored(*names: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _agent_cmd(poolset_dir: str, cpu: int | None = None) -> str:
+def agent_cmd(poolset_dir: str, cpu: int | None = None) -> str:
     agent = os.path.join(os.path.dirname(sys.executable), "pmreplica-agent")
     argv = [agent] if os.path.exists(agent) else [sys.executable, "-m", "remote_agent.main"]
     return shlex.join(_pinned([*argv, "--poolset-dir", poolset_dir], cpu))
@@ -410,8 +410,8 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
             pool.write(os.urandom(1 << 20) * (POOL_SIZE >> 20))  # real memory, not the zero page
             view = memoryview(pool)
             for i, place in enumerate(where or placements()):
-                with _running_on(place.client):
-                    os.environ["RPMEM_CMD"] = _agent_cmd(d, place.server)
+                with running_on(place.client):
+                    os.environ["RPMEM_CMD"] = agent_cmd(d, place.server)
                     found = _placement_rows(pool, view, d, i > 0, place, rounds, count, nbytes)
                 for r in found:
                     r.placement = place.name
@@ -420,7 +420,7 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
                     _print(found, out, place.name)
             view.release()
             pool.close()
-            os.environ["RPMEM_CMD"] = _agent_cmd(d)
+            os.environ["RPMEM_CMD"] = agent_cmd(d)
             clear_cc, tls_cc = create_close("localhost", d, 3 if quick else 7, False, tuple(
                 RpmemConfig.from_env({**os.environ, "PMREPLICA_TCP_TLS": tls})
                 for _, tls in POOLS))
@@ -475,7 +475,7 @@ def _machine() -> str:
 def _ssh_rows(target: str, d: str, env: dict[str, str], quick: bool) -> list[Row]:
     with _environ_restored(*env, "RPMEM_CMD", "PMREPLICA_LAUNCHER"):
         os.environ.update(env)
-        os.environ["RPMEM_CMD"] = _agent_cmd(d)
+        os.environ["RPMEM_CMD"] = agent_cmd(d)
         os.environ.pop("PMREPLICA_LAUNCHER", None)
         first = statistics.median(create_close(target, d, 3 if quick else 5, True)[0])
         reuse = statistics.median(create_close(target, d, 5 if quick else 10, False)[0][1:])

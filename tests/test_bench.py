@@ -25,7 +25,7 @@ def test_started_processes_are_placed_after_the_client_pinned_itself():
         unavailable("placement needs two CPUs and taskset")
     assert [p.name for p in where] == ["one CPU", "two CPUs", "unpinned"]
     for place in where:
-        with bench._running_on(place.client):
+        with bench.running_on(place.client):
             run = subprocess.run(bench._pinned(AFFINITY, place.server), capture_output=True,
                                  text=True, check=True)
             assert os.sched_getaffinity(0) == ({place.client} if place.client is not None
