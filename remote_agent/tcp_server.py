@@ -303,11 +303,12 @@ def _fill_batched(conn: socket.socket, view: memoryview, readable) -> bool:
     low = 1
     try:
         while got < n:
-            want = min(BATCH, n - got)
-            if want != low:
-                setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                low = want
-            readable()  # the batch is in, the stream ended or failed, or the lane shut down
+            if not readable(0):  # (often the rest came while polling gave way to its sender)
+                want = min(BATCH, n - got)
+                if want != low:
+                    setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                    low = want
+                readable()  # the batch is in, the stream ended or failed, or the lane shut down
             try:
                 r = recv_into(view[got:], 0, _DONTWAIT)
             except BlockingIOError:
