@@ -13,8 +13,10 @@ aborted from another thread): the wait ends at once, and the receive that follow
 would have.
 
 A large message is received the same way while it arrives: the receiver takes what has come
-without blocking and polls for the rest (:meth:`Spinner.more`), where sleeping until the next
-segment would cost a wake-up per segment, and at the end the time until its answer goes out.
+and polls for the rest (:meth:`Spinner.more`), where sleeping until the next segment would
+cost a wake-up per segment, and at the end the time until its answer goes out. That polling
+lasts as long as segments keep coming within the window, a whole transfer on a link that
+delivers them so; a window of 0 turns it off with the rest.
 
 Polling adapts: after :data:`MISSES` waits in a row where it saved nothing (the bytes came
 later than the window, or never; another thread wanted the CPU; or they were there at once),

@@ -51,9 +51,10 @@ pmreplica's own:
 ``PMREPLICA_SPIN_US``
     Microseconds (default 50, at most 10000; 0 turns it off) that a TCP lane polls for an
     answer before its thread sleeps, on the client and, told by the client, on the agent
-    for the next request (``rpmem_common/spin.py``). Sleeping costs a wake-up per operation,
+    for the next request and for each next segment of a clear-text write that is arriving
+    (``rpmem_common/spin.py``). Sleeping costs a wake-up per operation (and per segment),
     20-30 us on a VM when client and agent run on different CPUs; polling costs CPU while
-    operations are in flight, at most the window per operation and side, and stops by itself
+    operations are in flight, at most the window per wait and side, and stops by itself
     when it keeps missing (an idle pool polls nothing). 0 saves that CPU on a machine where
     it is scarce; a larger window covers operations whose answers take longer.
 
