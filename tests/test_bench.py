@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -87,3 +88,27 @@ def test_txbench_measures_every_configuration_beside_the_round_trip_floor():
     floor = [r for r in rows if r["workload"] == "-"]
     assert [r["config"] for r in floor] == ["raw TLS round trip, 200 B"]
     assert all(r["tx_per_s"] > 0 and r["p99_us"] >= r["p50_us"] > 0 for r in rows)
+
+
+def test_streams_puts_persists_beside_the_raw_stream_answered_or_not():
+    """benchmarks/streams.py end to end, briefly, in one placement: every stream with its four
+    arms, each a positive GB/s and its ratio to the raw stream of the same stream."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "streams.py"),
+                          "--rounds", "1", "--mib", "8", "--placements", "unpinned"],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    found = {}
+    for line in run.stdout.splitlines():
+        m = re.match(r"(\d+ MiB x\d lanes?) +(\S.*?) +([\d.]+) +([\d.]+)x$", line)
+        if m:
+            found[m[1], m[2]] = float(m[3]), float(m[4])
+    arms = ("raw stream", "raw, answered per step", "persist", "flush + drain")
+    streams = ("1 MiB x1 lane", "16 MiB x1 lane", "1 MiB x4 lanes", "16 MiB x4 lanes")
+    assert sorted(found) == sorted((s, a) for s in streams for a in arms), run.stdout
+    for stream in streams:
+        raw = found[stream, "raw stream"][0]
+        assert found[stream, "raw stream"][1] == 1.0
+        for arm in arms:
+            gbs, ratio = found[stream, arm]
+            assert gbs > 0 and ratio == pytest.approx(gbs / raw, rel=0.02, abs=0.01), (stream, arm)
