@@ -6,6 +6,7 @@ health is :func:`pmreplica.health.judge`'s verdict, the one check and replica-sy
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
@@ -13,8 +14,7 @@ import uuid as _uuid
 from collections.abc import Container
 from typing import Any
 
-from . import dirtymap, generation
-from . import setfile
+from . import dirtymap, generation, setfile
 from .errors import HeaderError
 from .files import open_regular
 from .header import (FEAT_CHECK_BAD_BLOCKS, FEAT_CKSUM_2K, FEAT_SDS, FEAT_SINGLEHDR, HDR_SIZE,
@@ -149,8 +149,6 @@ def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
     """Everything ``info`` reports about a pool set (or a single-file pool). Replicas that
     are not local are listed, not contacted; health is health.judge's verdict, the one
     replica-sync and check give."""
-    import functools
-
     from . import health
     from .plugin_manager import make_plugin_manager
     from .target_host import TargetHost, open_target

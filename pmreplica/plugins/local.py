@@ -281,10 +281,11 @@ class LocalTarget:
 
     def set_attr(self, attr: PoolAttr) -> None:
         """Rewrite the attributes in every part header; the other parts' uuids stay."""
+        files = self._usable()
         hdr = attr.to_header()
-        uuids = [h.header.uuid for h in self.files.read_headers() if h.header is not None]
+        uuids = [h.header.uuid for h in files.read_headers() if h.header is not None]
         uuids[0] = hdr.uuid  # part 0 takes the attributes' uuid, as PMDK's set_attr does
-        self.files.write_headers(hdr, uuids, hdr.prev_repl, hdr.next_repl)
+        files.write_headers(hdr, uuids, hdr.prev_repl, hdr.next_repl)
 
     def stat(self) -> TargetStat:
         headers, problems = self._usable().check()

@@ -2,10 +2,11 @@
 
 A record counts where :mod:`pmreplica.health` looks for one: the master's first page (unless
 it is another pool's) and the first page of every sound replica that keeps its header pages
-(:class:`~pmreplica.target.HeaderPageKeeper`: the local ones), written through its
-target. The run's record is the authority's, one generation above every record found, so that it is the newest wherever it
-lands; it is written durably, the master first (its fine dirty map saved before it). See
-:mod:`pmreplica.sync` for the order of marks and clears that keeps a crash safe.
+(:class:`~pmreplica.target.HeaderPageKeeper`: the local ones), written through its target.
+The run's record is the authority's, one generation above every record found, so that it is
+the newest wherever it lands; it is written durably, the master first (its fine dirty map
+saved before it). See :mod:`pmreplica.sync` for the order of marks and clears that keeps a
+crash safe.
 """
 
 from __future__ import annotations
