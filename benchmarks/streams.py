@@ -41,17 +41,8 @@ def measure(remote: RemotePool, view: memoryview, size: int, nlanes: int, steps:
     socks = [peer.connect() for _ in range(nlanes)]
 
     def raw(lane: int, answered_per_step: bool = False) -> None:
-        s, payload = socks[lane], view[4096 + lane * chunk:4096 + (lane + 1) * chunk]
-        if not answered_per_step:
-            s.sendall((steps * chunk).to_bytes(8, "big"))
-        for _ in range(steps):
-            if answered_per_step:
-                s.sendall(chunk.to_bytes(8, "big"))
-            s.sendall(payload)
-            if answered_per_step:
-                s.recv(1)
-        if not answered_per_step:
-            s.recv(1)
+        bench.raw_stream(socks[lane], view[4096 + lane * chunk:4096 + (lane + 1) * chunk],
+                         steps, answered_per_step)
 
     def persists(lane: int) -> None:
         for _ in range(steps):
@@ -82,7 +73,7 @@ def main() -> int:
     p.add_argument("--mib", type=int, default=800, help="MiB per arm and round")
     p.add_argument("--placements", metavar="LIST", help="as benchmarks/persist.py's")
     args = p.parse_args()
-    print(bench._machine())
+    print(bench.machine())
     with tempfile.TemporaryDirectory(prefix="pmreplica-streams-", dir="/dev/shm") as d:
         with open(os.path.join(d, "s.set"), "w") as f:
             f.write(f"PMEMPOOLSET\n{bench.POOL_SIZE >> 20}M {d}/s.part\n")
@@ -101,14 +92,14 @@ def main() -> int:
                         steps = max(2, (args.mib << 20) // size)
                         found = measure(remote, view, size, nlanes, steps, args.rounds,
                                         place.server)
-                        what = f"{bench._size(size)} x{nlanes} lane{'s' * (nlanes > 1)}"
+                        what = bench.stream_label(size, nlanes)
                         for name, gbs in found.items():
                             print(f"{what:22} {name:24} {gbs:6.2f} "
                                   f"{gbs / found['raw stream']:6.2f}x", flush=True)
                 os.unlink(f"{d}/s.part")
         view.release()
         pool.close()
-    print(bench._machine())
+    print(bench.machine())
     return 0
 
 

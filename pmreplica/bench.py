@@ -243,6 +243,29 @@ def parallel(nlanes: int, work: Callable[[int], None]) -> float:
     return time.perf_counter() - t0
 
 
+def raw_stream(sock: socket.socket, payload: memoryview, steps: int,
+               answered_per_step: bool = False) -> None:
+    """Send ``payload`` ``steps`` times to a "stream" peer: announced as one stream and
+    answered at its end, or (``answered_per_step``) each step announced and answered on its
+    own, as a persist is."""
+    n = len(payload)
+    if not answered_per_step:
+        sock.sendall((steps * n).to_bytes(8, "big"))
+    for _ in range(steps):
+        if answered_per_step:
+            sock.sendall(n.to_bytes(8, "big"))
+        sock.sendall(payload)
+        if answered_per_step:
+            sock.recv(1)
+    if not answered_per_step:
+        sock.recv(1)
+
+
+def stream_label(size: int, nlanes: int) -> str:
+    """``1 MiB x4 lanes``: a stream of ``size``-byte steps split over ``nlanes`` lanes."""
+    return f"{_size(size)} x{nlanes} lane{'s' * (nlanes > 1)}"
+
+
 def throughput(remotes: list, pool: memoryview, size: int, nlanes: int, rounds: int,
                nbytes: list[int], cpu: int | None) -> list[tuple[float, float]]:
     """For each remote pool (in POOLS order), its bytes/s and its transport's raw stream's,
@@ -254,12 +277,7 @@ def throughput(remotes: list, pool: memoryview, size: int, nlanes: int, rounds: 
     socks = [[peer.connect() for _ in range(nlanes)] for peer in peers]
 
     def raw(lanes: list[socket.socket], steps: int, lane: int) -> None:
-        s = lanes[lane]
-        payload = pool[4096 + lane * chunk:4096 + (lane + 1) * chunk]
-        s.sendall((steps * chunk).to_bytes(8, "big"))
-        for _ in range(steps):
-            s.sendall(payload)
-        s.recv(1)
+        raw_stream(lanes[lane], pool[4096 + lane * chunk:4096 + (lane + 1) * chunk], steps)
 
     def persist(remote, steps: int, lane: int) -> None:
         off = 4096 + lane * chunk
@@ -399,7 +417,7 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
     rounds, count, nbytes = (2, 200, 100 << 20) if quick else (7, 2000, 1500 << 20)
     rows: list[Row] = []
     if not as_json:
-        out.write(_machine() + "\n")
+        out.write(machine() + "\n")
     with tempfile.TemporaryDirectory(prefix="pmreplica-bench-", dir="/dev/shm") as d:
         for name, _ in POOLS:
             with open(os.path.join(d, name), "w") as f:
@@ -436,7 +454,7 @@ def run(quick: bool = False, ssh_target: str | None = None, ssh_env: dict[str, s
         out.write("\n")
     else:
         _print(rest, out, "")
-        out.write(_machine() + "\n")
+        out.write(machine() + "\n")
     return rows
 
 
@@ -454,14 +472,14 @@ def _placement_rows(pool, view: memoryview, d: str, open_: bool, place: Placemen
             # TLS streams run at a fraction of clear ones: fewer bytes keep their rounds short
             found = throughput(remotes, view, size, lanes, rounds, [nbytes, nbytes // 4],
                                place.server)
-            what = f"persist {_size(size)} x{lanes} lane{'s' * (lanes > 1)}"
+            what = f"persist {stream_label(size, lanes)}"
             for (ours, base), suffix in zip(found, SUFFIX):
                 rows.append(_row(what + suffix, ours / 1e9, "GB/s", base / 1e9,
                                  at_least=STREAM_TARGET))
     return rows
 
 
-def _machine() -> str:
+def machine() -> str:
     """The CPUs and the load while the figures were taken (other work skews them)."""
     model = ""
     with contextlib.suppress(OSError):
