@@ -360,6 +360,32 @@ def test_api_report_and_progress_hook(pool_dir):
     assert sync.check(layout.path).status == "healthy"
 
 
+class RaisingProgress:
+    """A host application whose progress hook fails (a bug of its own)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def pmreplica_sync_progress(self, replica, phase, done, total):
+        self.calls += 1
+        raise RuntimeError("the application's progress bar broke")
+
+
+def test_a_raising_progress_hook_does_not_stop_a_repair(pool_dir, caplog):
+    layout = _local(pool_dir)
+    expected = layout.data(0)
+    layout.parts[1][0][1].unlink()
+    hook = RaisingProgress()
+    with caplog.at_level(logging.ERROR, "pmreplica"):
+        result = sync.sync(layout.path, verify=True, plugins=[hook])
+    assert result.status == "repaired" and result.replicas[1].result == "repaired"
+    assert layout.data(1) == expected
+    assert hook.calls >= 4  # a start and an end of the copy and of the verify pass
+    assert caplog.text.count("pmreplica_sync_progress hook raised") == hook.calls
+    assert sync.check(layout.path).status == "healthy"
+
+
 def test_progress_lines_json_and_a_bar_on_a_terminal_without_columns(pool_dir):
     layout = _local(pool_dir)
     layout.parts[1][0][1].unlink()

@@ -1,20 +1,22 @@
 """A run's progress, told through the ``pmreplica_sync_progress`` hook (which a
 :class:`~pmreplica.progress.HookRenderer` among the plugins may draw): one replica and one
-phase (copy, verify, compare) at a time."""
+phase (copy, verify, compare) at a time. A hook that raises is logged and the run goes on,
+as in an open pool: an application's progress bar must not stop a repair."""
 
 from __future__ import annotations
 
-from typing import Any
+import pluggy
 
 from ..health import Probe
+from ..plugin_manager import notify
 from ..status import ReplicaStatus
 
 
 class ReplicaProgress:
     """Where the work on the current replica stands, told to the hook at each step."""
 
-    def __init__(self, hook: Any) -> None:
-        self._hook = hook
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
         self._status: ReplicaStatus | None = None
         self._phase = ""
         self._done = self._total = 0
@@ -35,5 +37,5 @@ class ReplicaProgress:
         self._status = None
 
     def _notify(self) -> None:
-        self._hook.pmreplica_sync_progress(replica=self._status, phase=self._phase,
-                                           done=self._done, total=self._total)
+        notify(self._pm, "pmreplica_sync_progress", replica=self._status, phase=self._phase,
+               done=self._done, total=self._total)

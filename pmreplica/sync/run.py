@@ -55,7 +55,7 @@ class Run:
             progress if isinstance(progress, str) else
             _progress_mod.mode_for(sys.stderr, True) if progress else _progress_mod.OFF)
         self.pm = make_plugin_manager([*plugins, self.renderer])
-        self.progress = ReplicaProgress(self.pm.hook)
+        self.progress = ReplicaProgress(self.pm)
         self.probes: list[Probe] = []
         self.reports: list[ReplicaReport] = []
         self.lock_fd = -1
