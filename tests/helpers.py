@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pmreplica import hookimpl
+
 HDR = 4096
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +124,19 @@ def pip_install(dist: Path, base: Path) -> Path:
         unavailable(f"cannot install {dist.name} (the test extra needs setuptools>=70.1 in "
                     f"the venv): {run.stderr.strip()[-500:]}")
     return site
+
+
+class RaisingProgress:
+    """A host application whose progress hook fails (a bug of its own); ``calls`` records
+    each call's (phase, done, total)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    @hookimpl
+    def pmreplica_sync_progress(self, replica, phase, done, total):
+        self.calls.append((phase, done, total))
+        raise RuntimeError("the application's progress bar broke")
 
 
 def unavailable(reason: str) -> None:

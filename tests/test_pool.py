@@ -24,7 +24,8 @@ from pmreplica.setfile import parse
 from pmreplica.state import OFFSET as STATE_OFFSET, ReplicaState
 from pmreplica.sync import check
 
-from .helpers import read_json_line, replica_bytes, run_threads, start_python, write_set
+from .helpers import (RaisingProgress, read_json_line, replica_bytes, run_threads,
+                      start_python, write_set)
 
 M = 1 << 20
 
@@ -586,18 +587,6 @@ def test_online_resync_copies_the_4k_chunks_written_while_stale(pool_dir):
     assert replica_bytes([(size, d / "m")])[HDR_SIZE:] == \
         replica_bytes([(size, d / "r")])[HDR_SIZE:]
     assert not (d / "m.pmrdirty").exists()  # nothing stale: the side file is gone
-
-
-class RaisingProgress:
-    """A host application whose progress hook fails (a bug of its own)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int, int]] = []
-
-    @hookimpl
-    def pmreplica_sync_progress(self, replica, phase, done, total):
-        self.calls.append((phase, done, total))
-        raise RuntimeError("the application's progress bar broke")
 
 
 def test_a_raising_progress_hook_does_not_break_create(pool_dir, caplog):

@@ -22,7 +22,7 @@ from pmreplica import HeaderError, PoolSet, hookimpl, sync
 from pmreplica.header import HDR_SIZE, PoolHeader
 from pmreplica.state import ReplicaState, store_copy
 
-from .helpers import replica_bytes, write_set
+from .helpers import RaisingProgress, replica_bytes, write_set
 from .sync_harness import BIN, M, PoolLayout, check, fill, report, replica_sync
 
 
@@ -360,18 +360,6 @@ def test_api_report_and_progress_hook(pool_dir):
     assert sync.check(layout.path).status == "healthy"
 
 
-class RaisingProgress:
-    """A host application whose progress hook fails (a bug of its own)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    @hookimpl
-    def pmreplica_sync_progress(self, replica, phase, done, total):
-        self.calls += 1
-        raise RuntimeError("the application's progress bar broke")
-
-
 def test_a_raising_progress_hook_does_not_stop_a_repair(pool_dir, caplog):
     layout = _local(pool_dir)
     expected = layout.data(0)
@@ -381,8 +369,8 @@ def test_a_raising_progress_hook_does_not_stop_a_repair(pool_dir, caplog):
         result = sync.sync(layout.path, verify=True, plugins=[hook])
     assert result.status == "repaired" and result.replicas[1].result == "repaired"
     assert layout.data(1) == expected
-    assert hook.calls >= 4  # a start and an end of the copy and of the verify pass
-    assert caplog.text.count("pmreplica_sync_progress hook raised") == hook.calls
+    assert len(hook.calls) >= 4  # a start and an end of the copy and of the verify pass
+    assert caplog.text.count("pmreplica_sync_progress hook raised") == len(hook.calls)
     assert sync.check(layout.path).status == "healthy"
 
 
