@@ -6,11 +6,14 @@ answer held back goes out as soon as no request follows it."""
 from __future__ import annotations
 
 import errno
+import os
+import socket
 
 import pytest
 
 from pmreplica.header import HDR_SIZE
 from pmreplica.rpmem.client import RemotePool
+from pmreplica.rpmem.transport.tcp import NOTSENT_LOWAT
 from rpmem_common import proto
 from rpmem_common.wire import OP, OP_READ, OP_WRITE, OPF_ACK_LATER
 
@@ -46,6 +49,34 @@ def test_100000_tiny_flushes_on_4_lanes_land_and_drain(local_node, tls, work_que
     assert run_threads(flushes, 4) == []
     rp.close()
     end = HDR_SIZE + 4 * region
+    assert remote_bytes(parts)[HDR_SIZE:end] == pool[HDR_SIZE:end]
+
+
+@pytest.mark.parametrize("tls", TLS)
+def test_large_persists_on_4_lanes_at_once_land_whole(local_node, tls):
+    """Each lane persists its own 12 MiB range three times over with new bytes, all lanes
+    at once, so that writes wait in the sockets for the agent's window; every lane's socket
+    carries the unsent mark (a send sleeps at 512 KiB unsent, not at a full send buffer),
+    and the replica ends with the last bytes of each range."""
+    size = 64 * M
+    parts = local_node.make_set("r.set", (size,))
+    pool = local_pool(size, seed=3)
+    config = local_node.config(PMREPLICA_TCP_TLS=TLS[tls])
+    rp = RemotePool.create(local_node.target, "r.set", pool, nlanes=4, attr=attr(),
+                           config=config)
+    span = 12 * M
+    for ln in rp.data_path._lanes:
+        assert ln.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
+
+    def persists(lane: int) -> None:
+        at = HDR_SIZE + lane * span
+        for _ in range(3):
+            pool[at:at + span] = os.urandom(span)
+            rp.persist(at, span, lane)
+
+    assert run_threads(persists, 4) == []
+    rp.close()
+    end = HDR_SIZE + 4 * span
     assert remote_bytes(parts)[HDR_SIZE:end] == pool[HDR_SIZE:end]
 
 
