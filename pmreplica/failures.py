@@ -14,7 +14,6 @@ every persist) under its state lock.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 
@@ -22,7 +21,7 @@ import pluggy
 
 from . import dirtymap
 from . import generation as _generation
-from .errors import ReplicaError
+from .errors import as_replica_failure
 from .generation import Generation
 from .header import PoolHeader
 from .plugin_manager import notify
@@ -92,9 +91,7 @@ class FailureBook:
         being closed while another lane's thread is in one of its calls. ``target`` is the
         one that failed: if the replica no longer uses it (failed already, or resynced with
         a new target meanwhile), only what this call may have missed is recorded."""
-        if not isinstance(error, OSError):  # a plugin's bug: still the replica's failure
-            log.error("%s raised %r", status.name, error, exc_info=error)
-            error = ReplicaError(errno.EIO, f"{status.name}: {type(error).__name__}: {error}")
+        error = as_replica_failure(status.name, error)  # a plugin's bug fails it too
         with self._state_lock:
             changed = offset is not None and self.state.mark_dirty(offset, length)
             for lane, n in enumerate(self._npending):

@@ -46,6 +46,8 @@ DEFAULT_SIGNATURE = b"PMREPLIC"
 DEFAULT_NLANES = 4
 #: flushed ranges remembered per lane until its drain (beyond that, one covering span)
 PENDING_RANGES = 16
+#: what persist tells _fail of a replica failed (elsewhere) between its flush and its drain
+_UNDRAINED = ReplicaError(errno.EIO, "the replica failed before the range was drained")
 
 
 class PoolSet(FailureBook):
@@ -329,27 +331,37 @@ class PoolSet(FailureBook):
     def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Make ``[offset, offset+length)`` durable on the master and every working replica."""
         self._check(offset, length, lane, flags)
+        # _active before _degraded, the reverse of the order _take_off changes them in: a
+        # replica taken off meanwhile is either still in `active` or found in the dirty map
+        active = self._active
         if self._degraded:
             self._note_dirty(offset, length)
-        active = self._active
         for status, target in active:
             try:
                 target.flush(offset, length, lane, flags)
-            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
+            except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e, offset, length)
+                if not isinstance(e, Exception):
+                    raise  # an interrupt: the replica may lack the range, failed; it goes on
         self.mapping.persist(offset, length)
         for status, target in active:
-            if status.target is not target:  # failed during the flush above (or replaced)
+            if status.target is not target:
+                # failed since its flush above, maybe on another thread (a heartbeat): that
+                # failure's record lacks this range (not drained) until _fail marks it
+                self._fail(status, target, _UNDRAINED, offset, length)
                 continue
             try:
                 target.drain(lane)
-            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
+            except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e, offset, length)
+                if not isinstance(e, Exception):
+                    raise  # an interrupt: the replica may lack the range, failed; it goes on
 
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Start making a range durable everywhere; :meth:`drain` on the lane waits for it.
         Ranges flushed on one lane are applied in issue order on every replica."""
         self._check(offset, length, lane, flags)
+        active = self._active  # before _degraded: see persist
         if self._degraded:
             self._note_dirty(offset, length)
         # remembered before it is sent: a replica failing before the drain may lack it
@@ -365,11 +377,13 @@ class PoolSet(FailureBook):
             if offset + length > pend[i + 1]:
                 pend[i + 1] = offset + length
         self._npending[lane] = n + 1
-        for status, target in self._active:
+        for status, target in active:
             try:
                 target.flush(offset, length, lane, flags)
-            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
+            except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e, offset, length)
+                if not isinstance(e, Exception):
+                    raise  # an interrupt: the replica may lack the range, failed; it goes on
         self.mapping.flush(offset, length)
 
     def drain(self, lane: int = 0) -> None:
@@ -379,8 +393,10 @@ class PoolSet(FailureBook):
         for status, target in self._active:
             try:
                 target.drain(lane)
-            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
+            except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e)
+                if not isinstance(e, Exception):
+                    raise  # an interrupt: the replica may lack the range, failed; it goes on
         self._npending[lane] = 0
 
     def _reset_pending(self, nlanes: int) -> None:
@@ -391,13 +407,16 @@ class PoolSet(FailureBook):
     def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
         """Persist through every replica's deepest durability domain."""
         self._check(offset, length, lane)
+        active = self._active  # before _degraded: see persist
         if self._degraded:
             self._note_dirty(offset, length)
-        for status, target in self._active:
+        for status, target in active:
             try:
                 target.deep_persist(offset, length, lane)
-            except Exception as e:  # noqa: BLE001 - a replica's failure, whatever its kind
+            except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e, offset, length)
+                if not isinstance(e, Exception):
+                    raise  # an interrupt: the replica may lack the range, failed; it goes on
         self.mapping.deep_persist(offset, length)
 
     # -- failures, state, resync (failures.py and resync.py do the work) -------------------

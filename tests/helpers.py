@@ -4,13 +4,15 @@ fresh interpreters and threads; the environment a test's clients start from."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,31 @@ def wait_stopped(pids: list[int], timeout: float = 5.0) -> None:
             if all(st in "tTZX" for st in states) or time.monotonic() > deadline:
                 break
             time.sleep(0.001)
+
+
+class Interrupt(BaseException):
+    """What a host application's signal handler raises: not an Exception, as KeyboardInterrupt
+    is not (a replica's target raising an Exception is that replica's failure)."""
+
+
+@contextlib.contextmanager
+def interrupted(delay: float = 0.2) -> Iterator[None]:
+    """The block must end by :class:`Interrupt`, raised once by a SIGALRM handler from
+    ``delay`` seconds on. The timer repeats until it lands: a TLS lane's send takes a signal
+    only while no byte of it goes out (OpenSSL finishes a record a signal cut short)."""
+    raised = False
+
+    def handler(*_args) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Interrupt()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, delay, delay)
+    try:
+        with pytest.raises(Interrupt):
+            yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

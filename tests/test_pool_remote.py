@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -18,9 +20,10 @@ from pmreplica.hookspecs import hookimpl
 from pmreplica.poolset import PoolSet
 from pmreplica.rpmem.client import RemotePool
 from pmreplica.rpmem.launch import close_connections
+from pmreplica import sync
 from pmreplica.status import FAILED, OK, STALE
 
-from .helpers import run_python, run_threads, write_set
+from .helpers import interrupted, run_python, run_threads, write_set
 from .rpmem_helpers import (M, Node, check_no_agents_left, local_node,  # noqa: F401
                             local_pool, pattern, remote_bytes, ssh_node, transport)
 
@@ -309,3 +312,37 @@ def test_unknown_flags_are_einval_before_any_replica_sees_them(node, pool_dir, m
             assert e.value.errno == errno.EINVAL and "invalid flags" in str(e.value)
         pool.persist(HDR_SIZE, 8, 0, 1)  # RELAXED is known
         assert [r.state for r in pool.replicas] == [OK, OK, OK]  # nothing was charged to them
+
+
+def test_a_persist_interrupted_on_a_remote_replica_fails_it_with_its_range(local_node,
+                                                                          pool_dir,
+                                                                          monkeypatch):
+    """A signal handler raises while a persist waits for a stopped agent. The interrupt
+    reaches the application; the remote replica, whose lane is out of step and which may lack
+    the range, is failed (ECANCELED) with the range recorded as missed, and replica-sync
+    brings it there."""
+    node, d = local_node, pool_dir
+    node.use_env(monkeypatch, PMREPLICA_PEER_TIMEOUT="2")
+    rparts = node.make_set("r.set")
+    path = pool_set(node, d)
+    off = 2 * M + 4096
+    ps = PoolSet.create(path)
+    pids: list[int] = []
+    try:
+        ps.buf[off:off + 4096] = b"I" * 4096
+        pids = node.kill_agents(signal.SIGSTOP)
+        with interrupted():
+            ps.persist(off, 4096)
+        assert [s.state for s in ps.replicas] == [OK, OK, FAILED]
+        assert ps.replicas[2].error.errno == errno.ECANCELED
+        st = state_elsewhere(d / "m")
+        assert st["stale"] == [2]
+        assert any(lo <= off and off + 4096 <= lo + n for lo, n in st["dirty"]), st
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        node.wait_agents_gone()
+        ps.close()
+    assert remote_bytes(rparts)[off:off + 4096] != b"I" * 4096
+    assert sync.sync(path).status == "repaired"
+    assert remote_bytes(rparts)[off:off + 4096] == b"I" * 4096

@@ -18,7 +18,7 @@ from rpmem_common import proto
 from pmreplica.rpmem.client import RemotePool
 from rpmem_common.wire import OP, OP_WRITE
 
-from .helpers import read_json_line, start_python
+from .helpers import interrupted, read_json_line, start_python
 from .rpmem_helpers import (M, RawSession, attr, local_node, local_pool,  # noqa: F401
                             remote_bytes, transport)
 
@@ -379,3 +379,103 @@ def test_a_dead_agent_is_an_error_not_a_sigpipe(local_node):
     finally:
         child.kill()
     assert out["errors"] and set(out["errors"]) <= set(LOST)
+
+
+# -- a call interrupted, the pool closed under a call, a failed lane called again ---------------
+@pytest.mark.parametrize("tls", ["0", "1"], ids=["clear", "tls"])
+@pytest.mark.parametrize("interrupted_call", ["read", "persist"])
+def test_an_interrupted_call_fails_its_lane_instead_of_putting_it_out_of_step(
+        local_node, tls, interrupted_call):
+    """A signal handler raises while a read waits for its answer (or while a 16 MiB persist
+    is being sent) to a stopped agent. The lane's stream is then out of step: the late answer
+    would be read as the next persist's status, or half a payload would take the next
+    operation as its rest. The lane must fail instead, and the next persist say so, while the
+    agent is still stopped (it cannot have made anything durable)."""
+    parts = local_node.make_set("r.set", (32 * M,))
+    pool = local_pool(32 * M, seed=4)
+    rp = RemotePool.create(local_node.target, "r.set", pool, nlanes=1, attr=attr(),
+                           config=local_node.config(PMREPLICA_TCP_TLS=tls,
+                                                    PMREPLICA_PEER_TIMEOUT="30",
+                                                    PMREPLICA_OP_TIMEOUT="30"))
+    rp.persist(HDR_SIZE, 4096)
+    pids = local_node.kill_agents(signal.SIGSTOP)
+    try:
+        with interrupted():
+            if interrupted_call == "read":
+                rp.read(bytearray(M), HDR_SIZE, M)
+            else:
+                rp.persist(HDR_SIZE, 16 * M)
+        assert rp.failure is not None and rp.failure.errno == errno.ECANCELED
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)  # the read's answer comes now, or the payload's rest
+        time.sleep(0.3)
+        local_node.kill_agents(signal.SIGSTOP)
+        pool[20 * M:20 * M + 64] = b"B" * 64
+        err, _ = failing_call(rp.persist, 20 * M, 64)
+        assert err.errno == errno.ECANCELED
+        assert "interrupted mid-operation" in str(err)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        local_node.wait_agents_gone()
+    rp.abort()
+    remote = remote_bytes(parts)
+    assert b"B" * 64 not in remote  # nothing of the refused persist landed anywhere
+
+
+def test_calls_after_close_fail_with_ebadf(local_node):
+    """The lanes of a closed pool (a plugin holds its data path) refuse calls with EBADF,
+    not with the ValueError of the released pool view."""
+    local_node.make_set("r.set")
+    pool = local_pool(8 * M, seed=5)
+    rp = create(local_node, "r.set", pool, nlanes=2, attr=attr())
+    data = rp.data_path
+    rp.close()
+    for call, args in ((data.persist, (HDR_SIZE, 64, 0)), (data.flush, (HDR_SIZE, 64, 1)),
+                       (data.read, (bytearray(8), HDR_SIZE, 0))):
+        with pytest.raises(OSError) as e:
+            call(*args)
+        assert e.value.errno == errno.EBADF, (call.__name__, e.value)
+        assert "pool is closed" in str(e.value)
+
+
+def test_a_failed_lane_raises_a_new_error_each_call(local_node):
+    """Every call on a failed lane raises an error of its own: one stored error raised again
+    and again would keep every caller's frames, and their locals, alive."""
+    local_node.make_set("r.set")
+    pool = local_pool(8 * M, seed=6)
+    rp = create(local_node, "r.set", pool, nlanes=1, attr=attr())
+    rp.persist(HDR_SIZE, 64)
+    local_node.kill_agents()
+    local_node.wait_agents_gone()
+    errors = []
+    for _ in range(50):
+        with pytest.raises(OSError) as e:
+            rp.persist(HDR_SIZE, 64)
+        errors.append(e.value)
+    assert len({id(e) for e in errors}) == len(errors)
+    assert len({e.errno for e in errors[1:]}) == 1
+    depth, tb = 0, errors[-1].__traceback__
+    while tb is not None:
+        depth, tb = depth + 1, tb.tb_next
+    assert depth < 10
+    rp.abort()
+
+
+def test_remote_storage_failure_under_pipelined_flushes_is_eio(local_node, failing_fs):
+    """The agent answers a flush it cannot make durable with the error and closes the lane,
+    before the flushes sent after it are answered: the next call that meets the closed lane
+    (a flush's send, or the drain) reports that error (EIO), not the closed connection."""
+    fs = failing_fs.mountpoint
+    local_node.write_set("r.set", f"8M {fs}/r.part0")
+    pool = local_pool(8 * M, seed=8)
+    rp = create(local_node, "r.set", pool, nlanes=1, attr=attr())
+    rp.persist(HDR_SIZE, 6)
+    failing_fs.shut_down()
+    with pytest.raises(OSError) as e:
+        for i in range(3):
+            rp.flush(HDR_SIZE + i * 4096, 64)
+        rp.drain()
+    assert e.value.errno == errno.EIO and "EIO" in str(e.value)
+    rp.close()
+    failing_fs.remount()

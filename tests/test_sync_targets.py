@@ -139,6 +139,33 @@ def test_a_target_without_the_capability_is_repaired_and_verified(pool_dir):
     assert sync.check(layout.path, verify=True).exit_code == 0
 
 
+class BuggyWriter(WrappingPlugin):
+    """Replica 1's target raises a RuntimeError when written to: a plugin's bug."""
+
+    @hookimpl
+    def pmreplica_open_replica(self, spec, index, poolset, create):
+        target = super().pmreplica_open_replica(spec, index, poolset, create)
+        if index == 1 and target is not None:
+            def write_through(*_args):
+                raise RuntimeError("bug in write_through")
+            target.write_through = write_through
+        return target
+
+
+def test_a_plugin_bug_fails_its_replica_not_the_run(pool_dir):
+    """A target raising something other than an OSError during a repair fails that replica
+    with EIO and its message (exit status 4, problems left), as an open pool takes it; the
+    run goes on and reports, instead of ending in a traceback and the exit status that
+    means "repaired"."""
+    layout = _layout(pool_dir)
+    layout.parts[1][0][1].unlink()
+    rep = sync.sync(layout.path, plugins=[BuggyWriter()])
+    assert rep.exit_code == 4 and rep.replicas[1].result == "failed"
+    assert "RuntimeError: bug in write_through" in rep.replicas[1].error
+    assert "EIO" in rep.replicas[1].error
+    assert sync.sync(layout.path).exit_code == 1  # repaired by the local plugin after all
+
+
 def test_local_target_outside_a_pool_set(pool_dir):
     """The local target is built from what a TargetHost gives: without a buffer to copy
     from it still reads its pages, and refuses to open for writing with an OSError."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Union
 from rpmem_common import checksum as _checksum
 from rpmem_common import proto, wire
 
-from ..errors import PmReplicaError, PoolSetError, RemoteError
+from ..errors import PmReplicaError, PoolSetError, RemoteError, fresh
 from ..header import HDR_SIZE, PoolAttr
 from ..pmem import buffer_address
 from ..setfile import MIN_REMOTE_POOL, check_pool_set_name
@@ -144,12 +144,12 @@ class ControlChannel:
                 return self._call(req)
         except RemoteError:
             if self.lost is not None:  # the channel was given up under this call
-                raise self.lost from None
+                raise fresh(self.lost) from None
             raise
 
     def _call(self, req: proto.Request) -> proto.Response:
         if self.lost is not None:
-            raise self.lost
+            raise fresh(self.lost)
         self.channel.sendall(proto.encode_request(req))
         status, rtype, size = proto.RESP_HDR.unpack(self.channel.recv_exact(proto.RESP_HDR.size))
         if rtype != req.type + 1 or not proto.RESP_HDR.size <= size <= proto.MAX_MESSAGE:
@@ -386,7 +386,7 @@ class RemotePool:
         self.closed = True
         try:
             if self._ctl.lost is not None:
-                raise self._ctl.lost
+                raise fresh(self._ctl.lost)
             self._ctl.end()
         finally:
             self._release()

@@ -231,7 +231,8 @@ def connect(host: str, port: int, secret: bytes, timeout: float, connect_timeout
     try:
         sock = socket.create_connection((host, port), timeout=connect_timeout)
     except OSError as e:
-        raise RemoteError(e.errno or errno.ECONNREFUSED,
+        raise RemoteError(e.errno or (errno.ETIMEDOUT if isinstance(e, TimeoutError)
+                                      else errno.ECONNREFUSED),
                           f"{name}: cannot open the heartbeat connection to {host}:{port}: "
                           f"{e.strerror or e}") from None
     try:

@@ -114,12 +114,18 @@ def _run(args: argparse.Namespace, call) -> int:
     progress = _progress.mode_for(sys.stderr, args.progress, args.json)
     try:
         report = call(progress)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - one line and the error status, whatever it is
         from ..cli import error_message
-        print(f"{_prog(args)}: {error_message(e)}", file=sys.stderr)
+        if isinstance(e, OSError):
+            message = error_message(e)
+        else:  # a bug (a plugin's, or ours): its traceback goes to the log
+            log.debug("replica-sync failed", exc_info=e)
+            message = f"internal error: {type(e).__name__}: {e}"
+        print(f"{_prog(args)}: {message}", file=sys.stderr)
         if args.json:  # scripts get a document on stdout in every case
             json.dump({"path": os.path.abspath(args.poolset), "status": "error",
-                       "error": error_message(e), "errno": errno.errorcode.get(e.errno or 0),
+                       "error": message,
+                       "errno": errno.errorcode.get(getattr(e, "errno", None) or 0),
                        "exit_code": _sync.EXIT_ERROR}, sys.stdout, indent=2)
             sys.stdout.write("\n")
         return _sync.EXIT_ERROR

@@ -9,7 +9,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Iterable
 
-from ..errors import PmReplicaError
+from ..errors import PmReplicaError, as_replica_failure
 from ..health import BROKEN, Probe
 from .record import NO_RECORD_PLACE
 from .report import error_text
@@ -42,8 +42,8 @@ def repair(run: Run) -> None:
             continue
         try:
             _repair_one(run, p, ranges)
-        except OSError as e:
-            r.result, r.error = "failed", error_text(e)
+        except Exception as e:  # noqa: BLE001 - a plugin's bug fails this replica alone
+            r.result, r.error = "failed", error_text(as_replica_failure(p.name, e))
             log.info("%s: repair failed: %s", p.name, r.error)
             continue
         run.record.repaired(p)
@@ -54,8 +54,8 @@ def repair(run: Run) -> None:
         try:
             run.headers.write(p)
             r.result = "repaired"
-        except OSError as e:
-            r.result, r.error = "failed", error_text(e)
+        except Exception as e:  # noqa: BLE001 - as above
+            r.result, r.error = "failed", error_text(as_replica_failure(p.name, e))
 
 
 def _repair_one(run: Run, p: Probe, ranges: Iterable[tuple[int, int]]) -> None:

@@ -24,7 +24,7 @@ from rpmem_common.spin import DEFAULT_WINDOW_US, Spinner
 from rpmem_common.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, OPF_ACK_LATER, STATUS,
                                recv_exact)
 
-from ...errors import RemoteError
+from ...errors import RemoteError, fresh
 
 DEFAULT_WORK_QUEUE = 256
 _ZEROS = bytes(STATUS.size * 4096)
@@ -140,7 +140,8 @@ class TcpDataPath:
                 lane_.sock.close()
             if isinstance(e, RemoteError):
                 raise
-            raise RemoteError(e.errno or errno.ECONNREFUSED,
+            raise RemoteError(e.errno or (errno.ETIMEDOUT if isinstance(e, TimeoutError)
+                                          else errno.ECONNREFUSED),
                               f"{name}: cannot open data connection to {host}:{port}: "
                               f"{e.strerror or e}") from e
         return cls(pool, lanes, name, work_queue, op_timeout)
@@ -148,6 +149,8 @@ class TcpDataPath:
     # -- operations -------------------------------------------------------------------------
     def _lost(self, lane: TcpLane, e: BaseException) -> RemoteError:
         err = getattr(e, "errno", None) or errno.ECONNRESET
+        if lane.broken is None and lane.pending:
+            self._refused_waiting(lane)  # what the agent said before it closed the lane
         if lane.broken is not None:
             pass  # aborted (abort): the reason is the heartbeat's, not the shut-down socket's
         elif err in (errno.EAGAIN, errno.EWOULDBLOCK):  # the kernel's deadline (_deadline)
@@ -159,7 +162,23 @@ class TcpDataPath:
             lane.sock.close()
         except OSError:
             pass
-        return lane.broken
+        return fresh(lane.broken)
+
+    def _interrupted(self, lane: TcpLane, e: BaseException) -> None:
+        """A call on the lane was ended by an exception from outside it (KeyboardInterrupt, a
+        signal handler's): part of an operation may be sent, or its answer still on the way,
+        so the lane's stream is out of step and the lane is given up. Its next call fails,
+        instead of reading an old answer as its own or writing bytes where they do not go."""
+        if isinstance(e, struct.error):
+            return  # an offset or length that is not an integer: _pack_op refused it unsent
+        if lane.broken is None:
+            lane.broken = RemoteError(errno.ECANCELED, f"{self.name}: a call on the lane was "
+                                                       "interrupted mid-operation; lane closed")
+        lane.pending = 0
+        try:
+            lane.sock.close()
+        except OSError:
+            pass
 
     def _refused(self, lane: TcpLane, err: int) -> RemoteError:
         """The agent refused or failed an operation: after that the lane is not trusted."""
@@ -167,7 +186,7 @@ class TcpDataPath:
                                        f"{errno.errorcode.get(err, err)}")
         lane.pending = 0
         lane.sock.close()
-        return lane.broken
+        return fresh(lane.broken)
 
     def _send_write(self, lane: TcpLane, op: int, offset: int, length: int, flags: int) -> None:
         _pack_op(lane.hdr, 0, op, flags, offset, length)
@@ -192,8 +211,13 @@ class TcpDataPath:
             view = memoryview(lane.status)[:n]
             got = 0
             while got < n:
-                r = lane.sock.recv_into(view[got:], n - got)
+                try:
+                    r = lane.sock.recv_into(view[got:], n - got)
+                except OSError:
+                    self._refused_before(lane, got)
+                    raise
                 if not r:
+                    self._refused_before(lane, got)
                     raise ConnectionResetError(errno.ECONNRESET, "agent closed the connection")
                 got += r
             lane.pending -= n // STATUS.size
@@ -201,11 +225,36 @@ class TcpDataPath:
                 raise self._refused(lane, next(e for (e,) in STATUS.iter_unpack(lane.status[:n])
                                                 if e))
 
+    def _refused_waiting(self, lane: TcpLane) -> None:
+        """Raise the error among the answers that wait on a failed lane, if one came (read as
+        far as they go without waiting): a send that failed because the agent closed the
+        lane after failing an operation reports that operation's error."""
+        n = min(lane.pending, 4096) * STATUS.size
+        view = memoryview(lane.status)[:n]
+        got = 0
+        try:
+            while got < n and lane.spin.ready():
+                r = lane.sock.recv_into(view[got:], n - got)
+                if not r:
+                    break
+                got += r
+        except OSError:
+            pass  # the connection's end: what came before it is in view
+        self._refused_before(lane, got)
+
+    def _refused_before(self, lane: TcpLane, got: int) -> None:
+        """Raise the error among the first ``got`` bytes of statuses, if one came: an agent
+        that fails an operation sends its error and closes the lane, so the end of the stream
+        (or a reset) after it is not what went wrong."""
+        for (e,) in STATUS.iter_unpack(lane.status[:got - got % STATUS.size]):
+            if e:
+                raise self._refused(lane, e)
+
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         ln = self._lanes[lane]
         with ln.lock:
             if ln.broken:
-                raise ln.broken
+                raise fresh(ln.broken)
             try:
                 if ln.pending >= self._wq:
                     self._collect(ln)
@@ -214,6 +263,9 @@ class TcpDataPath:
                 raise
             except OSError as e:
                 raise self._lost(ln, e) from e
+            except BaseException as e:
+                self._interrupted(ln, e)
+                raise
 
     def drain(self, lane: int = 0) -> None:
         ln = self._lanes[lane]
@@ -224,6 +276,9 @@ class TcpDataPath:
                 raise
             except OSError as e:
                 raise self._lost(ln, e) from e
+            except BaseException as e:
+                self._interrupted(ln, e)
+                raise
 
     def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0,
                 op: int = OP_WRITE) -> None:
@@ -233,7 +288,7 @@ class TcpDataPath:
         try:
             if ln.broken or ln.pending:
                 if ln.broken:
-                    raise ln.broken
+                    raise fresh(ln.broken)
                 self._send_write(ln, op, offset, length, flags)
                 self._collect(ln)  # its answer comes after those to the flushes before it
                 return
@@ -268,6 +323,9 @@ class TcpDataPath:
             raise
         except OSError as e:
             raise self._lost(ln, e) from e
+        except BaseException as e:
+            self._interrupted(ln, e)
+            raise
         finally:
             lock.release()
 
@@ -310,13 +368,16 @@ class TcpDataPath:
             raise
         except OSError as e:
             raise self._lost(ln, e) from e
+        except BaseException as e:
+            self._interrupted(ln, e)
+            raise
         finally:
             lock.release()
 
     def _settle(self, ln: TcpLane) -> None:
         """Raise the lane's failure, or collect the answers to the flushes it still owes."""
         if ln.broken:
-            raise ln.broken
+            raise fresh(ln.broken)
         self._collect(ln)
 
     @staticmethod
@@ -347,8 +408,12 @@ class TcpDataPath:
     def close(self) -> None:
         """Close every lane, also while other threads are in calls on them: each socket is
         shut down first (which returns those calls), and closed once its lane is free, so
-        that its descriptor cannot be reused under a call still running."""
+        that its descriptor cannot be reused under a call still running; a later call fails
+        with EBADF."""
+        closed = RemoteError(errno.EBADF, f"{self.name}: pool is closed")
         for ln in self._lanes:
+            if ln.broken is None:
+                ln.broken = closed
             _shut(ln.sock)
         for ln in self._lanes:
             free = ln.lock.acquire(timeout=CLOSE_WAIT)

@@ -35,7 +35,7 @@ from rpmem_common.verbs_common import (AGENT_GID, AGENT_INFO, CLIENT_INFO, LANE_
                                        verbs_error, wc_errno, wc_status_text)
 from rpmem_common.wire import PERSIST_MSG
 
-from ...errors import PmReplicaError, RemoteError
+from ...errors import PmReplicaError, RemoteError, fresh
 from ...pmem import buffer_address
 
 DEFAULT_WORK_QUEUE = 256
@@ -209,7 +209,7 @@ class VerbsDataPath:
     # -- completions -------------------------------------------------------------------------
     def _lost(self, ln: _Lane, err: int, text: str) -> RemoteError:
         ln.broken = RemoteError(err, f"{self.name}: lane {ln.index}: {text}")
-        return ln.broken
+        return fresh(ln.broken)
 
     def _handle(self, ln: _Lane, wcs: list) -> None:
         for wc in wcs:
@@ -249,7 +249,7 @@ class VerbsDataPath:
                 continue
             if self._aborted is not None:
                 ln.broken = self._aborted
-                raise self._aborted
+                raise fresh(self._aborted)
             if not self._alive():
                 raise self._lost(ln, errno.ECONNRESET, "the agent exited")
             if time.monotonic() > deadline:
@@ -341,7 +341,7 @@ class VerbsDataPath:
 
     def _check(self, ln: _Lane, offset: int, length: int) -> None:
         if ln.broken is not None:
-            raise ln.broken
+            raise fresh(ln.broken)
         if offset < self._lo or length < 0 or offset + length > self._size:
             raise PmReplicaError(errno.EINVAL, f"{self.name}: range {offset}+{length} is "
                                                f"outside the remote pool's data "
@@ -378,7 +378,7 @@ class VerbsDataPath:
         ln = self._lanes[lane]
         with ln.lock:
             if ln.broken is not None:
-                raise ln.broken
+                raise fresh(ln.broken)
             try:
                 if ln.dirty_hi >= 0:
                     self._flush(ln, ln.dirty_lo, 0, self._tail_op, 0)
@@ -413,7 +413,7 @@ class VerbsDataPath:
         n = len(dest)
         with ln.lock:
             if ln.broken is not None:
-                raise ln.broken
+                raise fresh(ln.broken)
             if offset < 0 or offset + n > self._size:
                 raise PmReplicaError(errno.EINVAL, f"{self.name}: range {offset}+{n} is "
                                                    f"outside the remote pool [0, {self._size})")
