@@ -72,13 +72,19 @@ class FailureBook:
         self._let_go = threading.Condition(self._state_lock)
 
     # -- the write path --------------------------------------------------------------------
-    def _note_dirty(self, offset: int, length: int) -> None:
-        """Record a range written while degraded (what the stale replicas lack)."""
+    def _note_dirty(self, offset: int, length: int
+                    ) -> tuple[tuple[ReplicaStatus, ReplicaTarget], ...]:
+        """Record a range written while degraded (what the stale replicas lack), and return
+        the replicas to write it to, read under the state lock: an online resync that ended
+        meanwhile (its last copy runs under the lock) has put its replica back on them, and
+        the range is then the replica's to receive, not to be marked."""
         with self._state_lock:
-            if self._resync_marks is not None:
-                self._resync_marks.mark(offset, length)
-            if self.state.mark_dirty(offset, length):
-                self._store_state()
+            if self._degraded:
+                if self._resync_marks is not None:
+                    self._resync_marks.mark(offset, length)
+                if self.state.mark_dirty(offset, length):
+                    self._store_state()
+            return self._active
 
     def _fail(self, status: ReplicaStatus, target: ReplicaTarget, error: Exception,
              offset: int | None = None, length: int = 0) -> None:

@@ -46,8 +46,6 @@ DEFAULT_SIGNATURE = b"PMREPLIC"
 DEFAULT_NLANES = 4
 #: flushed ranges remembered per lane until its drain (beyond that, one covering span)
 PENDING_RANGES = 16
-#: what persist tells _fail of a replica failed (elsewhere) between its flush and its drain
-_UNDRAINED = ReplicaError(errno.EIO, "the replica failed before the range was drained")
 
 
 class PoolSet(FailureBook):
@@ -332,10 +330,12 @@ class PoolSet(FailureBook):
         """Make ``[offset, offset+length)`` durable on the master and every working replica."""
         self._check(offset, length, lane, flags)
         # _active before _degraded, the reverse of the order _take_off changes them in: a
-        # replica taken off meanwhile is either still in `active` or found in the dirty map
+        # replica taken off meanwhile is either still in `active` or found in the dirty map;
+        # and while degraded, or when the replicas changed meanwhile (a resync put one back),
+        # the replicas to write to are those _note_dirty reads under the state lock
         active = self._active
-        if self._degraded:
-            self._note_dirty(offset, length)
+        if self._degraded or active is not self._active:
+            active = self._note_dirty(offset, length)
         for status, target in active:
             try:
                 target.flush(offset, length, lane, flags)
@@ -348,7 +348,8 @@ class PoolSet(FailureBook):
             if status.target is not target:
                 # failed since its flush above, maybe on another thread (a heartbeat): that
                 # failure's record lacks this range (not drained) until _fail marks it
-                self._fail(status, target, _UNDRAINED, offset, length)
+                self._fail(status, target, ReplicaError(errno.EIO, "failed before the range was "
+                                                        "drained"), offset, length)
                 continue
             try:
                 target.drain(lane)
@@ -362,8 +363,8 @@ class PoolSet(FailureBook):
         Ranges flushed on one lane are applied in issue order on every replica."""
         self._check(offset, length, lane, flags)
         active = self._active  # before _degraded: see persist
-        if self._degraded:
-            self._note_dirty(offset, length)
+        if self._degraded or active is not self._active:
+            active = self._note_dirty(offset, length)
         # remembered before it is sent: a replica failing before the drain may lack it
         n = self._npending[lane]
         pend = self._pending[lane]
@@ -408,8 +409,8 @@ class PoolSet(FailureBook):
         """Persist through every replica's deepest durability domain."""
         self._check(offset, length, lane)
         active = self._active  # before _degraded: see persist
-        if self._degraded:
-            self._note_dirty(offset, length)
+        if self._degraded or active is not self._active:
+            active = self._note_dirty(offset, length)
         for status, target in active:
             try:
                 target.deep_persist(offset, length, lane)
@@ -479,10 +480,10 @@ class PoolSet(FailureBook):
         except BufferError:
             raise PmReplicaError(errno.EBUSY, "pool is still referenced: release every memoryview "
                                               "taken from PoolSet.buf before close()") from None
-        finally:
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
-                self._lock_fd = -1
+        # the pool stays locked while it stays mapped: a close refused (EBUSY) keeps it
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def __enter__(self) -> "PoolSet":
         return self

@@ -6,7 +6,8 @@ The replica is reopened (its storage must be sound: a missing or broken one need
 written while it was stale, or everything when the record cannot tell. Writes go on
 meanwhile and are tracked; the last pass copies what they touched while holding the lock
 that every persist takes in degraded mode, and the replica rejoins the write path under
-that lock, so no write can fall between the copy and its return. The copy is
+that lock; a persist that waited for the lock writes to the replicas it finds then
+(``FailureBook._note_dirty``), so no write can fall between the copy and its return. The copy is
 :mod:`pmreplica.copier`'s, the one every repair uses.
 """
 

@@ -260,6 +260,8 @@ class ReplicaState:
         changed (it must be stored before the write's persist returns). Only a change of
         what copies hold (``coarse``) raises the generation: the master's record and its
         copies stay of one generation, which a change of ``recent`` alone does not part."""
+        if not length:
+            return False  # nothing written (and at the pool's end, no chunk to mark)
         if not self.period:
             self._begin_period()
         (self.fine or self._fine_map()).mark(offset, length)

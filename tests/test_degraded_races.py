@@ -1,16 +1,20 @@
-"""A replica failing on another thread while a persist is under way: the persist's range must
-end up on the replica or in the master's dirty map, so that replica-sync repairs it.
+"""The write path while the set of replicas changes under it: a replica failing on another
+thread, or an online resync putting one back, while a persist is under way. The persist's
+range must end up on the replica or in the master's dirty map, so that replica-sync repairs
+it. Also the pool's edges in degraded mode: a close refused, an empty range at the end.
 
-A thread switch at one exact point cannot be caused for real on demand, so these tests force
-the interleaving: a target (or the pool) calls ``target_failed`` from another thread at that
-point, as a heartbeat thread would. Everything else is real: pool files, replica-sync, the
-byte comparison."""
+A thread switch at one exact point cannot be caused for real on demand, so the race tests
+force the interleaving: a target, the pool or a progress hook acts from another thread at
+that point, as a heartbeat thread or the application would. Everything else is real: pool
+files, replica-sync, the byte comparison."""
 
 from __future__ import annotations
 
 import errno
 import random
 import threading
+
+import pytest
 
 from pmreplica import PoolSet, hookimpl, sync
 from pmreplica.header import HDR_SIZE
@@ -136,3 +140,94 @@ def test_replica_failed_while_a_persist_reads_the_write_path_gets_that_range(tmp
         recorded = any(a <= off and off + n <= a + k for a, k in pool.state.dirty_ranges(size))
         assert on_replica or recorded
     _repaired_whole(path, tmp_path, size, ["r1"])
+
+
+class WriteDuringFinalCopy:
+    """A host application's progress hook that, once an online resync's last copy runs
+    (it holds the state lock then), starts a thread that persists a range, and gives that
+    thread time to read the write path (forced: where a scheduler could put it)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.pool: PoolSet | None = None
+        self.thread: threading.Thread | None = None
+
+    @hookimpl
+    def pmreplica_sync_progress(self, replica, phase, done, total):
+        pool = self.pool
+        if phase != "resync" or pool is None or self.thread is not None:
+            return
+        if not pool._state_lock.locked():
+            # the first pass: a write now is marked, so that the last copy has work (and
+            # reports its progress under the lock)
+            pool.buf[HDR_SIZE:HDR_SIZE + 4096] = b"A" * 4096
+            pool.persist(HDR_SIZE, 4096)
+            return
+        off = self.offset
+
+        def app() -> None:
+            pool.buf[off:off + 4096] = b"W" * 4096
+            pool.persist(off, 4096)
+
+        self.thread = threading.Thread(target=app)
+        self.thread.start()
+        self.thread.join(0.3)
+
+
+def test_a_write_during_an_online_resyncs_last_copy_reaches_the_replica(tmp_path):
+    path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r1")
+    PoolSet.create(path).close()
+    (tmp_path / "r1").rename(tmp_path / "r1.away")
+    off = 5 * M
+    hook = WriteDuringFinalCopy(off)
+    with PoolSet.open(path, plugins=[hook]) as pool:
+        hook.pool = pool
+        size = pool.size
+        assert [s.state for s in pool.replicas] == ["ok", "failed"]
+        pool.buf[2 * M:2 * M + 4096] = b"S" * 4096
+        pool.persist(2 * M, 4096)  # missed by the replica: the resync copies it
+        (tmp_path / "r1.away").rename(tmp_path / "r1")
+        pool.resync(1)
+        assert hook.thread is not None
+        hook.thread.join()
+        assert [s.state for s in pool.replicas] == ["ok", "ok"]
+        assert not pool.stale_replicas
+    master, replica = (tmp_path / "m").read_bytes(), (tmp_path / "r1").read_bytes()
+    assert replica[off:off + 4096] == b"W" * 4096  # the persist returned: on every replica
+    assert replica[HDR_SIZE:size] == master[HDR_SIZE:size]
+
+
+def test_a_close_refused_while_the_pool_is_referenced_keeps_it_locked(tmp_path):
+    """close() refused (EBUSY: a view of the pool still held) leaves the pool mapped, so it
+    stays locked: another process cannot open it and write beside this one."""
+    path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r1")
+    pool = PoolSet.create(path)
+    view = pool.buf[8192:8200]
+    try:
+        try:
+            pool.close()
+        except OSError as e:
+            assert e.errno == errno.EBUSY
+        else:
+            raise AssertionError("close() with a view held did not refuse")
+        with pytest.raises(OSError) as other:  # as another process would be refused
+            PoolSet.open(path)
+        assert other.value.errno == errno.EBUSY
+    finally:
+        view.release()
+    pool.close()
+    PoolSet.open(path).close()  # free once closed
+
+
+def test_an_empty_range_at_the_pools_end_while_degraded(tmp_path):
+    """persist and flush of no bytes at the pool's very end, degraded, where the end is a
+    whole number of dirty-map chunks (380 MiB: 6,080 chunks of 64 KiB)."""
+    path = write_set(tmp_path / "p.set", f"380M {tmp_path}/m", "REPLICA", f"380M {tmp_path}/r1")
+    PoolSet.create(path, sparse=True).close()
+    (tmp_path / "r1").unlink()
+    with PoolSet.open(path) as pool:
+        assert [s.state for s in pool.replicas] == ["ok", "failed"]
+        pool.persist(pool.size, 0)
+        pool.flush(pool.size, 0)
+        pool.drain()
+        assert pool.state.dirty_ranges(pool.size) == []
