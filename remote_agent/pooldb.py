@@ -27,6 +27,8 @@ log = logging.getLogger("remote_agent.pooldb")
 #: the most a pool set file may hold for the agent to read it (a remote pool set lists one
 #: replica: tens of thousands of parts fit)
 MAX_SET_FILE = 4 << 20
+#: Linux's limit on a path's length, its terminating NUL included
+PATH_MAX = 4096
 #: how long a create or remove waits for the opens and stats of a pool set to let it go (s)
 SET_LOCK_WAIT = 2.0
 
@@ -94,7 +96,12 @@ class PoolDB:
             raise PoolError(errno.ENOENT, f"pool set directory {self.root} does not exist")
 
     def resolve(self, name: str) -> str:
-        """The pool set file for ``name``; EINVAL if it is absolute or leaves the root."""
+        """The pool set file for ``name``; EINVAL if it is absolute, leaves the root, or is
+        longer than PATH_MAX (resolving a long name costs time that grows with the square of
+        its length, and no file could have it)."""
+        if len(name) >= PATH_MAX:
+            raise PoolError(errno.EINVAL, f"pool set name of {len(name)} characters "
+                                                f"(at most {PATH_MAX - 1})")
         try:
             setfile.check_pool_set_name(name)
         except PoolSetError as e:

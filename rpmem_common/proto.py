@@ -144,7 +144,8 @@ class Response(namedtuple("Response", "type status port persist_method rkey radd
 
 
 def _desc(text: str) -> bytes:
-    raw = text.encode() + b"\0"
+    # a path from a pool set file may hold bytes that are not UTF-8 (os.fsdecode's escapes)
+    raw = text.encode(errors="backslashreplace") + b"\0"
     return _U32.pack(len(raw)) + raw
 
 
@@ -235,7 +236,7 @@ def decode_request(t: int, body: bytes) -> Request:
 def encode_response(resp: Response) -> bytes:
     t = resp.type
     if resp.status != OK:
-        body = resp.message.encode()[:4096]
+        body = resp.message.encode(errors="backslashreplace")[:4096]
     elif t in (CREATE_RESP, OPEN_RESP):
         body = _IBC.pack(resp.port, resp.persist_method, resp.rkey, resp.raddr, resp.nlanes)
         if t == OPEN_RESP:

@@ -302,3 +302,30 @@ def test_pool_db_create_racing_tight_open_loops(local_node):
             out, _ = proc.communicate(timeout=30)
             seen = {int(k): v for k, v in json.loads(out).items()}
             assert set(seen) <= {errno.ENOENT, errno.EBUSY}, seen
+
+
+def test_agent_answers_about_a_part_path_that_is_not_utf8(local_node):
+    """A part path with bytes that are not UTF-8 is quoted in the agent's answer (escaped),
+    and the session goes on: the agent used to die encoding its error message."""
+    node = local_node
+    with open(node.dir / "b.set", "wb") as f:
+        f.write(b"PMEMPOOLSET\n8M " + bytes(node.dir) + b"/part\xff0\n")
+    node.make_set("ok.set")
+    session = RawSession(node)
+    stat = session.request(proto.Request(proto.STAT, pool_desc="b.set"))
+    assert not stat.healthy and "part\\udcff0: cannot read" in stat.message, stat
+    opened = session.open("b.set", 8 * M)
+    assert opened.status != proto.OK and "part\\udcff0" in opened.message, opened
+    assert session.create("ok.set", 8 * M, attr()).status == proto.OK  # still serving
+    session.close()
+
+
+def test_agent_refuses_a_pool_set_name_longer_than_a_path_at_once(local_node):
+    """A name past PATH_MAX is refused (EINVAL) before any resolving, which took the agent
+    7 s for 512 KiB of ``a/a/...``."""
+    session = RawSession(local_node)
+    t0 = time.monotonic()
+    resp = session.request(proto.Request(proto.STAT, pool_desc="a/" * (256 << 10) + "x.set"))
+    assert errno_of(resp) == errno.EINVAL and "at most 4095" in resp.message, resp
+    assert time.monotonic() - t0 < 2
+    session.close()
