@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 # hmac's constant-time comparison, without hmac's import of hashlib and OpenSSL at every
 # agent start
@@ -28,7 +29,10 @@ log = logging.getLogger("remote_agent.heartbeat")
 
 #: the client must connect its heartbeat within this long of the agent's start
 CONNECT_WINDOW = 30.0
+#: the longest a connection may take to present its hello, all told
 HELLO_TIMEOUT = 10.0
+#: hellos read at once; a connection beyond them is closed unread
+MAX_HELLOS = 16
 #: the fewest seconds of silence that end a session, whatever the client's timeout
 MIN_SILENCE = 3.0
 
@@ -47,9 +51,12 @@ class Heartbeat:
         self.secret = os.urandom(SECRET_LEN)
         self._on_lost = on_lost
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self._listener = socket.create_server((address, 0), family=family, backlog=2)
+        self._listener = socket.create_server((address, 0), family=family, backlog=16)
         self.port: int = self._listener.getsockname()[1]
         self._stopping = False
+        #: the connection that presented the secret, and its silence limit
+        self._won: tuple[socket.socket, float] | None = None
+        self._hellos = threading.BoundedSemaphore(MAX_HELLOS)
         threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
 
     @property
@@ -70,34 +77,54 @@ class Heartbeat:
             self._on_lost(reason)
 
     def _accept(self) -> tuple[socket.socket, float] | None:
-        """The first connection that presents the secret, with its silence limit."""
-        self._listener.settimeout(CONNECT_WINDOW)
+        """The first connection that presents the secret, with its silence limit. Each hello
+        is read in a thread of its own, within HELLO_TIMEOUT all told: a connection that says
+        nothing, or a byte at a time, must not hold up the client's behind it (its connect
+        waits a few seconds only)."""
+        deadline = time.monotonic() + CONNECT_WINDOW
         try:
-            while True:
+            while self._won is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._listener.settimeout(left)
                 try:
                     conn, peer = self._listener.accept()
-                except OSError:  # the window passed, or stop() closed the listener
-                    return None
-                try:
-                    conn.settimeout(HELLO_TIMEOUT)
-                    secret, timeout_ms = HEARTBEAT_HELLO.unpack(
-                        recv_exact(conn, HEARTBEAT_HELLO.size))
-                    if not compare_digest(secret, self.secret):
-                        log.warning("heartbeat connection from %s refused: wrong secret", peer)
-                        conn.sendall(STATUS.pack(errno.EACCES))
-                        conn.close()
-                        continue
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    conn.sendall(STATUS.pack(0))
-                except OSError as e:
-                    log.info("heartbeat connection from %s dropped during hello: %s", peer, e)
-                    conn.close()
+                except OSError:  # the window passed, stop(), or a hello won
+                    break
+                if not self._hellos.acquire(blocking=False):
+                    conn.close()  # a flood of connections, not the client
                     continue
-                limit = silence_limit(max(timeout_ms, 1) / 1000)
-                conn.settimeout(limit)
-                return conn, limit
+                threading.Thread(target=self._hello, args=(conn, peer), name="hello",
+                                 daemon=True).start()
         finally:
             self._listener.close()  # one heartbeat per session: the secret opens no more
+        return self._won
+
+    def _hello(self, conn: socket.socket, peer: object) -> None:
+        """Check a connection's secret; the first that presents it wins and ends accepting."""
+        try:
+            secret, timeout_ms = HEARTBEAT_HELLO.unpack(
+                recv_exact(conn, HEARTBEAT_HELLO.size, time.monotonic() + HELLO_TIMEOUT))
+            if not compare_digest(secret, self.secret):
+                log.warning("heartbeat connection from %s refused: wrong secret", peer)
+                conn.sendall(STATUS.pack(errno.EACCES))
+                conn.close()
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(STATUS.pack(0))
+            limit = silence_limit(max(timeout_ms, 1) / 1000)
+            conn.settimeout(limit)
+            self._won = (conn, limit)
+            try:  # wakes the accept()
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        except OSError as e:
+            log.info("heartbeat connection from %s dropped during hello: %s", peer, e)
+            conn.close()
+        finally:
+            self._hellos.release()
 
     def _echo(self, conn: socket.socket, limit: float) -> str:
         """Echo pings until the client stops; why it stopped."""

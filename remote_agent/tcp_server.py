@@ -19,6 +19,7 @@ import os
 import select
 import socket
 import threading
+import time
 # hmac's constant-time comparison, without hmac's import of hashlib and OpenSSL at every
 # agent start
 from _operator import _compare_digest as compare_digest
@@ -30,7 +31,10 @@ from rpmem_common.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, OPF_ACK_LA
 
 log = logging.getLogger("remote_agent.tcp")
 
+#: the longest a connection may take to present its hello, all told
 HELLO_TIMEOUT = 10.0
+#: hellos read at once; a connection beyond them is closed unread
+MAX_HELLOS = 32
 #: lanes must connect within this long after the pool was created or opened
 CONNECT_WINDOW = 60.0
 _OK = STATUS.pack(0)
@@ -78,37 +82,53 @@ class TcpServer:
         self.blob = connection_blob(self.secret, self.identity and self.identity.certificate)
         addr = address or listen_address()
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        self._listener = socket.create_server((addr, 0), family=family, backlog=nlanes)
+        self._listener = socket.create_server((addr, 0), family=family,
+                                               backlog=max(16, nlanes))
         self.port = self._listener.getsockname()[1]
         self._lanes: dict[int, socket.socket] = {}
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closing = False
+        self._hellos = threading.BoundedSemaphore(MAX_HELLOS)
         self._acceptor = threading.Thread(target=self._accept, name="accept", daemon=True)
         self._acceptor.start()
 
     def _accept(self) -> None:
-        self._listener.settimeout(CONNECT_WINDOW)
+        deadline = time.monotonic() + CONNECT_WINDOW
         try:
             while len(self._lanes) < self.nlanes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._listener.settimeout(left)
                 try:
                     conn, peer = self._listener.accept()
                 except (socket.timeout, OSError):
                     break  # the window passed, or the last lane's hello shut the listener
+                if not self._hellos.acquire(blocking=False):
+                    conn.close()  # a flood of connections, not the client's lanes
+                    continue
                 # each hello in a thread of its own: a connection that says nothing (or
                 # dribbles) must not hold up the lanes behind it for HELLO_TIMEOUT
-                threading.Thread(target=self._admit, args=(conn, peer), name="hello",
+                threading.Thread(target=self._admit_one, args=(conn, peer), name="hello",
                                  daemon=True).start()
         finally:
             self._listener.close()
 
+    def _admit_one(self, conn: socket.socket, peer: object) -> None:
+        try:
+            self._admit(conn, peer)
+        finally:
+            self._hellos.release()
+
     def _admit(self, conn: socket.socket, peer: object) -> None:
         """Check the secret and lane of a new connection; start its thread or drop it."""
         try:
+            deadline = time.monotonic() + HELLO_TIMEOUT
             conn.settimeout(HELLO_TIMEOUT)
             if self.identity is not None:
                 conn = self.identity.wrap(conn)  # the handshake, within the timeout
-            raw = recv_exact(conn, HELLO.size)
+            raw = recv_exact(conn, HELLO.size, deadline)
             secret, lane = HELLO.unpack(raw)
             if not compare_digest(secret, self.secret):
                 log.warning("data connection from %s refused: wrong session secret", peer)

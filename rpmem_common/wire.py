@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import time
 
 SECRET_LEN = 32
 #: what the logs and ``pmreplica info`` call TCP lanes with TLS (tls.py)
@@ -55,13 +56,20 @@ def split_connection_blob(blob: bytes) -> tuple[bytes, bytes | None]:
     return blob[:SECRET_LEN], blob[SECRET_LEN:] or None
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     """Exactly ``n`` bytes from ``sock`` (a HELLO, or the status answering it), for both ends;
-    ConnectionResetError if the peer closes first."""
+    ConnectionResetError if the peer closes first. ``deadline`` (a ``time.monotonic()``
+    instant) bounds the whole of it, where a socket timeout bounds each receive only: a peer
+    sending a byte at a time would otherwise hold the receiver as long as it likes."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(errno.ETIMEDOUT, f"{got} of {n} bytes in the time allowed")
+            sock.settimeout(left)
         r = sock.recv_into(view[got:], n - got)
         if not r:
             raise ConnectionResetError(errno.ECONNRESET,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -22,9 +23,11 @@ from pmreplica import PoolSet, setfile
 from pmreplica.header import PoolHeader
 from pmreplica.replica import LocalReplicaFiles, lock_pool
 from rpmem_common import proto
+from rpmem_common.wire import HEARTBEAT, HEARTBEAT_HELLO
 from pmreplica.state import store_copy
 
-from .rpmem_helpers import AGENT, M, RawSession, attr, local_node, transport  # noqa: F401
+from .rpmem_helpers import (AGENT, M, RawSession, attr, local_node,  # noqa: F401
+                            recv_status, transport)
 from .test_agent_pooldb import errno_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -329,3 +332,23 @@ def test_agent_refuses_a_pool_set_name_longer_than_a_path_at_once(local_node):
     assert errno_of(resp) == errno.EINVAL and "at most 4095" in resp.message, resp
     assert time.monotonic() - t0 < 2
     session.close()
+
+
+def test_connections_that_say_nothing_do_not_hold_up_the_heartbeat(local_node):
+    """Connections to an agent's heartbeat port that say nothing, or a byte now and then,
+    do not keep the client's own from being answered at once (its connect waits 4 s)."""
+    session = RawSession(local_node)
+    port, secret = HEARTBEAT.unpack(session.announced)
+    host = session.chan.peer_address
+    idle = [socket.create_connection((host, port), timeout=5) for _ in range(3)]
+    idle[0].sendall(b"x")  # a hello begun and never finished
+    try:
+        t0 = time.monotonic()
+        with socket.create_connection((host, port), timeout=5) as beat:
+            beat.sendall(HEARTBEAT_HELLO.pack(secret, 1000))
+            assert recv_status(beat) == 0
+            assert time.monotonic() - t0 < 2
+    finally:
+        for sock in idle:
+            sock.close()
+        session.close()
