@@ -14,6 +14,7 @@ every persist) under its state lock.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 
@@ -21,7 +22,7 @@ import pluggy
 
 from . import dirtymap
 from . import generation as _generation
-from .errors import as_replica_failure
+from .errors import PmReplicaError, as_replica_failure
 from .generation import Generation
 from .header import PoolHeader
 from .plugin_manager import notify
@@ -70,6 +71,8 @@ class FailureBook:
         #: mapping
         self._letting_go = 0
         self._let_go = threading.Condition(self._state_lock)
+        #: close() began: the write path refuses calls (EBADF) instead of skipping replicas
+        self._closing = False
 
     # -- the write path --------------------------------------------------------------------
     def _note_dirty(self, offset: int, length: int
@@ -79,6 +82,8 @@ class FailureBook:
         meanwhile (its last copy runs under the lock) has put its replica back on them, and
         the range is then the replica's to receive, not to be marked."""
         with self._state_lock:
+            if self._closing:
+                raise PmReplicaError(errno.EBADF, "pool is closed")
             if self._degraded:
                 if self._resync_marks is not None:
                     self._resync_marks.mark(offset, length)
@@ -105,10 +110,12 @@ class FailureBook:
                 for i in range(min(n, len(pend) // 2)):
                     changed |= self.state.mark_dirty(pend[2 * i], pend[2 * i + 1] - pend[2 * i])
             if status.target is not target:
-                # failed already (by another lane) or replaced by a resync meanwhile: what
-                # this call sent may be missing from the replica all the same
+                # failed already (by another lane), replaced by a resync meanwhile, or closed
+                # by close(): what this call sent may be missing from the replica all the same
                 if changed:
                     self._store_state()
+                if self._closing:  # the call raced close(): it must not return as done
+                    raise PmReplicaError(errno.EBADF, "pool is closed")
                 return
             dropped = self._drop([(status, error)])
         self._let_go_of(dropped)

@@ -427,7 +427,7 @@ class PoolSet(FailureBook):
         met the error. Nothing happens if the target is not (or no longer) on the write
         path."""
         status = next((s for s, t in self._active if t is target), None)
-        if status is not None:
+        if status is not None and not self._closing:
             self._fail(status, target, error)
 
     @property
@@ -461,7 +461,11 @@ class PoolSet(FailureBook):
     # -- teardown --------------------------------------------------------------------------
     def close(self) -> None:
         """Save the dirty map, close every replica and unmap the master (views of ``buf``
-        must be released)."""
+        must be released). Calls on other threads meanwhile fail with EBADF, or complete
+        before the replicas are closed: none returns having skipped one."""
+        with self._state_lock:
+            self._closing = True
+            self._degraded = True  # every write path call now takes the lock: refused there
         if not self.mapping.closed:
             self._close_book()
         for status in self.replicas[1:]:

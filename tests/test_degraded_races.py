@@ -231,3 +231,29 @@ def test_an_empty_range_at_the_pools_end_while_degraded(tmp_path):
         pool.flush(pool.size, 0)
         pool.drain()
         assert pool.state.dirty_ranges(pool.size) == []
+
+
+class PersistDuringClose(PoolSet):
+    """Persists a range from inside close(), once its replicas are let go and before the
+    unmap (forced: where another thread's persist could run)."""
+
+    caught: list[BaseException] = []
+
+    def _release(self) -> None:
+        if not self.mapping.closed and not PersistDuringClose.caught:
+            self.buf[3 * M:3 * M + 4096] = b"C" * 4096
+            try:
+                self.persist(3 * M, 4096)
+            except OSError as e:
+                PersistDuringClose.caught.append(e)
+            else:
+                PersistDuringClose.caught.append(AssertionError("the persist returned"))
+        super()._release()
+
+
+def test_a_persist_racing_close_fails_instead_of_skipping_the_replicas(tmp_path):
+    path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r1")
+    PoolSet.create(path).close()
+    PersistDuringClose.open(path).close()
+    [error] = PersistDuringClose.caught
+    assert isinstance(error, OSError) and error.errno == errno.EBADF, error
