@@ -91,7 +91,7 @@ class FailureBook:
                     self._store_state()
             return self._active
 
-    def _fail(self, status: ReplicaStatus, target: ReplicaTarget, error: Exception,
+    def _fail(self, status: ReplicaStatus, target: ReplicaTarget, error: BaseException,
              offset: int | None = None, length: int = 0) -> None:
         """Take a replica off the write path, record it stale with what it may have missed
         (the failed range and every lane's undrained flushes), start a new generation among
@@ -101,8 +101,17 @@ class FailureBook:
         unmounted and replaced while the application runs); a target must therefore bear
         being closed while another lane's thread is in one of its calls. ``target`` is the
         one that failed: if the replica no longer uses it (failed already, or resynced with
-        a new target meanwhile), only what this call may have missed is recorded."""
-        error = as_replica_failure(status.name, error)  # a plugin's bug fails it too
+        a new target meanwhile), only what this call may have missed is recorded. An
+        interrupt (``error`` not an Exception: KeyboardInterrupt, say) is raised again once
+        the replica is failed, since the call it cut short may have left the range out."""
+        self._fail_replica(status, target, as_replica_failure(status.name, error), offset,
+                           length)
+        if not isinstance(error, Exception):
+            raise error
+
+    def _fail_replica(self, status: ReplicaStatus, target: ReplicaTarget, error: OSError,
+                      offset: int | None, length: int) -> None:
+        """:meth:`_fail`'s work, ``error`` already the replica's OSError."""
         with self._state_lock:
             changed = offset is not None and self.state.mark_dirty(offset, length)
             for lane, n in enumerate(self._npending):

@@ -341,8 +341,6 @@ class PoolSet(FailureBook):
                 target.flush(offset, length, lane, flags)
             except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e, offset, length)
-                if not isinstance(e, Exception):
-                    raise  # an interrupt: the replica may lack the range, failed; it goes on
         self.mapping.persist(offset, length)
         for status, target in active:
             if status.target is not target:
@@ -355,8 +353,6 @@ class PoolSet(FailureBook):
                 target.drain(lane)
             except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e, offset, length)
-                if not isinstance(e, Exception):
-                    raise  # an interrupt: the replica may lack the range, failed; it goes on
 
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Start making a range durable everywhere; :meth:`drain` on the lane waits for it.
@@ -383,8 +379,6 @@ class PoolSet(FailureBook):
                 target.flush(offset, length, lane, flags)
             except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e, offset, length)
-                if not isinstance(e, Exception):
-                    raise  # an interrupt: the replica may lack the range, failed; it goes on
         self.mapping.flush(offset, length)
 
     def drain(self, lane: int = 0) -> None:
@@ -396,8 +390,6 @@ class PoolSet(FailureBook):
                 target.drain(lane)
             except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e)
-                if not isinstance(e, Exception):
-                    raise  # an interrupt: the replica may lack the range, failed; it goes on
         self._npending[lane] = 0
 
     def _reset_pending(self, nlanes: int) -> None:
@@ -416,8 +408,6 @@ class PoolSet(FailureBook):
                 target.deep_persist(offset, length, lane)
             except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e, offset, length)
-                if not isinstance(e, Exception):
-                    raise  # an interrupt: the replica may lack the range, failed; it goes on
         self.mapping.deep_persist(offset, length)
 
     # -- failures, state, resync (failures.py and resync.py do the work) -------------------

@@ -25,6 +25,8 @@ from _operator import _compare_digest as compare_digest
 from rpmem_common.wire import (HEARTBEAT, HEARTBEAT_HELLO, PING, SECRET_LEN,
                                STATUS, recv_exact)
 
+from .hellos import accept_hellos
+
 log = logging.getLogger("remote_agent.heartbeat")
 
 #: the client must connect its heartbeat within this long of the agent's start
@@ -56,7 +58,6 @@ class Heartbeat:
         self._stopping = False
         #: the connection that presented the secret, and its silence limit
         self._won: tuple[socket.socket, float] | None = None
-        self._hellos = threading.BoundedSemaphore(MAX_HELLOS)
         threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
 
     @property
@@ -77,29 +78,12 @@ class Heartbeat:
             self._on_lost(reason)
 
     def _accept(self) -> tuple[socket.socket, float] | None:
-        """The first connection that presents the secret, with its silence limit. Each hello
-        is read in a thread of its own, within HELLO_TIMEOUT all told: a connection that says
-        nothing, or a byte at a time, must not hold up the client's behind it (its connect
-        waits a few seconds only)."""
-        deadline = time.monotonic() + CONNECT_WINDOW
-        try:
-            while self._won is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._listener.settimeout(left)
-                try:
-                    conn, peer = self._listener.accept()
-                except OSError:  # the window passed, stop(), or a hello won
-                    break
-                if not self._hellos.acquire(blocking=False):
-                    conn.close()  # a flood of connections, not the client
-                    continue
-                threading.Thread(target=self._hello, args=(conn, peer), name="hello",
-                                 daemon=True).start()
-        finally:
-            self._listener.close()  # one heartbeat per session: the secret opens no more
-        return self._won
+        """The first connection that presents the secret, with its silence limit; each hello
+        is read within HELLO_TIMEOUT all told (the client's connect waits a few seconds only).
+        One heartbeat per session: the listener closes after it."""
+        accept_hellos(self._listener, CONNECT_WINDOW, MAX_HELLOS,
+                      lambda: self._won is None, self._hello)
+        return self._won  # None: the window passed, or stop()
 
     def _hello(self, conn: socket.socket, peer: object) -> None:
         """Check a connection's secret; the first that presents it wins and ends accepting."""
@@ -123,8 +107,6 @@ class Heartbeat:
         except OSError as e:
             log.info("heartbeat connection from %s dropped during hello: %s", peer, e)
             conn.close()
-        finally:
-            self._hellos.release()
 
     def _echo(self, conn: socket.socket, limit: float) -> str:
         """Echo pings until the client stops; why it stopped."""

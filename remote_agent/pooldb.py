@@ -101,7 +101,7 @@ class PoolDB:
         its length, and no file could have it)."""
         if len(name) >= PATH_MAX:
             raise PoolError(errno.EINVAL, f"pool set name of {len(name)} characters "
-                                                f"(at most {PATH_MAX - 1})")
+                                          f"(at most {PATH_MAX - 1})")
         try:
             setfile.check_pool_set_name(name)
         except PoolSetError as e:

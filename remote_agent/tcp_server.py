@@ -29,6 +29,8 @@ from rpmem_common.spin import DEFAULT_WINDOW_US, MAX_WINDOW_US, Spinner
 from rpmem_common.wire import (HELLO, OP, OP_DEEP, OP_READ, OP_WRITE, OPF_ACK_LATER,
                                SECRET_LEN, STATUS, connection_blob, recv_exact)
 
+from .hellos import accept_hellos
+
 log = logging.getLogger("remote_agent.tcp")
 
 #: the longest a connection may take to present its hello, all told
@@ -89,37 +91,12 @@ class TcpServer:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closing = False
-        self._hellos = threading.BoundedSemaphore(MAX_HELLOS)
         self._acceptor = threading.Thread(target=self._accept, name="accept", daemon=True)
         self._acceptor.start()
 
     def _accept(self) -> None:
-        deadline = time.monotonic() + CONNECT_WINDOW
-        try:
-            while len(self._lanes) < self.nlanes:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._listener.settimeout(left)
-                try:
-                    conn, peer = self._listener.accept()
-                except (socket.timeout, OSError):
-                    break  # the window passed, or the last lane's hello shut the listener
-                if not self._hellos.acquire(blocking=False):
-                    conn.close()  # a flood of connections, not the client's lanes
-                    continue
-                # each hello in a thread of its own: a connection that says nothing (or
-                # dribbles) must not hold up the lanes behind it for HELLO_TIMEOUT
-                threading.Thread(target=self._admit_one, args=(conn, peer), name="hello",
-                                 daemon=True).start()
-        finally:
-            self._listener.close()
-
-    def _admit_one(self, conn: socket.socket, peer: object) -> None:
-        try:
-            self._admit(conn, peer)
-        finally:
-            self._hellos.release()
+        accept_hellos(self._listener, CONNECT_WINDOW, MAX_HELLOS,
+                      lambda: len(self._lanes) < self.nlanes, self._admit)
 
     def _admit(self, conn: socket.socket, peer: object) -> None:
         """Check the secret and lane of a new connection; start its thread or drop it."""
