@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Callable
 
-from . import dirtymap
+from . import activity, dirtymap
 from . import info as _info
 from . import setfile
 from .errors import PmReplicaError
@@ -185,8 +185,9 @@ def _rm_parts(path: str, set_file: PoolSetFile, args: argparse.Namespace) -> int
         if isinstance(rep, LocalReplica):
             for part in rep.parts:
                 failures += _unlink(part.path, args)
-            if index == 0:  # the dirty map kept beside the master's first part, if any
+            if index == 0:  # the dirty map and activity log beside the master's first part
                 dirtymap.remove(dirtymap.path_for(rep.parts[0].path))
+                dirtymap.remove(activity.path_for(rep.parts[0].path))
             continue
         if pm is None:
             from .plugin_manager import make_plugin_manager

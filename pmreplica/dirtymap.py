@@ -22,7 +22,6 @@ a header that fails its CRC, or names another period, makes the file count as ab
 from __future__ import annotations
 
 import array
-import errno
 import logging
 import mmap
 import os
@@ -31,7 +30,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 
-from .files import open_regular
+from .files import open_regular, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +65,18 @@ def _bit_runs(value: int) -> tuple[tuple[int, int], ...]:
 _RUNS = tuple(_bit_runs(v) for v in range(256))
 
 
-def fine_chunk_for(pool_size: int) -> int:
-    """The fine map's chunk: 4 KiB, doubled until 2^28 bits cover the pool."""
-    chunk = MIN_FINE_CHUNK
-    while chunk * MAX_FINE_BITS < pool_size:
+def chunk_covering(pool_size: int, smallest: int, most: int) -> int:
+    """``smallest`` (a power of two), doubled until ``most`` chunks cover the pool: the
+    chunk of a map of at most ``most`` bits (or bytes)."""
+    chunk = smallest
+    while chunk * most < pool_size:
         chunk *= 2
     return chunk
+
+
+def fine_chunk_for(pool_size: int) -> int:
+    """The fine map's chunk: 4 KiB, doubled until 2^28 bits cover the pool."""
+    return chunk_covering(pool_size, MIN_FINE_CHUNK, MAX_FINE_BITS)
 
 
 def path_for(part0: str) -> str:
@@ -249,9 +254,9 @@ def save(path: str, bitmap: Bitmap, period: int, epoch: int, whole: bool) -> Non
         pages = range(npages) if whole or bitmap.pages is None else sorted(bitmap.pages)
         for k in pages:
             raw = _page(bitmap, k)
-            _pwrite_all(fd, raw, PAGE + k * PAGE, path)
-            _pwrite_all(fd, struct.pack("<I", zlib.crc32(raw)), table_at + 4 * k, path)
-        _pwrite_all(fd, _header(period, epoch, bitmap), 0, path)
+            pwrite_all(fd, raw, PAGE + k * PAGE, path)
+            pwrite_all(fd, struct.pack("<I", zlib.crc32(raw)), table_at + 4 * k, path)
+        pwrite_all(fd, _header(period, epoch, bitmap), 0, path)
         os.fdatasync(fd)
     finally:
         os.close(fd)
@@ -310,11 +315,6 @@ def remove(path: str) -> None:
         pass
     except OSError as e:
         log.debug("%s: cannot remove: %s", path, e)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
-    if os.pwrite(fd, data, offset) != len(data):
-        raise OSError(errno.EIO, f"{path}: short write")
 
 
 def _sync_dir(path: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from typing import Callable
 
 import pluggy
 
@@ -54,6 +55,10 @@ class FailureBook:
     _degraded: bool
     _pending: list[list[int]]
     _npending: list[int]
+    # and what the SessionBook (session.py) provides
+    _activity: object | None
+    _log_activity: Callable[[int, int], None]
+    _cut_short_by_close: Callable[[], None]
 
     def _open_book(self, state: ReplicaState, generation: Generation | None) -> None:
         self._state_lock = threading.Lock()
@@ -77,13 +82,16 @@ class FailureBook:
     # -- the write path --------------------------------------------------------------------
     def _note_dirty(self, offset: int, length: int
                     ) -> tuple[tuple[ReplicaStatus, ReplicaTarget], ...]:
-        """Record a range written while degraded (what the stale replicas lack), and return
-        the replicas to write it to, read under the state lock: an online resync that ended
+        """Put a range in the activity log when its chunk is not there yet, record it when
+        written while degraded (what the stale replicas lack), and return the replicas to
+        write it to, read under the state lock: an online resync that ended
         meanwhile (its last copy runs under the lock) has put its replica back on them, and
         the range is then the replica's to receive, not to be marked."""
         with self._state_lock:
             if self._closing:
                 raise PmReplicaError(errno.EBADF, "pool is closed")
+            if self._activity is not None:
+                self._log_activity(offset, length)
             if self._degraded:
                 if self._resync_marks is not None:
                     self._resync_marks.mark(offset, length)
@@ -124,6 +132,7 @@ class FailureBook:
                 if changed:
                     self._store_state()
                 if self._closing:  # the call raced close(): it must not return as done
+                    self._cut_short_by_close()
                     raise PmReplicaError(errno.EBADF, "pool is closed")
                 return
             dropped = self._drop([(status, error)])

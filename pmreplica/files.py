@@ -80,3 +80,9 @@ def read_fd(fd: int, path: str, limit: int | None = None) -> bytes:
         raise PmReplicaError(errno.EFBIG, f"{path}: larger than {limit} bytes, the most "
                                           "read from such a file here")
     return data
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: str) -> None:
+    """``os.pwrite`` of all of ``data`` at ``offset``; a short write is EIO naming ``path``."""
+    if os.pwrite(fd, data, offset) != len(data):
+        raise OSError(errno.EIO, f"{path}: short write")

@@ -110,4 +110,5 @@ def pmreplica_sync_progress(replica: "ReplicaStatus", phase: str, done: int,
     into it), "compare" (replica-sync comparing it with the source by digests and copying
     what differs), "verify" (--verify comparing replicas with the source: ``replica`` is the
     one compared, or the source when several are compared at once) or "resync"
-    (``PoolSet.resync`` online)."""
+    (``PoolSet.resync`` online, and ``PoolSet.open`` bringing in line what a last session
+    that did not close was writing)."""

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import pluggy
 
-from . import copier, dirtymap, health, setfile
+from . import activity, copier, dirtymap, health, setfile
 from . import generation as _generation
 from . import resync as _resync
 from .errors import HeaderError, PmReplicaError, ReplicaError
@@ -35,6 +35,7 @@ from .identity import attr_problem
 from .plugin_manager import make_plugin_manager, notify
 from .pmem import Mapping
 from .replica import LocalReplicaFiles, lock_pool, raise_if_broken
+from .session import SessionBook
 from .setfile import PoolSetFile, Replica
 from .state import ReplicaState
 from .status import OK, STALE, ReplicaStatus, close_quietly, describe
@@ -48,7 +49,7 @@ DEFAULT_NLANES = 4
 PENDING_RANGES = 16
 
 
-class PoolSet(FailureBook):
+class PoolSet(FailureBook, SessionBook):
     """An open pool set. Use :meth:`create` or :meth:`open`; close it (or use ``with``). Its
     failure bookkeeping is the :class:`~pmreplica.failures.FailureBook` mixin's."""
 
@@ -70,6 +71,7 @@ class PoolSet(FailureBook):
         self._reset_pending(nlanes)
         #: local replicas are made sparse (see :meth:`create`)
         self.sparse = False
+        self._open_session()
         self._open_book(
             ReplicaState.load(self.buf[:HDR_SIZE], self.size, len(set_file.replicas),
                               dirtymap.path_for(set_file.master.parts[0].path)),
@@ -135,6 +137,7 @@ class PoolSet(FailureBook):
             self._activate()
             with self._state_lock:
                 self._advance_generation()  # the first: every replica in step
+            self._begin_activity()
             return self
         except BaseException:
             self._discard_created()
@@ -155,7 +158,7 @@ class PoolSet(FailureBook):
             raise HeaderError(errno.EINVAL, f"master replica of {os.fspath(path)} is stale: a "
                                             "replica-sync repairing it did not finish (run "
                                             "`replica-sync` again)")
-        self = cls._map(set_file, master, make_plugin_manager(plugins), nlanes)
+        self = cls._map(set_file, master, make_plugin_manager(plugins), nlanes, recover=True)
         try:
             hdr = headers[0].header if headers else None
             if hdr is not None:
@@ -168,6 +171,8 @@ class PoolSet(FailureBook):
             self._activate()
             with self._state_lock:
                 self._advance_generation(only_if_changed=True)
+            self._begin_activity()
+            self._bring_in_line()
             return self
         except BaseException:
             self.close()
@@ -192,6 +197,7 @@ class PoolSet(FailureBook):
         :meth:`_compare_generation`)."""
         if self.state.is_stale(status.index):
             status.state = STALE
+        if status.state == STALE and status.index not in self._unclean:
             log.warning("%s is stale: it missed writes while it was failed (run "
                         "`replica-sync` to bring it up to date)", status.name)
         try:
@@ -259,11 +265,13 @@ class PoolSet(FailureBook):
 
     @classmethod
     def _map(cls, set_file: PoolSetFile, master: LocalReplicaFiles,
-             pm: pluggy.PluginManager, nlanes: int) -> "PoolSet":
-        """Lock and map the master; the replicas are listed but not yet opened."""
+             pm: pluggy.PluginManager, nlanes: int, recover: bool = False) -> "PoolSet":
+        """Lock and map the master; the replicas are listed but not yet opened.
+        ``recover``: first fold an unclean last session's activity log into the record."""
         first = set_file.master.parts[0].path
         lock_fd = lock_pool(first, f"{first}: pool is open in another process")
         try:
+            unclean = activity.recover(set_file) if recover else []
             mapping = master.open()
         except BaseException:
             os.close(lock_fd)
@@ -276,6 +284,7 @@ class PoolSet(FailureBook):
             raise
         self.replicas += [ReplicaStatus(i, spec) for i, spec in
                           enumerate(set_file.replicas[1:], start=1)]
+        self._unclean = unclean
         return self
 
     def _target(self, spec: Replica, index: int, create: bool) -> ReplicaTarget:
@@ -333,8 +342,11 @@ class PoolSet(FailureBook):
         # replica taken off meanwhile is either still in `active` or found in the dirty map;
         # and while degraded, or when the replicas changed meanwhile (a resync put one back),
         # the replicas to write to are those _note_dirty reads under the state lock
+        # and a range in a chunk not yet in the activity log takes the same slow way
         active = self._active
-        if self._degraded or active is not self._active:
+        c = offset >> self._log_shift
+        if (self._degraded or active is not self._active
+                or c != (offset + length - 1) >> self._log_shift or not self._logged[c]):
             active = self._note_dirty(offset, length)
         for status, target in active:
             try:
@@ -359,7 +371,9 @@ class PoolSet(FailureBook):
         Ranges flushed on one lane are applied in issue order on every replica."""
         self._check(offset, length, lane, flags)
         active = self._active  # before _degraded: see persist
-        if self._degraded or active is not self._active:
+        c = offset >> self._log_shift
+        if (self._degraded or active is not self._active
+                or c != (offset + length - 1) >> self._log_shift or not self._logged[c]):
             active = self._note_dirty(offset, length)
         # remembered before it is sent: a replica failing before the drain may lack it
         n = self._npending[lane]
@@ -401,7 +415,9 @@ class PoolSet(FailureBook):
         """Persist through every replica's deepest durability domain."""
         self._check(offset, length, lane)
         active = self._active  # before _degraded: see persist
-        if self._degraded or active is not self._active:
+        c = offset >> self._log_shift
+        if (self._degraded or active is not self._active
+                or c != (offset + length - 1) >> self._log_shift or not self._logged[c]):
             active = self._note_dirty(offset, length)
         for status, target in active:
             try:
@@ -463,6 +479,7 @@ class PoolSet(FailureBook):
                 close_quietly(status.target)
                 status.target = None
         self._active = ()
+        self._end_activity()
         self._release()
 
     def _release(self) -> None:

@@ -2,7 +2,8 @@
 master while the application goes on writing (``PoolSet.resync``).
 
 The replica is reopened (its storage must be sound: a missing or broken one needs
-``replica-sync`` with the pool closed) and gets from the master what it missed: the chunks
+``replica-sync`` with the pool closed), or used through its open target when it is stale
+and was found sound when the pool was opened, and gets from the master what it missed: the chunks
 written while it was stale, or everything when the record cannot tell. Writes go on
 meanwhile and are tracked; the last pass copies what they touched while holding the lock
 that every persist takes in degraded mode, and the replica rejoins the write path under
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable
 from . import copier, dirtymap
 from .errors import PmReplicaError, ReplicaError
 from .identity import attr_problem
-from .status import OK, ReplicaStatus, close_quietly
+from .status import OK, STALE, ReplicaStatus, close_quietly
 from .target import ReplicaTarget
 
 if TYPE_CHECKING:
@@ -41,7 +42,9 @@ def resync(pool: "PoolSet", index: int, chunk: int = copier.CHUNK) -> int:
             return 0
         if pool._resync_marks is not None:
             raise PmReplicaError(errno.EBUSY, "another resync is running on this pool")
-        # off the write path while it is copied (a stale replica may be on it)
+        # off the write path while it is copied (a stale replica may be on it: its open
+        # target is used as it is, the replica found sound on open)
+        reuse = status.state == STALE and status.target is not None
         old = pool._take_off(status)
         full = pool.state.is_full(index) or not pool.state.is_stale(index)
         missed = None if full else pool.state.fine_snapshot()
@@ -49,17 +52,13 @@ def resync(pool: "PoolSet", index: int, chunk: int = copier.CHUNK) -> int:
             missed.chunk if missed is not None else dirtymap.fine_chunk_for(pool.size),
             pool.size)
     try:
-        if old is not None:
-            close_quietly(old)
-        target = pool._target(status.spec, index, create=False)
+        if reuse:
+            target = old
+        else:
+            if old is not None:
+                close_quietly(old)
+            target = _reopen(pool, status)
         try:
-            attr = target.open()
-            problem = attr_problem(attr, pool.header, index, {})
-            if problem is None and target.nlanes < pool.nlanes:
-                problem = (f"{status.name} offers {target.nlanes} lanes, the pool uses "
-                           f"{pool.nlanes}")
-            if problem:
-                raise ReplicaError(errno.EINVAL, problem)
             copied = _copy(pool, status, target, missed, chunk)
         except BaseException:
             close_quietly(target)
@@ -69,6 +68,22 @@ def resync(pool: "PoolSet", index: int, chunk: int = copier.CHUNK) -> int:
             pool._resync_marks = None
     pool._notify_restored(status)
     return copied
+
+
+def _reopen(pool: "PoolSet", status: ReplicaStatus) -> ReplicaTarget:
+    """Open replica ``status``'s target anew and check that it belongs."""
+    target = pool._target(status.spec, status.index, create=False)
+    try:
+        attr = target.open()
+        problem = attr_problem(attr, pool.header, status.index, {})
+        if problem is None and target.nlanes < pool.nlanes:
+            problem = f"{status.name} offers {target.nlanes} lanes, the pool uses {pool.nlanes}"
+        if problem:
+            raise ReplicaError(errno.EINVAL, problem)
+    except BaseException:
+        close_quietly(target)
+        raise
+    return target
 
 
 def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,

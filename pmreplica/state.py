@@ -62,7 +62,7 @@ from collections.abc import Iterator
 
 from . import dirtymap
 from .dirtymap import Bitmap
-from .files import open_regular
+from .files import open_regular, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,7 @@ _V2_SIZE = _V2_HEAD.size + _V2_BITMAP + 4
 
 def chunk_size_for(pool_size: int) -> int:
     """Smallest power of two >= 64 KiB whose chunks cover the pool with a coarse map."""
-    chunk = MIN_CHUNK
-    while chunk * COARSE_BYTES * 8 < pool_size:
-        chunk *= 2
-    return chunk
+    return dirtymap.chunk_covering(pool_size, MIN_CHUNK, COARSE_BYTES * 8)
 
 
 class ReplicaState:
@@ -416,8 +413,7 @@ def store_copy(path: str, record: bytes, offset: int = OFFSET) -> None:
     try:
         if os.fstat(fd).st_size < offset + len(record):
             raise OSError(errno.EINVAL, f"{path}: too short to hold a pool header")
-        if os.pwrite(fd, record, offset) != len(record):
-            raise OSError(errno.EIO, f"{path}: short write")
+        pwrite_all(fd, record, offset, path)
         os.fdatasync(fd)
     finally:
         os.close(fd)

@@ -202,3 +202,20 @@ def interrupted(delay: float = 0.2) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's words: "5m") mounted at ``where`` (made here), to be
+    filled up; unmounted after."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        unavailable("mounting a tmpfs needs root and mount(8)")
+    where.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                         capture_output=True, text=True)
+    if res.returncode:
+        unavailable(f"cannot mount a tmpfs: {res.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -12,8 +12,6 @@ import errno
 import hashlib
 import mmap
 import os
-import shutil
-import subprocess
 import threading
 
 import pytest
@@ -24,9 +22,9 @@ from pmreplica.rpmem import client
 from rpmem_common import proto
 from pmreplica.rpmem.client import start_session
 from pmreplica.rpmem.environ import RpmemConfig
-from pmreplica.rpmem.launch import close_connections, launch
+from pmreplica.rpmem.launch import close_connections
 
-from .helpers import unavailable
+from .helpers import small_tmpfs
 from .sync_harness import M, PoolLayout, check, environ, fill, report, write_random
 
 
@@ -106,18 +104,8 @@ def test_unreachable_agent_host_then_back(ssh_layout, sshd):
 @pytest.fixture
 def small_fs(pool_dir):
     """A 5 MiB tmpfs for the remote pool's part."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        unavailable("mounting a tmpfs needs root and mount(8)")
-    mnt = pool_dir / "small"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode:
-        unavailable(f"cannot mount a tmpfs: {res.stderr.strip()}")
-    try:
+    with small_tmpfs(pool_dir / "small", "5m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_remote_file_system(pool_dir, small_fs):

@@ -22,6 +22,11 @@ and made durable by one drain at the end; any other, when broken, is removed (th
 remove hook) and created again with the attributes the source's identity and the replica
 circle give it.
 
+A pool set whose last session did not close (its activity log's marker is set) is first
+folded in under the run's lock (:func:`pmreplica.activity.recover`; a dry run and
+:func:`check` only reckon it): the replicas it may have left behind are then stale with
+the chunks it was writing, and repaired as such.
+
 Crash safety (SIGKILL or power loss at any point; the next run must finish the job and no
 replica that holds the newest data may ever be overwritten with older data):
 

@@ -149,6 +149,10 @@ def render(report: _sync.Report) -> list[str]:
     """The report as text: one block per replica, then the outcome."""
     out = [f"pool set {report.path}: {report.pool_size} bytes, {len(report.replicas)} "
            f"replica(s)" + (" (dry run)" if report.dry_run else "")]
+    if report.unclean:
+        out.append("not closed cleanly: what its last session was writing is brought in line "
+                   "on every replica" + (" (by opening the pool, or replica-sync)"
+                                         if report.dry_run else ""))
     rec = report.record
     if rec is not None and rec["stale"]:
         out.append(f"replica-state record: stale {', '.join(map(str, rec['stale']))}, "

@@ -66,6 +66,9 @@ class Report:
     record: dict[str, Any] | None = None
     #: bytes copied in all (or, in a dry run, that would be)
     copied: int = 0
+    #: the pool's last session did not close: the replicas it may have left behind are
+    #: stale with what it was writing (pmreplica.activity)
+    unclean: bool = False
 
     @property
     def exit_code(self) -> int:

@@ -1,5 +1,6 @@
 """One replica-sync run over one pool set, in order: lock the set, probe and judge every
-replica, choose the source, plan, repair, verify; and the targets the run opens on its
+replica (after folding in what an unclean last session was writing: :mod:`pmreplica.activity`),
+choose the source, plan, repair, verify; and the targets the run opens on its
 replicas. What each step does lives beside it (:mod:`.plan`, :mod:`.repair`,
 :mod:`.verify`); the crash-safety rules they follow are :mod:`pmreplica.sync`'s."""
 
@@ -12,13 +13,14 @@ import os
 import sys
 from typing import Any, Iterable
 
-from .. import health
+from .. import activity, health
 from .. import progress as _progress_mod
 from ..errors import PmReplicaError
 from ..health import Probe
 from ..plugin_manager import make_plugin_manager
 from ..replica import lock_pool
 from ..setfile import load_set
+from ..state import OFFSET as STATE_OFFSET
 from ..status import close_quietly
 from ..target_host import open_target
 from . import report as _report
@@ -70,7 +72,13 @@ class Run:
     def run(self) -> Report:
         try:
             self.lock()
+            unclean = self._recover()
             self._probe()
+            if unclean is not None and unclean.record is not None and self.probes[0].page:
+                # a dry run judges the record as the recovery would leave it
+                page = self.probes[0].page
+                at = STATE_OFFSET
+                self.probes[0].page = page[:at] + unclean.record + page[at + len(unclean.record):]
             if any(not 0 <= i < len(self.probes) for i in self.discard):
                 raise PmReplicaError(errno.EINVAL, f"--discard: the pool set has replicas 0 to "
                                                    f"{len(self.probes) - 1}")
@@ -79,6 +87,7 @@ class Run:
                                     self.set_file.master.parts[0].path)
             report = _report.found(self.path, self.size, self.dry_run, self.probes,
                                    self.judgement)
+            report.unclean = unclean is not None
             self.reports = report.replicas
             self.source, why = health.choose_source(self.probes, self.forced)
             if self.judgement.conflict is not None:
@@ -116,6 +125,16 @@ class Run:
         except FileNotFoundError:
             return  # nothing can have it open; taken once the repair recreates it
         self.lock_fd = fd
+
+    def _recover(self) -> activity.Recovery | None:
+        """What an unclean last session was writing, folded into the record (a dry run
+        only reckons it): its replicas are then stale, and repaired as such."""
+        if self.lock_fd < 0:
+            return None
+        found = activity.plan(self.set_file)
+        if not self.dry_run:
+            activity.apply(self.set_file, found)
+        return found
 
     def _probe(self) -> None:
         view = memoryview(self.data.scratch)

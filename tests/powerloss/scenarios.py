@@ -12,7 +12,10 @@ allowed at that moment.
                  replica-state record in the master's header and its copies, then
                  replica-sync on every image;
 ``SyncRepair``   replica-sync repairing a stale replica, a lost replica and broken links
-                 (header rewrites): a second run must repair every image.
+                 (header rewrites): a second run must repair every image;
+``UncleanReopen`` a PoolSet left open as a killed process leaves it, then reopened (the
+                 activity log's recovery, itself cut at times): every image must open with
+                 its replicas in step and equal to the master.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from pmreplica import PoolSet, pmemobj, sync
+from pmreplica import PoolSet, activity, pmemobj, sync
 from pmreplica.header import HDR_SIZE
 from pmreplica.pmemobj import txn
 from pmreplica.powerloss.model import PowerCut, Simulation
@@ -324,13 +327,9 @@ class FullPool:
         return "settled" if len(context["states"]) == 1 else "in flight"
 
 
-class RecordWrites:
-    """A PoolSet with two local replicas written with persist: replica 2 is missing at one
-    open (it fails at open), and its part is removed under the open pool later (it fails on
-    the next write); writes go on degraded, recording the chunks they touch. Every image
-    must open, keep every persist that returned on the master (and on replica 1 while it
-    is not stale), record replica 2 stale with those chunks dirty (or, a torn record,
-    read as "every replica stale, resync in full"), and be repaired by replica-sync."""
+class _ThreeReplicas:
+    """Scenarios on a 4 MiB pool set (master m0, local replicas r1 and r2) that starts
+    filled with random bytes, then takes ``writes`` persists."""
 
     SIZE = 4 * M
 
@@ -339,11 +338,20 @@ class RecordWrites:
 
     def setup(self, workdir: str) -> None:
         d = Path(workdir)
-        write_set(d / "p.set", f"4M {d}/m0", "REPLICA", f"4M {d}/r1", "REPLICA",
-                   f"4M {d}/r2")
+        write_set(d / "p.set", f"4M {d}/m0", "REPLICA", f"4M {d}/r1", "REPLICA", f"4M {d}/r2")
         with PoolSet.create(d / "p.set") as ps:
             ps.buf[HDR_SIZE:] = random.Random(self.seed).randbytes(ps.size - HDR_SIZE)
             ps.persist(HDR_SIZE, ps.size - HDR_SIZE)
+
+
+class RecordWrites(_ThreeReplicas):
+    """A PoolSet with two local replicas written with persist: replica 2 is missing at one
+    open (it fails at open), and its part is removed under the open pool later (it fails on
+    the next write); writes go on degraded, recording the chunks they touch. Every image
+    must open, keep every persist that returned on the master (and on replica 1 while it
+    is not stale), record replica 2 stale with those chunks dirty (or, a torn record,
+    read as "every replica stale, resync in full"), and be repaired by replica-sync."""
+
 
     def run(self, workdir: str, sim: Simulation) -> None:
         d = Path(workdir)
@@ -487,3 +495,71 @@ class SyncRepair:
             data = (d / name).read_bytes()[HDR_SIZE:HDR_SIZE + len(master)]
             assert data == master, f"{name} differs from the master after the second run"
         return f"found {before}"
+
+
+def _killed(ps: PoolSet) -> None:
+    """Let go of an open pool set as a killed process does: no close, so its marker and
+    activity log stay; the mappings and the lock go. A stand-in: the simulation runs in
+    this process, which cannot be killed and go on. Every replica was drained, so closing
+    their targets writes nothing."""
+    for status in ps.replicas[1:]:
+        if status.target is not None:
+            status.target.close()
+    if ps._activity is not None:
+        os.close(ps._activity._fd)
+    ps.buf.release()
+    ps.mapping.close()
+    os.close(ps._lock_fd)
+
+
+class UncleanReopen(_ThreeReplicas):
+    """A PoolSet with two local replicas, written with persists, left open as a killed
+    process leaves it, reopened (which brings what the session was writing in line on the
+    replicas), written again and closed. A crash inside a persist may leave the master
+    with bytes a replica lacks, or the reverse; the recovery is cut too. Every image must
+    open with every replica in step and holding every persist that returned, and after
+    that open (no replica-sync) the replicas must equal the master. Each session first
+    persists the whole pool, so every write lies in a chunk its log holds: a store that no
+    call has named yet is outside the log (its bytes are undefined, as in PMDK)."""
+
+    SLOT = 4096
+
+    def run(self, workdir: str, sim: Simulation) -> None:
+        d = Path(workdir)
+        rng = random.Random(self.seed + 1)
+        slots = rng.sample(range(1, self.SIZE // self.SLOT), self.writes)
+        ctx: dict[str, Any] = {"writes": []}  # persists that returned, each in a slot of its own
+
+        def session(ps: PoolSet, n: int) -> None:
+            ps.persist(HDR_SIZE, ps.size - HDR_SIZE)  # every chunk in this session's log
+            for _ in range(n):
+                size = rng.randrange(8, self.SLOT)
+                off = slots.pop() * self.SLOT
+                data = rng.randbytes(size)
+                ps.buf[off:off + size] = data
+                ps.persist(off, size)
+                ctx["writes"].append((off, data))
+                sim.context = dict(ctx)
+
+        sim.context = dict(ctx)
+        ps = PoolSet.open(d / "p.set")
+        session(ps, self.writes // 2)
+        _killed(ps)
+        with PoolSet.open(d / "p.set") as ps:
+            assert [s.state for s in ps.replicas] == ["ok"] * 3
+            session(ps, self.writes - self.writes // 2)
+
+    def verify(self, imagedir: str, context: dict[str, Any]) -> str:
+        d = Path(imagedir)
+        with open(d / "m0", "rb") as f:
+            label = "clean" if activity.read_marker(f.read(HDR_SIZE)) is None else "recovered"
+        with PoolSet.open(d / "p.set") as ps:
+            assert [s.state for s in ps.replicas] == ["ok"] * 3, \
+                [(s.state, s.error) for s in ps.replicas]
+            for off, data in context["writes"]:
+                assert ps.buf[off:off + len(data)] == data, f"persist at {off} lost"
+            master = bytes(ps.buf[HDR_SIZE:])
+        for name in ("r1", "r2"):
+            if (d / name).read_bytes()[HDR_SIZE:] != master:
+                raise AssertionError(f"{name} differs from the master after the reopen")
+        return label

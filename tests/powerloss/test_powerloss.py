@@ -72,6 +72,15 @@ def test_replica_sync_header_rewrites(pool_dir: Path) -> None:
     assert_clean(report, 55)
 
 
+def test_unclean_reopen(pool_dir: Path) -> None:
+    """A pool set left open by a killed process, then reopened, cut at every durability
+    point of both sessions and of the recovery between them: every reopen brings the
+    replicas in line with the master, with no replica-sync."""
+    report = run(pool_dir, "UncleanReopen", {"writes": 10}, images_per_point=4)
+    assert_clean(report, 150)
+    assert report.result.labels["recovered"], report.result.labels
+
+
 @pytest.mark.parametrize("fault", ["unfenced", "unflushed"])
 def test_the_explorer_finds_a_known_bug(pool_dir: Path, fault: str) -> None:
     report = run(pool_dir, "Objects", {"seed": 3, "transactions": 14, "knobs": 1, "cuts": 0,

@@ -1,0 +1,139 @@
+"""The session of an open pool set: its activity log (:mod:`pmreplica.activity`) begun
+when the pool opens, written before a range reaches any replica, and ended by a clean close;
+and, on open, the replicas an unclean last session left stale brought in line.
+
+:class:`SessionBook` is a mixin of :class:`~pmreplica.poolset.PoolSet`, as
+:class:`~pmreplica.failures.FailureBook` is: the write path reads ``_log_shift`` and
+``_logged`` on every call to skip the log for chunks already in it, and attributes of the
+pool itself cost the least there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from . import activity
+from .pmem import Mapping
+from .setfile import PoolSetFile
+from .state import store_copy
+from .status import OK, ReplicaStatus
+
+log = logging.getLogger(__name__)
+
+
+class SessionBook:
+    """The open session's activity log and marker."""
+
+    # what the PoolSet provides (see its __init__ and FailureBook's)
+    buf: memoryview
+    mapping: Mapping
+    set_file: PoolSetFile
+    size: int
+    replicas: list[ReplicaStatus]
+    _npending: list[int]
+    resync: Callable[[int], int]
+    _report_failed: Callable[[ReplicaStatus, BaseException], None]
+
+    def _open_session(self) -> None:
+        #: this session's activity log (None: no replicas, or it was lost) and what the
+        #: write path reads of it: a byte per chunk, set once the chunk is logged
+        self._activity: activity.ActivityLog | None = None
+        self._log_shift = 62
+        self._logged = bytearray(b"\1")
+        #: replicas an unclean last session left to bring in line (activity.recover)
+        self._unclean: list[int] = []
+        self._session_over = False
+        #: a call was cut short by close(): the session does not end cleanly
+        self._close_refused = False
+        #: close() cleared the marker
+        self._marker_cleared = False
+
+    def _begin_activity(self) -> None:
+        """Start this session's activity log and set the marker naming it, durably, before
+        the application can write; a pool set without replicas keeps none."""
+        if len(self.replicas) < 2:
+            return
+        try:
+            session = activity.ActivityLog.begin(self.set_file.master.parts[0].path, self.size)
+        except OSError as e:
+            log.warning("%s: cannot keep an activity log (after a crash, reopening will bring "
+                        "the whole pool in line on the replicas): %s", self.set_file.path, e)
+        else:
+            self._activity = session
+            self._log_shift, self._logged = session.shift, session.logged
+        # without a log, _logged stays "every chunk logged": the write path never asks
+        self._store_marker()
+
+    def _store_marker(self) -> None:
+        """Store this session's marker durably: its log, or none."""
+        session = self._activity
+        self._set_marker(activity.Marker(session.session if session is not None else 0,
+                                         logged=session is not None).pack())
+
+    def _set_marker(self, raw: bytes) -> None:
+        at = activity.MARKER_OFFSET
+        self.buf[at:at + len(raw)] = raw
+        self.mapping.persist(at, len(raw))
+
+    def _bring_in_line(self) -> None:
+        """After an unclean last session, resync every stale replica that opened (recover
+        marked them stale, with what it was writing) before the application goes on; one
+        that cannot be stays stale, reported failed. A crash meanwhile leaves it all to the
+        next open: this session's marker is set already."""
+        for index in self._unclean:
+            status = self.replicas[index]
+            if status.target is None or status.state == OK:
+                continue  # in step; or failed to open: reported, replica-sync has the rest
+            try:
+                self.resync(index)
+            except OSError as e:
+                self._report_failed(status, e)
+        self._unclean = []
+
+    def _end_activity(self) -> None:
+        """Clear the marker and delete the log, when the session ends cleanly: every lane
+        drained and no call cut short by close(); else the log stays for the next open."""
+        session, self._activity = self._activity, None
+        if len(self.replicas) < 2 or self._session_over:
+            return
+        self._session_over = True  # once: a close refused (EBUSY) is called again
+        clean = not any(self._npending) and not self._close_refused
+        if clean:
+            try:
+                self._set_marker(activity.CLEAR)
+                self._marker_cleared = True
+            except OSError as e:  # the next open takes this session for unclean: safe
+                log.warning("%s: cannot record the clean close: %s", self.set_file.path, e)
+                clean = False
+        if session is not None:
+            session.end(delete=clean)
+
+    def _log_activity(self, offset: int, length: int) -> None:
+        """Put a range's chunks in the activity log before it goes out (the state lock is
+        held). A log that cannot be written is given up: the marker then says "any chunk"."""
+        assert self._activity is not None
+        try:
+            self._activity.mark(offset, length)
+        except OSError as e:
+            log.warning("%s: the activity log cannot be written (after a crash, reopening will "
+                        "bring the whole pool in line on the replicas): %s",
+                        self.set_file.path, e)
+            lost, self._activity = self._activity, None
+            self._logged[:] = b"\1" * len(self._logged)
+            self._store_marker()
+            lost.end(delete=True)
+
+    def _cut_short_by_close(self) -> None:
+        """A call that close() cut short may have left its range on the master alone: the
+        session does not end cleanly (the state lock is held). Once the marker is cleared,
+        it is set again, through the file (the pool may be unmapped), for the whole pool."""
+        self._close_refused = True
+        if self._marker_cleared:
+            try:
+                store_copy(self.set_file.master.parts[0].path,
+                           activity.Marker(0, logged=False).pack(), activity.MARKER_OFFSET)
+            except OSError as e:
+                log.warning("%s: cannot record that a call was cut short by close: %s",
+                            self.set_file.path, e)
+            self._marker_cleared = False

@@ -1,0 +1,312 @@
+"""The activity log (pmreplica.activity): a pool set whose process died while it was open
+is brought in line on every replica when it is opened again, from the areas its last
+session handed to persist, flush or deep persist; replica-sync does the same when it runs
+first. The deaths are real (SIGKILL of the process that has the pool open, agents killed
+with the data they had not applied); only the power-loss version lives in
+tests/powerloss."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pmreplica import activity, sync
+from pmreplica.hookspecs import hookimpl
+from pmreplica.poolset import PoolSet
+from pmreplica.status import FAILED, OK, STALE
+from pmreplica.sync.command import render
+
+from .helpers import HDR, run_python, small_tmpfs, start_python, write_set
+from .rpmem_helpers import M, local_node, remote_bytes, transport  # noqa: F401
+
+pytestmark = pytest.mark.timeout(90)
+
+#: the session that dies: a persist, a store into the same chunk whose persist never
+#: comes, a store into a chunk no call named; then the process is killed
+KILLED = """
+import os, signal, sys
+from pmreplica import PoolSet
+ps = PoolSet.open(sys.argv[1])
+off, far = int(sys.argv[2]), int(sys.argv[3])
+ps.buf[off:off + 5] = b"first"
+ps.persist(off, 5)
+ps.buf[off:off + 5] = b"AFTER"
+ps.buf[far:far + 5] = b"NEVER"
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+OFF, FAR = 2 * M + 100, 12 * M + 100
+
+
+class Resyncs:
+    """A host application's hooks: the bytes each replica's resync copied."""
+
+    def __init__(self) -> None:
+        self.totals: dict[int, int] = {}
+
+    @hookimpl
+    def pmreplica_sync_progress(self, replica, phase, done, total):
+        if phase == "resync":
+            self.totals[replica.index] = total
+
+
+def three_replicas(d: Path, size: str = "16M") -> Path:
+    path = write_set(d / "p.set", f"{size} {d}/m", "REPLICA", f"{size} {d}/r1", "REPLICA",
+                     f"{size} {d}/r2")
+    PoolSet.create(path).close()
+    return path
+
+
+def kill_a_session(path: Path) -> None:
+    done = run_python(KILLED, str(path), str(OFF), str(FAR))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def marker(d: Path) -> activity.Marker | None:
+    with open(d / "m", "rb") as f:
+        return activity.read_marker(f.read(HDR))
+
+
+def data(path: Path) -> bytes:
+    return path.read_bytes()[HDR:]
+
+
+def test_a_killed_sessions_persisted_areas_reach_every_replica_on_reopen(pool_dir, caplog):
+    """The replicas lack the store whose persist never came; the reopen copies the chunk
+    it lies in (1 MiB, not the pool) to both before it returns, every replica in step."""
+    d = pool_dir
+    path = three_replicas(d)
+    kill_a_session(path)
+    assert marker(d) is not None and (d / "m.pmractive").exists()
+    for r in ("r1", "r2"):
+        assert (d / r).read_bytes()[OFF:OFF + 5] == b"first"  # what the kill left
+    assert (d / "m").read_bytes()[OFF:OFF + 5] == b"AFTER"
+    hook = Resyncs()
+    with PoolSet.open(path, plugins=[hook]) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+        assert ps.stale_replicas == []
+    assert "was not closed cleanly: the 1 MiB it was writing to" in caplog.text
+    assert hook.totals == {1: M, 2: M}  # the chunk at 2 MiB
+    for r in ("r1", "r2"):
+        assert (d / r).read_bytes()[OFF:OFF + 5] == b"AFTER"
+    # a chunk no call named is outside the log: as in PMDK, its bytes are undefined
+    assert (d / "r1").read_bytes()[FAR:FAR + 5] == bytes(5)
+    assert marker(d) is None and not (d / "m.pmractive").exists()
+    caplog.clear()
+    with PoolSet.open(path, plugins=[hook := Resyncs()]):  # closed cleanly: nothing to do
+        pass
+    assert hook.totals == {} and "not closed cleanly" not in caplog.text
+
+
+def test_a_clean_close_leaves_no_marker_and_no_log(pool_dir):
+    d = pool_dir
+    path = three_replicas(d)
+    with PoolSet.open(path) as ps:
+        assert marker(d) is not None
+        log = activity.read_log(str(d / "m.pmractive"), marker(d).session, ps.size)
+        assert log == []  # nothing written yet
+        ps.buf[OFF:OFF + 3] = b"abc"
+        ps.persist(OFF, 3)
+        ps.buf[5 * M - 2:5 * M + 2] = b"wxyz"
+        ps.flush(5 * M - 2, 4, lane=1)
+        ps.drain(lane=1)
+        log = activity.read_log(str(d / "m.pmractive"), marker(d).session, ps.size)
+        assert log == [(2 * M, M), (4 * M, 2 * M)]
+    assert marker(d) is None and not (d / "m.pmractive").exists()
+
+
+def test_a_flush_never_drained_makes_the_close_unclean(pool_dir):
+    """A range flushed and not drained when the pool is closed may not be on a replica:
+    the session does not count as closed, and the next open brings the range in line."""
+    d = pool_dir
+    path = three_replicas(d)
+    with PoolSet.open(path) as ps:
+        ps.buf[OFF:OFF + 3] = b"abc"
+        ps.flush(OFF, 3, lane=2)
+    assert marker(d) is not None
+    hook = Resyncs()
+    with PoolSet.open(path, plugins=[hook]) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+    assert hook.totals == {1: M, 2: M}
+    assert marker(d) is None
+
+
+def test_a_persist_that_never_returned_reaches_a_remote_replica_on_reopen(local_node, pool_dir,
+                                                                           monkeypatch):
+    """The process dies inside a persist while the remote agent is stopped: the master and
+    the local replica hold the range, the agent is killed with it unapplied. The reopen
+    brings it to the remote replica too."""
+    node, d = local_node, pool_dir
+    node.use_env(monkeypatch)
+    rparts = node.make_set("r.set")
+    path = write_set(d / "p.set", f"8M {d}/m", "REPLICA", f"8M {d}/l",
+                     f"REPLICA {node.target} r.set")
+    PoolSet.create(path).close()
+    off = 3 * M + 4096
+    code = """
+import sys
+from pmreplica import PoolSet
+ps = PoolSet.open(sys.argv[1])
+off = int(sys.argv[2])
+print("open", flush=True)
+sys.stdin.readline()
+ps.buf[off:off + 4096] = b"S" * 4096
+ps.persist(off, 4096)
+print("returned", flush=True)
+"""
+    proc = start_python(code, str(path), str(off))
+    pids: list[int] = []
+    try:
+        assert proc.stdout.readline().strip() == "open", proc.stderr.read()
+        pids = node.kill_agents(signal.SIGSTOP)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 10
+        while (d / "l").read_bytes()[off:off + 4096] != b"S" * 4096:
+            assert time.monotonic() < deadline, "the local replica never got the range"
+            time.sleep(0.02)
+        time.sleep(0.2)  # the remote flush goes out after the local one
+        assert proc.poll() is None  # still waiting for the stopped agent
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        node.wait_agents_gone()
+    assert remote_bytes(rparts)[off:off + 4096] != b"S" * 4096
+    with PoolSet.open(path) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+    assert remote_bytes(rparts)[off:off + 4096] == b"S" * 4096
+    assert remote_bytes(rparts)[HDR:] == data(d / "m")
+
+
+def test_a_lost_log_brings_the_whole_pool_in_line(pool_dir, caplog):
+    """Without its log (deleted, on a disk that failed), an unclean session may have
+    written anywhere: the reopen copies the whole pool, the store no call named included."""
+    d = pool_dir
+    path = three_replicas(d)
+    kill_a_session(path)
+    (d / "m.pmractive").unlink()
+    hook = Resyncs()
+    with PoolSet.open(path, plugins=[hook]) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+        size = ps.size
+    assert "activity log is missing or damaged" in caplog.text
+    assert hook.totals == {1: size - HDR, 2: size - HDR}
+    assert data(d / "r1") == data(d / "r2") == data(d / "m")
+
+
+def test_a_replica_missing_at_the_reopen_keeps_what_it_lacks_for_replica_sync(pool_dir):
+    """A replica that cannot be opened when the unclean session is recovered stays stale
+    with the session's areas in the record; replica-sync brings them once it is back."""
+    d = pool_dir
+    path = three_replicas(d)
+    kill_a_session(path)
+    os.rename(d / "r2", d / "r2.away")
+    with PoolSet.open(path) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, FAILED]
+        assert [s.index for s in ps.stale_replicas] == [2]
+    os.rename(d / "r2.away", d / "r2")
+    assert (d / "r2").read_bytes()[OFF:OFF + 5] == b"first"
+    rep = sync.sync(path)
+    assert rep.status == sync.OK_REPAIRED, rep
+    assert (d / "r2").read_bytes()[OFF:OFF + 5] == b"AFTER"
+    with PoolSet.open(path) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+
+
+def test_a_recovery_cut_short_by_a_kill_is_finished_by_the_next_open(pool_dir):
+    """The process recovering the pool dies while it resyncs replica 1: both replicas are
+    still named in the marker, and the next open brings both in line."""
+    d = pool_dir
+    path = three_replicas(d)
+    kill_a_session(path)
+    code = """
+import os, signal, sys
+from pmreplica import PoolSet, hookimpl
+class Die:
+    @hookimpl
+    def pmreplica_sync_progress(self, replica, phase, done, total):
+        if phase == "resync" and done:
+            os.kill(os.getpid(), signal.SIGKILL)
+PoolSet.open(sys.argv[1], plugins=[Die()])
+"""
+    done = run_python(code, str(path))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert marker(d) is not None
+    with PoolSet.open(path) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+    for r in ("r1", "r2"):
+        assert (d / r).read_bytes()[OFF:OFF + 5] == b"AFTER"
+    assert marker(d) is None
+
+
+def test_replica_sync_brings_an_unclean_session_in_line(pool_dir):
+    """Run before any reopen: check reports the unclean session without touching it; sync
+    copies what the session was writing, and the next open has nothing left to do."""
+    d = pool_dir
+    path = three_replicas(d)
+    kill_a_session(path)
+    rep = sync.check(path)
+    assert rep.unclean and rep.status == sync.NEEDS_REPAIR, rep
+    assert [r.health for r in rep.replicas][1:] == [STALE, STALE]
+    assert "not closed cleanly" in "\n".join(render(rep))
+    assert marker(d) is not None and marker(d).session  # a check writes nothing
+    rep = sync.sync(path)
+    assert rep.unclean and rep.status == sync.OK_REPAIRED, rep
+    for r in ("r1", "r2"):
+        assert (d / r).read_bytes()[OFF:OFF + 5] == b"AFTER"
+    hook = Resyncs()
+    with PoolSet.open(path, plugins=[hook]) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+    assert hook.totals == {}
+    assert sync.check(path).status == sync.OK_HEALTHY
+
+
+@pytest.fixture
+def full_fs(pool_dir: Path) -> Iterator[Path]:
+    """A 6 MiB tmpfs, to be filled up."""
+    with small_tmpfs(pool_dir / "small", "6m") as mnt:
+        yield mnt
+
+
+def test_a_log_that_cannot_be_made_on_a_full_disk_makes_a_crash_recover_the_whole_pool(
+        pool_dir, full_fs):
+    """The master's file system is full: the session keeps no log, the pool works on, and
+    the marker says so, so that a crash is recovered over the whole pool."""
+    mnt = full_fs
+    path = write_set(pool_dir / "p.set", f"4M {mnt}/m", "REPLICA", f"4M {pool_dir}/r1")
+    PoolSet.create(path).close()
+    st = os.statvfs(mnt)
+    with open(mnt / "filler", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
+    with pytest.raises(OSError) as full:
+        (mnt / "probe").write_bytes(b"x" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    code = """
+import logging, os, signal, sys
+from pmreplica import PoolSet
+logging.basicConfig()
+ps = PoolSet.open(sys.argv[1])
+ps.buf[3 * 2**20:3 * 2**20 + 4] = b"LAST"
+ps.persist(3 * 2**20, 4)
+ps.buf[3 * 2**20:3 * 2**20 + 4] = b"lost"
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = run_python(code, str(path))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert "cannot keep an activity log" in done.stderr
+    assert not (mnt / "m.pmractive").exists()
+    with open(mnt / "m", "rb") as f:
+        assert activity.read_marker(f.read(HDR)) == activity.Marker(0, logged=False)
+    hook = Resyncs()
+    with PoolSet.open(path, plugins=[hook]) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK]
+        size = ps.size
+    assert hook.totals == {1: size - HDR}
+    assert data(pool_dir / "r1") == data(mnt / "m")
