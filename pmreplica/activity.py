@@ -255,3 +255,9 @@ def apply(set_file: PoolSetFile, found: Recovery | None) -> list[int]:
     store_copy(part0, found.marker, MARKER_OFFSET)
     dirtymap.remove(path_for(part0))
     return found.replicas
+
+
+def settled(set_file: PoolSetFile) -> None:
+    """Clear the marker an unclean session left, once every replica is in line (a
+    replica-sync that repaired them all). The pool's lock must be held."""
+    store_copy(set_file.master.parts[0].path, CLEAR, MARKER_OFFSET)

@@ -14,7 +14,7 @@ import uuid as _uuid
 from collections.abc import Container
 from typing import Any
 
-from . import dirtymap, generation, setfile
+from . import activity, dirtymap, generation, setfile
 from .errors import HeaderError
 from .files import open_regular
 from .header import (FEAT_CHECK_BAD_BLOCKS, FEAT_CKSUM_2K, FEAT_SDS, FEAT_SINGLEHDR, HDR_SIZE,
@@ -198,11 +198,26 @@ def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
                  "generation": rstate.generation, "chunk_size": rstate.chunk,
                  "fine_chunk_size": rstate.fine.chunk if rstate.fine is not None else None,
                  "dirty_bytes": rstate.dirty_bytes(HDR_SIZE, size),
-                 "dirty_ranges": sum(1 for _ in rstate.iter_dirty(HDR_SIZE, size))}
+                 "dirty_ranges": sum(1 for _ in rstate.iter_dirty(HDR_SIZE, size)),
+                 "session": _session(master_raw, set_file)}
     return {"path": os.path.abspath(path), "kind": "poolset" if set_file.path else "pool",
             "options": sorted(set_file.options), "pool_size": size,
             "replicas": reps, "replica_state": state,
             "healthy": all(r["health"] == "healthy" for r in reps if r["kind"] == "local")}
+
+
+def _session(page: bytes, set_file: PoolSetFile) -> dict[str, Any] | None:
+    """The activity log's marker: None when the pool was closed cleanly (or is not open)."""
+    marker = activity.read_marker(page)
+    if marker is None:
+        return None
+    out: dict[str, Any] = {"logged": marker.logged, "log_bytes": None}
+    if marker.logged:
+        areas = ([] if not marker.session else activity.read_log(
+            activity.path_for(set_file.master.parts[0].path), marker.session,
+            set_file.pool_size))
+        out["log_bytes"] = None if areas is None else sum(n for _, n in areas)
+    return out
 
 
 def gather(path: str) -> dict[str, Any]:
@@ -286,6 +301,12 @@ def _render_set(info: dict[str, Any]) -> list[str]:
               + f" (written since: {st['dirty_bytes']} bytes in {st['dirty_ranges']} ranges)")
     else:
         _line(out, "Replica state", "no stale replicas")
+    session = st and st["session"]
+    if session is not None:
+        logged = session["log_bytes"]
+        _line(out, "Open session", "open, or not closed cleanly: " + (
+            f"{logged} bytes in its activity log" if logged is not None else
+            "no activity log (the whole pool)") + " to bring in line on the next open")
     for rep in info["replicas"]:
         out.append("")
         i = rep["index"]

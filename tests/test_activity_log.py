@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pmreplica import activity, sync
+from pmreplica import activity, cli, info, sync
 from pmreplica.hookspecs import hookimpl
 from pmreplica.poolset import PoolSet
 from pmreplica.status import FAILED, OK, STALE
@@ -252,6 +252,8 @@ def test_replica_sync_brings_an_unclean_session_in_line(pool_dir):
     d = pool_dir
     path = three_replicas(d)
     kill_a_session(path)
+    shown = "\n".join(info.render(info.gather(str(path))))
+    assert "Open session             : open, or not closed cleanly: 1048576 bytes" in shown
     rep = sync.check(path)
     assert rep.unclean and rep.status == sync.NEEDS_REPAIR, rep
     assert [r.health for r in rep.replicas][1:] == [STALE, STALE]
@@ -261,6 +263,8 @@ def test_replica_sync_brings_an_unclean_session_in_line(pool_dir):
     assert rep.unclean and rep.status == sync.OK_REPAIRED, rep
     for r in ("r1", "r2"):
         assert (d / r).read_bytes()[OFF:OFF + 5] == b"AFTER"
+    assert marker(d) is None  # every replica in line: the session is over
+    assert "Open session" not in "\n".join(info.render(info.gather(str(path))))
     hook = Resyncs()
     with PoolSet.open(path, plugins=[hook]) as ps:
         assert [s.state for s in ps.replicas] == [OK, OK, OK]
@@ -310,3 +314,12 @@ os.kill(os.getpid(), signal.SIGKILL)
         size = ps.size
     assert hook.totals == {1: size - HDR}
     assert data(pool_dir / "r1") == data(mnt / "m")
+
+
+def test_rm_removes_an_unclean_sessions_log(pool_dir):
+    d = pool_dir
+    path = three_replicas(d)
+    kill_a_session(path)
+    assert (d / "m.pmractive").exists()
+    assert cli.main(["rm", str(path)]) == 0
+    assert sorted(p.name for p in d.iterdir()) == ["p.set"]

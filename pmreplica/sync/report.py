@@ -81,11 +81,15 @@ class Report:
 
 
 def found(path: str, pool_size: int, dry_run: bool, probes: list[Probe],
-          judgement: Judgement) -> Report:
-    """The report of what the probes and their judgement found, before anything is done."""
+          judgement: Judgement, unclean: bool = False) -> Report:
+    """The report of what the probes and their judgement found, before anything is done
+    (``unclean``: the pool's last session did not close, see :attr:`Report.unclean`)."""
     reports = []
+    stale = ("marked stale: it may lack what the last session was writing, or missed "
+             "writes while it was failed" if unclean else
+             "marked stale: it missed writes while it was failed")
     for p in probes:
-        why = {STALE: ["marked stale: it missed writes while it was failed"],
+        why = {STALE: [stale],
                UNKNOWN: ["not known to be up to date: no replica-state record vouches "
                          "for it (the master's was lost)"]}.get(p.health, [])
         reports.append(ReplicaReport(
@@ -104,7 +108,7 @@ def found(path: str, pool_size: int, dry_run: bool, probes: list[Probe],
                   "fine_chunk_size": st.fine.chunk if st.fine is not None else None,
                   "dirty_bytes": st.dirty_bytes(HDR_SIZE, pool_size)}
     return Report(path=os.path.abspath(path), pool_size=pool_size, dry_run=dry_run,
-                  replicas=reports, record=record)
+                  replicas=reports, record=record, unclean=unclean)
 
 
 def status(reports: list[ReplicaReport]) -> str:

@@ -86,8 +86,7 @@ class Run:
             self.record = RunRecord(self.probes, self.judgement, self.size,
                                     self.set_file.master.parts[0].path)
             report = _report.found(self.path, self.size, self.dry_run, self.probes,
-                                   self.judgement)
-            report.unclean = unclean is not None
+                                   self.judgement, unclean=unclean is not None)
             self.reports = report.replicas
             self.source, why = health.choose_source(self.probes, self.forced)
             if self.judgement.conflict is not None:
@@ -111,6 +110,9 @@ class Run:
             report.copied = sum(r.copy_bytes for r in self.reports
                                 if r.result == "repaired" or self.dry_run)
             report.status = _report.status(self.reports)
+            if unclean is not None and not self.dry_run and report.status in (
+                    _report.OK_HEALTHY, _report.OK_REPAIRED):
+                activity.settled(self.set_file)  # every replica in line: the session is over
             return report
         finally:
             self.renderer.close()
