@@ -264,11 +264,15 @@ class FailureBook:
 
     # -- close -----------------------------------------------------------------------------
     def _close_book(self) -> None:
-        """Wait for the targets of replicas failing on other threads to be let go of, then
-        save the fine dirty map (or drop its side file when the record needs none)."""
+        """Wait for the targets of replicas failing on other threads to be let go of and for
+        an online resync to stop, then save the fine dirty map (or drop its side file when
+        the record needs none)."""
         with self._let_go:
             if not self._let_go.wait_for(lambda: not self._letting_go, LET_GO_WAIT):
                 log.warning("a failed replica's target is still being closed")
+            # an online resync on another thread stops at its next piece (it sees _closing)
+            if not self._let_go.wait_for(lambda: self._resync_marks is None, LET_GO_WAIT):
+                log.warning("an online resync is still running")
             try:
                 if self.state.period:
                     if self.state.save_fine(keep_working_set=False):

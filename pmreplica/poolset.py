@@ -468,7 +468,9 @@ class PoolSet(FailureBook, SessionBook):
     def close(self) -> None:
         """Save the dirty map, close every replica and unmap the master (views of ``buf``
         must be released). Calls on other threads meanwhile fail with EBADF, or complete
-        before the replicas are closed: none returns having skipped one."""
+        before the replicas are closed: none returns having skipped one. An online resync
+        running on another thread stops (EBADF; its replica stays stale) before the pool
+        is unmapped."""
         with self._state_lock:
             self._closing = True
             self._degraded = True  # every write path call now takes the lock: refused there

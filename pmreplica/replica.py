@@ -257,7 +257,11 @@ def _link_problems(hdrs: list[PoolHeader], paths: list[str]) -> list[str]:
                        "differs from part 0)")
         if (h.prev_repl, h.next_repl) != (first.prev_repl, first.next_repl):
             out.append(f"{paths[i]}: replica links differ from part 0")
-        if h.next_part != hdrs[(i + 1) % n].uuid or h.prev_part != hdrs[i - 1].uuid:
+        if n == 1 and h.uuid not in (h.next_part, h.prev_part) and not h.is_zeroed:
+            # a part file named on its own (a pool set's part 0, say): not a broken pool
+            out.append(f"{paths[i]}: one part of a pool of several parts (its header links "
+                       "to another part): name the pool set file instead")
+        elif h.next_part != hdrs[(i + 1) % n].uuid or h.prev_part != hdrs[i - 1].uuid:
             out.append(f"{paths[i]}: part links are broken (next/prev part uuid)")
     return out
 

@@ -64,8 +64,9 @@ def resync(pool: "PoolSet", index: int, chunk: int = copier.CHUNK) -> int:
             close_quietly(target)
             raise
     finally:
-        with pool._state_lock:
+        with pool._let_go:
             pool._resync_marks = None
+            pool._let_go.notify_all()  # close() waits for a running resync to end
     pool._notify_restored(status)
     return copied
 
@@ -103,9 +104,17 @@ def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,
         done += n
         pool.report_progress(status.index, "resync", done, total)
 
+    def go_on() -> None:
+        if pool._closing:  # close() waits for this resync: it ends at the next piece
+            raise PmReplicaError(errno.EBADF, f"{status.name}: resync stopped: the pool "
+                                              "is being closed")
+
+    def write(off: int, n: int) -> None:
+        go_on()
+        target.flush(off, n, 0, 0)
+
     def copy(ranges: Iterable[tuple[int, int]]) -> None:
-        copier.copy(ranges, lambda off, n: target.flush(off, n, 0, 0),
-                    lambda off, n: target.drain(0), advance, chunk)
+        copier.copy(ranges, write, lambda off, n: target.drain(0), advance, chunk)
 
     pool.report_progress(status.index, "resync", 0, total)
     copy(pieces)
@@ -113,6 +122,7 @@ def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,
         marks = pool._resync_marks
         assert marks is not None
         written = list(marks.ranges(start, size))
+        go_on()  # once close() began, the replica must not rejoin the write path
         total += sum(n for _, n in written)
         copy(written)
         status.target = target

@@ -12,6 +12,8 @@ import os
 import random
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -621,3 +623,72 @@ def test_a_raising_progress_hook_does_not_break_an_online_resync(pool_dir, caplo
         pool.persist(HDR_SIZE, 5)
     assert replica_bytes([(8 * M, d / "m")])[HDR_SIZE:] == \
         replica_bytes([(8 * M, d / "r")])[HDR_SIZE:]
+
+
+def test_a_part_file_named_alone_is_refused_with_the_reason(pool_dir):
+    """Part 0 of a two-part master named instead of its pool set: not "broken links" (a
+    pool to repair) but a part of a bigger pool, whose set file is to be named."""
+    d = pool_dir
+    path = write_set(d / "p.set", f"8M {d}/m0", f"8M {d}/m1", "REPLICA", f"16M {d}/r")
+    PoolSet.create(path).close()
+    with pytest.raises(OSError) as e:
+        PoolSet.open(d / "m0")
+    assert e.value.errno == errno.EINVAL
+    assert "one part of a pool of several parts (its header links to another part): " \
+           "name the pool set file instead" in str(e.value)
+    rep = check(d / "m0")
+    assert "name the pool set file instead" in " ".join(rep.replicas[0].problems)
+    PoolSet.open(path).close()  # untouched
+
+
+class SlowProgress:
+    """A host application whose progress hook takes its time (a slow terminal, say)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def pmreplica_sync_progress(self, replica, phase, done, total):
+        if phase == "resync":
+            self.calls += 1
+            time.sleep(0.02)
+
+
+def test_close_during_an_online_resync_stops_it_and_returns(pool_dir):
+    """close() on one thread while another resyncs: the resync stops at its next piece
+    (EBADF), close waits for it and unmaps the pool; no thread is left behind, the replica
+    stays stale with what it lacks, and the next resync brings it."""
+    d = pool_dir
+    path = write_set(d / "p.set", f"64M {d}/m", "REPLICA", f"64M {d}/r")
+    PoolSet.create(path).close()
+    os.rename(d / "r", d / "r.away")
+    hook = SlowProgress()
+    pool = PoolSet.open(path, plugins=[hook])
+    pool.buf[HDR_SIZE:] = os.urandom(pool.size - HDR_SIZE)
+    pool.persist(HDR_SIZE, pool.size - HDR_SIZE)
+    os.rename(d / "r.away", d / "r")
+    out: dict[str, BaseException] = {}
+
+    def resync() -> None:
+        try:
+            pool.resync(1, chunk=1 << 20)
+        except BaseException as e:  # noqa: BLE001 - what the resync's thread ends with
+            out["error"] = e
+
+    before = set(threading.enumerate())
+    thread = threading.Thread(target=resync)
+    thread.start()
+    while hook.calls < 3:
+        time.sleep(0.01)
+    pool.close()  # returns: the resync stopped
+    thread.join(10)
+    assert not thread.is_alive()
+    assert isinstance(out["error"], OSError) and out["error"].errno == errno.EBADF
+    assert "resync stopped: the pool is being closed" in str(out["error"])
+    assert pool.mapping.closed
+    assert set(threading.enumerate()) <= before
+    with PoolSet.open(path) as pool:
+        assert [s.index for s in pool.stale_replicas] == [1]
+        pool.resync(1)
+        master = bytes(pool.buf[HDR_SIZE:])
+    assert replica_bytes([(64 * M, d / "r")])[HDR_SIZE:] == master
