@@ -14,6 +14,7 @@ import logging
 from typing import Callable
 
 from . import activity
+from .errors import as_replica_failure
 from .pmem import Mapping
 from .setfile import PoolSetFile
 from .state import store_copy
@@ -43,7 +44,9 @@ class SessionBook:
         self._logged = bytearray(b"\1")
         #: replicas an unclean last session left to bring in line (activity.recover)
         self._unclean: list[int] = []
-        self._session_over = False
+        #: True until _begin_activity, and once the session ended: close() leaves a marker
+        #: it did not set (a recovery's, when the open failed) as it is
+        self._session_over = True
         #: a call was cut short by close(): the session does not end cleanly
         self._close_refused = False
         #: close() cleared the marker
@@ -54,6 +57,7 @@ class SessionBook:
         the application can write; a pool set without replicas keeps none."""
         if len(self.replicas) < 2:
             return
+        self._session_over = False
         try:
             session = activity.ActivityLog.begin(self.set_file.master.parts[0].path, self.size)
         except OSError as e:
@@ -87,15 +91,15 @@ class SessionBook:
                 continue  # in step; or failed to open: reported, replica-sync has the rest
             try:
                 self.resync(index)
-            except OSError as e:
-                self._report_failed(status, e)
+            except Exception as e:  # noqa: BLE001 - a plugin's bug fails its replica alone
+                self._report_failed(status, as_replica_failure(status.name, e))
         self._unclean = []
 
     def _end_activity(self) -> None:
         """Clear the marker and delete the log, when the session ends cleanly: every lane
         drained and no call cut short by close(); else the log stays for the next open."""
         session, self._activity = self._activity, None
-        if len(self.replicas) < 2 or self._session_over:
+        if self._session_over:
             return
         self._session_over = True  # once: a close refused (EBUSY) is called again
         clean = not any(self._npending) and not self._close_refused
