@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from pmreplica.rpmem.client import FLUSH_RELAXED, RemotePool
 from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.transport import provider, verbs
 from rpmem_common.verbs_common import CLIENT_INFO, LANE_QP
-from tests.helpers import ROOT, replica_bytes, unavailable, write_set
+from tests.helpers import ROOT, interrupted, replica_bytes, unavailable, write_set
 from tests.rpmem_helpers import (M, Node, RawSession, attr, check_no_agents_left,
                                   local_pool)
 # the transport-independent remote-pool tests, collected here with the verbs fixtures
@@ -414,3 +415,27 @@ def test_connect_refuses_bad_lane_data(local_node):
     finally:
         session.close()
     assert not (local_node.dir / "r.part0").exists()
+
+
+def test_an_interrupted_persist_gives_up_its_lane(local_node):
+    """GPSPM waits for the agent's reply: with the agent stopped, a signal handler raises in
+    that wait. The lane is given up (ECANCELED), as a TCP lane is, rather than kept with
+    completions the call may have polled and not handled; the next persist says so."""
+    local_node.make_set("r.set")
+    pool = local_pool(8 * M, seed=7)
+    rp = create(local_node, "r.set", pool, nlanes=1, attr=attr())
+    rp.persist(HDR_SIZE, 4096)
+    pids = local_node.kill_agents(signal.SIGSTOP)
+    try:
+        with interrupted():
+            rp.persist(HDR_SIZE, 4096)
+        assert rp.failure is not None and rp.failure.errno == errno.ECANCELED
+        with pytest.raises(OSError) as e:
+            rp.persist(HDR_SIZE, 64)
+        assert e.value.errno == errno.ECANCELED
+        assert "interrupted mid-operation" in str(e.value)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        local_node.wait_agents_gone()
+    rp.abort()

@@ -352,6 +352,18 @@ class VerbsDataPath:
         code = getattr(e, "error_code", None) or errno.EIO
         return self._lost(ln, code, f"posting to the queue pair failed: {e}")
 
+    def _cut_short(self, ln: _Lane) -> None:
+        """A call on the lane was ended by an exception from outside it (KeyboardInterrupt,
+        a signal handler's). The lane's counters keep later calls in step with what it left
+        outstanding, but not with completions it had polled and not yet handled (a reply
+        never counted is waited for until the timeout, an agent's error in it never seen):
+        the lane is given up, as a TCP lane is, and its next call fails with ECANCELED.
+        The lane's own failures have set ``broken`` already."""
+        if ln.broken is None:
+            ln.broken = RemoteError(errno.ECANCELED, f"{self.name}: lane {ln.index}: a call "
+                                                     "was interrupted mid-operation; lane "
+                                                     "given up")
+
     # -- operations ----------------------------------------------------------------------------
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         ln = self._lanes[lane]
@@ -373,6 +385,9 @@ class VerbsDataPath:
                     self._flush(ln, offset, length, self._tail_op, 0)
             except self._pv.PyverbsError as e:
                 raise self._failed(ln, e) from None
+            except BaseException:
+                self._cut_short(ln)
+                raise
 
     def drain(self, lane: int = 0) -> None:
         ln = self._lanes[lane]
@@ -385,6 +400,9 @@ class VerbsDataPath:
                 self._settle(ln)
             except self._pv.PyverbsError as e:
                 raise self._failed(ln, e) from None
+            except BaseException:
+                self._cut_short(ln)
+                raise
 
     def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         ln = self._lanes[lane]
@@ -395,6 +413,9 @@ class VerbsDataPath:
                 self._settle(ln)
             except self._pv.PyverbsError as e:
                 raise self._failed(ln, e) from None
+            except BaseException:
+                self._cut_short(ln)
+                raise
 
     def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
         ln = self._lanes[lane]
@@ -405,6 +426,9 @@ class VerbsDataPath:
                 self._settle(ln)
             except self._pv.PyverbsError as e:
                 raise self._failed(ln, e) from None
+            except BaseException:
+                self._cut_short(ln)
+                raise
 
     def read(self, dest: memoryview, offset: int, lane: int = 0) -> None:
         """Fill ``dest`` with the remote pool's bytes at ``offset`` by RDMA READ: straight
@@ -433,6 +457,9 @@ class VerbsDataPath:
                     done += k
             except self._pv.PyverbsError as e:
                 raise self._failed(ln, e) from None
+            except BaseException:
+                self._cut_short(ln)
+                raise
 
     def _read(self, ln: _Lane, local: int, lkey: int, offset: int, n: int) -> None:
         """RDMA READ remote [offset, offset+n) to ``local``: split at the header window's
