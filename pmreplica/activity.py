@@ -37,23 +37,24 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import struct
 import zlib
 from typing import NamedTuple
 
 from . import dirtymap
-from . import generation as _generation
-from .files import open_regular, pwrite_all
-from .header import HDR_SIZE, SDS_OFF
+from .errors import PmReplicaError
+from .files import not_regular, open_regular, pwrite_all, sync_dir
+from .header import HDR_SIZE
+from .replica import MARKER_OFFSET, RECORDS_END
 from .setfile import PoolSetFile
 from .state import OFFSET as STATE_OFFSET, ReplicaState, store_copy
 
 log = logging.getLogger(__name__)
 
-MARKER_OFFSET = _generation.OFFSET + _generation.SIZE
 _MARKER = struct.Struct("<4sIQ")  # magic, flags, session; then the CRC32 of those
 MARKER_SIZE = _MARKER.size + 4
-assert MARKER_OFFSET + MARKER_SIZE <= SDS_OFF
+assert MARKER_OFFSET + MARKER_SIZE == RECORDS_END
 _MARKER_MAGIC = b"PMRA"
 _LOGGED = 1  # flag: the log holds every chunk the session touched (else any may be)
 
@@ -124,15 +125,23 @@ class ActivityLog:
         out = cls(path_for(part0), pool_size, int.from_bytes(os.urandom(8), "little") or 1)
         head = _FILE_HEAD.pack(_FILE_MAGIC, out.session, out.chunk, len(out.logged))
         head += zlib.crc32(head).to_bytes(4, "little")
-        fd = os.open(out.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # never through a link, nor into what is not a regular file: it is emptied
+        fd = os.open(out.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
         try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise not_regular(out.path, mode)
+            os.ftruncate(fd, 0)
             # the map padded to whole pages: the file is a whole number of blocks
             pwrite_all(fd, head.ljust(MAP_OFFSET + -(-len(out.logged) // MAP_OFFSET) * MAP_OFFSET,
                                       b"\0"), 0, out.path)
             os.fdatasync(fd)
-        except BaseException:
+            sync_dir(os.path.dirname(out.path) or ".")  # the new name, durably
+        except BaseException as e:
             os.close(fd)
-            dirtymap.remove(out.path)  # nothing half-made is left (a full disk, say)
+            if not isinstance(e, PmReplicaError):  # not something else that stood there
+                dirtymap.remove(out.path)  # nothing half-made is left (a full disk, say)
             raise
         out._fd = fd
         return out
@@ -189,11 +198,13 @@ def read_log(path: str, session: int, pool_size: int) -> list[tuple[int, int]] |
 
 class Recovery(NamedTuple):
     """What folding an unclean session in does (:func:`plan`): the replicas to bring in
-    line, the replica-state record to store (None: unchanged) and the marker to leave."""
+    line, the replica-state record to store (None: unchanged), the marker to leave and
+    what to tell the user once it is done."""
 
     replicas: list[int]
     record: bytes | None
     marker: bytes
+    notes: tuple[str, ...]
 
 
 def plan(set_file: PoolSetFile) -> Recovery | None:
@@ -217,9 +228,10 @@ def plan(set_file: PoolSetFile) -> Recovery | None:
         return None
     areas = (None if not marker.logged else [] if not marker.session
              else read_log(path_for(part0), marker.session, size))
+    notes = []
     if areas is None:
-        log.warning("%s was not closed cleanly and its activity log is missing or damaged: "
-                    "every replica is brought in line with the whole pool", set_file.path)
+        notes.append(f"{set_file.path} was not closed cleanly and its activity log is missing "
+                     "or damaged: every replica is brought in line with the whole pool")
         areas = [(0, size)]
     # the fine map's side file is not rewritten: the record's ``recent`` chunks, united
     # with it on load, carry the areas
@@ -232,10 +244,12 @@ def plan(set_file: PoolSetFile) -> Recovery | None:
         for off, n in areas:
             state.mark_dirty(off, n)
         record = state.pack()
-        log.warning("%s was not closed cleanly: the %d MiB it was writing to are to be brought "
-                    "in line on replica%s %s", set_file.path, -(-sum(n for _, n in areas) >> 20),
-                    "s" if len(marked) > 1 else "", ", ".join(map(str, marked)))
-    return Recovery(list(range(1, len(set_file.replicas))), record, Marker(0).pack())
+        notes.append(f"{set_file.path} was not closed cleanly: the "
+                     f"{-(-sum(n for _, n in areas) >> 20)} MiB it was writing to are to be "
+                     f"brought in line on replica{'s' if len(marked) > 1 else ''} "
+                     + ", ".join(map(str, marked)))
+    return Recovery(list(range(1, len(set_file.replicas))), record, Marker(0).pack(),
+                    tuple(notes))
 
 
 def recover(set_file: PoolSetFile) -> list[int]:
@@ -249,6 +263,8 @@ def apply(set_file: PoolSetFile, found: Recovery | None) -> list[int]:
     nothing (the areas are in the record now), then the log goes."""
     if found is None:
         return []
+    for note in found.notes:
+        log.warning("%s", note)
     part0 = set_file.master.parts[0].path
     if found.record is not None:
         store_copy(part0, found.record, STATE_OFFSET)

@@ -30,7 +30,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 
-from .files import open_regular, pwrite_all
+from .files import open_regular, pwrite_all, sync_dir
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def save(path: str, bitmap: Bitmap, period: int, epoch: int, whole: bool) -> Non
     finally:
         os.close(fd)
     if created:  # the new name itself must survive a power failure
-        _sync_dir(os.path.dirname(path) or ".")
+        sync_dir(os.path.dirname(path) or ".")
     if bitmap.pages is not None:
         bitmap.pages.clear()
 
@@ -315,11 +315,3 @@ def remove(path: str) -> None:
         pass
     except OSError as e:
         log.debug("%s: cannot remove: %s", path, e)
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

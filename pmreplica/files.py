@@ -86,3 +86,12 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: str) -> Non
     """``os.pwrite`` of all of ``data`` at ``offset``; a short write is EIO naming ``path``."""
     if os.pwrite(fd, data, offset) != len(data):
         raise OSError(errno.EIO, f"{path}: short write")
+
+
+def sync_dir(path: str) -> None:
+    """fsync the directory ``path``: a name made in it survives a power failure."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

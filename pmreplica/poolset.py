@@ -342,11 +342,13 @@ class PoolSet(FailureBook, SessionBook):
         # replica taken off meanwhile is either still in `active` or found in the dirty map;
         # and while degraded, or when the replicas changed meanwhile (a resync put one back),
         # the replicas to write to are those _note_dirty reads under the state lock
-        # and a range in a chunk not yet in the activity log takes the same slow way
+        # and a range in a chunk not yet in the activity log (or over more than two chunks)
+        # takes the same slow way
         active = self._active
-        c = offset >> self._log_shift
-        if (self._degraded or active is not self._active
-                or c != (offset + length - 1) >> self._log_shift or not self._logged[c]):
+        first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
+        logged = self._logged
+        if (self._degraded or active is not self._active or not logged[first]
+                or first != last and (last != first + 1 or not logged[last])):
             active = self._note_dirty(offset, length)
         for status, target in active:
             try:
@@ -365,15 +367,17 @@ class PoolSet(FailureBook, SessionBook):
                 target.drain(lane)
             except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e, offset, length)
+        self._npending[lane] = 0  # the lane is drained on every replica: its flushes too
 
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Start making a range durable everywhere; :meth:`drain` on the lane waits for it.
         Ranges flushed on one lane are applied in issue order on every replica."""
         self._check(offset, length, lane, flags)
         active = self._active  # before _degraded: see persist
-        c = offset >> self._log_shift
-        if (self._degraded or active is not self._active
-                or c != (offset + length - 1) >> self._log_shift or not self._logged[c]):
+        first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
+        logged = self._logged
+        if (self._degraded or active is not self._active or not logged[first]
+                or first != last and (last != first + 1 or not logged[last])):
             active = self._note_dirty(offset, length)
         # remembered before it is sent: a replica failing before the drain may lack it
         n = self._npending[lane]
@@ -415,9 +419,10 @@ class PoolSet(FailureBook, SessionBook):
         """Persist through every replica's deepest durability domain."""
         self._check(offset, length, lane)
         active = self._active  # before _degraded: see persist
-        c = offset >> self._log_shift
-        if (self._degraded or active is not self._active
-                or c != (offset + length - 1) >> self._log_shift or not self._logged[c]):
+        first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
+        logged = self._logged
+        if (self._degraded or active is not self._active or not logged[first]
+                or first != last and (last != first + 1 or not logged[last])):
             active = self._note_dirty(offset, length)
         for status, target in active:
             try:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from .errors import HeaderError, PmReplicaError
 from .files import kind_of, open_regular
-from .generation import OFFSET as GEN_OFFSET
+from .generation import OFFSET as GEN_OFFSET, SIZE as GEN_SIZE
 from .header import HDR_SIZE, PoolHeader, replica_headers
 from .pmem import Mapping, Segment, open_part
 from .setfile import LocalReplica, PoolSetFile
@@ -27,6 +27,8 @@ from .state import OFFSET as STATE_OFFSET
 #: the end of what pmreplica keeps in part 0's page after the header (state record and
 #: generation), where PMDK's shutdown state begins
 RECORDS_END = 4024
+#: the activity log's marker (pmreplica.activity.MARKER_OFFSET), after the generation
+MARKER_OFFSET = GEN_OFFSET + GEN_SIZE
 
 
 class PartHeader(namedtuple("PartHeader", "path raw header problems")):
@@ -114,13 +116,16 @@ class LocalReplicaFiles:
             _pwrite_durable(part.path, page, 0)
 
     def clear_header(self, state: bytes | None = None) -> None:
-        """Zero part 0's header (keeping ``state`` in its page), durably: the replica is
-        not a pool until :meth:`write_headers` runs again. replica-sync does this before
-        rewriting a replica's data, so that a replica it leaves half-copied is never
-        taken for a sound one."""
+        """Zero part 0's header (keeping ``state`` in its page, and an activity log's marker:
+        a master repaired after an unclean session still has it folded in by its next
+        open), durably: the replica is not a pool until :meth:`write_headers` runs again.
+        replica-sync does this before rewriting a replica's data, so that a replica it
+        leaves half-copied is never taken for a sound one."""
         page = bytearray(HDR_SIZE)
         if state is not None:
             page[STATE_OFFSET:STATE_OFFSET + len(state)] = state
+        page[MARKER_OFFSET:RECORDS_END] = _read_page(self.replica.parts[0].path)[
+            MARKER_OFFSET:RECORDS_END].ljust(RECORDS_END - MARKER_OFFSET, b"\0")
         _pwrite_durable(self.replica.parts[0].path, bytes(page), 0)
 
     def restore_parts(self, mode: int = 0o666) -> None:

@@ -123,9 +123,10 @@ class SessionBook:
             log.warning("%s: the activity log cannot be written (after a crash, reopening will "
                         "bring the whole pool in line on the replicas): %s",
                         self.set_file.path, e)
+            # the marker says "any chunk" before any write may skip the log
             lost, self._activity = self._activity, None
-            self._logged[:] = b"\1" * len(self._logged)
             self._store_marker()
+            self._logged[:] = b"\1" * len(self._logged)
             lost.end(delete=True)
 
     def _cut_short_by_close(self) -> None:

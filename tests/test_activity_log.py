@@ -346,3 +346,50 @@ def test_an_open_that_fails_after_the_recovery_leaves_it_to_the_next(pool_dir):
         assert [s.state for s in ps.replicas] == [OK, OK, OK]
     for r in ("r1", "r2"):
         assert (d / r).read_bytes()[OFF:OFF + 5] == b"AFTER"
+
+
+def test_replica_sync_repairs_a_broken_master_after_an_unclean_session(pool_dir):
+    """The master's header is damaged after the session died: replica-sync repairs the
+    master from a replica as it would after a clean close (the session is not folded into
+    a record that is not sound), and the next open brings the replicas in line with it."""
+    d = pool_dir
+    path = three_replicas(d)
+    kill_a_session(path)
+    with open(d / "m", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    rep = sync.sync(path)
+    assert rep.status == sync.OK_REPAIRED, (rep.reason, [r.health for r in rep.replicas])
+    assert marker(d) is not None  # kept with the records of part 0's page
+    with PoolSet.open(path) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+    assert data(d / "r1") == data(d / "r2") == data(d / "m")
+
+
+def test_a_log_path_that_is_a_link_is_not_followed(pool_dir):
+    """Something else stands where the log goes (a link to another file): it is left as it
+    is, and the session keeps no log (a crash would bring the whole pool in line)."""
+    d = pool_dir
+    path = three_replicas(d)
+    victim = d / "victim"
+    victim.write_bytes(b"v" * 15000)
+    (d / "m.pmractive").symlink_to(victim)
+    with PoolSet.open(path) as ps:
+        assert marker(d) == activity.Marker(0, logged=False)
+        ps.buf[OFF:OFF + 3] = b"abc"
+        ps.persist(OFF, 3)
+    assert victim.read_bytes() == b"v" * 15000
+    assert (d / "m.pmractive").is_symlink() and marker(d) is None
+
+
+def test_a_flush_drained_by_a_later_persist_on_its_lane_closes_cleanly(pool_dir):
+    d = pool_dir
+    path = three_replicas(d)
+    with PoolSet.open(path) as ps:
+        ps.buf[OFF:OFF + 3] = b"abc"
+        ps.flush(OFF, 3, lane=1)
+        ps.buf[5 * M:5 * M + 3] = b"def"
+        ps.persist(5 * M, 3, lane=1)
+    assert marker(d) is None

@@ -68,17 +68,14 @@ class Run:
         self.source: int | None = None
         self.plan: Plan
         self.headers = Headers(self)
+        #: an unclean last session was folded into the record (activity.py)
+        self._folded = False
 
     def run(self) -> Report:
         try:
             self.lock()
-            unclean = self._recover()
             self._probe()
-            if unclean is not None and unclean.record is not None and self.probes[0].page:
-                # a dry run judges the record as the recovery would leave it
-                page = self.probes[0].page
-                at = STATE_OFFSET
-                self.probes[0].page = page[:at] + unclean.record + page[at + len(unclean.record):]
+            unclean = self._recover()
             if any(not 0 <= i < len(self.probes) for i in self.discard):
                 raise PmReplicaError(errno.EINVAL, f"--discard: the pool set has replicas 0 to "
                                                    f"{len(self.probes) - 1}")
@@ -110,8 +107,7 @@ class Run:
             report.copied = sum(r.copy_bytes for r in self.reports
                                 if r.result == "repaired" or self.dry_run)
             report.status = _report.status(self.reports)
-            if unclean is not None and not self.dry_run and report.status in (
-                    _report.OK_HEALTHY, _report.OK_REPAIRED):
+            if self._folded and report.status in (_report.OK_HEALTHY, _report.OK_REPAIRED):
                 activity.settled(self.set_file)  # every replica in line: the session is over
             return report
         finally:
@@ -129,13 +125,24 @@ class Run:
         self.lock_fd = fd
 
     def _recover(self) -> activity.Recovery | None:
-        """What an unclean last session was writing, folded into the record (a dry run
-        only reckons it): its replicas are then stale, and repaired as such."""
-        if self.lock_fd < 0:
-            return None
-        found = activity.plan(self.set_file)
+        """What an unclean last session was writing, folded into the master's record (a dry
+        run only reckons it), which the master's probe then holds: its replicas are stale,
+        and repaired as such. A master that is not sound is repaired from a replica as it
+        is: the marker stays, and the repaired pool's next open folds the session in."""
+        master = self.probes[0]
+        found = activity.plan(self.set_file) if self.lock_fd >= 0 else None
+        if found is None or not master.sound or not master.page:
+            if found is not None:
+                log.warning("%s was not closed cleanly, and its master is not sound: what "
+                            "its last session was writing is brought in line when the "
+                            "repaired pool is next opened", self.path)
+            return found
         if not self.dry_run:
             activity.apply(self.set_file, found)
+            self._folded = True
+        if found.record is not None:
+            at = STATE_OFFSET
+            master.page = master.page[:at] + found.record + master.page[at + len(found.record):]
         return found
 
     def _probe(self) -> None:
