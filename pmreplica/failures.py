@@ -100,7 +100,7 @@ class FailureBook:
             return self._active
 
     def _fail(self, status: ReplicaStatus, target: ReplicaTarget, error: BaseException,
-             offset: int | None = None, length: int = 0) -> None:
+             offset: int | None = None, length: int = 0, call: bool = True) -> None:
         """Take a replica off the write path, record it stale with what it may have missed
         (the failed range and every lane's undrained flushes), start a new generation among
         the replicas left (recorded on each before any persist that skips this replica can
@@ -111,29 +111,35 @@ class FailureBook:
         one that failed: if the replica no longer uses it (failed already, or resynced with
         a new target meanwhile), only what this call may have missed is recorded. An
         interrupt (``error`` not an Exception: KeyboardInterrupt, say) is raised again once
-        the replica is failed, since the call it cut short may have left the range out."""
+        the replica is failed, since the call it cut short may have left the range out.
+        ``call``: the failure met a call of the write path (not found by a heartbeat)."""
         self._fail_replica(status, target, as_replica_failure(status.name, error), offset,
-                           length)
+                           length, call)
         if not isinstance(error, Exception):
             raise error
 
     def _fail_replica(self, status: ReplicaStatus, target: ReplicaTarget, error: OSError,
-                      offset: int | None, length: int) -> None:
+                      offset: int | None, length: int, call: bool) -> None:
         """:meth:`_fail`'s work, ``error`` already the replica's OSError."""
         with self._state_lock:
+            if self._closing and status.target is not target:
+                # close() took the targets off (and may have unmapped the pool): a call it
+                # cut short must not return as done, and the session is not clean; a
+                # failure found outside a call (a heartbeat) has nothing to add
+                if call:
+                    self._cut_short_by_close()
+                    raise PmReplicaError(errno.EBADF, "pool is closed")
+                return
             changed = offset is not None and self.state.mark_dirty(offset, length)
             for lane, n in enumerate(self._npending):
                 pend = self._pending[lane]  # (offset, end) pairs, the last one widened
                 for i in range(min(n, len(pend) // 2)):
                     changed |= self.state.mark_dirty(pend[2 * i], pend[2 * i + 1] - pend[2 * i])
             if status.target is not target:
-                # failed already (by another lane), replaced by a resync meanwhile, or closed
-                # by close(): what this call sent may be missing from the replica all the same
+                # failed already (by another lane), or replaced by a resync meanwhile: what
+                # this call sent may be missing from the replica all the same
                 if changed:
                     self._store_state()
-                if self._closing:  # the call raced close(): it must not return as done
-                    self._cut_short_by_close()
-                    raise PmReplicaError(errno.EBADF, "pool is closed")
                 return
             dropped = self._drop([(status, error)])
         self._let_go_of(dropped)
@@ -268,11 +274,12 @@ class FailureBook:
         an online resync to stop, then save the fine dirty map (or drop its side file when
         the record needs none)."""
         with self._let_go:
-            if not self._let_go.wait_for(lambda: not self._letting_go, LET_GO_WAIT):
-                log.warning("a failed replica's target is still being closed")
-            # an online resync on another thread stops at its next piece (it sees _closing)
-            if not self._let_go.wait_for(lambda: self._resync_marks is None, LET_GO_WAIT):
-                log.warning("an online resync is still running")
+            # an online resync on another thread stops at its next piece (it sees _closing);
+            # a replica failing meanwhile is let go of before close() goes on
+            if not self._let_go.wait_for(
+                    lambda: not self._letting_go and self._resync_marks is None, LET_GO_WAIT):
+                log.warning("a failed replica's target is still being closed, or an online "
+                            "resync is still running")
             try:
                 if self.state.period:
                     if self.state.save_fine(keep_working_set=False):

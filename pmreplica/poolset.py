@@ -347,8 +347,9 @@ class PoolSet(FailureBook, SessionBook):
         active = self._active
         first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
         logged = self._logged
-        if (self._degraded or active is not self._active or not logged[first]
-                or first != last and (last != first + 1 or not logged[last])):
+        if (self._degraded or active is not self._active
+                or first != last and (last != first + 1 or not logged[last])
+                or not logged[first]):
             active = self._note_dirty(offset, length)
         for status, target in active:
             try:
@@ -376,8 +377,9 @@ class PoolSet(FailureBook, SessionBook):
         active = self._active  # before _degraded: see persist
         first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
         logged = self._logged
-        if (self._degraded or active is not self._active or not logged[first]
-                or first != last and (last != first + 1 or not logged[last])):
+        if (self._degraded or active is not self._active
+                or first != last and (last != first + 1 or not logged[last])
+                or not logged[first]):
             active = self._note_dirty(offset, length)
         # remembered before it is sent: a replica failing before the drain may lack it
         n = self._npending[lane]
@@ -421,8 +423,9 @@ class PoolSet(FailureBook, SessionBook):
         active = self._active  # before _degraded: see persist
         first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
         logged = self._logged
-        if (self._degraded or active is not self._active or not logged[first]
-                or first != last and (last != first + 1 or not logged[last])):
+        if (self._degraded or active is not self._active
+                or first != last and (last != first + 1 or not logged[last])
+                or not logged[first]):
             active = self._note_dirty(offset, length)
         for status, target in active:
             try:
@@ -439,7 +442,7 @@ class PoolSet(FailureBook, SessionBook):
         path."""
         status = next((s for s, t in self._active if t is target), None)
         if status is not None and not self._closing:
-            self._fail(status, target, error)
+            self._fail(status, target, error, call=False)
 
     @property
     def stale_replicas(self) -> list[ReplicaStatus]:
@@ -481,11 +484,15 @@ class PoolSet(FailureBook, SessionBook):
             self._degraded = True  # every write path call now takes the lock: refused there
         if not self.mapping.closed:
             self._close_book()
-        for status in self.replicas[1:]:
-            if status.target is not None:
-                close_quietly(status.target)
+        with self._state_lock:  # off the write path first: a call failing as its target
+            # closes finds it taken off (EBADF), not a replica failure
+            targets = [status.target for status in self.replicas[1:]]
+            for status in self.replicas[1:]:
                 status.target = None
-        self._active = ()
+            self._active = ()
+        for target in targets:
+            if target is not None:
+                close_quietly(target)
         self._end_activity()
         self._release()
 

@@ -265,7 +265,8 @@ def _link_problems(hdrs: list[PoolHeader], paths: list[str]) -> list[str]:
         if n == 1 and h.uuid not in (h.next_part, h.prev_part) and not h.is_zeroed:
             # a part file named on its own (a pool set's part 0, say): not a broken pool
             out.append(f"{paths[i]}: one part of a pool of several parts (its header links "
-                       "to another part): name the pool set file instead")
+                       "to another part): this part was named instead of its pool set file, "
+                       "or the set file lists no other part")
         elif h.next_part != hdrs[(i + 1) % n].uuid or h.prev_part != hdrs[i - 1].uuid:
             out.append(f"{paths[i]}: part links are broken (next/prev part uuid)")
     return out

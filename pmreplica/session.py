@@ -11,6 +11,7 @@ pool itself cost the least there.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 from . import activity
@@ -33,6 +34,7 @@ class SessionBook:
     size: int
     replicas: list[ReplicaStatus]
     _npending: list[int]
+    _state_lock: threading.Lock
     resync: Callable[[int], int]
     _report_failed: Callable[[ReplicaStatus, BaseException], None]
 
@@ -102,14 +104,15 @@ class SessionBook:
         if self._session_over:
             return
         self._session_over = True  # once: a close refused (EBUSY) is called again
-        clean = not any(self._npending) and not self._close_refused
-        if clean:
-            try:
-                self._set_marker(activity.CLEAR)
-                self._marker_cleared = True
-            except OSError as e:  # the next open takes this session for unclean: safe
-                log.warning("%s: cannot record the clean close: %s", self.set_file.path, e)
-                clean = False
+        with self._state_lock:  # a call cut short by close() meanwhile waits, or is seen
+            clean = not any(self._npending) and not self._close_refused
+            if clean:
+                try:
+                    self._set_marker(activity.CLEAR)
+                    self._marker_cleared = True
+                except OSError as e:  # the next open takes this session for unclean: safe
+                    log.warning("%s: cannot record the clean close: %s", self.set_file.path, e)
+                    clean = False
         if session is not None:
             session.end(delete=clean)
 

@@ -393,3 +393,16 @@ def test_a_flush_drained_by_a_later_persist_on_its_lane_closes_cleanly(pool_dir)
         ps.buf[5 * M:5 * M + 3] = b"def"
         ps.persist(5 * M, 3, lane=1)
     assert marker(d) is None
+
+
+def test_empty_ranges_at_the_pools_end_while_healthy(pool_dir):
+    """persist, flush and deep persist of no bytes at the very end of a pool whose size is
+    a whole number of log chunks (16 MiB)."""
+    path = three_replicas(pool_dir)
+    with PoolSet.open(path) as ps:
+        assert ps.size == 16 * M
+        ps.persist(ps.size, 0)
+        ps.flush(ps.size, 0)
+        ps.drain()
+        ps.deep_persist(ps.size, 0)
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]

@@ -13,10 +13,12 @@ from __future__ import annotations
 import errno
 import random
 import threading
+import time
 
 import pytest
 
-from pmreplica import PoolSet, hookimpl, sync
+from pmreplica import PoolSet, activity, hookimpl, sync
+from pmreplica.errors import ReplicaError
 from pmreplica.header import HDR_SIZE
 from pmreplica.plugins.local import LocalTarget
 from pmreplica.setfile import LocalReplica
@@ -257,3 +259,95 @@ def test_a_persist_racing_close_fails_instead_of_skipping_the_replicas(tmp_path)
     PersistDuringClose.open(path).close()
     [error] = PersistDuringClose.caught
     assert isinstance(error, OSError) and error.errno == errno.EBADF, error
+
+
+def _persist_on_a_thread(pool: PoolSet, off: int) -> tuple[threading.Thread, dict[str, str]]:
+    out: dict[str, str] = {}
+
+    def writer() -> None:
+        try:
+            pool.persist(off, 5)
+            out["persist"] = "returned"
+        except OSError as e:
+            out["persist"] = f"{errno.errorcode.get(e.errno or 0)}: {e}"
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    return thread, out
+
+
+def test_a_persist_cut_short_by_close_leaves_the_session_unclean(tmp_path):
+    """Forced interleaving (a wrapper): replica 1's flush waits until close() has unmapped
+    the pool, then calls its target, which close() closed. The persist fails with EBADF
+    (it used to raise a ValueError from storing the record into the unmapped pool, and
+    leave the session marked clean), and the next open brings its range to the replica."""
+    path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r")
+    PoolSet.create(path).close()
+    pool = PoolSet.open(path)
+    _, target = pool._active[0]
+    flush = target.flush
+
+    def late_flush(off, n, lane=0, flags=0):
+        while not pool.mapping.closed:
+            time.sleep(0.001)
+        return flush(off, n, lane, flags)
+
+    target.flush = late_flush
+    off = 4 * M
+    pool.buf[off:off + 5] = b"HELLO"
+    thread, out = _persist_on_a_thread(pool, off)
+    time.sleep(0.1)
+    pool.close()
+    thread.join(10)
+    assert out["persist"].startswith("EBADF: pool is closed"), out
+    with open(tmp_path / "m", "rb") as f:
+        assert activity.read_marker(f.read(HDR_SIZE)) is not None
+    with PoolSet.open(path) as pool:
+        assert [s.state for s in pool.replicas] == ["ok", "ok"]
+    assert (tmp_path / "r").read_bytes()[off:off + 5] == b"HELLO"
+
+
+class SlowFailureHook:
+    @hookimpl
+    def pmreplica_replica_failed(self, replica, error):
+        self.failed = replica.index
+        time.sleep(0.3)
+
+
+def test_closes_own_closing_of_a_target_is_not_a_replica_failure(tmp_path):
+    """Forced interleaving (wrappers): close() closes replica 1's target (slowly, as a
+    remote close's round trip) while a persist on another thread is in a call on it, which
+    fails because of that close. It used to count as the replica's failure: failed, stale,
+    announced, and the persist returned having skipped it. It is a call cut short by
+    close(): EBADF, no failure announced, the replica not stale."""
+    path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r")
+    PoolSet.create(path).close()
+    hook = SlowFailureHook()
+    pool = PoolSet.open(path, plugins=[hook])
+    _, target = pool._active[0]
+    closing = threading.Event()
+    close = target.close
+
+    def slow_close():
+        if not closing.is_set():
+            closing.set()
+            time.sleep(0.3)
+        close()
+
+    def failing_flush(off, n, lane=0, flags=0):
+        closing.wait()
+        raise ReplicaError(errno.EBADF, "replica 1 is not open")  # as a closed target says
+
+    target.close, target.flush = slow_close, failing_flush
+    off = 4 * M
+    pool.buf[off:off + 5] = b"HELLO"
+    thread, out = _persist_on_a_thread(pool, off)
+    time.sleep(0.1)
+    pool.close()
+    thread.join(10)
+    assert out["persist"].startswith("EBADF: pool is closed"), out
+    assert not hasattr(hook, "failed")
+    with PoolSet.open(path) as pool:
+        assert [s.state for s in pool.replicas] == ["ok", "ok"]
+        assert pool.stale_replicas == []
+    assert (tmp_path / "r").read_bytes()[off:off + 5] == b"HELLO"

@@ -635,9 +635,9 @@ def test_a_part_file_named_alone_is_refused_with_the_reason(pool_dir):
         PoolSet.open(d / "m0")
     assert e.value.errno == errno.EINVAL
     assert "one part of a pool of several parts (its header links to another part): " \
-           "name the pool set file instead" in str(e.value)
+           "this part was named instead of its pool set file" in str(e.value)
     rep = check(d / "m0")
-    assert "name the pool set file instead" in " ".join(rep.replicas[0].problems)
+    assert "named instead of its pool set file" in " ".join(rep.replicas[0].problems)
     PoolSet.open(path).close()  # untouched
 
 

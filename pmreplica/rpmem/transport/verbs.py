@@ -443,8 +443,8 @@ class VerbsDataPath:
                                                    f"outside the remote pool [0, {self._size})")
             if not n:
                 return
+            addr = buffer_address(dest)  # a buffer it cannot take is the caller's error
             try:
-                addr = buffer_address(dest)
                 if self._pool_addr <= addr and addr + n <= self._pool_addr + self._size:
                     self._read(ln, addr, self._pool_mr.lkey, offset, n)
                     return
