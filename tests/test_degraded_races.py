@@ -261,7 +261,9 @@ def test_a_persist_racing_close_fails_instead_of_skipping_the_replicas(tmp_path)
     assert isinstance(error, OSError) and error.errno == errno.EBADF, error
 
 
-def _persist_on_a_thread(pool: PoolSet, off: int) -> tuple[threading.Thread, dict[str, str]]:
+def _persist_while_closing(pool: PoolSet, off: int) -> str:
+    """HELLO persisted at ``off`` on a thread of its own while this one closes the pool;
+    how that persist ended."""
     out: dict[str, str] = {}
 
     def writer() -> None:
@@ -271,9 +273,13 @@ def _persist_on_a_thread(pool: PoolSet, off: int) -> tuple[threading.Thread, dic
         except OSError as e:
             out["persist"] = f"{errno.errorcode.get(e.errno or 0)}: {e}"
 
+    pool.buf[off:off + 5] = b"HELLO"
     thread = threading.Thread(target=writer)
     thread.start()
-    return thread, out
+    time.sleep(0.1)
+    pool.close()
+    thread.join(10)
+    return out["persist"]
 
 
 def test_a_persist_cut_short_by_close_leaves_the_session_unclean(tmp_path):
@@ -294,12 +300,8 @@ def test_a_persist_cut_short_by_close_leaves_the_session_unclean(tmp_path):
 
     target.flush = late_flush
     off = 4 * M
-    pool.buf[off:off + 5] = b"HELLO"
-    thread, out = _persist_on_a_thread(pool, off)
-    time.sleep(0.1)
-    pool.close()
-    thread.join(10)
-    assert out["persist"].startswith("EBADF: pool is closed"), out
+    ended = _persist_while_closing(pool, off)
+    assert ended.startswith("EBADF: pool is closed"), ended
     with open(tmp_path / "m", "rb") as f:
         assert activity.read_marker(f.read(HDR_SIZE)) is not None
     with PoolSet.open(path) as pool:
@@ -340,12 +342,8 @@ def test_closes_own_closing_of_a_target_is_not_a_replica_failure(tmp_path):
 
     target.close, target.flush = slow_close, failing_flush
     off = 4 * M
-    pool.buf[off:off + 5] = b"HELLO"
-    thread, out = _persist_on_a_thread(pool, off)
-    time.sleep(0.1)
-    pool.close()
-    thread.join(10)
-    assert out["persist"].startswith("EBADF: pool is closed"), out
+    ended = _persist_while_closing(pool, off)
+    assert ended.startswith("EBADF: pool is closed"), ended
     assert not hasattr(hook, "failed")
     with PoolSet.open(path) as pool:
         assert [s.state for s in pool.replicas] == ["ok", "ok"]
