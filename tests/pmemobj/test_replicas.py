@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,11 @@ def test_remote_replica_failure_is_an_event(pool_dir: Path, monkeypatch) -> None
         os.kill(agents[0], signal.SIGKILL)             # the remote node goes away
         for i in range(5):
             pool.root.append(i)                        # commits keep working
+        # a commit meets the dead lane, or the heartbeat finds the agent gone first and
+        # tells the application from its own thread: either way, once
+        deadline = time.monotonic() + 10
+        while not recorder.failed and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert [i for i, _ in recorder.failed] == [1]
         assert [r.state for r in pool.replicas] == ["ok", "failed"]
     finally:
