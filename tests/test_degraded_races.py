@@ -349,3 +349,73 @@ def test_closes_own_closing_of_a_target_is_not_a_replica_failure(tmp_path):
         assert [s.state for s in pool.replicas] == ["ok", "ok"]
         assert pool.stale_replicas == []
     assert (tmp_path / "r").read_bytes()[off:off + 5] == b"HELLO"
+
+
+def test_close_waits_for_a_replica_failing_while_a_resync_stops(tmp_path):
+    """Forced interleaving (wrappers): close() begins while replica 1 resyncs on one thread
+    (its progress hook slow) and a persist on another meets replica 2 failing (its drain
+    raises EIO once close began, its target's close takes 0.3 s). close() used to wait for
+    failing replicas first and the resync second, and returned before replica 2's target
+    was closed and its failure told. Both are done before close() returns now."""
+    path = write_set(tmp_path / "p.set", f"32M {tmp_path}/m", "REPLICA", f"32M {tmp_path}/r1",
+                     "REPLICA", f"32M {tmp_path}/r2")
+    PoolSet.create(path).close()
+    events: list[str] = []
+
+    class Hooks:
+        @hookimpl
+        def pmreplica_sync_progress(self, replica, phase, done, total):
+            if phase == "resync":
+                time.sleep(0.3)
+
+        @hookimpl
+        def pmreplica_replica_failed(self, replica, error):
+            events.append(f"replica {replica.index} failed")
+
+    (tmp_path / "r1").rename(tmp_path / "r1.away")
+    pool = PoolSet.open(path, plugins=[Hooks()])
+    assert events == ["replica 1 failed"]  # away: it opens degraded
+    events.clear()
+    (tmp_path / "r1.away").rename(tmp_path / "r1")
+    pool.buf[HDR_SIZE:] = random.Random(5).randbytes(pool.size - HDR_SIZE)
+    pool.persist(HDR_SIZE, pool.size - HDR_SIZE)  # what replica 1 lacks: the resync copies it
+    _, target = next(p for p in pool._active if p[0].index == 2)
+    close = target.close
+
+    def failing_drain(lane=0):
+        while not pool._closing:
+            time.sleep(0.001)
+        raise ReplicaError(errno.EIO, "replica 2: storage failed")
+
+    def slow_close():
+        time.sleep(0.3)
+        close()
+        events.append("replica 2 closed")
+
+    target.drain, target.close = failing_drain, slow_close
+    out: dict[str, str] = {}
+
+    def resync() -> None:
+        try:
+            pool.resync(1, chunk=M)
+        except OSError as e:
+            out["resync"] = str(e)
+
+    def persist() -> None:
+        pool.persist(8192, 10)
+        out["persist"] = "returned"
+
+    threads = [threading.Thread(target=resync), threading.Thread(target=persist)]
+    threads[0].start()
+    time.sleep(0.4)
+    threads[1].start()
+    time.sleep(0.05)
+    pool.close()
+    events.append("close returned")
+    for thread in threads:
+        thread.join(10)
+    assert events == ["replica 2 closed", "replica 2 failed", "close returned"], events
+    assert "resync stopped: the pool is being closed" in out["resync"]
+    assert out["persist"] == "returned"  # replica 2 failed as a replica does, recorded
+    with PoolSet.open(path) as pool:
+        assert sorted(s.index for s in pool.stale_replicas) == [1, 2]
