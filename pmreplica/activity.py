@@ -196,6 +196,21 @@ def read_log(path: str, session: int, pool_size: int) -> list[tuple[int, int]] |
     return out
 
 
+def logged_areas(part0: str, marker: Marker, pool_size: int) -> list[tuple[int, int]] | None:
+    """What the session ``marker`` names wrote to, as ``(offset, length)`` ranges: its log's
+    chunks (none for a session of nothing); None when no usable log covers it (any chunk
+    may have been written)."""
+    if not marker.logged:
+        return None
+    return read_log(path_for(part0), marker.session, pool_size) if marker.session else []
+
+
+def store_marker(set_file: PoolSetFile, raw: bytes) -> None:
+    """Write the marker ``raw`` into the master's part-0 page through its file, durably
+    (the pool need not be mapped)."""
+    store_copy(set_file.master.parts[0].path, raw, MARKER_OFFSET)
+
+
 class Recovery(NamedTuple):
     """What folding an unclean session in does (:func:`plan`): the replicas to bring in
     line, the replica-state record to store (None: unchanged), the marker to leave and
@@ -226,8 +241,7 @@ def plan(set_file: PoolSetFile) -> Recovery | None:
     marker = read_marker(page) if len(page) == HDR_SIZE else None
     if marker is None:
         return None
-    areas = (None if not marker.logged else [] if not marker.session
-             else read_log(path_for(part0), marker.session, size))
+    areas = logged_areas(part0, marker, size)
     notes = []
     if areas is None:
         notes.append(f"{set_file.path} was not closed cleanly and its activity log is missing "
@@ -268,7 +282,7 @@ def apply(set_file: PoolSetFile, found: Recovery | None) -> list[int]:
     part0 = set_file.master.parts[0].path
     if found.record is not None:
         store_copy(part0, found.record, STATE_OFFSET)
-    store_copy(part0, found.marker, MARKER_OFFSET)
+    store_marker(set_file, found.marker)
     dirtymap.remove(path_for(part0))
     return found.replicas
 
@@ -276,4 +290,4 @@ def apply(set_file: PoolSetFile, found: Recovery | None) -> list[int]:
 def settled(set_file: PoolSetFile) -> None:
     """Clear the marker an unclean session left, once every replica is in line (a
     replica-sync that repaired them all). The pool's lock must be held."""
-    store_copy(set_file.master.parts[0].path, CLEAR, MARKER_OFFSET)
+    store_marker(set_file, CLEAR)

@@ -211,13 +211,9 @@ def _session(page: bytes, set_file: PoolSetFile) -> dict[str, Any] | None:
     marker = activity.read_marker(page)
     if marker is None:
         return None
-    out: dict[str, Any] = {"logged": marker.logged, "log_bytes": None}
-    if marker.logged:
-        areas = ([] if not marker.session else activity.read_log(
-            activity.path_for(set_file.master.parts[0].path), marker.session,
-            set_file.pool_size))
-        out["log_bytes"] = None if areas is None else sum(n for _, n in areas)
-    return out
+    areas = activity.logged_areas(set_file.master.parts[0].path, marker, set_file.pool_size)
+    return {"logged": marker.logged,
+            "log_bytes": None if areas is None else sum(n for _, n in areas)}
 
 
 def gather(path: str) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from . import activity
 from .errors import as_replica_failure
 from .pmem import Mapping
 from .setfile import PoolSetFile
-from .state import store_copy
 from .status import OK, ReplicaStatus
 
 log = logging.getLogger(__name__)
@@ -139,8 +138,7 @@ class SessionBook:
         self._close_refused = True
         if self._marker_cleared:
             try:
-                store_copy(self.set_file.master.parts[0].path,
-                           activity.Marker(0, logged=False).pack(), activity.MARKER_OFFSET)
+                activity.store_marker(self.set_file, activity.Marker(0, logged=False).pack())
             except OSError as e:
                 log.warning("%s: cannot record that a call was cut short by close: %s",
                             self.set_file.path, e)
