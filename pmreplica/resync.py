@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from . import copier, dirtymap
 from .errors import PmReplicaError, ReplicaError
@@ -99,9 +99,12 @@ def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,
         pieces, total = missed.ranges(start, size), missed.dirty_bytes(start, size)
     done = 0
 
-    def advance(n: int) -> None:
+    def count(n: int) -> None:
         nonlocal done
         done += n
+
+    def advance(n: int) -> None:
+        count(n)
         pool.report_progress(status.index, "resync", done, total)
 
     def go_on() -> None:
@@ -113,21 +116,25 @@ def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,
         go_on()
         target.flush(off, n, 0, 0)
 
-    def copy(ranges: Iterable[tuple[int, int]]) -> None:
-        copier.copy(ranges, write, lambda off, n: target.drain(0), advance, chunk)
+    def copy(ranges: Iterable[tuple[int, int]], step: Callable[[int], None]) -> None:
+        copier.copy(ranges, write, lambda off, n: target.drain(0), step, chunk)
 
     pool.report_progress(status.index, "resync", 0, total)
-    copy(pieces)
+    copy(pieces, advance)
     with pool._state_lock:
         marks = pool._resync_marks
         assert marks is not None
         written = list(marks.ranges(start, size))
         go_on()  # once close() began, the replica must not rejoin the write path
         total += sum(n for _, n in written)
-        copy(written)
+        # counted only: the progress hook is told once the lock is let go, since a hook
+        # that persists into this pool would wait for the lock this pass holds
+        copy(written, count)
         status.target = target
         pool._active = pool._active + ((status, target),)
         dropped = pool._drop(pool._restored(status))
+    if written:
+        pool.report_progress(status.index, "resync", done, total)
     pool._let_go_of(dropped)  # a replica that could not record the new generation
     log.info("%s resynced online (%d bytes copied)", status.name, done)
     return done

@@ -144,45 +144,56 @@ def test_replica_failed_while_a_persist_reads_the_write_path_gets_that_range(tmp
     _repaired_whole(path, tmp_path, size, ["r1"])
 
 
-class WriteDuringFinalCopy:
-    """A host application's progress hook that, once an online resync's last copy runs
-    (it holds the state lock then), starts a thread that persists a range, and gives that
-    thread time to read the write path (forced: where a scheduler could put it)."""
+class WriteDuringFinalCopy(PoolSet):
+    """A pool whose online resync, once its last copy runs (it holds the state lock then),
+    starts a thread that persists a range, and gives that thread time to read the write
+    path (forced, by a wrapper of the resync target's flush: where a scheduler could put
+    it). A progress hook writes during the first pass, so that the last copy has work."""
 
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
+    offset = 5 * M
+    thread: threading.Thread | None = None
+
+    def _target(self, spec, index, create):
+        target = super()._target(spec, index, create)
+        flush = target.flush
+
+        def flush_then_write(off, n, lane=0, flags=0):
+            if self._state_lock.locked() and WriteDuringFinalCopy.thread is None:
+                WriteDuringFinalCopy.thread = threading.Thread(target=self._write_at_offset)
+                WriteDuringFinalCopy.thread.start()
+                WriteDuringFinalCopy.thread.join(0.3)
+            return flush(off, n, lane, flags)
+
+        target.flush = flush_then_write
+        return target
+
+    def _write_at_offset(self) -> None:
+        off = self.offset
+        self.buf[off:off + 4096] = b"W" * 4096
+        self.persist(off, 4096)
+
+
+class WriteInFirstPass:
+    """A progress hook that persists a range during an online resync's first pass."""
+
+    def __init__(self) -> None:
         self.pool: PoolSet | None = None
-        self.thread: threading.Thread | None = None
 
     @hookimpl
     def pmreplica_sync_progress(self, replica, phase, done, total):
-        pool = self.pool
-        if phase != "resync" or pool is None or self.thread is not None:
-            return
-        if not pool._state_lock.locked():
-            # the first pass: a write now is marked, so that the last copy has work (and
-            # reports its progress under the lock)
+        pool, self.pool = self.pool, None
+        if phase == "resync" and pool is not None:
             pool.buf[HDR_SIZE:HDR_SIZE + 4096] = b"A" * 4096
             pool.persist(HDR_SIZE, 4096)
-            return
-        off = self.offset
-
-        def app() -> None:
-            pool.buf[off:off + 4096] = b"W" * 4096
-            pool.persist(off, 4096)
-
-        self.thread = threading.Thread(target=app)
-        self.thread.start()
-        self.thread.join(0.3)
 
 
 def test_a_write_during_an_online_resyncs_last_copy_reaches_the_replica(tmp_path):
     path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r1")
     PoolSet.create(path).close()
     (tmp_path / "r1").rename(tmp_path / "r1.away")
-    off = 5 * M
-    hook = WriteDuringFinalCopy(off)
-    with PoolSet.open(path, plugins=[hook]) as pool:
+    off = WriteDuringFinalCopy.offset
+    hook = WriteInFirstPass()
+    with WriteDuringFinalCopy.open(path, plugins=[hook]) as pool:
         hook.pool = pool
         size = pool.size
         assert [s.state for s in pool.replicas] == ["ok", "failed"]
@@ -190,8 +201,9 @@ def test_a_write_during_an_online_resyncs_last_copy_reaches_the_replica(tmp_path
         pool.persist(2 * M, 4096)  # missed by the replica: the resync copies it
         (tmp_path / "r1.away").rename(tmp_path / "r1")
         pool.resync(1)
-        assert hook.thread is not None
-        hook.thread.join()
+        thread = WriteDuringFinalCopy.thread
+        assert thread is not None
+        thread.join()
         assert [s.state for s in pool.replicas] == ["ok", "ok"]
         assert not pool.stale_replicas
     master, replica = (tmp_path / "m").read_bytes(), (tmp_path / "r1").read_bytes()

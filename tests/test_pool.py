@@ -692,3 +692,52 @@ def test_close_during_an_online_resync_stops_it_and_returns(pool_dir):
         pool.resync(1)
         master = bytes(pool.buf[HDR_SIZE:])
     assert replica_bytes([(64 * M, d / "r")])[HDR_SIZE:] == master
+
+
+class PersistingProgress:
+    """A host application whose progress hook writes to the pool being resynced (a progress
+    record kept in the pool itself, say)."""
+
+    def __init__(self) -> None:
+        self.pool: PoolSet | None = None
+        self.calls: list[tuple[int, int]] = []
+
+    @hookimpl
+    def pmreplica_sync_progress(self, replica, phase, done, total):
+        if phase == "resync" and self.pool is not None:
+            self.calls.append((done, total))
+            at = HDR_SIZE + 8 * (len(self.calls) % 512)
+            self.pool.buf[at:at + 8] = done.to_bytes(8, "little")
+            self.pool.persist(at, 8)
+
+
+def test_a_progress_hook_that_persists_during_an_online_resync(pool_dir):
+    """The hook's persists land in the resync's last pass (a degraded persist marks what
+    the resync copies last, under the state lock): the resync ends, its progress reaches
+    its total, and the replica holds every byte the hook wrote."""
+    d = pool_dir
+    path = write_set(d / "p.set", f"16M {d}/m", "REPLICA", f"16M {d}/r")
+    PoolSet.create(path).close()
+    os.rename(d / "r", d / "r.away")
+    hook = PersistingProgress()
+    pool = PoolSet.open(path, plugins=[hook])
+    hook.pool = pool
+    pool.buf[HDR_SIZE:] = os.urandom(pool.size - HDR_SIZE)
+    pool.persist(HDR_SIZE, pool.size - HDR_SIZE)
+    os.rename(d / "r.away", d / "r")
+    out: list[object] = []
+    # a daemon thread: a resync hung in its hook must fail this test, not hang the run (the
+    # pool is not closed then: close() would wait for that resync)
+    thread = threading.Thread(target=lambda: out.append(pool.resync(1, chunk=1 << 20)),
+                              daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the resync hung in its progress hook's persist"
+    with pool:
+        assert out and isinstance(out[0], int) and out[0] >= pool.size - HDR_SIZE
+        assert [r.state for r in pool.replicas] == ["ok", "ok"]
+        done, total = hook.calls[-1]
+        assert done == total == out[0]
+        hook.pool = None
+        master = bytes(pool.buf[HDR_SIZE:])
+    assert replica_bytes([(16 * M, d / "r")])[HDR_SIZE:] == master
