@@ -16,6 +16,14 @@ replica kept others, and a later failover would hand it those. So:
   chunks). A chunk's byte is made durable (``pwrite``, ``fdatasync``) before the first range
   of the session that touches it reaches any replica or the master's persist; later ranges
   in it pay nothing.
+* **epochs** keep the log to what the session wrote lately, as DRBD bounds its activity
+  log: an epoch ends once half of ``PMREPLICA_ACTIVITY_MIB`` (4 GiB by default) worth of
+  chunks new to the log were named, and the chunks that no call named during the epoch
+  before leave the log, durably (those of flushes not yet drained stay). Every chunk then
+  counts as not named again, so the write path comes back to :meth:`ActivityLog.mark`
+  for it once per epoch, which writes nothing for a chunk still in the file. A chunk
+  leaves only once no call can be writing to it: :mod:`pmreplica.session` lets an epoch
+  end only after every call in flight when the last one began has returned.
 
 :func:`recover`, run under the pool's lock before anything reads the replica-state record,
 turns an unclean session's chunks (every chunk when its log is missing, damaged, of another
@@ -27,19 +35,22 @@ can open before it returns, ``replica-sync`` copies them. The marker stays set u
 session closes cleanly, so a crash at any step of that (the fold, a resync) leaves the
 whole of it to the next open.
 
-Stores into the mapping that no persist, flush or deep persist ever named are outside the
-log, as they are outside PMDK's guarantees: their bytes are undefined after a crash and
-may differ between replicas (``replica-sync --verify`` finds such differences).
+Stores into the mapping that no persist, flush or deep persist named since their chunk
+was last in the log are outside it, as they are outside PMDK's guarantees: their bytes are
+undefined after a crash and may differ between replicas (``replica-sync --verify`` finds
+such differences).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import stat
 import struct
 import zlib
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from . import dirtymap
@@ -64,6 +75,9 @@ MAX_CHUNKS = 1 << 16
 _FILE_MAGIC = b"PMRACTIV"
 _FILE_HEAD = struct.Struct("<8sQQQ")  # magic, session, chunk, chunk count; then its CRC32
 MAP_OFFSET = 4096  # the map starts a page after the header: its writes never touch it
+ENV = "PMREPLICA_ACTIVITY_MIB"
+#: what an unclean reopen copies at most, about (DRBD's default activity log covers 4.8 GB)
+DEFAULT_MIB = 4096
 _RUNS = re.compile(rb"[^\x00]+")  # logged chunks, found at C speed
 
 
@@ -106,23 +120,46 @@ def read_marker(page: bytes | memoryview) -> Marker | None:
     return Marker(session, bool(flags & _LOGGED))
 
 
+def epoch_chunks(pool_size: int, environ: Mapping[str, str] = os.environ) -> int:
+    """Chunks new to the log after which an epoch ends: half of ``PMREPLICA_ACTIVITY_MIB``
+    (default :data:`DEFAULT_MIB`) worth of them, at least one."""
+    raw = environ.get(ENV, "")
+    try:
+        mib = int(raw) if raw else DEFAULT_MIB
+        if mib < 1:
+            raise ValueError
+    except ValueError:
+        raise PmReplicaError(errno.EINVAL, f"{ENV}={raw!r}: a number of MiB (1 or more) "
+                                           "is wanted") from None
+    return max(1, (mib << 20) // 2 // chunk_for(pool_size))
+
+
 class ActivityLog:
     """The log of the session that has the pool open: :meth:`mark` before a range goes
-    out. ``logged`` has a byte per chunk, set once the chunk is durably in the log: the
-    write path reads it to skip the log for chunks already there."""
+    out. ``logged`` has a byte per chunk, set once the chunk is durably in the log and
+    named in the current epoch: the write path reads it to skip the log for such chunks.
+    :meth:`new_epoch` lets go of the chunks no call named during the epoch that ends."""
 
-    def __init__(self, path: str, pool_size: int, session: int) -> None:
+    def __init__(self, path: str, pool_size: int, session: int, epoch: int) -> None:
         self.path, self.session = path, session
         self.chunk = chunk_for(pool_size)
         self.shift = self.chunk.bit_length() - 1
         self.logged = bytearray(-(-pool_size // self.chunk))
+        #: the chunks durably in the file (``logged`` is those named this epoch as well)
+        self._infile = bytearray(len(self.logged))
+        #: chunks new to the file after which :attr:`epoch_over` turns true
+        self.epoch = epoch
+        #: chunks new to the file this epoch
+        self.fresh = 0
         self._fd = -1
 
     @classmethod
-    def begin(cls, part0: str, pool_size: int) -> "ActivityLog":
+    def begin(cls, part0: str, pool_size: int, epoch: int) -> "ActivityLog":
         """A new, empty log for a session, made durable (the marker naming it is set
-        after). Raises OSError when the file cannot be made."""
-        out = cls(path_for(part0), pool_size, int.from_bytes(os.urandom(8), "little") or 1)
+        after); an epoch ends every ``epoch`` chunks new to it. Raises OSError when the
+        file cannot be made."""
+        out = cls(path_for(part0), pool_size, int.from_bytes(os.urandom(8), "little") or 1,
+                  epoch)
         head = _FILE_HEAD.pack(_FILE_MAGIC, out.session, out.chunk, len(out.logged))
         head += zlib.crc32(head).to_bytes(4, "little")
         # never through a link, nor into what is not a regular file: it is emptied
@@ -152,13 +189,47 @@ class ActivityLog:
         if length <= 0:
             return
         first, last = offset >> self.shift, (offset + length - 1) >> self.shift
-        logged = self.logged
+        logged, infile = self.logged, self._infile
         if logged.find(0, first, last + 1) < 0:
             return
         ones = b"\1" * (last - first + 1)
-        pwrite_all(self._fd, ones, MAP_OFFSET + first, self.path)
-        os.fdatasync(self._fd)
-        logged[first:last + 1] = ones
+        new = last - first + 1 - infile.count(1, first, last + 1)
+        if new:
+            pwrite_all(self._fd, ones, MAP_OFFSET + first, self.path)
+            os.fdatasync(self._fd)
+            infile[first:last + 1] = ones
+            self.fresh += new
+        logged[first:last + 1] = ones  # named this epoch: in the file already, or now
+
+    @property
+    def epoch_over(self) -> bool:
+        """True once the current epoch has seen :attr:`epoch` chunks new to the log."""
+        return self.fresh >= self.epoch
+
+    def new_epoch(self, keep: list[tuple[int, int]]) -> int:
+        """End the epoch: the chunks no call named during it leave the log, durably, except
+        those ``keep`` touches; then every chunk counts as not named (the write path comes
+        back through :meth:`mark` for it, which costs no write for one still in the file).
+        The caller makes sure that no call named a chunk without :meth:`mark` having seen
+        it in this epoch (see :mod:`pmreplica.session`). Returns the chunks let go of."""
+        stay = bytearray(self.logged)
+        for off, n in keep:
+            if n > 0:
+                a, b = off >> self.shift, (off + n - 1) >> self.shift
+                stay[a:b + 1] = b"\1" * (b - a + 1)
+        infile = self._infile
+        n = len(infile)
+        # in the file and named (or kept): the bytes are 0 or 1, so an AND of two big ints
+        kept = (int.from_bytes(infile, "little") & int.from_bytes(stay, "little")
+                ).to_bytes(n, "little")
+        gone = infile.count(1) - kept.count(1)
+        if gone:
+            pwrite_all(self._fd, kept, MAP_OFFSET, self.path)
+            os.fdatasync(self._fd)
+            infile[:] = kept
+        self.logged[:] = bytes(len(self.logged))
+        self.fresh = 0
+        return gone
 
     def end(self, delete: bool) -> None:
         """Close the log; ``delete``: and remove it (its marker is cleared, or says "any

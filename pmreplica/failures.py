@@ -57,7 +57,7 @@ class FailureBook:
     _npending: list[int]
     # and what the SessionBook (session.py) provides
     _activity: object | None
-    _log_activity: Callable[[int, int], None]
+    _log_activity: Callable[[int, int, int], None]
     _cut_short_by_close: Callable[[], None]
 
     def _open_book(self, state: ReplicaState, generation: Generation | None) -> None:
@@ -80,7 +80,7 @@ class FailureBook:
         self._closing = False
 
     # -- the write path --------------------------------------------------------------------
-    def _note_dirty(self, offset: int, length: int
+    def _note_dirty(self, offset: int, length: int, lane: int
                     ) -> tuple[tuple[ReplicaStatus, ReplicaTarget], ...]:
         """Put a range in the activity log when its chunk is not there yet, record it when
         written while degraded (what the stale replicas lack), and return the replicas to
@@ -91,7 +91,7 @@ class FailureBook:
             if self._closing:
                 raise PmReplicaError(errno.EBADF, "pool is closed")
             if self._activity is not None:
-                self._log_activity(offset, length)
+                self._log_activity(offset, length, lane)
             if self._degraded:
                 if self._resync_marks is not None:
                     self._resync_marks.mark(offset, length)

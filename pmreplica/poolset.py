@@ -338,68 +338,78 @@ class PoolSet(FailureBook, SessionBook):
     def persist(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Make ``[offset, offset+length)`` durable on the master and every working replica."""
         self._check(offset, length, lane, flags)
-        # _active before _degraded, the reverse of the order _take_off changes them in: a
-        # replica taken off meanwhile is either still in `active` or found in the dirty map;
-        # and while degraded, or when the replicas changed meanwhile (a resync put one back),
-        # the replicas to write to are those _note_dirty reads under the state lock
-        # and a range in a chunk not yet in the activity log (or over more than two chunks)
-        # takes the same slow way
-        active = self._active
-        first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
-        logged = self._logged
-        if (self._degraded or active is not self._active
-                or first != last and (last != first + 1 or not logged[last])
-                or not logged[first]):
-            active = self._note_dirty(offset, length)
-        for status, target in active:
-            try:
-                target.flush(offset, length, lane, flags)
-            except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
-                self._fail(status, target, e, offset, length)
-        self.mapping.persist(offset, length)
-        for status, target in active:
-            if status.target is not target:
-                # failed since its flush above, maybe on another thread (a heartbeat): that
-                # failure's record lacks this range (not drained) until _fail marks it
-                self._fail(status, target, ReplicaError(errno.EIO, "failed before the range was "
-                                                        "drained"), offset, length)
-                continue
-            try:
-                target.drain(lane)
-            except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
-                self._fail(status, target, e, offset, length)
-        self._npending[lane] = 0  # the lane is drained on every replica: its flushes too
+        busy = self._busy
+        busy[lane] += 1  # in flight: the activity log's next epoch waits (session.py)
+        try:
+            # _active before _degraded, the reverse of the order _take_off changes them in: a
+            # replica taken off meanwhile is either still in `active` or found in the dirty map;
+            # and while degraded, or when the replicas changed meanwhile (a resync put one back),
+            # the replicas to write to are those _note_dirty reads under the state lock
+            # and a range in a chunk not yet in the activity log (or over more than two chunks)
+            # takes the same slow way
+            active = self._active
+            first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
+            logged = self._logged
+            if (self._degraded or active is not self._active
+                    or first != last and (last != first + 1 or not logged[last])
+                    or not logged[first]):
+                active = self._note_dirty(offset, length, lane)
+            for status, target in active:
+                try:
+                    target.flush(offset, length, lane, flags)
+                except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
+                    self._fail(status, target, e, offset, length)
+            self.mapping.persist(offset, length)
+            for status, target in active:
+                if status.target is not target:
+                    # failed since its flush above, maybe on another thread (a heartbeat): that
+                    # failure's record lacks this range (not drained) until _fail marks it
+                    self._fail(status, target, ReplicaError(
+                        errno.EIO, "failed before the range was drained"), offset, length)
+                    continue
+                try:
+                    target.drain(lane)
+                except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
+                    self._fail(status, target, e, offset, length)
+            self._npending[lane] = 0  # the lane is drained on every replica: its flushes too
+        finally:
+            busy[lane] -= 1
 
     def flush(self, offset: int, length: int, lane: int = 0, flags: int = 0) -> None:
         """Start making a range durable everywhere; :meth:`drain` on the lane waits for it.
         Ranges flushed on one lane are applied in issue order on every replica."""
         self._check(offset, length, lane, flags)
-        active = self._active  # before _degraded: see persist
-        first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
-        logged = self._logged
-        if (self._degraded or active is not self._active
-                or first != last and (last != first + 1 or not logged[last])
-                or not logged[first]):
-            active = self._note_dirty(offset, length)
-        # remembered before it is sent: a replica failing before the drain may lack it
-        n = self._npending[lane]
-        pend = self._pending[lane]
-        if n < PENDING_RANGES:
-            pend[2 * n] = offset
-            pend[2 * n + 1] = offset + length
-        else:  # too many to keep one by one: the last slot widens to cover the rest
-            i = 2 * PENDING_RANGES - 2
-            if offset < pend[i]:
-                pend[i] = offset
-            if offset + length > pend[i + 1]:
-                pend[i + 1] = offset + length
-        self._npending[lane] = n + 1
-        for status, target in active:
-            try:
-                target.flush(offset, length, lane, flags)
-            except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
-                self._fail(status, target, e, offset, length)
-        self.mapping.flush(offset, length)
+        busy = self._busy
+        busy[lane] += 1  # in flight: the activity log's next epoch waits (session.py)
+        try:
+            active = self._active  # before _degraded: see persist
+            first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
+            logged = self._logged
+            if (self._degraded or active is not self._active
+                    or first != last and (last != first + 1 or not logged[last])
+                    or not logged[first]):
+                active = self._note_dirty(offset, length, lane)
+            # remembered before it is sent: a replica failing before the drain may lack it
+            n = self._npending[lane]
+            pend = self._pending[lane]
+            if n < PENDING_RANGES:
+                pend[2 * n] = offset
+                pend[2 * n + 1] = offset + length
+            else:  # too many to keep one by one: the last slot widens to cover the rest
+                i = 2 * PENDING_RANGES - 2
+                if offset < pend[i]:
+                    pend[i] = offset
+                if offset + length > pend[i + 1]:
+                    pend[i + 1] = offset + length
+            self._npending[lane] = n + 1
+            for status, target in active:
+                try:
+                    target.flush(offset, length, lane, flags)
+                except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
+                    self._fail(status, target, e, offset, length)
+            self.mapping.flush(offset, length)
+        finally:
+            busy[lane] -= 1
 
     def drain(self, lane: int = 0) -> None:
         """Wait until everything flushed on ``lane`` is durable on every working replica."""
@@ -416,23 +426,30 @@ class PoolSet(FailureBook, SessionBook):
         #: per lane, (offset, end) of the ranges flushed since its last drain, preallocated
         self._pending = [[0] * (2 * PENDING_RANGES) for _ in range(nlanes)]
         self._npending = [0] * nlanes
+        #: per lane, the calls in flight on it (the activity log's epochs wait for them)
+        self._busy = [0] * nlanes
 
     def deep_persist(self, offset: int, length: int, lane: int = 0) -> None:
         """Persist through every replica's deepest durability domain."""
         self._check(offset, length, lane)
-        active = self._active  # before _degraded: see persist
-        first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
-        logged = self._logged
-        if (self._degraded or active is not self._active
-                or first != last and (last != first + 1 or not logged[last])
-                or not logged[first]):
-            active = self._note_dirty(offset, length)
-        for status, target in active:
-            try:
-                target.deep_persist(offset, length, lane)
-            except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
-                self._fail(status, target, e, offset, length)
-        self.mapping.deep_persist(offset, length)
+        busy = self._busy
+        busy[lane] += 1  # in flight: the activity log's next epoch waits (session.py)
+        try:
+            active = self._active  # before _degraded: see persist
+            first, last = offset >> self._log_shift, (offset + length - 1) >> self._log_shift
+            logged = self._logged
+            if (self._degraded or active is not self._active
+                    or first != last and (last != first + 1 or not logged[last])
+                    or not logged[first]):
+                active = self._note_dirty(offset, length, lane)
+            for status, target in active:
+                try:
+                    target.deep_persist(offset, length, lane)
+                except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
+                    self._fail(status, target, e, offset, length)
+            self.mapping.deep_persist(offset, length)
+        finally:
+            busy[lane] -= 1
 
     # -- failures, state, resync (failures.py and resync.py do the work) -------------------
     def target_failed(self, target: ReplicaTarget, error: OSError) -> None:

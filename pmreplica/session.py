@@ -1,6 +1,7 @@
 """The session of an open pool set: its activity log (:mod:`pmreplica.activity`) begun
-when the pool opens, written before a range reaches any replica, and ended by a clean close;
-and, on open, the replicas an unclean last session left stale brought in line.
+when the pool opens, written before a range reaches any replica, its epochs ended when no
+call could still be writing to the chunks that leave it, and the log ended by a clean
+close; and, on open, the replicas an unclean last session left stale brought in line.
 
 :class:`SessionBook` is a mixin of :class:`~pmreplica.poolset.PoolSet`, as
 :class:`~pmreplica.failures.FailureBook` is: the write path reads ``_log_shift`` and
@@ -33,6 +34,8 @@ class SessionBook:
     size: int
     replicas: list[ReplicaStatus]
     _npending: list[int]
+    _pending: list[list[int]]
+    _busy: list[int]
     _state_lock: threading.Lock
     resync: Callable[[int], int]
     _report_failed: Callable[[ReplicaStatus, BaseException], None]
@@ -52,15 +55,20 @@ class SessionBook:
         self._close_refused = False
         #: close() cleared the marker
         self._marker_cleared = False
+        #: lanes with calls in flight when the last epoch began that have not been seen
+        #: without one since (an epoch may end only once this is empty)
+        self._waiting: set[int] = set()
 
     def _begin_activity(self) -> None:
         """Start this session's activity log and set the marker naming it, durably, before
         the application can write; a pool set without replicas keeps none."""
         if len(self.replicas) < 2:
             return
+        epoch = activity.epoch_chunks(self.size)
         self._session_over = False
         try:
-            session = activity.ActivityLog.begin(self.set_file.master.parts[0].path, self.size)
+            session = activity.ActivityLog.begin(self.set_file.master.parts[0].path, self.size,
+                                                 epoch)
         except OSError as e:
             log.warning("%s: cannot keep an activity log (after a crash, reopening will bring "
                         "the whole pool in line on the replicas): %s", self.set_file.path, e)
@@ -115,12 +123,20 @@ class SessionBook:
         if session is not None:
             session.end(delete=clean)
 
-    def _log_activity(self, offset: int, length: int) -> None:
-        """Put a range's chunks in the activity log before it goes out (the state lock is
-        held). A log that cannot be written is given up: the marker then says "any chunk"."""
-        assert self._activity is not None
+    def _log_activity(self, offset: int, length: int, lane: int) -> None:
+        """Put a range's chunks in the activity log before it goes out, from a call on
+        ``lane`` (the state lock is held); end the epoch first when it is over. A log that
+        cannot be written is given up: the marker then says "any chunk"."""
+        session = self._activity
+        assert session is not None
+        busy = self._busy
+        waiting = self._waiting
+        if waiting:  # this call is in flight on its own lane, and names its range here
+            waiting.difference_update([i for i in waiting if busy[i] - (i == lane) <= 0])
         try:
-            self._activity.mark(offset, length)
+            if session.epoch_over and not waiting:
+                self._new_epoch(session, lane)
+            session.mark(offset, length)
         except OSError as e:
             log.warning("%s: the activity log cannot be written (after a crash, reopening will "
                         "bring the whole pool in line on the replicas): %s",
@@ -130,6 +146,23 @@ class SessionBook:
             self._store_marker()
             self._logged[:] = b"\1" * len(self._logged)
             lost.end(delete=True)
+
+    def _new_epoch(self, session: activity.ActivityLog, lane: int) -> None:
+        """End the log's epoch (the state lock is held, by a call on ``lane``): the chunks
+        no call named since the last one leave the log, except those of flushes not yet
+        drained. Safe because every call that could still be writing to such a chunk began
+        in the epoch before (when the chunk was named) and has ended since (``_waiting``
+        emptied); a call beginning from here finds no chunk named and comes back to the log
+        (this method's caller names its own range after it)."""
+        keep = []
+        for pend, n in zip(self._pending, self._npending):
+            k = min(n, len(pend) // 2)
+            keep += [(pend[2 * i], pend[2 * i + 1] - pend[2 * i]) for i in range(k)]
+        gone = session.new_epoch(keep)
+        busy = self._busy
+        self._waiting = {i for i in range(len(busy)) if busy[i] - (i == lane) > 0}
+        log.debug("%s: activity log epoch ended, %d chunks let go of", self.set_file.path,
+                  gone)
 
     def _cut_short_by_close(self) -> None:
         """A call that close() cut short may have left its range on the master alone: the

@@ -406,3 +406,128 @@ def test_empty_ranges_at_the_pools_end_while_healthy(pool_dir):
         ps.drain()
         ps.deep_persist(ps.size, 0)
         assert [s.state for s in ps.replicas] == [OK, OK, OK]
+
+
+# -- epochs: the log holds what the session named lately, not all it ever touched --------------
+#: a session that persists into every chunk of a 64 MiB pool in turn (one epoch = 2 chunks
+#: new to the log, PMREPLICA_ACTIVITY_MIB=4), keeps persisting into a hot chunk (1) as it
+#: goes, flushes chunk 60 on lane 3 without draining it, names chunks 20-25 again, stores
+#: into chunk 62 and is killed before the persist of that store
+LONG_SESSION = """
+import os, signal, sys
+from pmreplica import PoolSet
+M = 1 << 20
+ps = PoolSet.open(sys.argv[1])
+for k in range(2, 60):
+    ps.buf[k * M + 7:k * M + 12] = b"chunk"
+    ps.persist(k * M + 7, 5, lane=k % 2)
+    ps.buf[M + 8 * k:M + 8 * k + 8] = k.to_bytes(8, "little")
+    ps.persist(M + 8 * k, 8, lane=2)
+ps.buf[60 * M:60 * M + 7] = b"flushed"
+ps.flush(60 * M, 7, lane=3)
+for k in range(20, 26):  # more epochs go by while the flush is not drained
+    ps.persist(k * M + 7, 5)
+    ps.persist(M + 8 * k, 8, lane=2)
+ps.buf[62 * M:62 * M + 5] = b"store"
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def small_epochs(monkeypatch) -> dict[str, str]:
+    monkeypatch.setenv("PMREPLICA_ACTIVITY_MIB", "4")
+    return {**os.environ, "PMREPLICA_ACTIVITY_MIB": "4"}
+
+
+def test_a_long_sessions_log_holds_only_its_recent_chunks(pool_dir, monkeypatch):
+    """After 58 chunks, the log of a killed session holds the last epochs' chunks, the hot
+    one and the one flushed without a drain; the reopen copies those (a few MiB, not the
+    58 written) and leaves every replica equal to the master, but for the store whose
+    persist never came (outside the log, undefined as in PMDK)."""
+    d = pool_dir
+    path = three_replicas(d, "64M")
+    done = run_python(LONG_SESSION, str(path), env=small_epochs(monkeypatch))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    mark = marker(d)
+    assert mark is not None and mark.logged
+    chunks = {off // M for off, n in activity.read_log(str(d / "m.pmractive"), mark.session,
+                                                        64 * M) for off in range(off, off + n, M)}
+    assert {1, 25, 60} <= chunks, chunks  # hot, last named, flushed and not drained
+    assert len(chunks) <= 8, chunks  # not the 58 chunks the session wrote
+    assert not chunks & (set(range(2, 20)) | set(range(26, 60))), chunks  # let go of
+    assert (d / "r1").read_bytes()[60 * M:60 * M + 7] == b"flushed"  # this test's replicas
+    hook = Resyncs()
+    with PoolSet.open(path, plugins=[hook]) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK, OK]
+        master = bytes(ps.buf[HDR:])
+    assert hook.totals == {1: len(chunks) * M, 2: len(chunks) * M}
+    for r in ("r1", "r2"):
+        replica = data(d / r)
+        assert replica[62 * M - HDR:62 * M - HDR + 5] == bytes(5)  # the store never persisted
+        assert replica[:62 * M - HDR] == master[:62 * M - HDR]
+        assert replica[63 * M - HDR:] == master[63 * M - HDR:]
+    for k in range(2, 60):
+        assert master[k * M + 7 - HDR:k * M + 12 - HDR] == b"chunk"
+
+
+class HeldFlush:
+    """Replica 1's flush on lane 0 held until ``release`` is set (forced, by a wrapper of
+    its target: a replica slow to take a write, while other lanes go on)."""
+
+    def __init__(self, pool: PoolSet) -> None:
+        import threading
+        self.entered, self.release = threading.Event(), threading.Event()
+        _, target = pool._active[0]
+        flush = target.flush
+
+        def held(off, n, lane=0, flags=0):
+            if lane == 0:
+                self.entered.set()
+                assert self.release.wait(30)
+            return flush(off, n, lane, flags)
+
+        target.flush = held
+
+
+def test_an_epoch_keeps_the_chunk_of_a_call_still_in_flight(pool_dir, monkeypatch):
+    """A persist on lane 0 held inside replica 1 while lane 1 names chunk after chunk: the
+    held persist's chunk stays in the log (a crash then would leave it on the master and
+    not on replica 1), since no epoch ends while a call of the one before is in flight.
+    Once it returns, the next epochs let it go, with the rest."""
+    import threading
+
+    d = pool_dir
+    path = three_replicas(d, "64M")
+    small_epochs(monkeypatch)
+
+    def logged(ps: PoolSet) -> set[int]:
+        mark = marker(d)
+        assert mark is not None
+        return {off // M for off, n in activity.read_log(str(d / "m.pmractive"), mark.session,
+                                                          ps.size) for off in range(off, off + n, M)}
+
+    with PoolSet.open(path) as ps:
+        held = HeldFlush(ps)
+        ps.buf[30 * M:30 * M + 4] = b"held"
+        thread = threading.Thread(target=ps.persist, args=(30 * M, 4, 0))
+        thread.start()
+        assert held.entered.wait(10)
+        for k in range(2, 20):
+            ps.persist(k * M, 8, lane=1)
+        assert 30 in logged(ps), logged(ps)
+        held.release.set()
+        thread.join(10)
+        for k in range(40, 50):
+            ps.persist(k * M, 8, lane=1)
+        assert not {2, 3, 4, 5, 30} & logged(ps), logged(ps)
+    assert data(d / "r1")[30 * M - HDR:30 * M - HDR + 4] == b"held"
+
+
+def test_a_bad_activity_size_is_refused_at_open(pool_dir, monkeypatch):
+    path = three_replicas(pool_dir)
+    monkeypatch.setenv("PMREPLICA_ACTIVITY_MIB", "lots")
+    with pytest.raises(OSError) as e:
+        PoolSet.open(path)
+    assert e.value.errno == errno.EINVAL
+    assert "PMREPLICA_ACTIVITY_MIB='lots': a number of MiB (1 or more) is wanted" in str(e.value)
+    monkeypatch.setenv("PMREPLICA_ACTIVITY_MIB", "2")
+    PoolSet.open(path).close()  # nothing was left behind

@@ -40,14 +40,14 @@ def variants(name: str, seed: int) -> dict[str, Any]:
         return {"seed": seed, "writes": 36}
     if name == "SyncRepair":
         return {"seed": seed, "relink": seed % 2 == 0}
-    if name == "UncleanReopen":
+    if name in ("UncleanReopen", "EpochReopen"):
         return {"seed": seed, "writes": 24}
     raise SystemExit(f"unknown scenario {name}")
 
 
 #: the share of durability points recorded (FullPool passes thousands)
 SAMPLE = {"Objects": 1.0, "FullPool": 0.1, "RecordWrites": 1.0, "SyncRepair": 1.0,
-          "UncleanReopen": 1.0}
+          "UncleanReopen": 1.0, "EpochReopen": 1.0}
 SCENARIOS = tuple(SAMPLE)
 
 

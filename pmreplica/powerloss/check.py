@@ -74,7 +74,8 @@ class CheckResult:
     def to_json(self) -> str:
         d = asdict(self)
         d["labels"] = dict(self.labels)
-        return json.dumps(d)
+        # a failure's context is the workload's (bytes a persist wrote, say): shown, not read
+        return json.dumps(d, default=repr)
 
     @classmethod
     def from_json(cls, text: str) -> "CheckResult":

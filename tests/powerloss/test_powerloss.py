@@ -81,6 +81,15 @@ def test_unclean_reopen(pool_dir: Path) -> None:
     assert report.result.labels["recovered"], report.result.labels
 
 
+def test_unclean_reopen_with_epochs(pool_dir: Path) -> None:
+    """The same with the activity log's epochs one chunk long: a chunk leaves the log only
+    once no call can still be writing to it, so every reopen still brings the replicas in
+    line, but for the store of a persist the cut interrupted."""
+    report = run(pool_dir, "EpochReopen", {"writes": 12}, images_per_point=4)
+    assert_clean(report, 150)
+    assert report.result.labels["recovered"], report.result.labels
+
+
 @pytest.mark.parametrize("fault", ["unfenced", "unflushed"])
 def test_the_explorer_finds_a_known_bug(pool_dir: Path, fault: str) -> None:
     report = run(pool_dir, "Objects", {"seed": 3, "transactions": 14, "knobs": 1, "cuts": 0,
