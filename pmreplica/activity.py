@@ -284,11 +284,12 @@ def store_marker(set_file: PoolSetFile, raw: bytes) -> None:
 
 class Recovery(NamedTuple):
     """What folding an unclean session in does (:func:`plan`): the replicas to bring in
-    line, the replica-state record to store (None: unchanged), the marker to leave and
-    what to tell the user once it is done."""
+    line, the replica-state record to store (None: unchanged) and the state it packs, the
+    marker to leave and what to tell the user once it is done."""
 
     replicas: list[int]
     record: bytes | None
+    state: ReplicaState | None
     marker: bytes
     notes: tuple[str, ...]
 
@@ -322,40 +323,46 @@ def plan(set_file: PoolSetFile) -> Recovery | None:
     # with it on load, carry the areas
     state = ReplicaState.load(page, size, len(set_file.replicas), dirtymap.path_for(part0))
     marked = [i for i in range(1, len(set_file.replicas)) if not state.is_stale(i)]
-    record = None
+    record, folded = None, None
     if areas and marked:
         for i in marked:
             state.mark_stale(i)
         for off, n in areas:
             state.mark_dirty(off, n)
-        record = state.pack()
+        record, folded = state.pack(), state
         notes.append(f"{set_file.path} was not closed cleanly: the "
                      f"{-(-sum(n for _, n in areas) >> 20)} MiB it was writing to are to be "
                      f"brought in line on replica{'s' if len(marked) > 1 else ''} "
                      + ", ".join(map(str, marked)))
-    return Recovery(list(range(1, len(set_file.replicas))), record, Marker(0).pack(),
-                    tuple(notes))
+    return Recovery(list(range(1, len(set_file.replicas))), record, folded,
+                    Marker(0).pack(), tuple(notes))
 
 
 def recover(set_file: PoolSetFile) -> list[int]:
     """Fold an unclean session in (:func:`plan`), durably; returns the replicas to bring in
     line (none after a clean close). The pool's lock must be held."""
-    return apply(set_file, plan(set_file))
+    found = apply(set_file, plan(set_file))
+    return found.replicas if found is not None else []
 
 
-def apply(set_file: PoolSetFile, found: Recovery | None) -> list[int]:
-    """Store what :func:`plan` found, durably: the record, then the marker of a session of
-    nothing (the areas are in the record now), then the log goes."""
+def apply(set_file: PoolSetFile, found: Recovery | None) -> Recovery | None:
+    """Store what :func:`plan` found, durably: the fine dirty map's side file when it can
+    be saved (so that the replicas copy the log's chunks, not the record's coarse ones,
+    which are 256 MiB at 1 TiB), the record, then the marker of a session of nothing (the
+    areas are in the record now), then the log goes. Returns what was stored."""
     if found is None:
-        return []
+        return None
     for note in found.notes:
         log.warning("%s", note)
     part0 = set_file.master.parts[0].path
-    if found.record is not None:
+    if found.state is not None:
+        # the side file first: a record naming its epoch is stored only once it is durable
+        if found.state.save_fine(keep_working_set=False):
+            found = found._replace(record=found.state.pack())
         store_copy(part0, found.record, STATE_OFFSET)
     store_marker(set_file, found.marker)
     dirtymap.remove(path_for(part0))
-    return found.replicas
+    return found
 
 
 def settled(set_file: PoolSetFile) -> None:

@@ -116,8 +116,14 @@ def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,
         go_on()
         target.flush(off, n, 0, 0)
 
+    def settle(off: int, n: int) -> None:
+        target.drain(0)
+        # the master's pages read for the copy are let go (a shared mapping: the data stays
+        # in the files), or bringing a large pool in line holds it all resident
+        pool.mapping.release(off, n)
+
     def copy(ranges: Iterable[tuple[int, int]], step: Callable[[int], None]) -> None:
-        copier.copy(ranges, write, lambda off, n: target.drain(0), step, chunk)
+        copier.copy(ranges, write, settle, step, chunk)
 
     pool.report_progress(status.index, "resync", 0, total)
     copy(pieces, advance)

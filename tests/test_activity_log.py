@@ -531,3 +531,24 @@ def test_a_bad_activity_size_is_refused_at_open(pool_dir, monkeypatch):
     assert "PMREPLICA_ACTIVITY_MIB='lots': a number of MiB (1 or more) is wanted" in str(e.value)
     monkeypatch.setenv("PMREPLICA_ACTIVITY_MIB", "2")
     PoolSet.open(path).close()  # nothing was left behind
+
+
+def test_a_large_pools_unclean_reopen_copies_the_logs_chunks(pool_dir):
+    """A 64 GiB pool (sparse): the record's coarse chunks are 16 MiB there, the log's 1
+    MiB; the reopen after a kill copies the log's chunk (the fine map is saved beside the
+    record it folds into), not the coarse one around it."""
+    d = pool_dir
+    path = write_set(d / "p.set", f"64G {d}/m", "REPLICA", f"64G {d}/r1")
+    PoolSet.create(path, sparse=True).close()
+    off = 40 * (1 << 30) + 100
+    done = run_python(KILLED, str(path), str(off), str(off + (2 << 30)))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    hook = Resyncs()
+    with PoolSet.open(path, plugins=[hook]) as ps:
+        assert [s.state for s in ps.replicas] == [OK, OK]
+        assert ps.state.chunk == 16 * M  # the coarse maps' chunk
+    assert hook.totals == {1: M}
+    with open(d / "r1", "rb") as f:
+        f.seek(off)
+        assert f.read(5) == b"AFTER"
+    assert not (d / "m.pmrdirty").exists()  # nothing stale: the side file is gone

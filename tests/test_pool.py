@@ -741,3 +741,29 @@ def test_a_progress_hook_that_persists_during_an_online_resync(pool_dir):
         hook.pool = None
         master = bytes(pool.buf[HDR_SIZE:])
     assert replica_bytes([(16 * M, d / "r")])[HDR_SIZE:] == master
+
+
+def _resident_mib() -> int:
+    """This process's resident pages of files and shared memory (the pools), in MiB."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return sum(int(fields[k].split()[0]) for k in ("RssFile", "RssShmem")) >> 10
+
+
+def test_an_online_resync_of_a_large_range_does_not_keep_the_master_resident(pool_dir):
+    """Bringing 512 MiB over lets go of the master's pages as it goes (a large pool would
+    otherwise end up resident as a whole), and the replica still gets every byte."""
+    d = pool_dir
+    path = write_set(d / "p.set", f"512M {d}/m", "REPLICA", f"512M {d}/r")
+    PoolSet.create(path).close()
+    os.rename(d / "r", d / "r.away")
+    with PoolSet.open(path) as pool:
+        pool.buf[HDR_SIZE:HDR_SIZE + 4096] = b"R" * 4096
+        pool.persist(HDR_SIZE, pool.size - HDR_SIZE)
+        pool.mapping.release(0, pool.size)
+        os.rename(d / "r.away", d / "r")
+        before = _resident_mib()
+        assert pool.resync(1) == pool.size - HDR_SIZE
+        assert _resident_mib() - before < 64
+    with open(d / "r", "rb") as f:
+        f.seek(HDR_SIZE)
+        assert f.read(4096) == b"R" * 4096

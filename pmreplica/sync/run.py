@@ -138,7 +138,8 @@ class Run:
                             "repaired pool is next opened", self.path)
             return found
         if not self.dry_run:
-            activity.apply(self.set_file, found)
+            found = activity.apply(self.set_file, found)
+            assert found is not None
             self._folded = True
         if found.record is not None:
             at = STATE_OFFSET
