@@ -5,8 +5,8 @@ set the agent served it by (its parts only), or any local set whose first replic
 replica, optionally listing further replicas (they become the new master's). Before it
 changes anything, promote compares the replica's generation (generation.py) with every
 other replica the set lists: it refuses when one holds newer acknowledged writes (it names
-it: promote that one) or when they diverged, and when no other replica can be asked it
-cannot tell, and wants ``force``.
+it: promote that one) or when they diverged, and when a listed replica cannot be asked (or
+none is listed) it cannot tell, and wants ``force``.
 
 Promotion is one durable write, the commit point: a new generation of which this replica
 is the master. Before it, nothing was changed; after it, the old master can never again be
@@ -71,8 +71,8 @@ def promote(path: str | os.PathLike[str], *, force: bool = False,
             plugins: Iterable[object] = ()) -> Promotion:
     """Make the master replica of the pool set at ``path`` (a replica of a lost master) the
     master of its pool; see the module docstring. Errors: EBUSY (open), EINVAL (broken, or
-    not a pool), ESTALE (another replica is ahead, or diverged), EAGAIN (no other replica to
-    compare with, without ``force``)."""
+    not a pool), ESTALE (another replica is ahead, or diverged), EAGAIN (a listed replica
+    cannot be asked, or none is listed, without ``force``)."""
     path = os.fspath(path)
     set_file = load_set(path)
     set_file.validate()
@@ -114,7 +114,7 @@ def _compare(set_file, size: int, mine: Generation | None,
         for i in range(1, len(set_file.replicas)):
             p = _probe(pm, set_file, i, view)
             c = Compared(i, p.name, p.generation)
-            if not p.reachable:
+            if not p.reachable or p.generation is None and p.problems:
                 c.problem = "; ".join(p.problems) or "unreachable"
             elif mine is not None and p.generation is not None:
                 c.relation = p.generation.relation(mine)
@@ -153,16 +153,19 @@ def _judge(path: str, out: Promotion, force: bool) -> None:
         raise PmReplicaError(errno.EAGAIN, f"{path}: this replica records no generation (a pool "
                                            "made before them): nothing shows whether it missed "
                                            "writes; --force promotes it anyway")
-    if not any(c.relation in (SAME, BEHIND) for c in out.compared):
+    # every listed replica must answer: any one that cannot be asked may be in a newer
+    # generation (the lost master began it when this replica fell behind), holding
+    # acknowledged writes this one lacks; one in step or behind says nothing of the others
+    unknown = [c for c in out.compared if c.relation not in (SAME, BEHIND)]
+    if not out.compared or unknown:
         why = ("no other replica is listed in the pool set" if not out.compared else
-               "no other replica could be asked (" + "; ".join(
-                   f"{c.name}: {c.problem or 'records no generation'}" for c in out.compared)
-               + ")")
+               "; ".join(f"{c.name} could not be asked ({c.problem})" if c.problem else
+                         f"{c.name} records no generation" for c in unknown))
         raise PmReplicaError(errno.EAGAIN, f"{path}: cannot tell whether this replica missed "
                                            f"writes: {why}; list the pool's other replicas "
-                                           "in the set file to compare, or promote with "
-                                           "--force if you know it holds every acknowledged "
-                                           "write")
+                                           "in the set file and make them reachable, or "
+                                           "promote with --force if you know it holds every "
+                                           "acknowledged write")
 
 
 def _begin_record(part0: str, size: int, nreplicas: int, gen: Generation | None) -> None:

@@ -120,6 +120,34 @@ def test_promote_refuses_a_replica_that_missed_writes_and_names_the_current_one(
     assert data(fs / "r2") == data(d / "r1")
 
 
+def test_promote_wants_every_listed_replica_to_answer(pool_dir, failing_fs):
+    """r2 and r3 miss a write that r1 took; the master is lost and r1 cannot be reached.
+    r2, in step with r3, says nothing of r1: promoting r3 would lose the write, so promote
+    cannot tell and names r1; with r1 back it names r1 as the one to promote."""
+    d, fs = pool_dir, failing_fs.mountpoint
+    path = write_set(d / "p.set", f"{SIZE} {d}/m", "REPLICA", f"{SIZE} {d}/r1", "REPLICA",
+                     f"{SIZE} {fs}/r2", "REPLICA", f"{SIZE} {fs}/r3")
+    PoolSet.create(path).close()
+    failing_fs.shut_down()
+    write(path, HDR_SIZE, b"r2 and r3 miss this")  # a new generation: master and r1
+    failing_fs.remount()
+    os.rename(d / "r1", d / "r1.away")  # its host is down too
+    r3 = write_set(d / "r3.set", f"{SIZE} {fs}/r3", "REPLICA", f"{SIZE} {fs}/r2", "REPLICA",
+                   f"{SIZE} {d}/r1")
+    before = generation.load(str(fs / "r3"))
+    done = pmreplica("promote", r3)
+    assert done.returncode == 1, done.stdout
+    assert "cannot tell whether this replica missed writes: replica 2 " \
+           f"({d}/r1) could not be asked" in done.stderr, done.stderr
+    assert "--force" in done.stderr
+    assert generation.load(str(fs / "r3")) == before  # nothing changed
+    os.rename(d / "r1.away", d / "r1")
+    with pytest.raises(OSError) as e:
+        promote(r3)
+    assert e.value.errno == errno.ESTALE
+    assert f"replica 2 ({d}/r1) holds newer acknowledged writes" in str(e.value)
+
+
 def test_split_brain_is_refused_until_a_side_is_discarded(pool_dir, failing_fs):
     """The master loses r1 (its disk fails for a while) and goes on writing; r1, thought
     lost with the master, is promoted and written too: both sides took writes after they
