@@ -4,6 +4,7 @@ and the errors a user sees."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -63,6 +64,26 @@ def test_cat_round_trip_is_byte_exact(sshd, launcher):
     sender.join()
     assert back == data
     assert chan.close() == 0  # cat saw the end of its stdin and exited cleanly
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_close_waiting_for_the_agent_to_exit_ends_when_it_is_given_up(sshd, launcher):
+    """close() waits up to 5 s for the agent to exit once its input ended. When the
+    heartbeat gives its host up meanwhile (abort(), from another thread; here after 0.3 s)
+    the wait ends at once. The command never exits, as a frozen host's agent never does."""
+    chan = launch(sshd.alias, [], config=config(
+        sshd, RPMEM_CMD=python_cmd("import os, time; print(os.getpid(), flush=True); "
+                                   "time.sleep(10)"),
+        PMREPLICA_LAUNCHER=launcher))
+    pid = int(read_line(chan))
+    try:
+        threading.Timer(0.3, chan.abort).start()
+        t0 = time.monotonic()
+        assert chan.close() is None  # no exit status: given up
+        assert 0.25 < time.monotonic() - t0 < 2
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the host here is this machine
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

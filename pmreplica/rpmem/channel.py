@@ -16,6 +16,7 @@ import shlex
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 from pmreplica.errors import RemoteError
@@ -25,6 +26,9 @@ log = logging.getLogger("pmreplica.rpmem.launch")
 
 # How long an end of stream waits for the exit status that explains it.
 _EXIT_WAIT = 2.0
+#: seconds a wait for the agent's exit goes on at a time before it looks whether the agent
+#: was given up meanwhile
+_SLICE = 0.05
 
 
 class AgentConnectionLost(RemoteError, ConnectionResetError):
@@ -122,6 +126,8 @@ class AgentChannel(abc.ABC):
         self._closed = False
         self._failure_seen: RemoteError | None = None
         self._stderr: StderrTail | None = None
+        #: set by abort(): a close waiting for the agent to exit stops waiting
+        self._given_up = threading.Event()
 
     # -- what a launcher provides -------------------------------------------------------
     @property
@@ -225,6 +231,7 @@ class AgentChannel(abc.ABC):
         """Give the agent up without waiting on it (its host stopped answering): calls that
         are blocked on the channel, or come later, fail now; what the channel holds is
         released in a background thread. Idempotent."""
+        self._given_up.set()  # a close under way waits on this host no longer
         if self._closed or self._failure_seen is not None:
             return
         self._failure_seen = AgentConnectionLost(errno.ECONNRESET,
@@ -252,6 +259,16 @@ class AgentChannel(abc.ABC):
             raise type(seen)(seen.errno, seen.strerror)
         if self._closed:
             raise RemoteError(errno.EBADF, f"{self.target}: agent channel is closed")
+
+    def _wait_unless_given_up(self, done: Callable[[float], bool], timeout: float) -> bool:
+        """``done(seconds)`` (a wait for the agent's exit, True once it exited) for up to
+        ``timeout``, a slice at a time: when the heartbeat finds the host dead meanwhile
+        (abort(), during a close), the wait ends at once. True if the agent exited."""
+        end = time.monotonic() + timeout
+        while not done(max(0.0, min(_SLICE, end - time.monotonic()))):
+            if self._given_up.is_set() or time.monotonic() >= end:
+                return False
+        return True
 
     def _timeout(self, what: str) -> AgentTimeout:
         return AgentTimeout(errno.ETIMEDOUT, f"{self.target}: timed out {what} the agent")
@@ -330,27 +347,31 @@ class ProcessChannel(AgentChannel):
     def fileno(self) -> int:
         return self._rx.fileno()
 
-    def _wait_exit(self, timeout: float) -> int | None:
+    def _exited(self, timeout: float) -> bool:
         try:
-            status = self._proc.wait(timeout) if timeout else self._proc.poll()
+            self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def _wait_exit(self, timeout: float) -> int | None:
+        if not self._wait_unless_given_up(self._exited, timeout):
             return None
-        return status if status is not None and status >= 0 else None
+        status = self._proc.returncode
+        return status if status >= 0 else None
 
     def _shutdown(self, timeout: float) -> int | None:
         try:
             self._tx.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        try:
-            status = self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            if timeout:
+        status = self._wait_exit(timeout)
+        if self._proc.returncode is None:
+            if timeout and not self._given_up.is_set():
                 log.warning("%s: agent did not exit within %.1f s of its stdin closing; "
                             "killing it", self.target, timeout)
             self._proc.kill()
             self._proc.wait()
-            status = None
         self._tx.close()
         self._rx.close()
         return status if status is not None and status >= 0 else None

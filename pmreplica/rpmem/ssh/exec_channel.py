@@ -58,9 +58,7 @@ class ParamikoChannel(AgentChannel):
         return self._chan.fileno()
 
     def _wait_exit(self, timeout: float) -> int | None:
-        if timeout:
-            self._chan.status_event.wait(timeout)
-        if not self._chan.status_event.is_set():
+        if not self._wait_unless_given_up(self._chan.status_event.wait, timeout):
             return None
         status = self._chan.exit_status
         return status if status >= 0 else None
@@ -76,7 +74,8 @@ class ParamikoChannel(AgentChannel):
         except (OSError, EOFError, paramiko.SSHException):
             pass
         status = self._wait_exit(timeout)
-        if status is None and timeout and not self._chan.status_event.is_set():
+        if (status is None and timeout and not self._chan.status_event.is_set()
+                and not self._given_up.is_set()):
             log.warning("%s: agent did not exit within %.1f s of its stdin closing; closing "
                         "its channel", self.target, timeout)
         self._chan.close()
