@@ -210,8 +210,9 @@ class ActivityLog:
         """End the epoch: the chunks no call named during it leave the log, durably, except
         those ``keep`` touches; then every chunk counts as not named (the write path comes
         back through :meth:`mark` for it, which costs no write for one still in the file).
-        The caller makes sure that no call named a chunk without :meth:`mark` having seen
-        it in this epoch (see :mod:`pmreplica.session`). Returns the chunks let go of."""
+        The caller makes sure that every call begun before the epoch that ends has
+        returned: only such a call can still write to a chunk not named during it
+        (see :mod:`pmreplica.session`). Returns the chunks let go of."""
         stay = bytearray(self.logged)
         for off, n in keep:
             if n > 0:
