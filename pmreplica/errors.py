@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno as _errno
 import logging
 import os
+from typing import TypeVar
+
+_E = TypeVar("_E", bound=OSError)
 
 
 class PmReplicaError(OSError):
@@ -17,22 +20,29 @@ class PmReplicaError(OSError):
         return f"{self.strerror} ({_errno.errorcode.get(self.errno, self.errno)})"
 
 
-def fresh(error: PmReplicaError) -> PmReplicaError:
-    """A new exception like the stored ``error`` (a failed lane's, a lost session's), to raise
-    in its place: one object raised again and again collects every raise's frames in its
-    traceback, and they keep their locals alive (a caller's views of its pool among them)."""
+def fresh(error: _E) -> _E:
+    """A new exception like the stored ``error`` (a failed lane's, a lost session's, a
+    replica's failure told to the hooks), to raise in its place: one object raised again
+    and again collects every raise's frames in its traceback, and they keep their locals
+    alive (a caller's views of its pool among them)."""
     return type(error)(error.errno, error.strerror)
 
 
-def as_replica_failure(name: str, error: BaseException) -> OSError:
-    """What replica ``name``'s target raised, as that replica's failure: an OSError as it is;
-    an interrupt (not an Exception) ECANCELED; anything else (a plugin's bug) logged, its
-    traceback at debug level, and made an EIO naming it."""
+def as_replica_failure(name: str, error: BaseException, raised: bool = False) -> OSError:
+    """What replica ``name``'s target raised, as that replica's failure: an OSError as it is
+    (one without an errno an EIO naming it: hooks and callers read ``errno``); an interrupt
+    (not an Exception) ECANCELED; anything else (a plugin's bug) logged, its traceback at
+    debug level, and made an EIO naming it. ``raised``: the failure is raised to a caller
+    with the bug as its cause, not logged."""
     if isinstance(error, OSError):
+        if error.errno is None:
+            return ReplicaError(_errno.EIO, f"{name}: {error}")
         return error
     if not isinstance(error, Exception):  # KeyboardInterrupt, say: the call was cut short
         return ReplicaError(_errno.ECANCELED, f"{name}: a call was interrupted mid-operation "
                                               f"({type(error).__name__})")
+    if raised:
+        return ReplicaError(_errno.EIO, f"{name}: {type(error).__name__}: {error}")
     log = logging.getLogger("pmreplica")
     log.error("%s raised %r (a bug in its plugin?)", name, error)
     log.debug("%s: the traceback", name, exc_info=error)

@@ -202,8 +202,8 @@ class FailureBook:
                 continue
             try:
                 store(gen)
-            except OSError as e:
-                failed.append((status, e))
+            except Exception as e:  # noqa: BLE001 - a plugin's bug fails its replica alone
+                failed.append((status, as_replica_failure(status.name, e)))
         return failed
 
     def _store_state(self, save: bool | None = None) -> None:

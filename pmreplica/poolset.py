@@ -27,9 +27,9 @@ import pluggy
 from . import activity, copier, dirtymap, health, setfile
 from . import generation as _generation
 from . import resync as _resync
-from .errors import HeaderError, PmReplicaError, ReplicaError
+from .errors import HeaderError, PmReplicaError, ReplicaError, as_replica_failure
 from .failures import FailureBook
-from .generation import AHEAD, BEHIND, DIVERGED
+from .generation import AHEAD, BEHIND, DIVERGED, Generation
 from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
 from .identity import attr_problem
 from .plugin_manager import make_plugin_manager, notify
@@ -39,7 +39,7 @@ from .session import SessionBook
 from .setfile import PoolSetFile, Replica
 from .state import ReplicaState
 from .status import OK, STALE, ReplicaStatus, close_quietly, describe
-from .target import RELAXED, ReplicaTarget
+from .target import RELAXED, ReplicaTarget, open_checked, stat_checked
 
 log = logging.getLogger(__name__)
 
@@ -125,23 +125,38 @@ class PoolSet(FailureBook, SessionBook):
                                 next_uuid=first_uuids[(i + 1) % n].bytes_le,
                                 prev_uuid=first_uuids[i - 1].bytes_le,
                                 user_flags=template.arch.pack())
-                target = self._target(status.spec, i, create=True)
-                try:
-                    self.report_progress(i, "create", 0, self.size)
-                    target.create(attr)
-                    self.report_progress(i, "create", self.size, self.size)
-                except BaseException:
-                    close_quietly(target)
-                    raise
-                status.target = target
+                status.target = self._create_replica(status, attr)
             self._activate()
             with self._state_lock:
-                self._advance_generation()  # the first: every replica in step
+                failed = self._advance_generation()  # the first: every replica in step
+            if failed:  # a replica without it is not created as a member
+                raise failed[0][1]
             self._begin_activity()
             return self
         except BaseException:
             self._discard_created()
             raise
+
+    def _create_replica(self, status: ReplicaStatus, attr: PoolAttr) -> ReplicaTarget:
+        """Create replica ``status``'s storage through its plugin's target; what the plugin
+        raises fails the create, a bug as the replica's EIO (as_replica_failure) caused by
+        it."""
+        i = status.index
+        try:
+            target = self._target(status.spec, i, create=True)
+            try:
+                self.report_progress(i, "create", 0, self.size)
+                target.create(attr)
+                self.report_progress(i, "create", self.size, self.size)
+            except BaseException:
+                close_quietly(target)
+                raise
+        except Exception as e:  # noqa: BLE001 - a plugin's bug, raised as its replica's failure
+            failure = as_replica_failure(status.name, e, raised=True)
+            if failure is e:
+                raise
+            raise failure from e
+        return target
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, signature: bytes | None = None,
@@ -169,8 +184,9 @@ class PoolSet(FailureBook, SessionBook):
             if conflicts:
                 self._refuse(conflicts)
             self._activate()
-            with self._state_lock:
-                self._advance_generation(only_if_changed=True)
+            with self._state_lock:  # a replica that cannot record it fails (and is let go)
+                dropped = self._drop(self._advance_generation(only_if_changed=True))
+            self._let_go_of(dropped)
             self._begin_activity()
             self._bring_in_line()
             return self
@@ -193,7 +209,8 @@ class PoolSet(FailureBook, SessionBook):
                       nexts: dict[int, bytes]) -> tuple[str, health.Side] | None:
         """Open replica ``status``'s target and check that it belongs (``nexts``: see
         :func:`~pmreplica.identity.attr_problem`); one that cannot be opened or does not
-        belong is reported failed. Returns its conflict with the master, if any (see
+        belong, or whose plugin raises anything else than an OSError (a bug: EIO), is
+        reported failed. Returns its conflict with the master, if any (see
         :meth:`_compare_generation`)."""
         if self.state.is_stale(status.index):
             status.state = STALE
@@ -202,47 +219,72 @@ class PoolSet(FailureBook, SessionBook):
                         "`replica-sync` to bring it up to date)", status.name)
         try:
             target = self._target(status.spec, status.index, create=False)
-        except OSError as e:
-            self._report_failed(status, e)
+        except Exception as e:  # noqa: BLE001 - a plugin's bug fails its replica alone
+            self._report_failed(status, as_replica_failure(status.name, e))
             return None
         try:
-            attr = target.open()
-        except OSError as e:
-            # there, but not to be had: promoted elsewhere (and open there)?
-            found = (self._compare_generation(status, target)
-                     if e.errno in (errno.EBUSY, errno.EINVAL) else None)
-            close_quietly(target)
-            if found is None:
-                self._report_failed(status, e)
-            return found
+            attr = open_checked(target)
+        except Exception as e:  # noqa: BLE001 - as above
+            return self._refused(status, target, as_replica_failure(status.name, e))
         status.target = target
-        if hdr is not None:
-            problem = attr_problem(attr, hdr, status.index, nexts)
-            nexts[status.index] = attr.next_uuid
-            if problem:
-                close_quietly(target)
-                status.target = None
-                self._report_failed(status, ReplicaError(errno.EINVAL, problem))
-                return None
-        return self._compare_generation(status, target)
+        try:
+            if hdr is not None:
+                problem = attr_problem(attr, hdr, status.index, nexts)
+                nexts[status.index] = attr.next_uuid
+                if problem:
+                    raise ReplicaError(errno.EINVAL, problem)
+            theirs = self._their_generation(status, target)
+        except Exception as e:  # noqa: BLE001 - as above (attr_problem reads what open gave)
+            close_quietly(target)
+            status.target = None
+            self._report_failed(status, as_replica_failure(status.name, e))
+            return None
+        return self._compare_generation(status, theirs)
 
-    def _compare_generation(self, status: ReplicaStatus, target: ReplicaTarget
-                            ) -> tuple[str, health.Side] | None:
-        """Compare replica ``status``'s generation with the master's: a replica behind is
-        stale; a replica ahead (this master was superseded: a replica was promoted) or
-        diverged from it (both took writes: split brain) is returned, with the relation, to
-        stop the open (:meth:`_refuse`): writing here would overwrite or fork acknowledged
-        data."""
-        mine = self.generation
+    def _refused(self, status: ReplicaStatus, target: ReplicaTarget, error: OSError
+                 ) -> tuple[str, health.Side] | None:
+        """Replica ``status``'s target refused to open with ``error``: closed, and the
+        replica reported failed, unless it is there but not to be had (EBUSY, EINVAL) because
+        it was promoted elsewhere (and is open there): its conflict is returned then."""
+        theirs = None
+        if error.errno in (errno.EBUSY, errno.EINVAL):
+            try:
+                theirs = self._their_generation(status, target)
+            except Exception as e:  # noqa: BLE001 - a bug: not known, the refusal stands
+                as_replica_failure(status.name, e)
+        close_quietly(target)
+        found = self._compare_generation(status, theirs)
+        if found is None:
+            self._report_failed(status, error)
+        return found
+
+    def _their_generation(self, status: ReplicaStatus, target: ReplicaTarget
+                          ) -> Generation | None:
+        """The generation replica ``status``'s target records, to compare with the master's;
+        None when the master has none, the target keeps none or its ``stat`` fails with an
+        OSError (logged). Anything else ``stat`` raises or returns wrong is raised."""
         stat = getattr(target, "stat", None)
-        if mine is None or stat is None:
+        if self.generation is None or stat is None:
             return None
         try:
-            theirs = getattr(stat(), "generation", None)
+            theirs = stat_checked(target).generation
         except OSError as e:
             log.debug("%s: its generation cannot be read: %s", status.name, e)
             return None
-        if theirs is None:
+        if theirs is not None and not isinstance(theirs, Generation):
+            raise TypeError(f"{type(target).__name__}.stat() returned a generation of type "
+                            f"{type(theirs).__name__}")
+        return theirs
+
+    def _compare_generation(self, status: ReplicaStatus, theirs: Generation | None
+                            ) -> tuple[str, health.Side] | None:
+        """Compare replica ``status``'s generation (``theirs``: see
+        :meth:`_their_generation`) with the master's: a replica behind is stale; a replica
+        ahead (this master was superseded: a replica was promoted) or diverged from it
+        (both took writes: split brain) is returned, with the relation, to stop the open
+        (:meth:`_refuse`): writing here would overwrite or fork acknowledged data."""
+        mine = self.generation
+        if mine is None or theirs is None:
             return None
         relation = mine.relation(theirs)
         if relation == AHEAD:
@@ -313,8 +355,9 @@ class PoolSet(FailureBook, SessionBook):
                     self.plugin_manager.hook.pmreplica_remove_replica(
                         spec=status.spec, index=status.index, force=True,
                         remove_pool_set=False)
-                except OSError as e:
-                    log.warning("cleanup of %s failed: %s", status.name, e)
+                except Exception as e:  # noqa: BLE001 - the failure being undone is the one told
+                    log.warning("cleanup of %s failed: %s", status.name,
+                                as_replica_failure(status.name, e))
         try:
             self._release()
         except PmReplicaError as e:

@@ -19,10 +19,11 @@ import logging
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from . import copier, dirtymap
-from .errors import PmReplicaError, ReplicaError
+from .errors import PmReplicaError, ReplicaError, fresh
+from .failures import Dropped
 from .identity import attr_problem
 from .status import OK, STALE, ReplicaStatus, close_quietly
-from .target import ReplicaTarget
+from .target import ReplicaTarget, open_checked
 
 if TYPE_CHECKING:
     from .poolset import PoolSet
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 
 def resync(pool: "PoolSet", index: int, chunk: int = copier.CHUNK) -> int:
     """Bring replica ``index`` of ``pool`` up to date and put it back on the write path;
-    returns the bytes copied (0 when it is in step already)."""
+    returns the bytes copied (0 when it is in step already). A replica that rejoins but
+    cannot record the generation it rejoins in fails again (its target let go, the failure
+    told) and that failure is raised: it is not restored."""
     if not 0 < index < len(pool.replicas):
         raise PmReplicaError(errno.EINVAL, f"no replica {index} to resync (replica 0 is "
                                            "the master)")
@@ -59,7 +62,7 @@ def resync(pool: "PoolSet", index: int, chunk: int = copier.CHUNK) -> int:
                 close_quietly(old)
             target = _reopen(pool, status)
         try:
-            copied = _copy(pool, status, target, missed, chunk)
+            copied, dropped = _copy(pool, status, target, missed, chunk)
         except BaseException:
             close_quietly(target)
             raise
@@ -67,6 +70,11 @@ def resync(pool: "PoolSet", index: int, chunk: int = copier.CHUNK) -> int:
         with pool._let_go:
             pool._resync_marks = None
             pool._let_go.notify_all()  # close() waits for a running resync to end
+    pool._let_go_of(dropped)  # replicas that could not record the new generation
+    failure = next((error for st, _, error in dropped if st is status), None)
+    if failure is not None:
+        raise fresh(failure)  # the one told to the hooks keeps no traceback of this call
+    log.info("%s resynced online (%d bytes copied)", status.name, copied)
     pool._notify_restored(status)
     return copied
 
@@ -75,7 +83,7 @@ def _reopen(pool: "PoolSet", status: ReplicaStatus) -> ReplicaTarget:
     """Open replica ``status``'s target anew and check that it belongs."""
     target = pool._target(status.spec, status.index, create=False)
     try:
-        attr = target.open()
+        attr = open_checked(target)
         problem = attr_problem(attr, pool.header, status.index, {})
         if problem is None and target.nlanes < pool.nlanes:
             problem = f"{status.name} offers {target.nlanes} lanes, the pool uses {pool.nlanes}"
@@ -88,9 +96,11 @@ def _reopen(pool: "PoolSet", status: ReplicaStatus) -> ReplicaTarget:
 
 
 def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,
-          missed: dirtymap.Bitmap | None, chunk: int) -> int:
+          missed: dirtymap.Bitmap | None, chunk: int) -> tuple[int, Dropped]:
     """Copy what ``missed`` marks (None: everything) into ``target``, then under the lock
-    what was written meanwhile, and put the target on the write path."""
+    what was written meanwhile, and put the target on the write path. Returns the bytes
+    copied and the replicas dropped for not recording the generation it rejoined in (this
+    one among them, maybe: the write path has its target then), to be let go of."""
     start, size = pool.data_offset, pool.size
     if missed is None:
         pieces: Iterable[tuple[int, int]] = [(start, size - start)]
@@ -141,6 +151,4 @@ def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,
         dropped = pool._drop(pool._restored(status))
     if written:
         pool.report_progress(status.index, "resync", done, total)
-    pool._let_go_of(dropped)  # a replica that could not record the new generation
-    log.info("%s resynced online (%d bytes copied)", status.name, done)
-    return done
+    return done, dropped

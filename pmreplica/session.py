@@ -19,7 +19,7 @@ from . import activity
 from .errors import as_replica_failure
 from .pmem import Mapping
 from .setfile import PoolSetFile
-from .status import OK, ReplicaStatus
+from .status import FAILED, OK, ReplicaStatus
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class SessionBook:
             try:
                 self.resync(index)
             except Exception as e:  # noqa: BLE001 - a plugin's bug fails its replica alone
-                self._report_failed(status, as_replica_failure(status.name, e))
+                if status.state != FAILED:  # failed on rejoining: reported already
+                    self._report_failed(status, as_replica_failure(status.name, e))
         self._unclean = []
 
     def _end_activity(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from .errors import as_replica_failure
 from .setfile import Replica
 from .target import ReplicaTarget
 
@@ -55,8 +56,12 @@ class ReplicaStatus(NamedReplica):
 
 
 def close_quietly(target: ReplicaTarget) -> None:
-    """Close a replica's target, logging (not raising) what closing it fails with."""
+    """Close a replica's target, logging (not raising) what closing it fails with: an
+    OSError, or anything else a plugin's bug raises (logged as such by as_replica_failure),
+    so that the targets and the pool closed after it are closed all the same."""
     try:
         target.close()
     except OSError as e:
         log.debug("closing replica target: %s", e)
+    except Exception as e:  # noqa: BLE001 - a plugin's bug in close fails nothing else
+        as_replica_failure(f"{type(target).__name__}.close()", e)

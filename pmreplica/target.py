@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid as _uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from .generation import Generation
 from .header import PoolAttr, PoolHeader
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 #: ``persist``/``flush`` flag: the caller does not need ordering with other lanes (librpmem's
 #: RPMEM_PERSIST_RELAXED / RPMEM_FLUSH_RELAXED).
 RELAXED = 1
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -170,3 +172,21 @@ class ReplicaTarget(Protocol):
         """Release the replica; its data stays. A pool closes a failed target at once, while
         another lane's thread may still be in one of its calls: that call must then fail
         (or finish) without touching anything the close released."""
+
+
+def open_checked(target: ReplicaTarget) -> PoolAttr:
+    """``target.open()``'s attributes; anything else returned is its plugin's bug (a
+    TypeError, which fails the replica with EIO as any bug does: as_replica_failure)."""
+    return _expect(target.open(), PoolAttr, target, "open")
+
+
+def stat_checked(target: ReplicaTarget) -> TargetStat:
+    """``target.stat()``, checked as :func:`open_checked` checks ``open``."""
+    return _expect(target.stat(), TargetStat, target, "stat")
+
+
+def _expect(value: object, kind: type[_T], target: object, call: str) -> _T:
+    if not isinstance(value, kind):
+        raise TypeError(f"{type(target).__name__}.{call}() returned {type(value).__name__}, "
+                        f"not a {kind.__name__}")
+    return value
