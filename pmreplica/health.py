@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from . import dirtymap, generation
-from .errors import PmReplicaError
+from .errors import PmReplicaError, as_replica_failure
 from .generation import AHEAD, BEHIND, DIVERGED, Generation
 from .header import HDR_SIZE, NIL, PoolAttr, PoolHeader
 from .identity import Identity, membership_problem
 from .setfile import LocalReplica, Replica
 from .state import ReplicaState
 from .status import NamedReplica, close_quietly
-from .target import HeaderPageKeeper, HeaderPages, ReplicaTarget
+from .target import HeaderPageKeeper, HeaderPages, ReplicaTarget, open_checked, stat_checked
 
 log = logging.getLogger(__name__)
 
@@ -123,29 +123,29 @@ def probe_target(index: int, spec: Replica, pool_size: int,
     its header pages is read for them (``probe.keeper``); any other is opened for the
     attributes (the target stays open in ``probe.target``: the rpmem target holds the remote
     pool's lock), and when that fails, its ``stat()`` says why: unreachable, too small, or
-    which parts and headers are broken."""
+    which parts and headers are broken. What the plugin raises beside OSErrors (a bug) is the
+    replica's failure, EIO (as_replica_failure), as in an open pool."""
     probe = Probe(index, spec)
     try:
         target = new_target()
-    except OSError as e:
-        probe.reachable = False
-        probe.problems.append(_message(e))
-        return probe
+    except Exception as e:  # noqa: BLE001 - a plugin's bug fails its replica alone
+        return _unreachable(probe, e)
     if isinstance(target, HeaderPageKeeper):
         try:
             pages = target.header_pages()
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - as above
             close_quietly(target)
-            probe.problems.append(e.strerror or str(e))
+            error = as_replica_failure(probe.name, e)
+            probe.problems.append(error.strerror or str(error))
             probe.repairable = False
             return probe
         probe.keeper = target
         _judge_pages(probe, pages)
         return probe
     try:
-        attr = target.open()
-    except OSError as e:
-        refused = e
+        attr = open_checked(target)
+    except Exception as e:  # noqa: BLE001 - as above
+        refused = as_replica_failure(probe.name, e)
     else:
         probe.target, probe.attr = target, attr
         if attr.is_zeroed:
@@ -155,16 +155,16 @@ def probe_target(index: int, spec: Replica, pool_size: int,
         else:
             probe.identity = Identity.of_attr(attr)
             try:
-                probe.generation = target.stat().generation
+                probe.generation = stat_checked(target).generation
             except OSError as e:
                 log.debug("%s: no generation: %s", probe.name, e)
+            except Exception as e:  # noqa: BLE001 - as above (closed with the probe)
+                return _unreachable(probe, e)
         return probe
     try:
-        st = target.stat()
-    except OSError as e:
-        probe.reachable = False
-        probe.problems.append(_message(e))
-        return probe
+        st = stat_checked(target)
+    except Exception as e:  # noqa: BLE001 - as above
+        return _unreachable(probe, e)
     finally:
         close_quietly(target)
     probe.generation = st.generation
@@ -177,6 +177,13 @@ def probe_target(index: int, spec: Replica, pool_size: int,
     else:  # sound, but not to be had: open in another session, or its data path fails
         probe.reachable = False
         probe.problems.append(_message(refused))
+    return probe
+
+
+def _unreachable(probe: Probe, error: Exception) -> Probe:
+    """``probe``, its replica not to be had: ``error`` is why."""
+    probe.reachable = False
+    probe.problems.append(_message(as_replica_failure(probe.name, error)))
     return probe
 
 

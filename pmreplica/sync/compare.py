@@ -133,8 +133,9 @@ def differing(offset: int, length: int, block: int, size: int, a: bytes, b: byte
 class Stream:
     """One comparison: ``source`` and ``others`` (keys to digesters), window by window.
     ``on_window(offset, length, diffs)`` gets the differing ranges of each other still
-    compared; ``on_error(key, error)`` is told once of an other whose digests failed (it
-    is compared no further). A failure of the source's digests ends the stream (raised)."""
+    compared; ``on_error(key, error)`` is told once of an other whose digests failed, with
+    whatever they raised (it is compared no further). A failure of the source's digests
+    ends the stream (raised)."""
 
     def __init__(self, source: Digester, others: dict[Any, Digester], block: int,
                  algorithm: int) -> None:
@@ -148,7 +149,7 @@ class Stream:
 
     def run(self, start: int, end: int,
             on_window: Callable[[int, int, dict[Any, list[tuple[int, int]]]], None],
-            on_error: Callable[[Any, OSError], None]) -> None:
+            on_error: Callable[[Any, Exception], None]) -> None:
         pending: deque[tuple[int, int, dict[Any, Future]]] = deque()
         try:
             for off, n in windows(start, end, self.block):
@@ -168,7 +169,7 @@ class Stream:
 
     def _settle(self, off: int, n: int, jobs: dict[Any, Future],
                 on_window: Callable[[int, int, dict[Any, list[tuple[int, int]]]], None],
-                on_error: Callable[[Any, OSError], None]) -> None:
+                on_error: Callable[[Any, Exception], None]) -> None:
         reference = jobs.pop(None).result()
         diffs: dict[Any, list[tuple[int, int]]] = {}
         for key, job in jobs.items():
@@ -177,7 +178,7 @@ class Stream:
                 continue
             try:
                 diffs[key] = differing(off, n, self.block, self.size, reference, job.result())
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - a plugin's bug too ends this other only
                 del self.others[key]
                 on_error(key, e)
         on_window(off, n, diffs)

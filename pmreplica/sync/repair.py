@@ -67,6 +67,7 @@ def _repair_one(run: Run, p: Probe, ranges: Iterable[tuple[int, int]]) -> None:
         run.progress.start(p, "copy", run.reports[p.index].copy_bytes)
         writer.copy(ranges, run.progress.advance)
         writer.finish()
-    finally:
         run.progress.finish()
+    finally:
+        run.progress.stop()
         writer.close()

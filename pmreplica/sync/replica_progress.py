@@ -31,9 +31,16 @@ class ReplicaProgress:
         self._notify()
 
     def finish(self) -> None:
+        """The current replica's work is complete: told at its total (what was planned and
+        turned out not to be needed is done too)."""
         if self._status is not None and self._done < self._total:
-            self._done = self._total  # what was planned and turned out not to be needed
+            self._done = self._total
             self._notify()
+        self._status = None
+
+    def stop(self) -> None:
+        """The current replica's work ends where it stands (after :meth:`finish`, nothing
+        to do): one that failed or was interrupted is not told as done."""
         self._status = None
 
     def _notify(self) -> None:

@@ -22,6 +22,7 @@ from ..replica import lock_pool
 from ..setfile import load_set
 from ..state import OFFSET as STATE_OFFSET
 from ..status import close_quietly
+from ..target import open_checked
 from ..target_host import open_target
 from . import report as _report
 from .headers import Headers
@@ -153,26 +154,27 @@ class Run:
                 open_target, self.pm, spec, i, self.data.host(view))))
         view.release()
 
-    def new_target(self, p: Probe, buffer: memoryview | None = None) -> Any:
+    def new_target(self, p: Probe, buffer: memoryview | None = None,
+                   create: bool = False) -> Any:
         """Replica ``p``'s target, copying from ``buffer`` (default: the scratch buffer),
-        not opened."""
+        not opened (``create``: to be created, as the open_replica hook is told)."""
         if buffer is None:
             buffer = memoryview(self.data.scratch)
-        return open_target(self.pm, p.spec, p.index, self.data.host(buffer))
+        return open_target(self.pm, p.spec, p.index, self.data.host(buffer), create)
 
     def open_target(self, p: Probe, buffer: memoryview | None = None,
                     create: bool = False) -> Any:
         """Replica ``p``'s target, copying from ``buffer`` (default: the scratch buffer),
         opened (``create``: its storage removed and created again, with the headers it is
         to have)."""
-        target = self.new_target(p, buffer)
+        target = self.new_target(p, buffer, create)
         try:
             if create:
                 self.pm.hook.pmreplica_remove_replica(spec=p.spec, index=p.index, force=True,
                                                       remove_pool_set=False)
                 target.create(self.headers.attr(p))
             else:
-                p.attr = target.open()
+                p.attr = open_checked(target)
         except BaseException:
             close_quietly(target)
             raise

@@ -10,7 +10,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PmReplicaError
+from ..errors import PmReplicaError, as_replica_failure
 from ..header import HDR_SIZE
 from ..health import HEALTHY, Probe
 from ..pmem import Mapping
@@ -69,9 +69,13 @@ def _stream(run: Run, targets: list[Probe], repair: bool, begun: bool = False) -
         writers[p.index] = Writer(run, p, session=bound.pop(p.index, None))
         return writers[p.index]
 
-    def fail(p: Probe, e: OSError) -> None:
+    def fail(p: Probe, e: Exception) -> None:
         r = run.reports[p.index]
-        r.result, r.error = "failed", f"{'compare' if begun else 'verify'}: {error_text(e)}"
+        r.result = "failed"
+        r.error = (f"{'compare' if begun else 'verify'}: "
+                   f"{error_text(as_replica_failure(p.name, e))}")
+        if not r.differing:  # not compared to the end: nothing says it is the same
+            r.differing = None
         log.info("%s: %s", p.name, r.error)
 
     # targets to be repaired: one bound to the source's buffer, which computes their
@@ -119,7 +123,7 @@ def _stream(run: Run, targets: list[Probe], repair: bool, begun: bool = False) -
                     writer = writers.get(index) or begin(p)
                     writer.copy(ranges)
                     r.copy_bytes += sum(k for _, k in ranges)
-                except OSError as e:
+                except Exception as e:  # noqa: BLE001 - a plugin's bug fails its replica alone
                     stream.others.pop(index, None)
                     fail(p, e)
 
@@ -128,20 +132,21 @@ def _stream(run: Run, targets: list[Probe], repair: bool, begun: bool = False) -
         try:
             stream.run(HDR_SIZE, run.size, on_window,
                        lambda index, e: fail(probes[index], e))
-        finally:
             run.progress.finish()
+        finally:
+            run.progress.stop()
         for index, writer in writers.items():
             p, r = probes[index], run.reports[index]
             if r.result == "failed":
                 continue
             try:
                 writer.finish()
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - as above
                 fail(p, e)
                 continue
             run.record.repaired(p)
             r.result = "repaired"
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - as above: the replicas compared fail, not the run
         for p in targets:
             if run.reports[p.index].result != "repaired":
                 fail(p, e)
