@@ -3,8 +3,9 @@ COMMAND_MODULES add check, sync, demo and bench.
 
 Each command is a function taking the parsed arguments and returning the exit status, and a
 ``register(subparsers)`` function adds its parser. Errors the user can act on are ``OSError``
-subclasses: they become one line on stderr (``pmreplica: <message>``) and exit status 1;
-usage errors exit 2, as argparse's own do.
+subclasses: they become one line on stderr (``pmreplica: <message>``) and exit status 1, as
+does anything else a command raises (a bug, a plugin's or ours: ``internal error: ...``, its
+traceback in the debug log); usage errors exit 2, as argparse's own do.
 """
 
 from __future__ import annotations
@@ -196,8 +197,8 @@ def _rm_parts(path: str, set_file: PoolSetFile, args: argparse.Namespace) -> int
         try:
             handled = pm.hook.pmreplica_remove_replica(
                 spec=rep, index=index, force=args.force, remove_pool_set=args.remote)
-        except OSError as e:
-            print(f"pmreplica: {name}: {error_message(e)}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - a plugin's bug: this replica is not removed
+            print(f"pmreplica: {name}: {failure_message(e)}", file=sys.stderr)
             failures += 1
             continue
         if not handled and not args.force:
@@ -238,6 +239,16 @@ def error_message(e: OSError) -> str:
     if e.filename is not None:
         return f"{e.filename}: {text}"
     return text
+
+
+def failure_message(e: Exception) -> str:
+    """One line for what a command failed with: an OSError's (:func:`error_message`), or
+    ``internal error: <type>: <message>`` for anything else (a bug, a plugin's or ours);
+    the traceback goes to the debug log."""
+    log.debug("command failed", exc_info=e)
+    if isinstance(e, OSError):
+        return error_message(e)
+    return f"internal error: {type(e).__name__}: {e}"
 
 
 def _report(e: OSError) -> None:
@@ -285,9 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         # the reader went away (`pmreplica info ... | head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
-    except OSError as e:
-        log.debug("command failed", exc_info=True)
-        _report(e)
+    except Exception as e:  # noqa: BLE001 - one line and the error status, whatever it is
+        print(f"pmreplica: {failure_message(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -115,12 +115,8 @@ def _run(args: argparse.Namespace, call) -> int:
     try:
         report = call(progress)
     except Exception as e:  # noqa: BLE001 - one line and the error status, whatever it is
-        from ..cli import error_message
-        if isinstance(e, OSError):
-            message = error_message(e)
-        else:  # a bug (a plugin's, or ours): its traceback goes to the log
-            log.debug("replica-sync failed", exc_info=e)
-            message = f"internal error: {type(e).__name__}: {e}"
+        from ..cli import failure_message
+        message = failure_message(e)
         print(f"{_prog(args)}: {message}", file=sys.stderr)
         if args.json:  # scripts get a document on stdout in every case
             json.dump({"path": os.path.abspath(args.poolset), "status": "error",
