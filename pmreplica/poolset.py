@@ -47,6 +47,8 @@ DEFAULT_SIGNATURE = b"PMREPLIC"
 DEFAULT_NLANES = 4
 #: flushed ranges remembered per lane until its drain (beyond that, one covering span)
 PENDING_RANGES = 16
+#: what a target's ``stat`` fails with when it keeps no generation to read
+_UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 class PoolSet(FailureBook, SessionBook):
@@ -261,15 +263,19 @@ class PoolSet(FailureBook, SessionBook):
     def _their_generation(self, status: ReplicaStatus, target: ReplicaTarget
                           ) -> Generation | None:
         """The generation replica ``status``'s target records, to compare with the master's;
-        None when the master has none, the target keeps none or its ``stat`` fails with an
-        OSError (logged). Anything else ``stat`` raises or returns wrong is raised."""
+        None when the master has none, or the target keeps none (no ``stat``, or one it does
+        not support). Anything else ``stat`` raises or returns wrong is raised: a replica
+        whose generation cannot be read may have been promoted elsewhere, so it is not
+        taken for one in step."""
         stat = getattr(target, "stat", None)
         if self.generation is None or stat is None:
             return None
         try:
             theirs = stat_checked(target).generation
         except OSError as e:
-            log.debug("%s: its generation cannot be read: %s", status.name, e)
+            if e.errno not in _UNSUPPORTED:
+                raise
+            log.debug("%s: keeps no generation: %s", status.name, e)
             return None
         if theirs is not None and not isinstance(theirs, Generation):
             raise TypeError(f"{type(target).__name__}.stat() returned a generation of type "

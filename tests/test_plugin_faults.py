@@ -200,6 +200,23 @@ def test_open_fails_the_replica_whose_plugin_has_a_bug(pool_dir, fault):
         assert [r.state for r in pool.replicas] == ["ok", "stale", "ok"]
 
 
+def test_a_replica_whose_generation_cannot_be_read_is_not_taken_as_in_step(pool_dir):
+    """Replica 1 opens, then its stat fails (EIO): it may have been promoted elsewhere, so
+    it is failed, not put on the write path unchecked; a stat that is not supported
+    (ENOTSUP: a target that keeps no generation) leaves it in step."""
+    path = _created(pool_dir)
+    plugin = FaultyPlugin({"stat@1": eio("stat")})
+    with PoolSet.open(path, plugins=[plugin]) as pool:
+        assert [r.state for r in pool.replicas] == ["ok", "failed", "ok"]
+        assert pool.replicas[1].error.errno == errno.EIO
+    plugin.assert_closed_once()
+    (pool_dir / "again").mkdir()
+    path = _created(pool_dir / "again")
+    plugin = FaultyPlugin({"stat@1": OSError(errno.ENOTSUP, "no generations here")})
+    with PoolSet.open(path, plugins=[plugin]) as pool:
+        assert [r.state for r in pool.replicas] == ["ok", "ok", "ok"]
+
+
 def test_open_fails_a_replica_that_cannot_record_the_new_generation(pool_dir):
     """Replica 2 fails to open, so the open starts a generation without it; replica 1
     failing to record it fails too, instead of staying on the write path without it."""
