@@ -5,9 +5,14 @@ from __future__ import annotations
 import errno as _errno
 import logging
 import os
-from typing import TypeVar
 
-_E = TypeVar("_E", bound=OSError)
+# the agent imports this module, and its start stays clear of typing (which imports re,
+# functools and more): the type variable exists for type checkers only
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    _E = TypeVar("_E", bound=OSError)
 
 
 class PmReplicaError(OSError):
