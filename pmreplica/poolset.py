@@ -28,7 +28,7 @@ from . import activity, copier, dirtymap, health, setfile
 from . import generation as _generation
 from . import resync as _resync
 from .errors import HeaderError, PmReplicaError, ReplicaError, as_replica_failure
-from .failures import FailureBook
+from .failures import LET_GO_WAIT, FailureBook
 from .generation import AHEAD, BEHIND, DIVERGED, Generation
 from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
 from .identity import attr_problem
@@ -389,6 +389,10 @@ class PoolSet(FailureBook, SessionBook):
         self._check(offset, length, lane, flags)
         busy = self._busy
         busy[lane] += 1  # in flight: the activity log's next epoch waits (session.py)
+        # the lane's flushes so far are drained by this persist only if no other call on
+        # the lane is under way (one may have recorded a flush it has not sent yet)
+        flushed = self._npending[lane]
+        alone = flushed and busy[lane] == 1
         try:
             # _active before _degraded, the reverse of the order _take_off changes them in: a
             # replica taken off meanwhile is either still in `active` or found in the dirty map;
@@ -420,7 +424,8 @@ class PoolSet(FailureBook, SessionBook):
                     target.drain(lane)
                 except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                     self._fail(status, target, e, offset, length)
-            self._npending[lane] = 0  # the lane is drained on every replica: its flushes too
+            if alone and busy[lane] == 1 and self._npending[lane] == flushed:
+                self._npending[lane] = 0  # drained on every replica: its flushes too
         finally:
             busy[lane] -= 1
 
@@ -463,13 +468,18 @@ class PoolSet(FailureBook, SessionBook):
     def drain(self, lane: int = 0) -> None:
         """Wait until everything flushed on ``lane`` is durable on every working replica."""
         self._check(self.data_offset, 0, lane)
+        if self._closing:
+            raise PmReplicaError(errno.EBADF, "pool is closed")
+        # as in persist: flushes still under way on the lane stay pending
+        alone, flushed = self._busy[lane] == 0, self._npending[lane]
         self.mapping.drain()
         for status, target in self._active:
             try:
                 target.drain(lane)
             except BaseException as e:  # noqa: BLE001 - a replica's failure, whatever its kind
                 self._fail(status, target, e)
-        self._npending[lane] = 0
+        if alone and self._busy[lane] == 0 and self._npending[lane] == flushed:
+            self._npending[lane] = 0
 
     def _reset_pending(self, nlanes: int) -> None:
         #: per lane, (offset, end) of the ranges flushed since its last drain, preallocated
@@ -548,6 +558,7 @@ class PoolSet(FailureBook, SessionBook):
         with self._state_lock:
             self._closing = True
             self._degraded = True  # every write path call now takes the lock: refused there
+        self._wait_for_calls()
         if not self.mapping.closed:
             self._close_book()
         with self._state_lock:  # off the write path first: a call failing as its target
@@ -561,6 +572,16 @@ class PoolSet(FailureBook, SessionBook):
                 close_quietly(target)
         self._end_activity()
         self._release()
+
+    def _wait_for_calls(self) -> None:
+        """Let the calls in flight on other threads end (those beginning now fail with
+        EBADF) before the replicas are closed and the pool unmapped: a persist between its
+        replicas and the master's own persist would otherwise persist a range of an
+        unmapped pool (on pmem, a crash). One still running after LET_GO_WAIT seconds is cut
+        short: it fails, and the session does not end cleanly."""
+        deadline = time.monotonic() + LET_GO_WAIT
+        while any(self._busy) and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _release(self) -> None:
         if self.mapping.closed:

@@ -34,6 +34,7 @@ import pluggy
 from . import generation, health
 from .errors import PmReplicaError
 from .generation import AHEAD, BEHIND, DIVERGED, SAME, Generation
+from .identity import Identity
 from .plugin_manager import make_plugin_manager
 from .replica import lock_pool
 from .setfile import load_set
@@ -91,7 +92,7 @@ def promote(path: str | os.PathLike[str], *, force: bool = False,
         if mine is not None and mine.is_master(me.header.uuid):
             out.already, out.generation = True, mine
         else:
-            out.compared = _compare(set_file, size, mine, pm)
+            out.compared = _compare(set_file, size, mine, pm, me.identity)
             _judge(path, out, force)
             # the commit point: from here this replica is the master of its pool
             out.generation = (mine.next(1, me.header.uuid) if mine is not None
@@ -104,9 +105,11 @@ def promote(path: str | os.PathLike[str], *, force: bool = False,
         os.close(lock_fd)
 
 
-def _compare(set_file, size: int, mine: Generation | None,
-             pm: pluggy.PluginManager) -> list[Compared]:
-    """Every other replica of the set: its generation and how it relates to ``mine``."""
+def _compare(set_file, size: int, mine: Generation | None, pm: pluggy.PluginManager,
+             me: Identity | None) -> list[Compared]:
+    """Every other replica of the set: its generation and how it relates to ``mine`` (one
+    whose header is this replica's, ``me``, listed again under another name, tells
+    nothing)."""
     out = []
     scratch = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
     view = memoryview(scratch)
@@ -116,6 +119,8 @@ def _compare(set_file, size: int, mine: Generation | None,
             c = Compared(i, p.name, p.generation)
             if not p.reachable or p.generation is None and p.problems:
                 c.problem = "; ".join(p.problems) or "unreachable"
+            elif me is not None and p.identity is not None and p.identity.uuid == me.uuid:
+                c.problem = "it is this replica itself, listed again"
             elif mine is not None and p.generation is not None:
                 c.relation = p.generation.relation(mine)
             out.append(c)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from pmreplica import PoolSet, activity, hookimpl, sync
+from pmreplica import PoolSet, activity, hookimpl, poolset, sync
 from pmreplica.errors import ReplicaError
 from pmreplica.header import HDR_SIZE
 from pmreplica.plugins.local import LocalTarget
@@ -294,11 +294,14 @@ def _persist_while_closing(pool: PoolSet, off: int) -> str:
     return out["persist"]
 
 
-def test_a_persist_cut_short_by_close_leaves_the_session_unclean(tmp_path):
+def test_a_persist_cut_short_by_close_leaves_the_session_unclean(tmp_path, monkeypatch):
     """Forced interleaving (a wrapper): replica 1's flush waits until close() has unmapped
-    the pool, then calls its target, which close() closed. The persist fails with EBADF
-    (it used to raise a ValueError from storing the record into the unmapped pool, and
-    leave the session marked clean), and the next open brings its range to the replica."""
+    the pool (close() waits for calls in flight, LET_GO_WAIT, made short here, and gives
+    up on this one), then calls its target, which close() closed. The persist fails with
+    EBADF (it used to raise a ValueError from storing the record into the unmapped pool,
+    and leave the session marked clean), and the next open brings its range to the
+    replica."""
+    monkeypatch.setattr(poolset, "LET_GO_WAIT", 0.2)
     path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r")
     PoolSet.create(path).close()
     pool = PoolSet.open(path)
@@ -328,12 +331,14 @@ class SlowFailureHook:
         time.sleep(0.3)
 
 
-def test_closes_own_closing_of_a_target_is_not_a_replica_failure(tmp_path):
+def test_closes_own_closing_of_a_target_is_not_a_replica_failure(tmp_path, monkeypatch):
     """Forced interleaving (wrappers): close() closes replica 1's target (slowly, as a
     remote close's round trip) while a persist on another thread is in a call on it, which
-    fails because of that close. It used to count as the replica's failure: failed, stale,
-    announced, and the persist returned having skipped it. It is a call cut short by
-    close(): EBADF, no failure announced, the replica not stale."""
+    fails because of that close (close() waits for calls in flight, LET_GO_WAIT, made short
+    here, and gives up on this one). It used to count as the replica's failure: failed,
+    stale, announced, and the persist returned having skipped it. It is a call cut short
+    by close(): EBADF, no failure announced, the replica not stale."""
+    monkeypatch.setattr(poolset, "LET_GO_WAIT", 0.2)
     path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r")
     PoolSet.create(path).close()
     hook = SlowFailureHook()
@@ -431,3 +436,117 @@ def test_close_waits_for_a_replica_failing_while_a_resync_stops(tmp_path):
     assert out["persist"] == "returned"  # replica 2 failed as a replica does, recorded
     with PoolSet.open(path) as pool:
         assert sorted(s.index for s in pool.stale_replicas) == [1, 2]
+
+
+def test_close_waits_for_a_persist_between_its_replicas_and_the_master(tmp_path):
+    """Forced interleaving (a wrapper): replica 1's flush returns only once close() has
+    begun on another thread. close() waits for that persist, which persists the master
+    while the pool is still mapped (it used to persist an unmapped range: ENOMEM, and on
+    pmem a crash) and returns; the session ends cleanly, and the bytes are on the
+    replica."""
+    path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r1")
+    PoolSet.create(path).close()
+    pool = PoolSet.open(path)
+    _, target = pool._active[0]
+    flush = target.flush
+    sent = threading.Event()
+
+    def flush_until_close(off, n, lane=0, flags=0):
+        flush(off, n, lane, flags)
+        sent.set()
+        while not pool._closing:
+            time.sleep(0.001)
+        time.sleep(0.05)  # close() is under way meanwhile
+
+    target.flush = flush_until_close
+    out: dict[str, BaseException | None] = {}
+
+    def writer() -> None:
+        pool.buf[M:M + 5] = b"HELLO"
+        try:
+            pool.persist(M, 5)
+            out["persist"] = None
+        except BaseException as e:  # noqa: BLE001 - what the writer's thread ends with
+            out["persist"] = e
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert sent.wait(10)
+    pool.close()
+    thread.join(10)
+    assert out == {"persist": None}
+    assert pool.mapping.closed and pool._busy == [0] * pool.nlanes
+    assert (tmp_path / "r1").read_bytes()[M:M + 5] == b"HELLO"
+    with open(tmp_path / "m", "rb") as f:
+        assert activity.read_marker(f.read(HDR_SIZE)) is None  # closed cleanly
+
+
+def test_drain_on_a_closed_pool_is_refused(tmp_path):
+    path = write_set(tmp_path / "p.set", f"8M {tmp_path}/m", "REPLICA", f"8M {tmp_path}/r1")
+    pool = PoolSet.create(path)
+    pool.close()
+    with pytest.raises(OSError) as e:
+        pool.drain()
+    assert e.value.errno == errno.EBADF
+
+
+class PostedFlushes:
+    """Replica 1's target made one whose flush only posts the write, applied at its lane's
+    drain (as librpmem's over RDMA), by wrappers of its flush and drain; a flush from the
+    thread named X waits, after the pool recorded it as pending, until ``gate`` is set
+    (forced: where a thread switch could come)."""
+
+    def __init__(self, target) -> None:
+        self.posted: list[tuple[int, int, int]] = []
+        self.entered, self.gate = threading.Event(), threading.Event()
+        flush, drain = target.flush, target.drain
+
+        def post(offset, length, lane=0, flags=0):
+            if threading.current_thread().name == "X":
+                self.entered.set()
+                assert self.gate.wait(10)
+            self.posted.append((offset, length, lane))
+
+        def apply(lane=0):
+            todo = [p for p in self.posted if p[2] == lane]
+            self.posted = [p for p in self.posted if p[2] != lane]
+            for offset, length, _ in todo:
+                flush(offset, length, lane)
+            drain(lane)
+
+        target.flush, target.drain = post, apply
+
+
+def test_a_persist_on_the_lane_of_a_flush_under_way_leaves_it_pending(tmp_path, monkeypatch):
+    """Thread X's flush on lane 0 is recorded and not yet handed to replica 1 when the main
+    thread's persist on lane 0 drains the lane: X's flush stays pending (it was not
+    drained), so epochs keep its chunk in the activity log, and a close without a drain is
+    not clean; the next open brings the flushed bytes to the replica."""
+    monkeypatch.setenv("PMREPLICA_ACTIVITY_MIB", "2")  # an epoch: one chunk new to the log
+    path = write_set(tmp_path / "p.set", f"64M {tmp_path}/m", "REPLICA", f"64M {tmp_path}/r1")
+    PoolSet.create(path).close()
+    pool = PoolSet.open(path)
+    posted = PostedFlushes(pool._active[0][1])
+    x_off = 30 * M + 64
+
+    def x() -> None:
+        pool.buf[x_off:x_off + 8] = b"XFLUSHED"
+        pool.flush(x_off, 8, lane=0)
+
+    thread = threading.Thread(target=x, name="X")
+    thread.start()
+    assert posted.entered.wait(10)
+    pool.buf[10 * M:10 * M + 4] = b"YYYY"
+    pool.persist(10 * M, 4, lane=0)
+    posted.gate.set()
+    thread.join(10)
+    assert pool._npending[0] == 1  # X's flush: sent after the persist's drain
+    for k in range(40, 50):  # epochs end meanwhile
+        pool.persist(k * M, 4, lane=1)
+    mark = activity.read_marker(bytes(pool.buf[:HDR_SIZE]))
+    logged = activity.read_log(str(tmp_path / "m.pmractive"), mark.session, pool.size)
+    assert any(off <= x_off < off + n for off, n in logged), logged
+    pool.close()  # X's flush never drained: not a clean close
+    with PoolSet.open(path) as again:
+        assert [s.state for s in again.replicas] == ["ok", "ok"]
+    assert (tmp_path / "r1").read_bytes()[x_off:x_off + 8] == b"XFLUSHED"

@@ -148,6 +148,30 @@ def test_promote_wants_every_listed_replica_to_answer(pool_dir, failing_fs):
     assert f"replica 2 ({d}/r1) holds newer acknowledged writes" in str(e.value)
 
 
+def test_promote_does_not_take_the_replica_itself_listed_again_for_an_answer(pool_dir):
+    """r1 missed a write that r2 took. A set that lists, as its only other replica, r1
+    itself under another name (a link: an operator's slip) asks no one: promote cannot
+    tell, and says why; listing r2 names r2 as the one to promote."""
+    d = pool_dir
+    path = write_set(d / "p.set", f"{SIZE} {d}/m", "REPLICA", f"{SIZE} {d}/r1", "REPLICA",
+                     f"{SIZE} {d}/r2")
+    PoolSet.create(path).close()
+    os.rename(d / "r1", d / "r1.away")
+    write(path, HDR_SIZE, b"only r2 has this")  # r1 fails at open: a generation without it
+    os.rename(d / "r1.away", d / "r1")
+    os.symlink(d / "r1", d / "r1-again")
+    again = write_set(d / "again.set", f"{SIZE} {d}/r1", "REPLICA", f"{SIZE} {d}/r1-again")
+    with pytest.raises(OSError) as e:
+        promote(again)
+    assert e.value.errno == errno.EAGAIN
+    assert f"replica 1 ({d}/r1-again) could not be asked (it is this replica itself, " \
+           "listed again)" in str(e.value)
+    with pytest.raises(OSError) as e:
+        promote(write_set(d / "r1.set", f"{SIZE} {d}/r1", "REPLICA", f"{SIZE} {d}/r2"))
+    assert e.value.errno == errno.ESTALE and f"promote replica 1 ({d}/r2) instead" in \
+        str(e.value)
+
+
 def test_split_brain_is_refused_until_a_side_is_discarded(pool_dir, failing_fs):
     """The master loses r1 (its disk fails for a while) and goes on writing; r1, thought
     lost with the master, is promoted and written too: both sides took writes after they
