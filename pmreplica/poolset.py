@@ -27,7 +27,7 @@ import pluggy
 from . import activity, copier, dirtymap, health, setfile
 from . import generation as _generation
 from . import resync as _resync
-from .errors import HeaderError, PmReplicaError, ReplicaError, as_replica_failure
+from .errors import HeaderError, PmReplicaError, ReplicaError, as_replica_failure, fresh
 from .failures import LET_GO_WAIT, FailureBook
 from .generation import AHEAD, BEHIND, DIVERGED, Generation
 from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeader
@@ -70,6 +70,10 @@ class PoolSet(FailureBook, SessionBook):
         #: the write path: the replicas a persist goes to (FailureBook changes it)
         self._active: tuple[tuple[ReplicaStatus, ReplicaTarget], ...] = ()
         self._degraded = False
+        #: set by _activate: the replicas opened are on the write path
+        self._activated = False
+        #: targets that reported a failure before that (see target_failed)
+        self._failed_early: list[tuple[ReplicaTarget, OSError]] = []
         self._reset_pending(nlanes)
         #: local replicas are made sparse (see :meth:`create`)
         self.sparse = False
@@ -128,7 +132,9 @@ class PoolSet(FailureBook, SessionBook):
                                 prev_uuid=first_uuids[i - 1].bytes_le,
                                 user_flags=template.arch.pack())
                 status.target = self._create_replica(status, attr)
-            self._activate()
+            lost = self._activate()
+            if lost:  # a replica's host was lost while the others were made: nothing is kept
+                raise fresh(lost[0][2])
             with self._state_lock:
                 failed = self._advance_generation()  # the first: every replica in step
             if failed:  # a replica without it is not created as a member
@@ -185,7 +191,8 @@ class PoolSet(FailureBook, SessionBook):
                                      for status in self.replicas[1:]) if c is not None]
             if conflicts:
                 self._refuse(conflicts)
-            self._activate()
+            for status, target, error in self._activate():
+                self._fail(status, target, error, call=False)
             with self._state_lock:  # a replica that cannot record it fails (and is let go)
                 dropped = self._drop(self._advance_generation(only_if_changed=True))
             self._let_go_of(dropped)
@@ -343,14 +350,20 @@ class PoolSet(FailureBook, SessionBook):
                                               "this kind of replica")
         return target
 
-    def _activate(self) -> None:
-        """Put the opened replicas on the write path and settle the lane count."""
+    def _activate(self) -> list[tuple[ReplicaStatus, ReplicaTarget, OSError]]:
+        """Put the opened replicas on the write path and settle the lane count; returns
+        those whose targets reported a failure meanwhile (target_failed: a heartbeat found
+        a host dead while other replicas were still opening), to be failed now."""
         active = [(s, s.target) for s in self.replicas[1:] if s.target is not None]
-        self._active = tuple(active)  # type: ignore[assignment]
-        if active:
-            self.nlanes = min([self.nlanes] + [t.nlanes for _, t in active])
-            self._reset_pending(self.nlanes)
-        self._degraded = any(s.state != OK for s in self.replicas)
+        with self._state_lock:
+            self._active = tuple(active)  # type: ignore[assignment]
+            if active:
+                self.nlanes = min([self.nlanes] + [t.nlanes for _, t in active])
+                self._reset_pending(self.nlanes)
+            self._degraded = any(s.state != OK for s in self.replicas)
+            self._activated = True
+            early, self._failed_early = self._failed_early, []
+        return [(s, t, e) for t, e in early for s, t2 in active if t2 is t]
 
     def _discard_created(self) -> None:
         """Undo a failed create: remove every replica made so far and the master."""
@@ -514,8 +527,13 @@ class PoolSet(FailureBook, SessionBook):
     def target_failed(self, target: ReplicaTarget, error: OSError) -> None:
         """A target reports, from any thread, a failure found outside the pool's calls (its
         peer was found dead by a heartbeat, say): its replica is failed as if a persist had
-        met the error. Nothing happens if the target is not (or no longer) on the write
-        path."""
+        met the error; one whose replica was opened and is not on it yet (the pool is being
+        opened or created) is failed as soon as it is (:meth:`_activate`). Nothing happens if
+        the target is not (or no longer) on the write path."""
+        with self._state_lock:
+            if not self._activated:  # opened, not yet on it: failed once it is (_activate)
+                self._failed_early.append((target, error))
+                return
         status = next((s for s, t in self._active if t is target), None)
         if status is not None and not self._closing:
             self._fail(status, target, error, call=False)

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,69 @@ def test_unreachable_remote_replica_opens_degraded(local_node, pool_dir, monkeyp
     finally:
         ps.close()
     assert replica_files(d)["local"][HDR_SIZE:HDR_SIZE + 2] == b"ok"
+    assert state_elsewhere(d / "m")["stale"] == [2]
+
+
+class KillsTheFirstHost:
+    """Forced interleaving (a hook wrapper): as replica 3 is about to open, replica 2's
+    agent is killed (its host lost while the pool is still opening) and the hook waits
+    until replica 2's heartbeat has reported it."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.pool: PoolSet | None = None
+
+    @hookimpl(tryfirst=True)
+    def pmreplica_open_replica(self, spec, index, poolset, create):
+        if index == 3:
+            target = poolset.replicas[2].target
+            self.node.kill_agents()  # only replica 2's runs yet
+            deadline = time.monotonic() + 10
+            while target.remote.failure is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert target.remote.failure is not None
+        return None  # the rpmem plugin opens it
+
+
+def test_a_replica_lost_while_the_pool_is_created_fails_the_create(local_node, pool_dir,
+                                                                  monkeypatch):
+    """The same while the pool set is created: the create fails with the heartbeat's
+    error and removes what it made. (Storing the first generation on replica 2 fails too,
+    which failed the create before; a target that keeps no generation is caught only by
+    the verdict.)"""
+    node, d = local_node, pool_dir
+    node.use_env(monkeypatch)
+    node.make_set("r.set")
+    node.make_set("s.set")
+    path = pool_set(node, d, ("r.set", "s.set"))
+    with pytest.raises(OSError) as e:
+        PoolSet.create(path, plugins=[KillsTheFirstHost(node)])
+    assert e.value.errno == errno.ECONNRESET, e.value
+    assert not (d / "m").exists() and not (d / "l").exists()
+    assert not (node.dir / "s.part0").exists()
+
+
+def test_a_replica_lost_while_the_pool_opens_is_failed_by_the_open(local_node, pool_dir,
+                                                                   monkeypatch):
+    """Replica 2's host is lost after its open and before the pool's: the heartbeat's
+    verdict came while the pool was not yet writing to it, and used to be dropped (the
+    replica opened "ok", its failure told at the first write, never if the pool stayed
+    idle). The open fails it and tells the application."""
+    node, d = local_node, pool_dir
+    node.use_env(monkeypatch)
+    node.make_set("r.set")
+    node.make_set("s.set")
+    path = pool_set(node, d, ("r.set", "s.set"))
+    PoolSet.create(path).close()
+    rec = Recorder()
+    ps = PoolSet.open(path, plugins=[rec, KillsTheFirstHost(node)])
+    try:
+        assert [s.state for s in ps.replicas] == [OK, OK, FAILED, OK]
+        assert [i for i, _, _ in rec.failed] == [2]
+        ps.buf[HDR_SIZE:HDR_SIZE + 2] = b"ok"
+        ps.persist(HDR_SIZE, 2)
+    finally:
+        ps.close()
     assert state_elsewhere(d / "m")["stale"] == [2]
 
 
