@@ -50,7 +50,6 @@ import re
 import stat
 import struct
 import zlib
-from collections.abc import Mapping
 from typing import NamedTuple
 
 from . import dirtymap
@@ -120,10 +119,10 @@ def read_marker(page: bytes | memoryview) -> Marker | None:
     return Marker(session, bool(flags & _LOGGED))
 
 
-def epoch_chunks(pool_size: int, environ: Mapping[str, str] = os.environ) -> int:
+def epoch_chunks(pool_size: int) -> int:
     """Chunks new to the log after which an epoch ends: half of ``PMREPLICA_ACTIVITY_MIB``
     (default :data:`DEFAULT_MIB`) worth of them, at least one."""
-    raw = environ.get(ENV, "")
+    raw = os.environ.get(ENV, "")
     try:
         mib = int(raw) if raw else DEFAULT_MIB
         if mib < 1:

@@ -80,6 +80,15 @@ class FailureBook:
         self._closing = False
 
     # -- the write path --------------------------------------------------------------------
+    def _undrained(self) -> list[tuple[int, int]]:
+        """The ranges flushed and not yet drained, on every lane, as ``(offset, length)``
+        (a lane's last slot widened over the rest when it had too many to keep)."""
+        out = []
+        for pend, n in zip(self._pending, self._npending):  # (offset, end) pairs
+            out += [(pend[2 * i], pend[2 * i + 1] - pend[2 * i])
+                    for i in range(min(n, len(pend) // 2))]
+        return out
+
     def _note_dirty(self, offset: int, length: int, lane: int
                     ) -> tuple[tuple[ReplicaStatus, ReplicaTarget], ...]:
         """Put a range in the activity log when its chunk is not there yet, record it when
@@ -131,10 +140,8 @@ class FailureBook:
                     raise PmReplicaError(errno.EBADF, "pool is closed")
                 return
             changed = offset is not None and self.state.mark_dirty(offset, length)
-            for lane, n in enumerate(self._npending):
-                pend = self._pending[lane]  # (offset, end) pairs, the last one widened
-                for i in range(min(n, len(pend) // 2)):
-                    changed |= self.state.mark_dirty(pend[2 * i], pend[2 * i + 1] - pend[2 * i])
+            for off, n in self._undrained():
+                changed |= self.state.mark_dirty(off, n)
             if status.target is not target:
                 # failed already (by another lane), or replaced by a resync meanwhile: what
                 # this call sent may be missing from the replica all the same

@@ -34,8 +34,8 @@ class SessionBook:
     size: int
     replicas: list[ReplicaStatus]
     _npending: list[int]
-    _pending: list[list[int]]
     _busy: list[int]
+    _undrained: Callable[[], list[tuple[int, int]]]
     _state_lock: threading.Lock
     resync: Callable[[int], int]
     _report_failed: Callable[[ReplicaStatus, BaseException], None]
@@ -155,11 +155,7 @@ class SessionBook:
         in the epoch before (when the chunk was named) and has ended since (``_waiting``
         emptied); a call beginning from here finds no chunk named and comes back to the log
         (this method's caller names its own range after it)."""
-        keep = []
-        for pend, n in zip(self._pending, self._npending):
-            k = min(n, len(pend) // 2)
-            keep += [(pend[2 * i], pend[2 * i + 1] - pend[2 * i]) for i in range(k)]
-        gone = session.new_epoch(keep)
+        gone = session.new_epoch(self._undrained())
         busy = self._busy
         self._waiting = {i for i in range(len(busy)) if busy[i] - (i == lane) > 0}
         log.debug("%s: activity log epoch ended, %d chunks let go of", self.set_file.path,

@@ -654,19 +654,28 @@ class SlowProgress:
             time.sleep(0.02)
 
 
+def _written_while_the_replica_was_away(d: Path, size: str, hook: object
+                                        ) -> tuple[Path, PoolSet]:
+    """A pool set of master ``m`` and replica ``r`` (``size`` each), open with ``hook``,
+    every byte of it written (random) while ``r`` was away, and ``r`` back: a resync of
+    replica 1 has the whole pool to copy."""
+    path = write_set(d / "p.set", f"{size} {d}/m", "REPLICA", f"{size} {d}/r")
+    PoolSet.create(path).close()
+    os.rename(d / "r", d / "r.away")
+    pool = PoolSet.open(path, plugins=[hook])
+    pool.buf[HDR_SIZE:] = os.urandom(pool.size - HDR_SIZE)
+    pool.persist(HDR_SIZE, pool.size - HDR_SIZE)
+    os.rename(d / "r.away", d / "r")
+    return path, pool
+
+
 def test_close_during_an_online_resync_stops_it_and_returns(pool_dir):
     """close() on one thread while another resyncs: the resync stops at its next piece
     (EBADF), close waits for it and unmaps the pool; no thread is left behind, the replica
     stays stale with what it lacks, and the next resync brings it."""
     d = pool_dir
-    path = write_set(d / "p.set", f"64M {d}/m", "REPLICA", f"64M {d}/r")
-    PoolSet.create(path).close()
-    os.rename(d / "r", d / "r.away")
     hook = SlowProgress()
-    pool = PoolSet.open(path, plugins=[hook])
-    pool.buf[HDR_SIZE:] = os.urandom(pool.size - HDR_SIZE)
-    pool.persist(HDR_SIZE, pool.size - HDR_SIZE)
-    os.rename(d / "r.away", d / "r")
+    path, pool = _written_while_the_replica_was_away(d, "64M", hook)
     out: dict[str, BaseException] = {}
 
     def resync() -> None:
@@ -716,15 +725,9 @@ def test_a_progress_hook_that_persists_during_an_online_resync(pool_dir):
     the resync copies last, under the state lock): the resync ends, its progress reaches
     its total, and the replica holds every byte the hook wrote."""
     d = pool_dir
-    path = write_set(d / "p.set", f"16M {d}/m", "REPLICA", f"16M {d}/r")
-    PoolSet.create(path).close()
-    os.rename(d / "r", d / "r.away")
     hook = PersistingProgress()
-    pool = PoolSet.open(path, plugins=[hook])
+    path, pool = _written_while_the_replica_was_away(d, "16M", hook)
     hook.pool = pool
-    pool.buf[HDR_SIZE:] = os.urandom(pool.size - HDR_SIZE)
-    pool.persist(HDR_SIZE, pool.size - HDR_SIZE)
-    os.rename(d / "r.away", d / "r")
     out: list[object] = []
     # a daemon thread: a resync hung in its hook must fail this test, not hang the run (the
     # pool is not closed then: close() would wait for that resync)

@@ -499,6 +499,21 @@ class SyncRepair:
         return f"found {before}"
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` meanwhile (None: as it is)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def _killed(ps: PoolSet) -> None:
     """Let go of an open pool set as a killed process does: no close, so its marker and
     activity log stay; the mappings and the lock go. A stand-in: the simulation runs in
@@ -525,6 +540,8 @@ class UncleanReopen(_ThreeReplicas):
     call has named yet is outside the log (its bytes are undefined, as in PMDK)."""
 
     SLOT = 4096
+    #: PMREPLICA_ACTIVITY_MIB for the sessions (None: the default)
+    ACTIVITY_MIB: str | None = None
 
     def run(self, workdir: str, sim: Simulation) -> None:
         d = Path(workdir)
@@ -533,23 +550,32 @@ class UncleanReopen(_ThreeReplicas):
         ctx: dict[str, Any] = {"writes": []}  # persists that returned, each in a slot of its own
 
         def session(ps: PoolSet, n: int) -> None:
-            ps.persist(HDR_SIZE, ps.size - HDR_SIZE)  # every chunk in this session's log
+            self.begin(ps)
             for _ in range(n):
                 size = rng.randrange(8, self.SLOT)
                 off = slots.pop() * self.SLOT
-                data = rng.randbytes(size)
-                ps.buf[off:off + size] = data
-                ps.persist(off, size)
-                ctx["writes"].append((off, data))
+                self.write(ps, off, rng.randbytes(size), rng, ctx, sim)
                 sim.context = dict(ctx)
 
-        sim.context = dict(ctx)
-        ps = PoolSet.open(d / "p.set")
-        session(ps, self.writes // 2)
-        _killed(ps)
-        with PoolSet.open(d / "p.set") as ps:
-            assert [s.state for s in ps.replicas] == ["ok"] * 3
-            session(ps, self.writes - self.writes // 2)
+        with _environment(activity.ENV, self.ACTIVITY_MIB):
+            sim.context = dict(ctx)
+            ps = PoolSet.open(d / "p.set")
+            session(ps, self.writes // 2)
+            _killed(ps)
+            with PoolSet.open(d / "p.set") as ps:
+                assert [s.state for s in ps.replicas] == ["ok"] * 3
+                session(ps, self.writes - self.writes // 2)
+
+    def begin(self, ps: PoolSet) -> None:
+        """A session's start: every chunk in its log."""
+        ps.persist(HDR_SIZE, ps.size - HDR_SIZE)
+
+    def write(self, ps: PoolSet, off: int, data: bytes, rng: random.Random,
+              ctx: dict[str, Any], sim: Simulation) -> None:
+        """Store ``data`` at ``off`` and persist it, recorded once it returned."""
+        ps.buf[off:off + len(data)] = data
+        ps.persist(off, len(data))
+        ctx["writes"].append((off, data))
 
     def verify(self, imagedir: str, context: dict[str, Any]) -> str:
         d = Path(imagedir)
@@ -582,37 +608,18 @@ class EpochReopen(UncleanReopen):
     left the log, its store may be on the master alone (undefined, as in PMDK), so a
     replica may hold the bytes from before it there, and nothing else."""
 
-    def run(self, workdir: str, sim: Simulation) -> None:
-        d = Path(workdir)
-        rng = random.Random(self.seed + 1)
-        slots = rng.sample(range(1, self.SIZE // self.SLOT), self.writes)
-        ctx: dict[str, Any] = {"writes": [], "inflight": []}
+    ACTIVITY_MIB = "2"  # an epoch: one chunk new to the log
 
-        def session(ps: PoolSet, n: int) -> None:
-            for _ in range(n):
-                size = rng.randrange(8, self.SLOT)
-                off = slots.pop() * self.SLOT
-                data = rng.randbytes(size)
-                ctx["inflight"] = [(off, bytes(ps.buf[off:off + size]))]
-                sim.context = dict(ctx)
-                ps.buf[off:off + size] = data
-                ps.persist(off, size, lane=rng.randrange(2))
-                ctx["writes"].append((off, data))
-                ctx["inflight"] = []
-                sim.context = dict(ctx)
+    def begin(self, ps: PoolSet) -> None:
+        """Nothing: chunks enter the log as the writes name them."""
 
-        old = os.environ.get(activity.ENV)
-        os.environ[activity.ENV] = "2"  # an epoch: one chunk new to the log
-        try:
-            sim.context = dict(ctx)
-            ps = PoolSet.open(d / "p.set")
-            session(ps, self.writes // 2)
-            _killed(ps)
-            with PoolSet.open(d / "p.set") as ps:
-                assert [s.state for s in ps.replicas] == ["ok"] * 3
-                session(ps, self.writes - self.writes // 2)
-        finally:
-            if old is None:
-                del os.environ[activity.ENV]
-            else:
-                os.environ[activity.ENV] = old
+    def write(self, ps: PoolSet, off: int, data: bytes, rng: random.Random,
+              ctx: dict[str, Any], sim: Simulation) -> None:
+        """As UncleanReopen's, on a lane of two drawn from ``rng``, the range and its bytes
+        before the store recorded as in flight until the persist returns."""
+        ctx["inflight"] = [(off, bytes(ps.buf[off:off + len(data)]))]
+        sim.context = dict(ctx)
+        ps.buf[off:off + len(data)] = data
+        ps.persist(off, len(data), lane=rng.randrange(2))
+        ctx["writes"].append((off, data))
+        ctx["inflight"] = []
