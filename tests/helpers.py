@@ -113,6 +113,27 @@ def run_threads(work: Callable[[int], None], n: int) -> list[BaseException]:
     return errors
 
 
+def wake_ups() -> dict[str, int]:
+    """How often each thread of this process went to sleep and was woken so far (voluntary
+    context switches), by ``name (native id)``: a thread that polls shows up here."""
+    ids = {t.native_id: t.name for t in threading.enumerate()}
+    counts = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/status") as f:
+                n = next(int(line.split()[1]) for line in f
+                         if line.startswith("voluntary_ctxt_switches"))
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        counts[f"{ids.get(int(tid), '?')} ({tid})"] = n
+    return counts
+
+
+def woken_since(before: dict[str, int]) -> dict[str, int]:
+    """The threads woken since ``before`` (:func:`wake_ups`), and how often."""
+    return {k: n - before.get(k, 0) for k, n in wake_ups().items() if n > before.get(k, 0)}
+
+
 def pip_install(dist: Path, base: Path) -> Path:
     """Install the distribution in folder ``dist`` with pip, offline, into a folder of its
     own under ``base`` (put on PYTHONPATH to use it), as a user installs a plugin."""

@@ -23,7 +23,7 @@ from pmreplica.rpmem.address import Target, parse_target
 from pmreplica.rpmem.environ import RpmemConfig
 from pmreplica.rpmem.launch import AgentChannel, close_connections, launch
 
-from .helpers import run_threads
+from .helpers import run_threads, wake_ups, woken_since
 
 PY = shlex.quote(sys.executable)
 LAUNCHERS = ["paramiko", "openssh", "local"]
@@ -213,6 +213,24 @@ def test_second_launch_reuses_the_ssh_connection(sshd):
         chan.sendall(b"ping")
         assert chan.recv_exact(4) == b"ping"
         assert chan.close() == 0
+
+
+def test_a_kept_connection_sleeps_until_used_and_ends_when_closed(sshd):
+    """The connection kept for the next launch costs nothing meanwhile: its reading thread
+    sleeps (paramiko's own wakes ten times a second to look for a close), and a close ends
+    that thread at once."""
+    chan = launch(sshd.alias, [], config=config(sshd, RPMEM_CMD="cat"))
+    assert chan.close() == 0
+    transport = chan.transport
+    assert transport.is_active()
+    time.sleep(0.2)
+    before = wake_ups()
+    time.sleep(2)
+    woken = woken_since(before)
+    assert woken.get(f"{transport.name} ({transport.native_id})", 0) <= 2, woken
+    close_connections()
+    transport.join(1.0)
+    assert not transport.is_alive()
 
 
 def test_concurrent_launches_share_one_connection(sshd):

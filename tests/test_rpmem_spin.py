@@ -18,8 +18,9 @@ from pmreplica.rpmem.client import RemotePool
 from rpmem_common import proto, spin
 from rpmem_common.spin import DEFAULT_WINDOW_US, MISSES, Spinner
 
+from .helpers import wake_ups, woken_since
 from .rpmem_helpers import (M, attr, local_node, local_pool, persist_in_thread,  # noqa: F401
-                            transport)
+                            ssh_node, transport)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -44,19 +45,31 @@ def cpu_share(pids: list[int], seconds: float) -> list[float]:
     return [(b - a) / seconds for a, b in zip(before, after)]
 
 
-@pytest.mark.parametrize("tls", ["1", "0"])
-def test_an_idle_pool_and_its_agent_use_no_cpu(local_node, tls):
-    local_node.make_set("r.set")
+@pytest.fixture
+def any_node(request, transport, pool_dir):
+    """A node whose agents are started locally, or through the test sshd by paramiko (its
+    connection stays open with the pool: its reading thread is part of the pool's cost)."""
+    if request.param == "local":
+        return request.getfixturevalue("local_node")
+    return ssh_node(transport, "paramiko", request.getfixturevalue("sshd"), pool_dir)
+
+
+@pytest.mark.parametrize("any_node, tls", [("local", "1"), ("local", "0"), ("paramiko", "1")],
+                         indirect=["any_node"])
+def test_an_idle_pool_and_its_agent_use_no_cpu(any_node, tls):
+    any_node.make_set("r.set")
     pool = local_pool(SIZE)
-    with RemotePool.create(local_node.target, "r.set", pool, nlanes=4, attr=attr(),
-                           config=local_node.config(PMREPLICA_TCP_TLS=tls)) as rp:
+    with RemotePool.create(any_node.target, "r.set", pool, nlanes=4, attr=attr(),
+                           config=any_node.config(PMREPLICA_TCP_TLS=tls)) as rp:
         for i in range(3000):  # polling at work: answers come while the lanes poll
             rp.persist(HDR_SIZE + 64 * (i % 1000), 64, i % 4)
             rp.read(bytearray(64), HDR_SIZE, 64, i % 4)
-        [agent] = local_node.agent_pids()
+        [agent] = any_node.agent_pids()
         time.sleep(1)  # no operation for a second
+        before = wake_ups()
         client, agent_share = cpu_share([agent], 2.0)
-        assert client <= IDLE_SHARE and agent_share <= IDLE_SHARE, (client, agent_share)
+        assert client <= IDLE_SHARE and agent_share <= IDLE_SHARE, (
+            client, agent_share, woken_since(before))  # which threads of this process woke
 
 
 def test_a_call_waiting_for_a_frozen_agent_sleeps(local_node):

@@ -18,6 +18,12 @@ from pmreplica.errors import RemoteError
 from pmreplica.rpmem.ssh import auth, host_key, known_hosts
 from pmreplica.rpmem.ssh.settings import SshSettings
 
+#: seconds the reading thread of a logged-in connection waits in ``recv`` before it looks
+#: whether a keepalive is due (paramiko's own 0.1 s wakes every idle connection's thread ten
+#: times a second, for ever, since the launcher keeps connections); a close wakes it at once
+IDLE_WAKE = 10.0
+
+
 def addresses(s: SshSettings) -> list[tuple[Any, ...]]:
     """getaddrinfo for the AddressFamily; with ``any``, IPv4 first (librpmem ran ``ssh -4``;
     IPv6 when there is no IPv4)."""
@@ -25,7 +31,20 @@ def addresses(s: SshSettings) -> list[tuple[Any, ...]]:
     return sorted(infos, key=lambda info: info[0] != socket.AF_INET)
 
 
-class _QuickAckSocket(socket.socket):
+class _WakingSocket(socket.socket):
+    """A socket whose close wakes a thread blocked reading it: closing a file descriptor does
+    not end a ``recv`` under way on Linux, shutting the socket down does (paramiko's reading
+    thread then ends at once instead of at its next timeout)."""
+
+    def close(self) -> None:
+        try:
+            self.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected, or closed already
+        super().close()
+
+
+class _QuickAckSocket(_WakingSocket):
     """A TCP socket that acknowledges what it receives at once.
 
     sshd leaves Nagle's algorithm on for sessions without a tty, so when it sends two small
@@ -70,7 +89,7 @@ def _tcp_connect(s: SshSettings) -> socket.socket:
                       f"{os.strerror(code)}") from None
 
 
-class _ProxySocket(socket.socket):
+class _ProxySocket(_WakingSocket):
     """Our end of a socket pair whose other end is a ProxyCommand's stdin and stdout.
 
     Used instead of paramiko.ProxyCommand, which spins on a closed pipe instead of seeing
@@ -131,6 +150,9 @@ def connect(s: SshSettings, accept_new: bool) -> paramiko.Transport:
     """A new authenticated transport, host key checked; errors carry errno and the target."""
     known = known_hosts.load(s.known_hosts + s.global_known_hosts, s.host_key_name)
     t = auth.login(s, lambda: _handshake(s, known, accept_new))
+    wake = IDLE_WAKE
     if s.server_alive_interval > 0:
         t.set_keepalive(s.server_alive_interval)
+        wake = min(wake, s.server_alive_interval)  # keepalives are sent from those wake-ups
+    t.sock.settimeout(wake)
     return t
