@@ -585,11 +585,17 @@ class PoolSet(FailureBook, SessionBook):
             for status in self.replicas[1:]:
                 status.target = None
             self._active = ()
+        interrupt: BaseException | None = None
         for target in targets:
             if target is not None:
-                close_quietly(target)
+                try:
+                    close_quietly(target)
+                except BaseException as e:  # noqa: BLE001 - a signal handler's (Ctrl-C): the
+                    interrupt = interrupt or e  # other replicas and the pool are closed first
         self._end_activity()
         self._release()
+        if interrupt is not None:
+            raise interrupt
 
     def _wait_for_calls(self) -> None:
         """Let the calls in flight on other threads end (those beginning now fail with

@@ -410,3 +410,29 @@ def test_a_persist_interrupted_on_a_remote_replica_fails_it_with_its_range(local
     assert remote_bytes(rparts)[off:off + 4096] != b"I" * 4096
     assert sync.sync(path).status == "repaired"
     assert remote_bytes(rparts)[off:off + 4096] == b"I" * 4096
+
+
+def test_a_close_interrupted_on_one_replica_closes_the_others(local_node, pool_dir,
+                                                              monkeypatch):
+    """A signal handler raises while close() waits for a stopped agent: the interrupt reaches
+    the application, and the close still ends the other replica's session and unmaps and
+    unlocks the pool (another open succeeds)."""
+    node, d = local_node, pool_dir
+    node.use_env(monkeypatch, PMREPLICA_PEER_TIMEOUT="30")
+    node.make_set("r1.set")
+    node.make_set("r2.set")
+    path = pool_set(node, d, ("r1.set", "r2.set"))
+    ps = PoolSet.create(path)
+    [first] = [pid for pid in node.agent_pids()
+               if "r1.part0" in Path(f"/proc/{pid}/maps").read_text()]
+    try:
+        os.kill(first, signal.SIGSTOP)
+        with interrupted(0.5):
+            ps.close()
+        assert ps.mapping.closed
+        assert node.agent_pids() == [first]  # the other replica's agent ended with its session
+    finally:
+        os.kill(first, signal.SIGKILL)
+        node.wait_agents_gone()
+    with PoolSet.open(path) as again:
+        assert [s.state for s in again.replicas] == [OK, OK, OK, OK]
