@@ -121,8 +121,10 @@ def _compare(set_file, size: int, mine: Generation | None, pm: pluggy.PluginMana
                 c.problem = "; ".join(p.problems) or "unreachable"
             elif me is not None and p.identity is not None and p.identity.uuid == me.uuid:
                 c.problem = "it is this replica itself, listed again"
-            elif mine is not None and p.generation is not None:
-                c.relation = p.generation.relation(mine)
+            elif p.generation is not None:
+                # one in a generation is ahead of one in none: this replica was made or
+                # recreated (a repair cut off before its copy) and never brought in step
+                c.relation = p.generation.relation(mine) if mine is not None else AHEAD
             out.append(c)
     finally:
         view.release()
@@ -146,8 +148,8 @@ def _judge(path: str, out: Promotion, force: bool) -> None:
         if c.relation == AHEAD:
             raise PmReplicaError(errno.ESTALE, (
                 f"{path}: cannot promote: {c.name} holds newer acknowledged writes "
-                f"({c.generation.describe()}, this replica: {mine.describe()}); "  # type: ignore[union-attr]
-                f"promote {c.name} instead"))
+                f"({c.generation.describe()}, this replica: "  # type: ignore[union-attr]
+                f"{mine.describe() if mine else 'none'}); promote {c.name} instead"))
         if c.relation == DIVERGED:
             raise PmReplicaError(errno.ESTALE, (
                 f"{path}: cannot promote: this replica and {c.name} both took writes after "

@@ -21,6 +21,7 @@ from pmreplica.promote import promote
 from pmreplica.status import OK
 
 from .helpers import write_set
+from .sync_harness import PoolLayout, environ, fill, kill_sync_as_its_copy_begins
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -170,6 +171,34 @@ def test_promote_does_not_take_the_replica_itself_listed_again_for_an_answer(poo
         promote(write_set(d / "r1.set", f"{SIZE} {d}/r1", "REPLICA", f"{SIZE} {d}/r2"))
     assert e.value.errno == errno.ESTALE and f"promote replica 1 ({d}/r2) instead" in \
         str(e.value)
+
+
+def test_promote_refuses_a_replica_whose_repair_was_cut_off(pool_dir):
+    """replica-sync recreated a remote replica (its pool made, its header written) and was
+    killed before it copied any data; then the master's host is lost. Promoting the
+    half-made replica is refused, --force or not: the other replica it lists records a
+    generation and it none, so that one holds acknowledged writes it lacks."""
+    layout = PoolLayout(pool_dir, master=[SIZE], replicas=["remote", "remote"],
+                        remote_size=SIZE)
+    env = layout.env(PMREPLICA_TCP_TLS="0")
+    fill(layout.path, env, seed=7)
+    good = layout.data(2)
+    layout.parts[1][0][1].unlink()  # replica 1's storage replaced: replica-sync recreates it
+    kill_sync_as_its_copy_begins(layout.path, env)
+    half = layout.parts[1][0][1]
+    assert generation.load(str(half)) is None and generation.load(str(layout.parts[2][0][1]))
+    layout.parts[0][0][1].unlink()  # the master's host is lost
+    # on replica 1's host: its part, then the pool's other replica
+    new = write_set(layout.agent_dir / "new.set", f"{SIZE} {half}", "REPLICA localhost r2.set")
+    with environ(env):
+        for force in (False, True):
+            with pytest.raises(OSError) as info:
+                promote(new, force=force)
+            assert info.value.errno == errno.ESTALE, info.value
+            message = str(info.value)
+            assert "replica 1 (localhost:r2.set) holds newer acknowledged writes" in message
+            assert "this replica: none); promote replica 1 (localhost:r2.set) instead" in message
+    assert generation.load(str(half)) is None and layout.data(2) == good
 
 
 def test_split_brain_is_refused_until_a_side_is_discarded(pool_dir, failing_fs):
