@@ -227,7 +227,7 @@ class PoolDB:
                 return 0, False, f"{name}: {e.strerror}", record
             files = LocalReplicaFiles(set_file, set_file.master, set_file.pool_size)
             _, problems = files.check(remote=True)
-            return set_file.pool_size, not problems, "; ".join(problems), record
+            return set_file.pool_size, not problems, _named(problems), record
 
     def remove(self, name: str, force: bool, remove_pool_set: bool) -> None:
         """Delete the pool's parts (a consistent pool only, unless ``force``) and maybe its
@@ -255,6 +255,18 @@ class PoolDB:
             if remove_pool_set:
                 # the set file by the name given (a symlink, not what it points to), as rpmemd
                 os.unlink(set_path)
+
+
+#: problems a STAT answer names, at most: a set of thousands of lost parts has two each, and
+#: all of them would not fit in one message of the protocol (proto.MAX_MESSAGE)
+STAT_PROBLEMS = 8
+
+
+def _named(problems: list[str]) -> str:
+    """The first :data:`STAT_PROBLEMS` problems, and how many more there are."""
+    shown = "; ".join(problems[:STAT_PROBLEMS])
+    more = len(problems) - STAT_PROBLEMS
+    return f"{shown}; and {more} more" if more > 0 else shown
 
 
 def _lock_set(fd: int, how: int, name: str) -> None:

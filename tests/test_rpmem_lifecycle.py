@@ -261,6 +261,17 @@ def test_stat_reports_size_and_health(local_node):
     assert e.value.errno == errno.ENOENT
 
 
+def test_stat_of_a_set_of_thousands_of_lost_parts_names_a_few(local_node):
+    """A wiped disk under a set of 9,000 parts: the answer says the pool is unhealthy and
+    names the first problems and how many more (every one of them would not fit in a
+    message of the protocol)."""
+    n = 9000
+    local_node.write_set("big.set", *(f"2M /mnt/pmem0/pools/replica.part{i}" for i in range(n)))
+    st = client.stat(local_node.target, "big.set", config=local_node.config())
+    assert not st.healthy and st.message.startswith("/mnt/pmem0/pools/replica.part0: ")
+    assert st.message.endswith(" more") and len(st.message) < 4096, st.message
+
+
 # -- remove -------------------------------------------------------------------------------------
 def remove(node, name, flags=0):
     client.remove(node.target, name, flags, config=node.config())
