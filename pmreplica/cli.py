@@ -22,7 +22,7 @@ from . import activity, dirtymap
 from . import info as _info
 from . import setfile
 from .errors import PmReplicaError
-from .replica import lock_pool
+from .replica import lock_pool_set, release_locks
 from .setfile import LocalReplica, PoolSetFile
 
 log = logging.getLogger(__name__)
@@ -167,16 +167,13 @@ def _rm_one(path: str, args: argparse.Namespace) -> int:
     if not os.path.lexists(path) or not setfile.is_poolset_file(path):
         return _unlink(path, args)  # a single-file pool (or whatever the user named)
     set_file = setfile.parse(path)
-    try:  # the lock an open PoolSet (or a running replica-sync) holds: never pull parts away
-        lock_fd = lock_pool(set_file.master.parts[0].path,
-                            f"{path}: the pool set is open in another process; not removed")
-    except FileNotFoundError:
-        lock_fd = -1
+    # the locks an open PoolSet (or a running replica-sync) holds: never pull parts away
+    locks = lock_pool_set(set_file, f"{path}: the pool set is open in another process; not "
+                                    "removed", master=False)
     try:
         return _rm_parts(path, set_file, args)
     finally:
-        if lock_fd >= 0:
-            os.close(lock_fd)
+        release_locks(locks)
 
 
 def _rm_parts(path: str, set_file: PoolSetFile, args: argparse.Namespace) -> int:

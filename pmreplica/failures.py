@@ -266,6 +266,7 @@ class FailureBook:
         self._announce_failed(status, error)
 
     def _announce_failed(self, status: ReplicaStatus, error: BaseException) -> None:
+        self._unlock(status.index)  # its storage may be unmounted and replaced meanwhile
         # the traceback's frames may hold views of the pool (a failed target's locals); kept
         # with the error, they would stop the pool from ever being unmapped (close: EBUSY)
         error.__traceback__ = None
@@ -273,6 +274,7 @@ class FailureBook:
         notify(self.plugin_manager, "pmreplica_replica_failed", replica=status, error=error)
 
     def _notify_restored(self, status: ReplicaStatus) -> None:
+        self._lock(status.index)  # as when the pool was opened
         notify(self.plugin_manager, "pmreplica_replica_restored", replica=status)
 
     # -- close -----------------------------------------------------------------------------

@@ -34,9 +34,10 @@ from .header import FEAT_CKSUM_2K, FEAT_SINGLEHDR, HDR_SIZE, PoolAttr, PoolHeade
 from .identity import attr_problem
 from .plugin_manager import make_plugin_manager, notify
 from .pmem import Mapping
-from .replica import LocalReplicaFiles, lock_pool, raise_if_broken
+from .replica import (LocalReplicaFiles, lock_pool, lock_pool_set, raise_if_broken,
+                      release_locks)
 from .session import SessionBook
-from .setfile import PoolSetFile, Replica
+from .setfile import LocalReplica, PoolSetFile, Replica
 from .state import ReplicaState
 from .status import OK, STALE, ReplicaStatus, close_quietly, describe
 from .target import RELAXED, ReplicaTarget, open_checked, stat_checked
@@ -51,12 +52,16 @@ PENDING_RANGES = 16
 _UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
+def _busy(set_file: PoolSetFile) -> str:
+    return f"{set_file.master.parts[0].path}: pool is open in another process"
+
+
 class PoolSet(FailureBook, SessionBook):
     """An open pool set. Use :meth:`create` or :meth:`open`; close it (or use ``with``). Its
     failure bookkeeping is the :class:`~pmreplica.failures.FailureBook` mixin's."""
 
     def __init__(self, set_file: PoolSetFile, master: LocalReplicaFiles, mapping: Mapping,
-                 lock_fd: int, pm: pluggy.PluginManager, nlanes: int) -> None:
+                 locks: dict[int, int], pm: pluggy.PluginManager, nlanes: int) -> None:
         self.set_file = set_file
         self.plugin_manager = pm
         self._master = master
@@ -65,7 +70,9 @@ class PoolSet(FailureBook, SessionBook):
         self.size: int = mapping.size
         self.data_offset: int = HDR_SIZE if set_file.has_headers else 0
         self.nlanes = nlanes
-        self._lock_fd = lock_fd
+        #: the pool's locks (replica.lock_pool_set) by replica index: the master's and its
+        #: working local replicas' (a failed one's is let go: its disk may be replaced)
+        self._locks = locks
         self.replicas: list[ReplicaStatus] = [ReplicaStatus(0, set_file.replicas[0])]
         #: the write path: the replicas a persist goes to (FailureBook changes it)
         self._active: tuple[tuple[ReplicaStatus, ReplicaTarget], ...] = ()
@@ -132,6 +139,7 @@ class PoolSet(FailureBook, SessionBook):
                                 prev_uuid=first_uuids[i - 1].bytes_le,
                                 user_flags=template.arch.pack())
                 status.target = self._create_replica(status, attr)
+            self._locks = lock_pool_set(set_file, _busy(set_file), held=self._locks)
             lost = self._activate()
             if lost:  # a replica's host was lost while the others were made: nothing is kept
                 raise fresh(lost[0][2])
@@ -323,19 +331,18 @@ class PoolSet(FailureBook, SessionBook):
              pm: pluggy.PluginManager, nlanes: int, recover: bool = False) -> "PoolSet":
         """Lock and map the master; the replicas are listed but not yet opened.
         ``recover``: first fold an unclean last session's activity log into the record."""
-        first = set_file.master.parts[0].path
-        lock_fd = lock_pool(first, f"{first}: pool is open in another process")
+        locks = lock_pool_set(set_file, _busy(set_file))
         try:
             unclean = activity.recover(set_file) if recover else []
             mapping = master.open()
         except BaseException:
-            os.close(lock_fd)
+            release_locks(locks)
             raise
         try:
-            self = cls(set_file, master, mapping, lock_fd, pm, nlanes)
+            self = cls(set_file, master, mapping, locks, pm, nlanes)
         except BaseException:
             mapping.close()
-            os.close(lock_fd)
+            release_locks(locks)
             raise
         self.replicas += [ReplicaStatus(i, spec) for i, spec in
                           enumerate(set_file.replicas[1:], start=1)]
@@ -607,6 +614,19 @@ class PoolSet(FailureBook, SessionBook):
         while any(self._busy) and time.monotonic() < deadline:
             time.sleep(0.001)
 
+    def _lock(self, index: int) -> None:
+        """Take local replica ``index``'s lock again (it rejoined; see lock_pool_set)."""
+        spec = self.set_file.replicas[index]
+        if isinstance(spec, LocalReplica) and index not in self._locks:
+            try:
+                self._locks[index] = lock_pool(spec.parts[0].path, _busy(self.set_file))
+            except OSError as e:
+                log.warning("%s: cannot lock it again: %s", self.replicas[index].name, e)
+
+    def _unlock(self, index: int) -> None:
+        """Let go of failed local replica ``index``'s lock (see lock_pool_set)."""
+        release_locks(self._locks, index)
+
     def _release(self) -> None:
         if self.mapping.closed:
             return
@@ -617,9 +637,7 @@ class PoolSet(FailureBook, SessionBook):
             raise PmReplicaError(errno.EBUSY, "pool is still referenced: release every memoryview "
                                               "taken from PoolSet.buf before close()") from None
         # the pool stays locked while it stays mapped: a close refused (EBUSY) keeps it
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        release_locks(self._locks)
 
     def __enter__(self) -> "PoolSet":
         return self

@@ -225,6 +225,47 @@ def lock_pool(path: str, busy: str) -> int:
     return fd
 
 
+def lock_pool_set(set_file: PoolSetFile, busy: str, master: bool = True,
+                  held: dict[int, int] | None = None) -> dict[int, int]:
+    """Take the locks an open pool set holds (:func:`lock_pool`): on the first part of its
+    master and of each local replica, as PMDK locks every part it opens. Held on the
+    master's file alone, a pool whose master was deleted or replaced under it would look
+    closed to replica-sync. Returns the fds by replica index; a part that does not exist
+    is skipped (the master's is an error when ``master``), and so is a replica's that
+    cannot be opened (its own open tells). ``held``, what an earlier call returned, is
+    added to for the parts made since."""
+    fds = dict(held) if held else {}
+    taken = []
+    try:
+        for i, replica in enumerate(set_file.replicas):
+            if i in fds or not isinstance(replica, LocalReplica):
+                continue
+            try:
+                fds[i] = lock_pool(replica.parts[0].path, busy)
+            except FileNotFoundError:
+                if i == 0 and master:
+                    raise
+                continue
+            except OSError as e:
+                if i == 0 or e.errno == errno.EBUSY:
+                    raise
+                continue
+            taken.append(fds[i])
+    except BaseException:
+        for fd in taken:
+            os.close(fd)
+        raise
+    return fds
+
+
+def release_locks(fds: dict[int, int], index: int | None = None) -> None:
+    """Let go of the locks :func:`lock_pool_set` took (only replica ``index``'s, if given)."""
+    for i in list(fds) if index is None else [index]:
+        fd = fds.pop(i, -1)  # a replica failing on another thread meanwhile let it go
+        if fd >= 0:
+            os.close(fd)
+
+
 def _locked_by_this_process(fd: int) -> bool:
     """True if this process holds a flock on ``fd``'s file. Linux lists every lock in
     /proc/locks with the pid that took it: ``1: FLOCK ADVISORY WRITE pid maj:min:inode ...``

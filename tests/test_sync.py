@@ -279,6 +279,26 @@ def test_open_pool_set_is_refused_with_ebusy(pool_dir):
         assert e.value.errno == errno.EBUSY
 
 
+def test_a_pool_set_open_while_its_master_file_is_deleted_is_still_refused(pool_dir):
+    """The master's first part is deleted (by mistake) under an open pool: the pool is found
+    open by its local replicas' locks (as PMDK locks every part), and replica-sync refuses
+    instead of rebuilding a master the application is not writing to. So do pmreplica rm
+    and promote (of a local replica of the open pool)."""
+    layout = _local(pool_dir, replicas=([4 * M], [4 * M]))
+    with PoolSet.open(layout.path) as pool:
+        layout.parts[0][0][1].unlink()
+        res = replica_sync(layout.path, env=layout.env())
+        assert res.returncode == 8 and "the pool set is open in another process" in res.stderr
+        r1 = layout.parts[1][0][1]
+        alone = write_set(pool_dir / "r1.set", f"{r1.stat().st_size} {r1}")
+        for command in (["rm", layout.path], ["promote", "--force", alone]):
+            run = subprocess.run([str(BIN / "pmreplica"), *map(str, command)],
+                                 capture_output=True, text=True, timeout=60)
+            assert run.returncode != 0 and "EBUSY" in run.stderr, (command, run.stderr)
+        assert all(parts[0][1].exists() for parts in layout.parts[1:])
+        assert [s.state for s in pool.replicas] == ["ok", "ok", "ok"]
+
+
 def test_master_marked_stale_does_not_open(pool_dir):
     """The state an interrupted sync of the master would leave if its header were sound."""
     layout = _local(pool_dir, replicas=([4 * M],))

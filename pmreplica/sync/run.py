@@ -18,7 +18,7 @@ from .. import progress as _progress_mod
 from ..errors import PmReplicaError
 from ..health import Probe
 from ..plugin_manager import make_plugin_manager
-from ..replica import lock_pool
+from ..replica import lock_pool_set, release_locks
 from ..setfile import load_set
 from ..state import OFFSET as STATE_OFFSET
 from ..status import close_quietly
@@ -61,7 +61,8 @@ class Run:
         self.progress = ReplicaProgress(self.pm)
         self.probes: list[Probe] = []
         self.reports: list[ReplicaReport] = []
-        self.lock_fd = -1
+        #: the locks an open PoolSet holds (replica.lock_pool_set), the master's first
+        self.locks: dict[int, int] = {}
         self.data = SourceData(self.set_file, self.pm, self.size)
         #: the record this run writes (made once the replicas are judged)
         self.record: RunRecord
@@ -116,14 +117,15 @@ class Run:
             self._close()
 
     def lock(self) -> None:
-        """Hold the master's lock (the one an open PoolSet holds) for the whole run."""
-        path = self.set_file.master.parts[0].path
-        try:
-            fd = lock_pool(path, f"{self.path}: the pool set is open in another process; "
-                                 "close it before replica-sync")
-        except FileNotFoundError:
-            return  # nothing can have it open; taken once the repair recreates it
-        self.lock_fd = fd
+        """Hold the locks an open PoolSet holds for the whole run: on its master and local
+        replicas, those whose files exist (taken again for those a repair made since)."""
+        self.locks = lock_pool_set(
+            self.set_file, f"{self.path}: the pool set is open in another process; close it "
+                           "before replica-sync", master=False, held=self.locks)
+
+    @property
+    def master_locked(self) -> bool:
+        return 0 in self.locks
 
     def _recover(self) -> activity.Recovery | None:
         """What an unclean last session was writing, folded into the master's record (a dry
@@ -131,7 +133,7 @@ class Run:
         and repaired as such. A master that is not sound is repaired from a replica as it
         is: the marker stays, and the repaired pool's next open folds the session in."""
         master = self.probes[0]
-        found = activity.plan(self.set_file) if self.lock_fd >= 0 else None
+        found = activity.plan(self.set_file) if self.master_locked else None
         if found is None or not master.sound or not master.page:
             if found is not None:
                 log.warning("%s was not closed cleanly, and its master is not sound: what "
@@ -191,6 +193,4 @@ class Run:
         for p in self.probes:
             p.close()
         self.data.close()
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
+        release_locks(self.locks)

@@ -50,7 +50,7 @@ class Writer:
         self.target.clear_header(state.pack() if p.index == 0 else state.pack_copy())
         if p.index == 0:
             run.record.places.add(0)  # the master's record counts even while it is broken
-            if run.lock_fd < 0:
+            if not run.master_locked:
                 run.lock()
         else:
             run.record.places.discard(p.index)  # a broken replica's copy does not count

@@ -34,6 +34,7 @@ from pmreplica import PoolSet, activity, pmemobj, sync
 from pmreplica.header import HDR_SIZE
 from pmreplica.pmemobj import txn
 from pmreplica.powerloss.model import PowerCut, Simulation
+from pmreplica.replica import release_locks
 from pmreplica.state import ReplicaState
 from tests.helpers import promoted, write_set
 from tests.pmemobj import workload
@@ -526,7 +527,7 @@ def _killed(ps: PoolSet) -> None:
         os.close(ps._activity._fd)
     ps.buf.release()
     ps.mapping.close()
-    os.close(ps._lock_fd)
+    release_locks(ps._locks)
 
 
 class UncleanReopen(_ThreeReplicas):
