@@ -371,6 +371,14 @@ def map_file(file_name: str | os.PathLike[str], file_size: int, flags: int,
         file_size = os.stat(path).st_size if not file_size else file_size
     if file_size <= 0:
         raise PmReplicaError(errno.EINVAL, f"{path}: invalid size {file_size}")
+    if flags & FILE_CREATE and exists:  # as libpmem: extended or truncated to the size asked
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, file_size)
+            if not flags & FILE_SPARSE:
+                os.posix_fallocate(fd, 0, file_size)
+        finally:
+            os.close(fd)
     mapping = Mapping.open([Segment(path, 0, file_size, 0)], create=create, mode=mode,
                            sparse=bool(flags & FILE_SPARSE))
     return MemoryBuffer(mapping)

@@ -170,3 +170,18 @@ def test_nvm_pmem_api(pool_dir):
         assert pmem.check_version(1, 0) is True
         with pytest.raises(RuntimeError):
             pmem.check_version(99, 0)
+
+
+@pytest.mark.parametrize("before", [0, 5, 3 * M])
+def test_map_file_create_sizes_an_existing_file(pool_dir, before):
+    """FILE_CREATE on a file that exists (one tempfile.mkstemp made, say) extends or
+    truncates it to the length asked for, as libpmem's pmem_map_file does, and maps it;
+    what it held stays, up to that length."""
+    path = pool_dir / "existing"
+    path.write_bytes(b"kept!" + bytes(before - 5) if before else b"")
+    buf = pmem.map_file(str(path), 2 * M, pmem.FILE_CREATE, 0o600)
+    try:
+        assert buf.size == 2 * M and os.path.getsize(path) == 2 * M
+        assert buf.read(5) == (b"kept!" if before else bytes(5))
+    finally:
+        pmem.unmap(buf)
