@@ -40,6 +40,9 @@ def collect(mm: MemoryManager, roots: Iterable[int], debug: bool, closing: bool
     type_counts: dict[str, int] = collections.defaultdict(int)
     gc_counts: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
     container_code: dict[int, bool] = {}
+    #: refcount-0 containers Python holds a proxy of: live (they may be stored yet), and
+    #: so is what they reach
+    held: list[int] = []
     refcount, has_proxy = mm.committed_refcount, mm.has_proxy
     for oid, _size, type_num, code in mm.heap.allocations():
         if type_num != L.POBJECT_TYPE_NUM:
@@ -55,6 +58,8 @@ def collect(mm: MemoryManager, roots: Iterable[int], debug: bool, closing: bool
                 if debug:
                     log.debug("gc: orphan %#x", oid)
                 orphans.append(oid)
+            elif is_container:
+                held.append(oid)
         elif is_container:
             containers.add(oid)
         else:
@@ -81,7 +86,7 @@ def collect(mm: MemoryManager, roots: Iterable[int], debug: bool, closing: bool
         if debug:
             _check_substructures(mm, containers, substructures)
 
-        live = _trace(mm, roots, containers, other, gc_counts)
+        live = _trace(mm, roots, containers, other, gc_counts, held)
         gc_counts["containers-live"] = len(live)
 
         # Unreachable containers (cycles): pin them all, drop their references, free them.
@@ -111,9 +116,10 @@ def collect(mm: MemoryManager, roots: Iterable[int], debug: bool, closing: bool
 
 
 def _trace(mm: MemoryManager, roots: Iterable[int], containers: set[int], other: set[int],
-           gc_counts: dict[str, int]) -> list[int]:
-    """Move what ``roots`` reach out of ``containers`` and ``other``; return the live
-    containers (``other`` objects found live are counted in ``gc_counts``)."""
+           gc_counts: dict[str, int], held: list[int]) -> list[int]:
+    """Move what ``roots`` and the ``held`` containers (refcount 0, held by Python) reach
+    out of ``containers`` and ``other``; return the live containers of ``containers`` (the
+    ``other`` objects found live are counted in ``gc_counts``)."""
     live = []
     for root in roots:
         if root in containers:
@@ -121,12 +127,14 @@ def _trace(mm: MemoryManager, roots: Iterable[int], containers: set[int], other:
             live.append(root)
         elif root in other:
             other.discard(root)
+    reached = held + live
     n = 0
-    while n < len(live):
-        for sub in list(mm.resurrect(live[n])._p_traverse()):
+    while n < len(reached):
+        for sub in list(mm.resurrect(reached[n])._p_traverse()):
             if sub in containers:
                 containers.discard(sub)
                 live.append(sub)
+                reached.append(sub)
             elif sub in other:
                 other.discard(sub)
                 gc_counts["other-live"] += 1

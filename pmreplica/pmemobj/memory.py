@@ -160,6 +160,21 @@ def _value_key(obj: Any) -> Any:
     return (t, obj)
 
 
+class _Undone:
+    """The pool of a proxy whose object was created in a transaction that aborted: every
+    use of the proxy fails (ValueError), as every use of a closed file does."""
+
+    def fail(self) -> None:
+        raise ValueError("the object was created in a transaction that aborted: it does "
+                         "not exist in the pool")
+
+    def __getattr__(self, name: str) -> Any:
+        self.fail()
+
+
+UNDONE = _Undone()
+
+
 class MemoryManager:
     """Manages one pool's objects. Reach it as ``pool.mm`` or ``obj._p_mm``.
 
@@ -194,6 +209,9 @@ class MemoryManager:
         self._decoders: dict[int, Callable[[int], Any]] = {}
         self._type_table: Any = None
         self._zct: set[int] = set()
+        #: refcount-0 objects a commit kept because Python held a proxy of them: freed at a
+        #: later commit once the proxy is gone, unless they were stored again by then
+        self._held: set[int] = set()
         eng.pre_commit = self._free_zero_counts
         self._track_free: set[int] | None = None
         # Bound once, so that decoders can be told apart with ``is``.
@@ -336,12 +354,29 @@ class MemoryManager:
         return oid in self._objs
 
     def _free_zero_counts(self) -> None:
-        """Pre-commit: free objects whose refcount stayed zero (children follow)."""
-        zct, objs, get = self._zct, self._objs, self._eng.get
+        """Pre-commit: free objects whose refcount stayed zero (children follow). One that
+        Python still holds a proxy of (``x = lst.pop()``) is kept while the proxy lives,
+        and freed by the first commit after it is gone."""
+        zct, objs, get, held = self._zct, self._objs, self._eng.get, self._held
+        gone = [oid for oid in held if oid not in objs]
+        if gone:
+            held.difference_update(gone)
+            zct.update(gone)
+        kept = []
         while zct:
             oid = zct.pop()
-            if get(oid) == 0 and oid not in objs:
-                self.deallocate(oid)
+            if get(oid) == 0:
+                if oid in objs:
+                    kept.append(oid)
+                else:
+                    self.deallocate(oid)
+        if kept or gone:
+            held.update(kept)
+
+            def undo() -> None:  # the commit failed: as it was before
+                held.difference_update(kept)
+                held.update(gone)
+            self._eng.on_abort.append(undo)
 
     def deallocate(self, oid: int) -> None:
         """Drop the object's references and free it (inside a transaction)."""
@@ -368,10 +403,16 @@ class MemoryManager:
         return obj
 
     def register(self, obj: Any) -> None:
-        """Record a freshly created Persistent object (its proxy is dropped on abort)."""
+        """Record a freshly created Persistent object. If its transaction aborts, the object
+        never existed: its proxy is dropped and detached, so that a use of it fails instead
+        of reaching (or storing a reference to) memory that is free again."""
         oid = obj._p_oid
         self._objs[oid] = obj
-        self._eng.on_abort.append(lambda: self._objs.pop(oid, None))
+
+        def undo() -> None:
+            self._objs.pop(oid, None)
+            obj._p_mm = UNDONE
+        self._eng.on_abort.append(undo)
 
     def persist(self, obj: Any) -> int:
         """Return the oid of ``obj`` in the pool, storing it first if needed."""
@@ -383,6 +424,8 @@ class MemoryManager:
             return L.OID_FALSE
         mm = getattr(obj, "_p_mm", None)
         if mm is not None:
+            if mm is UNDONE:
+                UNDONE.fail()
             if mm is not self:
                 raise ValueError(f"{type(obj).__name__} object belongs to another pool")
             return obj._p_oid
@@ -428,6 +471,7 @@ class MemoryManager:
             self._eng.on_abort.append(undo)
 
     def _purge(self, oid: int) -> None:
+        self._held.discard(oid)
         v = self._values.pop(oid, None)
         if v is not None:
             key = _value_key(v)

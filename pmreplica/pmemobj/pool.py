@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import struct
+from collections.abc import Iterator
 from typing import Any, Iterable
 
 from ..errors import PmReplicaError
@@ -99,7 +102,12 @@ class PersistentObjectPool:
                 eng.set(geo.sb + L.SB_W_CLEAN, 0)
             gc_needed = False
         else:
-            mm.load_type_table(types_oid)
+            root = eng.get(geo.sb + L.SB_W_ROOT)
+            with self._damage_is_einval():
+                self._heap.header(types_oid)  # EINVAL unless both name allocated objects
+                if not L.OID_NONE <= root <= L.OID_FALSE:
+                    self._heap.header(root)
+                mm.load_type_table(types_oid)
             gc_needed = eng.get(geo.sb + L.SB_W_CLEAN) == 0
         if readonly:
             return
@@ -162,13 +170,33 @@ class PersistentObjectPool:
         collection, and what was found and freed."""
         debug = self.debug if debug is None else debug
         with self.lock:
+            if self._eng.depth:  # it frees in transactions of its own, from the committed state
+                raise RuntimeError("gc inside a transaction")
             return self._collect(debug, closing=False)
 
     def _collect(self, debug: bool, closing: bool) -> tuple[dict[str, int], dict[str, int]]:
         """gc from the pool's roots: its type table and its root object."""
         sb, get = self._geo.sb, self._eng.get
-        return collect(self.mm, (get(sb + L.SB_W_TYPES), get(sb + L.SB_W_ROOT)), debug,
-                       closing)
+        with self._damage_is_einval():
+            return collect(self.mm, (get(sb + L.SB_W_TYPES), get(sb + L.SB_W_ROOT)), debug,
+                           closing)
+
+    @contextlib.contextmanager
+    def _damage_is_einval(self) -> Iterator[None]:
+        """What reading objects raises when the words on the media are not what was written
+        (a damaged data area whose checksummed header and superblock are intact), as the
+        EINVAL of a damaged pool."""
+        try:
+            yield
+        except PmReplicaError as e:  # the heap's own checks (an oid outside it, say)
+            if e.errno != errno.EINVAL:
+                raise
+            raise PmReplicaError(errno.EINVAL, f"{self.filename}: the object pool's data is "
+                                               f"damaged: {e.strerror}") from e
+        except (IndexError, KeyError, ValueError, TypeError, struct.error,
+                UnicodeDecodeError) as e:
+            raise PmReplicaError(errno.EINVAL, f"{self.filename}: the object pool's data is "
+                                               f"damaged ({type(e).__name__}: {e})") from e
 
     def close(self) -> None:
         """gc, mark the pool cleanly shut down, and close it (and its replicas)."""

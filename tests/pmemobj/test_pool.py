@@ -396,6 +396,48 @@ def test_pop_and_reinsert_keeps_the_object(ph) -> None:
     assert ph.reopen().root == [["inner"]]
 
 
+@pytest.mark.parametrize("damage", ["type table oid", "root oid", "root not an oid",
+                                    "first heap chunk"])
+def test_a_damaged_data_area_is_einval(pool_dir: Path, damage: str) -> None:
+    """Words of the data area that are no longer what was written (the checksummed header
+    and superblock intact) make open fail with EINVAL naming the pool, not an IndexError
+    or a wrong object."""
+    from pmreplica.pmemobj import layout as L
+    path = pool_dir / "p"
+    with pmemobj.create(str(path)) as pool:
+        pool.root = pool.new(pmemobj.PersistentDict, {"a": pool.new(pmemobj.PersistentList, [1])})
+        geo = pool._geo
+    at, data = {"type table oid": (geo.sb + L.SB_W_TYPES, (1 << 40).to_bytes(8, "little")),
+                "root oid": (geo.sb + L.SB_W_ROOT, (1 << 40).to_bytes(8, "little")),
+                "root not an oid": (geo.sb + L.SB_W_ROOT, (5).to_bytes(8, "little")),
+                "first heap chunk": (geo.heap, bytes(L.CHUNK))}[damage]
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+    with pytest.raises(OSError) as e:
+        pmemobj.open(str(path)).close()
+    assert e.value.errno == errno.EINVAL
+    assert f"{path}: the object pool's data is damaged" in str(e.value)
+
+
+def test_an_object_made_in_an_aborted_transaction_cannot_be_used(ph) -> None:
+    """The object never existed: its proxy fails at every use (ValueError), and storing it
+    stores nothing, where it once stored a reference to free memory."""
+    pool = ph.pool
+    pool.root = pool.new(pmemobj.PersistentDict)
+    with pytest.raises(RuntimeError):
+        with pool.transaction():
+            item = pool.new(pmemobj.PersistentList, ["a", "b"])
+            pool.root["item"] = item
+            raise RuntimeError("the application's failure")
+    for use in (lambda: item.append("c"), lambda: len(item), lambda: repr(item),
+                lambda: pool.root.__setitem__("kept", item)):
+        with pytest.raises(ValueError, match="created in a transaction that aborted"):
+            use()
+    pool.root["other"] = pool.new(pmemobj.PersistentList, [1, 2, 3])
+    assert dict(ph.reopen().root) == {"other": [1, 2, 3]}
+
+
 # -- gc ------------------------------------------------------------------------------------
 
 def _assert_collected_nothing(gc_counts: dict[str, int]) -> None:
@@ -445,6 +487,58 @@ def test_gc_keeps_orphan_that_python_still_holds(ph) -> None:
     assert gc_counts["orphans0-gced"] == 0
     ph.pool.root = lst
     assert ph.reopen().root == [1]
+
+
+def test_gc_keeps_what_an_object_python_holds_reaches(ph) -> None:
+    """A refcount-0 object Python holds (popped, or built before it is stored) is live, and
+    so is everything it reaches: storing it after a gc stores it whole."""
+    pool = ph.pool
+    pool.root = pool.new(pmemobj.PersistentDict)
+    pool.root["queue"] = pool.new(pmemobj.PersistentList, [
+        pool.new(pmemobj.PersistentList, [pool.new(pmemobj.PersistentDict, {"job": "A"})])])
+    popped = pool.root["queue"].pop()
+    built = pool.new(pmemobj.PersistentDict)
+    built["items"] = pool.new(pmemobj.PersistentList, ["a", "b"])
+    _assert_collected_nothing(pool.gc(debug=True)[1])
+    pool.checkpoint()  # what gc freed would be reused from here
+    pool.root["done"], pool.root["built"] = popped, built
+    pool.root["filler"] = pool.new(pmemobj.PersistentDict, {"unrelated": "value"})
+    del popped, built
+    root = ph.reopen().root
+    assert root["done"] == [{"job": "A"}] and root["built"] == {"items": ["a", "b"]}
+
+
+def test_a_popped_object_is_freed_once_python_drops_it(ph) -> None:
+    """pop() returns a proxy of an object with no reference left in the pool: the object is
+    freed by the first commit after the proxy is gone, so a bounded queue runs for ever;
+    one stored again meanwhile stays."""
+    pool = ph.pool
+    pool.root = pool.new(pmemobj.PersistentList, [pool.new(pmemobj.PersistentList)])
+    queue = pool.root[0]
+    for i in range(3000):  # about 3 MiB of payload through a queue of ten, in an 8 MiB pool
+        queue.append(pool.new(pmemobj.PersistentDict, {"payload": "x" * 1000 + str(i)}))
+        if len(queue) > 10:
+            queue.pop(0)
+    kept = queue.pop()
+    pool.checkpoint()  # a commit with the proxy alive: kept
+    pool.root.append(kept)
+    del kept
+    pool.root.append(1)  # a commit with the proxy gone: stored again, not freed
+    _, gc_counts = pool.gc(debug=True)
+    assert gc_counts["orphans0-gced"] <= 1, gc_counts  # the last popped: no commit since
+    assert len(queue) == 9 and ph.reopen().root[1]["payload"] == "x" * 1000 + "2999"
+
+
+def test_gc_inside_a_transaction_is_refused(ph) -> None:
+    """gc works on the committed state in transactions of its own: inside a transaction it
+    is refused (RuntimeError, as checkpoint is), and the transaction is undone whole."""
+    pool = ph.pool
+    pool.root = pool.new(pmemobj.PersistentDict)
+    with pytest.raises(RuntimeError, match="gc inside a transaction"):
+        with pool.transaction():
+            pool.root["holder"] = pool.new(pmemobj.PersistentList, ["precious"])
+            pool.gc()
+    assert ph.reopen().root == {}
 
 
 def test_gc_debug_logs_orphans(ph, caplog) -> None:
