@@ -117,15 +117,6 @@ def replay(q: memoryview, payload: memoryview | array, limit_words: int
     return ranges
 
 
-def runs(payload: memoryview | array) -> Iterable[tuple[int, memoryview | array]]:
-    """``(first word, values)`` of each run of a payload."""
-    i, n = 0, len(payload)
-    while i + 2 <= n:
-        start, cnt = payload[i], payload[i + 1]
-        yield start, payload[i + 2:i + 2 + cnt]
-        i += 2 + cnt
-
-
 def coalesce(ranges: Iterable[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
     """Merge byte ranges whose gap is at most ``gap`` (fewer flushes, a little more data)."""
     out: list[list[int]] = []

@@ -575,7 +575,9 @@ class Engine:
 
     def recover(self) -> int:
         """Replay the records left in the log (idempotent) and checkpoint; return how many
-        were replayed. Read-only pools replay into the overlay instead."""
+        were replayed. A read-only pool with records to replay replays them into a private
+        copy of itself, its files left as they are (memory for the whole pool, in that case
+        only): everything that reads the mapping then sees the committed state."""
         geo, q = self.geo, self.q
         ctl = redolog.read_control(q, geo.log)
         if ctl is None:
@@ -601,16 +603,19 @@ class Engine:
         self.log_pos = pos
         try:
             if self.readonly:
-                for p in payloads:
-                    for start, values in redolog.runs(p):
-                        for j, v in enumerate(values):
-                            self.ov[start + j] = v
+                if payloads:
+                    self.buf = memoryview(bytearray(self.buf))
+                    self.q = self.buf.cast("Q")
+                    for p in payloads:
+                        redolog.replay(self.q, p, self.nwords)
                 return len(payloads)
             for p in payloads:
                 self._mark_dirty(redolog.replay(q, p, self.nwords))
         finally:
             for p in payloads:
                 p.release()
+            if self.q is not q:
+                q.release()  # the shared mapping's view: the pool must be able to close
         if payloads or spill:
             self.checkpoint()
             self.ps.drain()

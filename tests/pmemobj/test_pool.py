@@ -438,6 +438,28 @@ def test_an_object_made_in_an_aborted_transaction_cannot_be_used(ph) -> None:
     assert dict(ph.reopen().root) == {"other": [1, 2, 3]}
 
 
+def test_read_only_open_of_a_pool_whose_log_holds_commits(pool_dir: Path) -> None:
+    """A replica taken on its own before a checkpoint keeps its last commits in its log: a
+    read-only open shows them (strings, numbers, new objects, as a read-write open does)
+    and leaves its file as it was."""
+    from pmreplica.promote import promote
+    from tests.helpers import write_set
+    path = write_set(pool_dir / "objs.set", f"16M {pool_dir}/master", "REPLICA",
+                     f"16M {pool_dir}/replica")
+    alone = pool_dir / "alone.pool"
+    with pmemobj.create(str(path)) as pool:
+        pool.root = pool.new(pmemobj.PersistentDict)
+        pool.checkpoint()
+        pool.root["greeting"] = "hello, replica"
+        pool.root["numbers"] = pool.new(pmemobj.PersistentList, [12345, 2.5, b"bytes"])
+        alone.write_bytes((pool_dir / "replica").read_bytes())
+    promote(alone, force=True)
+    before = alone.read_bytes()
+    with pmemobj.PersistentObjectPool(str(alone), flag="r") as pool:
+        assert pool.root == {"greeting": "hello, replica", "numbers": [12345, 2.5, b"bytes"]}
+    assert alone.read_bytes() == before
+
+
 # -- gc ------------------------------------------------------------------------------------
 
 def _assert_collected_nothing(gc_counts: dict[str, int]) -> None:
