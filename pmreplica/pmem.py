@@ -295,11 +295,16 @@ class Mapping:
             self._reservation.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
-        """Unmap. Raises BufferError while memoryviews of ``buf`` are still alive."""
+        """Unmap. Raises BufferError while memoryviews of ``buf`` are still alive, the
+        mapping and a new ``buf`` then usable as before."""
         if self._reservation.closed:
             return
         self.buf.release()
-        self._reservation.close()
+        try:
+            self._reservation.close()
+        except BufferError:
+            self.buf = memoryview(self._reservation)
+            raise
 
     @property
     def closed(self) -> bool:
@@ -385,7 +390,13 @@ def map_file(file_name: str | os.PathLike[str], file_size: int, flags: int,
 
 
 def unmap(memory_buffer: MemoryBuffer) -> None:
-    memory_buffer._mapping.close()
+    """Unmap; BufferError while a slice of ``buffer`` is alive (a memoryview here, where
+    pynvm's cffi buffer gave bytes), the buffer then usable as before."""
+    try:
+        memory_buffer._mapping.close()
+    except BufferError:
+        memory_buffer.buffer = memory_buffer._mapping.buf
+        raise
 
 
 def is_pmem(memory_buffer: MemoryBuffer) -> bool:

@@ -634,6 +634,7 @@ class PoolSet(FailureBook, SessionBook):
         try:
             self.mapping.close()
         except BufferError:
+            self.buf = self.mapping.buf  # still mapped, and usable
             raise PmReplicaError(errno.EBUSY, "pool is still referenced: release every memoryview "
                                               "taken from PoolSet.buf before close()") from None
         # the pool stays locked while it stays mapped: a close refused (EBUSY) keeps it

@@ -185,3 +185,18 @@ def test_map_file_create_sizes_an_existing_file(pool_dir, before):
         assert buf.read(5) == (b"kept!" if before else bytes(5))
     finally:
         pmem.unmap(buf)
+
+
+def test_unmap_while_a_slice_lives_fails_and_keeps_the_buffer(pool_dir):
+    """A slice of ``buffer`` is a view of the mapping: unmap() is BufferError while one
+    lives, and the buffer stays readable and writable; once it is gone, unmap() works."""
+    buf = pmem.map_file(str(pool_dir / "m"), 4096, pmem.FILE_CREATE, 0o600)
+    buf.write(b"hello")
+    header = buf.buffer[0:5]
+    with pytest.raises(BufferError):
+        pmem.unmap(buf)
+    buf.seek(0)
+    assert buf.read(5) == b"hello" and bytes(header) == b"hello"
+    buf.write(b"!")
+    header.release()
+    pmem.unmap(buf)

@@ -532,8 +532,11 @@ def test_close_refuses_while_the_application_holds_views(pool_dir):
     with pytest.raises(PmReplicaError) as e:
         pool.close()
     assert e.value.errno == errno.EBUSY and "release every memoryview" in str(e.value)
+    pool.buf[HDR_SIZE:HDR_SIZE + 2] = b"ok"  # still mapped, and usable
     view.release()
-    pool.mapping.close()
+    pool.close()  # once the views are gone, a close again ends it
+    assert pool.mapping.closed
+    PoolSet.open(path).close()  # its lock went with it
 
 
 def test_disk_backed_replicas_are_written_in_parallel_on_their_own_threads(pool_dir,
