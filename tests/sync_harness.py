@@ -281,14 +281,18 @@ def _kill_sync(path: Path, env: dict[str, str], delay: float, after_copy_starts:
         return "while repairing" if after_copy_starts or "copy" in rest else "before copying"
 
 
-def kill_sync_as_its_copy_begins(path: Path, env: dict[str, str]) -> None:
+def kill_sync_as_its_copy_begins(layout: PoolLayout, env: dict[str, str]) -> None:
     """Start a sync and SIGKILL its process group (with the agents it started) as its first
-    copy begins: the replica it repairs holds what its repair made so far and no data."""
-    with _sync_process(path, env, handshake=True) as proc:
+    copy begins: the replica it repairs holds what its repair made so far and no data.
+    Returns once the agents are gone too (their pools' locks with them)."""
+    with _sync_process(layout.path, env, handshake=True) as proc:
         _go(proc)
         _first_copy(proc)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while running_agents(layout.agent_dir) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 FAULTS = ("replica part deleted", "master part deleted", "remote pool removed",

@@ -184,7 +184,7 @@ def test_promote_refuses_a_replica_whose_repair_was_cut_off(pool_dir):
     fill(layout.path, env, seed=7)
     good = layout.data(2)
     layout.parts[1][0][1].unlink()  # replica 1's storage replaced: replica-sync recreates it
-    kill_sync_as_its_copy_begins(layout.path, env)
+    kill_sync_as_its_copy_begins(layout, env)
     half = layout.parts[1][0][1]
     assert generation.load(str(half)) is None and generation.load(str(layout.parts[2][0][1]))
     layout.parts[0][0][1].unlink()  # the master's host is lost
