@@ -148,7 +148,16 @@ def _copy(pool: "PoolSet", status: ReplicaStatus, target: ReplicaTarget,
         copy(written, count)
         status.target = target
         pool._active = pool._active + ((status, target),)
-        dropped = pool._drop(pool._restored(status))
+        try:
+            failures = pool._restored(status)
+        except BaseException:
+            # its rejoin could not be recorded (the master's storage failed): it stays off,
+            # stale, and the caller closes its target
+            pool._take_off(status)
+            status.state = STALE
+            pool.state.mark_stale(status.index)
+            raise
+        dropped = pool._drop(failures)
     if written:
         pool.report_progress(status.index, "resync", done, total)
     return done, dropped

@@ -436,3 +436,43 @@ def test_a_close_interrupted_on_one_replica_closes_the_others(local_node, pool_d
         node.wait_agents_gone()
     with PoolSet.open(path) as again:
         assert [s.state for s in again.replicas] == [OK, OK, OK, OK]
+
+
+def test_a_resync_whose_rejoin_cannot_be_recorded_leaves_the_replica_off(local_node,
+                                                                          pool_dir, failing_fs,
+                                                                          monkeypatch):
+    """The master's disk fails as an online resync of a remote replica ends: the replica's
+    rejoin cannot be recorded in the master's header. The resync raises (EIO), and the
+    replica stays stale and off the write path; its target is not left on it closed."""
+    node = local_node
+    node.use_env(monkeypatch)
+    node.make_set("r.set")
+    path = write_set(pool_dir / "p.set", f"8M {failing_fs.mountpoint}/m",
+                     f"REPLICA {node.target} r.set")
+
+    class ShutDownAtTheEnd:
+        @hookimpl
+        def pmreplica_sync_progress(self, replica, phase, done, total):
+            if phase == "resync" and total and done == total:
+                failing_fs.shut_down()
+
+    ps = PoolSet.create(path)
+    try:
+        ps.buf[2 * M:2 * M + 6] = b"before"
+        ps.persist(2 * M, 6)
+        node.kill_agents()
+        ps.buf[3 * M:3 * M + 6] = b"missed"
+        ps.persist(3 * M, 6)
+        assert ps.replicas[1].state == FAILED
+        ps.plugin_manager.register(ShutDownAtTheEnd())
+        with pytest.raises(OSError) as e:
+            ps.resync(1)
+        assert e.value.errno == errno.EIO, e.value
+        status = ps.replicas[1]
+        assert status.state != OK and status.target is None
+        assert all(s is not status for s, _ in ps._active) and ps.stale_replicas == [status]
+    finally:
+        try:
+            ps.close()
+        except OSError:
+            pass  # the master's disk is gone
