@@ -28,10 +28,9 @@ from .generation import Generation
 from .header import PoolHeader
 from .plugin_manager import notify
 from .pmem import Mapping
-from .setfile import LocalReplica
-from .state import OFFSET as STATE_OFFSET, SIZE as STATE_SIZE, ReplicaState, store_copy
+from .state import OFFSET as STATE_OFFSET, SIZE as STATE_SIZE, ReplicaState
 from .status import FAILED, OK, STALE, ReplicaStatus, close_quietly
-from .target import ReplicaTarget
+from .target import HeaderPageKeeper, ReplicaTarget
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +214,9 @@ class FailureBook:
 
     def _store_state(self, save: bool | None = None) -> None:
         """Write the replica-state record into the master header and make it durable, then
-        its copies into the local replicas that take writes (replica-sync reads them when
-        the master is lost) when what they hold changed. The fine dirty map is saved first
+        its copies into the replicas on the write path that keep header pages (their
+        HeaderPageKeeper targets: the local ones, and any plugin's; replica-sync reads them
+        when the master is lost) when what they hold changed. The fine dirty map is saved first
         when ``recent`` reached its limit (``save``: True, always; False, never)."""
         if save if save is not None else self.state.needs_save():
             self.state.save_fine(keep_working_set=save is None)
@@ -228,12 +228,15 @@ class FailureBook:
         copy = self.state.pack_copy()
         stored = True
         for status in self.replicas[1:]:
-            if status.target is not None and isinstance(status.spec, LocalReplica):
+            target = status.target  # every replica that keeps header pages, whoever serves it
+            if target is not None and isinstance(target, HeaderPageKeeper):
                 try:
-                    store_copy(status.spec.parts[0].path, copy)
-                except OSError as e:  # its next write fails too, and reports it
+                    target.store_record(copy)
+                except Exception as e:  # noqa: BLE001 - its next write fails too, and reports it
                     stored = False
-                    log.debug("%s: cannot store the replica-state copy: %s", status.name, e)
+                    log.debug("%s: cannot store the replica-state copy: %s", status.name,
+                              as_replica_failure(status.name, e) if not isinstance(e, OSError)
+                              else e)
         self._copies_at = self.state.generation if stored else None
 
     def _mark_behind(self, status: ReplicaStatus, theirs: Generation) -> None:

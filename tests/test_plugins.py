@@ -278,3 +278,129 @@ def test_close_waits_for_a_replica_failing_on_another_thread(pool_dir):
     assert pool.mapping.closed
     (_, replica, error), = _calls(plugin, "failed")
     assert replica.state == "failed" and error.errno == errno.ECONNRESET
+
+
+# -- a plugin's target that keeps its header pages ----------------------------------------
+class KeeperPlugin:
+    """``REPLICA keep NAME``: the local plugin's own target on the file ``NAME``, behind a
+    plugin of its own: a HeaderPageKeeper that is not a local replica line."""
+
+    def __init__(self, d: Path) -> None:
+        self.d = d
+
+    @hookimpl
+    def pmreplica_open_replica(self, spec, index, poolset, create):
+        from pmreplica.plugins.local import LocalTarget
+        from pmreplica.setfile.model import Part
+        from pmreplica.status import describe
+        if isinstance(spec, RemoteReplica) and spec.node == "keep":
+            local = LocalReplica([Part(8 << 20, str(self.d / spec.pool_set))])
+            return LocalTarget(poolset.set_file, local, poolset.size,
+                               getattr(poolset, "buf", None), describe(spec, index),
+                               sparse=poolset.sparse)
+
+    @hookimpl
+    def pmreplica_remove_replica(self, spec, index, force, remove_pool_set):
+        if isinstance(spec, RemoteReplica) and spec.node == "keep":
+            (self.d / spec.pool_set).unlink(missing_ok=True)
+            return True
+
+
+class FailingFilePlugin:
+    """``REPLICA file NAME``: a plain file (data at pool offsets, attributes in page 0)
+    that keeps no generation nor header pages, whose writes fail while ``failing``."""
+
+    def __init__(self, d: Path) -> None:
+        self.d = d
+        self.failing = False
+
+    @hookimpl
+    def pmreplica_open_replica(self, spec, index, poolset, create):
+        if isinstance(spec, RemoteReplica) and spec.node == "file":
+            return FileTarget(self, str(self.d / spec.pool_set), poolset)
+
+    @hookimpl
+    def pmreplica_remove_replica(self, spec, index, force, remove_pool_set):
+        if isinstance(spec, RemoteReplica) and spec.node == "file":
+            (self.d / spec.pool_set).unlink(missing_ok=True)
+            return True
+
+
+class FileTarget:
+    nlanes = 64
+
+    def __init__(self, plugin: FailingFilePlugin, path: str, pool) -> None:
+        self.plugin, self.path, self.pool, self.fd = plugin, path, pool, -1
+
+    def create(self, attr: PoolAttr) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, self.pool.size)
+        self.set_attr(attr)
+
+    def open(self) -> PoolAttr:
+        self.fd = os.open(self.path, os.O_RDWR)
+        return PoolAttr.unpack(os.pread(self.fd, 104, 0))
+
+    def flush(self, off: int, n: int, lane: int = 0, flags: int = 0) -> None:
+        if self.plugin.failing:
+            raise ReplicaError(errno.EIO, "file: disk gone")
+        os.pwrite(self.fd, self.pool.buf[off:off + n], off)
+
+    def drain(self, lane: int = 0) -> None:
+        os.fdatasync(self.fd)
+
+    def persist(self, off: int, n: int, lane: int = 0, flags: int = 0) -> None:
+        self.flush(off, n)
+        self.drain()
+
+    deep_persist = persist
+
+    def read(self, dest, off: int, lane: int = 0) -> None:
+        os.preadv(self.fd, [dest], off)
+
+    def set_attr(self, attr: PoolAttr) -> None:
+        os.pwrite(self.fd, attr.pack(), 0)
+
+    def stat(self):
+        from pmreplica import TargetStat
+        return TargetStat(self.pool.size, os.path.exists(self.path))
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def test_an_open_pool_stores_its_record_through_a_keeping_target(pool_dir):
+    """A replica kept by a plugin's HeaderPageKeeper gets the replica-state record's copy
+    from an open pool, as a local replica's part file does. Replica 2 fails, is repaired,
+    then fails again and misses a write; the master is lost. replica-sync must not take
+    replica 2 for a healthy source: it did, from the keeper's copy an open pool never
+    updated, and rebuilt the pool without the last acknowledged write."""
+    from pmreplica import sync
+    d = pool_dir
+    files = FailingFilePlugin(d)
+    plugins = [KeeperPlugin(d), files]
+    path = write_set(d / "p.set", f"8M {d}/m", "REPLICA keep r1", "REPLICA file r2")
+
+    def write(tag: bytes, failing: bool = False) -> list[str]:
+        files.failing = failing
+        try:
+            with PoolSet.open(path, plugins=plugins) as pool:
+                pool.buf[HDR_SIZE:HDR_SIZE + 4] = tag
+                pool.persist(HDR_SIZE, 4)
+                return [r.state for r in pool.replicas]
+        finally:
+            files.failing = False
+
+    PoolSet.create(path, plugins=plugins).close()
+    write(b"AAAA", failing=True)
+    assert sync.sync(path, plugins=plugins).replicas[2].result == "repaired"
+    write(b"BBBB")
+    assert write(b"CCCC", failing=True) == ["ok", "ok", "failed"]  # replica 2 missed it
+    (d / "m").unlink()  # the master is lost
+    report = sync.sync(path, plugins=plugins)
+    assert report.source != 2, report
+    if (d / "m").exists():
+        assert (d / "m").read_bytes()[HDR_SIZE:HDR_SIZE + 4] == b"CCCC"
+    assert (d / "r1").read_bytes()[HDR_SIZE:HDR_SIZE + 4] == b"CCCC"
