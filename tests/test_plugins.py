@@ -281,12 +281,26 @@ def test_close_waits_for_a_replica_failing_on_another_thread(pool_dir):
 
 
 # -- a plugin's target that keeps its header pages ----------------------------------------
-class KeeperPlugin:
-    """``REPLICA keep NAME``: the local plugin's own target on the file ``NAME``, behind a
-    plugin of its own: a HeaderPageKeeper that is not a local replica line."""
+class FilePlugin:
+    """Serves ``REPLICA <node> NAME`` with a file ``NAME`` in ``d`` (its remove hook)."""
+
+    node = ""
 
     def __init__(self, d: Path) -> None:
         self.d = d
+
+    @hookimpl
+    def pmreplica_remove_replica(self, spec, index, force, remove_pool_set):
+        if isinstance(spec, RemoteReplica) and spec.node == self.node:
+            (self.d / spec.pool_set).unlink(missing_ok=True)
+            return True
+
+
+class KeeperPlugin(FilePlugin):
+    """``REPLICA keep NAME``: the local plugin's own target on the file ``NAME``, behind a
+    plugin of its own: a HeaderPageKeeper that is not a local replica line."""
+
+    node = "keep"
 
     @hookimpl
     def pmreplica_open_replica(self, spec, index, poolset, create):
@@ -299,31 +313,18 @@ class KeeperPlugin:
                                getattr(poolset, "buf", None), describe(spec, index),
                                sparse=poolset.sparse)
 
-    @hookimpl
-    def pmreplica_remove_replica(self, spec, index, force, remove_pool_set):
-        if isinstance(spec, RemoteReplica) and spec.node == "keep":
-            (self.d / spec.pool_set).unlink(missing_ok=True)
-            return True
 
-
-class FailingFilePlugin:
+class FailingFilePlugin(FilePlugin):
     """``REPLICA file NAME``: a plain file (data at pool offsets, attributes in page 0)
     that keeps no generation nor header pages, whose writes fail while ``failing``."""
 
-    def __init__(self, d: Path) -> None:
-        self.d = d
-        self.failing = False
+    node = "file"
+    failing = False
 
     @hookimpl
     def pmreplica_open_replica(self, spec, index, poolset, create):
         if isinstance(spec, RemoteReplica) and spec.node == "file":
             return FileTarget(self, str(self.d / spec.pool_set), poolset)
-
-    @hookimpl
-    def pmreplica_remove_replica(self, spec, index, force, remove_pool_set):
-        if isinstance(spec, RemoteReplica) and spec.node == "file":
-            (self.d / spec.pool_set).unlink(missing_ok=True)
-            return True
 
 
 class FileTarget:
