@@ -18,22 +18,40 @@ log = logging.getLogger(__name__)
 def _entry_point_plugins() -> tuple[tuple[str, object], ...]:
     # pluggy's load_setuptools_entrypoints walks every installed distribution on each call;
     # pool sets are opened often, so the group is resolved once per process here.
-    found = []
+    # Each is registered under its entry point's name; one whose name another took (two
+    # distributions each naming theirs "local", say) is registered too, under the name
+    # qualified by its distribution's, and said so once: none is left out or taken over.
+    found: list[tuple[str, object]] = []
+    owners: dict[str, str] = {}
     for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
         try:
-            found.append((ep.name, ep.load()))
+            plugin = ep.load()
         except Exception as e:  # a broken third-party plugin must not stop pools opening
             log.warning("pmreplica plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
+            continue
+        if any(p is plugin for _, p in found):
+            continue  # the same module, listed again
+        dist = ep.dist.name if ep.dist is not None else ep.value
+        name = ep.name
+        if name in owners:
+            name = f"{dist}:{ep.name}"
+            log.warning("pmreplica plugin %r of %s: the name is taken by %s's; registered as "
+                        "%r", ep.name, dist, owners[ep.name], name)
+        owners.setdefault(ep.name, dist)
+        found.append((name, plugin))
     return tuple(found)
 
 
 def notify(pm: pluggy.PluginManager, hook: str, **kwargs: object) -> None:
-    """Call the host application's notification hook ``hook``; one that raises is logged,
-    never propagated: an application's bug must not break the pool or the write path."""
-    try:
-        getattr(pm.hook, hook)(**kwargs)
-    except Exception:
-        log.exception("%s hook raised", hook)
+    """Call every plugin's implementation of the notification hook ``hook``, in pluggy's
+    order; one that raises is logged, never propagated: an application's bug must not
+    break the pool or the write path, nor keep the other plugins from being told (a hook
+    call stops at the first exception, so each implementation is called on its own)."""
+    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
+        try:
+            impl.function(*(kwargs[name] for name in impl.argnames))
+        except Exception:
+            log.exception("%s hook of %s raised", hook, impl.plugin_name)
 
 
 def make_plugin_manager(plugins: Iterable[object] = ()) -> pluggy.PluginManager:
@@ -42,7 +60,7 @@ def make_plugin_manager(plugins: Iterable[object] = ()) -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     for name, plugin in _entry_point_plugins():
-        if pm.get_plugin(name) is None and not pm.is_registered(plugin):
+        if not pm.is_registered(plugin):
             pm.register(plugin, name=name)
     for plugin in plugins:
         if not pm.is_registered(plugin):

@@ -131,6 +131,25 @@ def test_plugin_passed_to_open_serves_its_replica_and_gets_notified(pool_dir):
         assert [r.state for r in pool.replicas] == ["ok", "ok", "ok"]
 
 
+def test_a_plugin_whose_failure_hook_raises_does_not_silence_the_others(pool_dir, caplog):
+    """Two host plugins watch failures; the one asked first has a bug and raises. The other
+    is told all the same, the bug is logged, and the pool goes on."""
+
+    class Buggy:
+        @hookimpl
+        def pmreplica_replica_failed(self, replica, error):
+            raise RuntimeError("the dashboard's bug")
+
+    d = pool_dir
+    path = write_set(d / "p.set", f"4M {d}/m", "REPLICA dict.invalid x.set")
+    plugin = DictReplicas()
+    with PoolSet.create(path, plugins=[plugin, Buggy()]) as pool:
+        pool.buf[HDR_SIZE:HDR_SIZE + 8] = b"FAIL now"
+        pool.persist(HDR_SIZE, 8)
+        assert [c[1] for c in _calls(plugin, "failed")] == [pool.replicas[1]]
+    assert any("the dashboard's bug" in r.exc_text for r in caplog.records if r.exc_text)
+
+
 def test_plugin_can_take_over_a_local_replica(pool_dir):
     d = pool_dir
     path = write_set(d / "p.set", f"4M {d}/m", "REPLICA", f"4M {d}/r")
@@ -188,6 +207,9 @@ def test_entry_point_plugin_is_found_and_its_hooks_called(pool_dir, toy_site):
     assert out["store"] == {"8192": b"hello".hex()}
     # the distribution's broken entry point is logged, and did not stop the pool
     assert "plugin 'broken' (pmreplica_toy_missing_module) failed to load" in run.stderr
+    # its plugin named "local" as the built-in is is registered too, under a longer name,
+    # and the built-in still serves the local replica
+    assert "pmreplica plugin 'local' of " in run.stderr and "the name is taken" in run.stderr
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert events[0] == {"event": "open_replica", "node": "toy.invalid", "pool_set": "toy.set",
                          "index": 2, "create": True}
