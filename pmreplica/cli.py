@@ -177,26 +177,33 @@ def _rm_one(path: str, args: argparse.Namespace) -> int:
 
 
 def _rm_parts(path: str, set_file: PoolSetFile, args: argparse.Namespace) -> int:
+    from .plugin_manager import make_plugin_manager
+    from .plugins import local as local_plugin
+    from .status import describe
+    from .target_host import TargetHost, ask_plugin, serving_plugin
+
     failures = 0
-    pm = None
+    pm = make_plugin_manager()
+    host = TargetHost(set_file, memoryview(b""), pm)
     for index, rep in enumerate(set_file.replicas):
-        if isinstance(rep, LocalReplica):
-            for part in rep.parts:
-                failures += _unlink(part.path, args)
-            if index == 0:  # the dirty map and activity log beside the master's first part
-                dirtymap.remove(dirtymap.path_for(rep.parts[0].path))
-                dirtymap.remove(activity.path_for(rep.parts[0].path))
-            continue
-        if pm is None:
-            from .plugin_manager import make_plugin_manager
-            pm = make_plugin_manager()
-        name = f"replica {index} ({rep.node}:{rep.pool_set})"
+        name = describe(rep, index)
         try:
-            handled = pm.hook.pmreplica_remove_replica(
-                spec=rep, index=index, force=args.force, remove_pool_set=args.remote)
+            # a replica is removed by the plugin that serves it; the master's files, and a
+            # local replica line's that its plugin (the local one) did not remove, here
+            plugin = serving_plugin(pm, rep, index, host) if index > 0 else None
+            handled = plugin is not None and plugin is not local_plugin and ask_plugin(
+                pm, plugin, "pmreplica_remove_replica", spec=rep, index=index,
+                force=args.force, remove_pool_set=args.remote)
         except Exception as e:  # noqa: BLE001 - a plugin's bug: this replica is not removed
             print(f"pmreplica: {name}: {failure_message(e)}", file=sys.stderr)
             failures += 1
+            continue
+        if isinstance(rep, LocalReplica) and not handled:
+            for part in rep.parts:
+                failures += _unlink(part.path, args)
+            if index == 0:  # the dirty map and activity log beside its first part
+                dirtymap.remove(dirtymap.path_for(rep.parts[0].path))
+                dirtymap.remove(activity.path_for(rep.parts[0].path))
             continue
         if not handled and not args.force:
             print(f"pmreplica: {name}: no plugin can remove this kind of replica",

@@ -35,7 +35,10 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
     or :class:`~pmreplica.setfile.RemoteReplica` with node and pool set name). The target is
     returned unopened: pmreplica then calls ``create(attr)`` or ``open()`` on it. Return
     ``None`` to let the next plugin try; the first non-None result wins. ``create`` tells
-    whether the pool set is being created (plugins that cannot create may decline).
+    whether the pool set is being created (plugins that cannot create may decline). The
+    plugin that answers first serves the replica, and only its remove and describe hooks
+    are called for it (``pmreplica rm`` and ``pmreplica info``, which open nothing, ask this
+    hook to learn which plugin it is, and close that target unopened).
 
     What a plugin may use of ``poolset`` (the rest is pmreplica's own): ``buf`` (the
     master, mapped: the bytes a persist copies), ``size``, ``nlanes``, ``set_file`` (the
@@ -71,7 +74,10 @@ def pmreplica_open_replica(spec: "Replica", index: int, poolset: "PoolSet",
 @hookspec(firstresult=True)
 def pmreplica_remove_replica(spec: "Replica", index: int, force: bool,
                              remove_pool_set: bool) -> Optional[bool]:
-    """Delete the storage of replica ``index`` (``pmreplica rm``); return True if handled.
+    """Delete the storage of replica ``index`` (``pmreplica rm``, a failed create, a repair
+    that recreates it); return True if handled. Asked of the plugin that serves the replica
+    alone; a local replica line's part files, when that plugin has no remove hook, are
+    deleted by the local plugin's.
 
     ``force`` removes what can be found even if the replica is inconsistent;
     ``remove_pool_set`` also removes a remote pool set file (librpmem's

@@ -20,7 +20,7 @@ from .files import open_regular
 from .header import (FEAT_CHECK_BAD_BLOCKS, FEAT_CKSUM_2K, FEAT_SDS, FEAT_SINGLEHDR, HDR_SIZE,
                      ArchFlags, PoolHeader)
 from .replica import LocalReplicaFiles, PartHeader
-from .setfile import LocalReplica, PoolSetFile, RemoteReplica
+from .setfile import LocalReplica, PoolSetFile
 from .state import ReplicaState
 
 def _ctime(seconds: int) -> str:
@@ -151,7 +151,7 @@ def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
     replica-sync and check give."""
     from . import health
     from .plugin_manager import make_plugin_manager
-    from .target_host import TargetHost, open_target
+    from .target_host import TargetHost, ask_plugin, open_target, serving_plugin
 
     nrep, size = len(set_file.replicas), set_file.pool_size
     pm = make_plugin_manager()
@@ -161,8 +161,13 @@ def gather_set(path: str, set_file: PoolSetFile) -> dict[str, Any]:
     master_raw: bytes | None = None
     for i, rep in enumerate(set_file.replicas):
         if not isinstance(rep, LocalReplica):
+            # what the plugin that serves it says of it (not contacting it)
+            plugin = serving_plugin(pm, rep, i, host)
+            described = plugin is not None and ask_plugin(
+                pm, plugin, "pmreplica_describe_replica", spec=rep, index=i)
             reps.append({"index": i, "kind": "remote", "node": rep.node,
-                         "pool_set": rep.pool_set, "problems": []})
+                         "pool_set": rep.pool_set, "problems": [],
+                         "described": [list(kv) for kv in described or ()]})
             probes.append(health.not_contacted(i, rep))
             continue
         info, _, raw = _local_replica_info(set_file, i, rep)
@@ -278,9 +283,6 @@ def _render_header(out: list[str], h: dict[str, Any], part_file: bool = False) -
 
 
 def _render_set(info: dict[str, Any]) -> list[str]:
-    from .plugin_manager import make_plugin_manager
-
-    pm = make_plugin_manager()  # replicas not local are described by their plugins
     out: list[str] = []
     _line(out, "Pool set" if info["kind"] == "poolset" else "Pool file", info["path"])
     if info["options"]:
@@ -310,8 +312,7 @@ def _render_set(info: dict[str, Any]) -> list[str]:
         if rep["kind"] == "remote":
             out.append(f"{name} - remote: node {rep['node']}, pool set {rep['pool_set']}")
             _line(out, "health", rep["health"])
-            spec = RemoteReplica(rep["node"], rep["pool_set"])
-            for key, value in pm.hook.pmreplica_describe_replica(spec=spec, index=i) or ():
+            for key, value in rep["described"]:
                 _line(out, key, value)
             continue
         out.append(f"{name} - local, {len(rep['parts'])} part(s):")

@@ -51,7 +51,9 @@ def notify(pm: pluggy.PluginManager, hook: str, **kwargs: object) -> None:
         try:
             impl.function(*(kwargs[name] for name in impl.argnames))
         except Exception:
-            log.exception("%s hook of %s raised", hook, impl.plugin_name)
+            plugin = impl.plugin
+            log.exception("%s hook raised (%s)", hook,
+                          getattr(plugin, "__name__", None) or type(plugin).__name__)
 
 
 def make_plugin_manager(plugins: Iterable[object] = ()) -> pluggy.PluginManager:

@@ -41,6 +41,7 @@ from .setfile import LocalReplica, PoolSetFile, Replica
 from .state import ReplicaState
 from .status import OK, STALE, ReplicaStatus, close_quietly, describe
 from .target import RELAXED, ReplicaTarget, open_checked, stat_checked
+from .target_host import remove_replica, served_target
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class PoolSet(FailureBook, SessionBook):
         self.size: int = mapping.size
         self.data_offset: int = HDR_SIZE if set_file.has_headers else 0
         self.nlanes = nlanes
+        #: by replica index, the plugin whose target serves it
+        self._served_by: dict[int, object] = {}
         #: the pool's locks (replica.lock_pool_set) by replica index: the master's and its
         #: working local replicas' (a failed one's is let go: its disk may be replaced)
         self._locks = locks
@@ -350,11 +353,8 @@ class PoolSet(FailureBook, SessionBook):
         return self
 
     def _target(self, spec: Replica, index: int, create: bool) -> ReplicaTarget:
-        target = self.plugin_manager.hook.pmreplica_open_replica(
-            spec=spec, index=index, poolset=self, create=create)
-        if target is None:
-            raise ReplicaError(errno.ENOTSUP, f"{describe(spec, index)}: no plugin serves "
-                                              "this kind of replica")
+        target, plugin = served_target(self.plugin_manager, spec, index, self, create)
+        self._served_by[index] = plugin  # its remove hook undoes a failed create
         return target
 
     def _activate(self) -> list[tuple[ReplicaStatus, ReplicaTarget, OSError]]:
@@ -378,9 +378,8 @@ class PoolSet(FailureBook, SessionBook):
             if status.target is not None:
                 close_quietly(status.target)
                 try:
-                    self.plugin_manager.hook.pmreplica_remove_replica(
-                        spec=status.spec, index=status.index, force=True,
-                        remove_pool_set=False)
+                    remove_replica(self.plugin_manager, status.spec, status.index,
+                                   self._served_by.get(status.index))
                 except Exception as e:  # noqa: BLE001 - the failure being undone is the one told
                     log.warning("cleanup of %s failed: %s", status.name,
                                 as_replica_failure(status.name, e))

@@ -239,7 +239,10 @@ def test_info_lists_remote_replicas_without_contacting_them(run, pool_dir):
     info = json.loads(run("info", "--json", path).stdout)
     assert info["replicas"][1] == {"index": 1, "kind": "remote", "node": "user@node.invalid:2222",
                                    "pool_set": "sub/r.set", "problems": [],
-                                   "health": "remote (not contacted)"}
+                                   "health": "remote (not contacted)",
+                                   "described": [["launcher", "paramiko"], [
+                                       "transport",
+                                       "tcp (the target's address is unknown), TLS 1.3"]]}
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -239,7 +239,11 @@ def test_cli_create_and_rm_use_the_entry_point_plugin(pool_dir, toy_site, pmrepl
     assert rm.returncode == 0, rm.stderr
     assert sorted(p.name for p in d.iterdir()) == ["p.set", "toy.log"]
     events = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [e["event"] for e in events] == ["open_replica", "create", "close", "remove_replica"]
+    # rm asks the open hook which plugin serves the replica (its target is closed unopened),
+    # then that plugin's remove hook
+    assert [e["event"] for e in events] == ["open_replica", "create", "close", "open_replica",
+                                            "close", "remove_replica"]
+    assert events[-3]["create"] is False
     assert events[-1] == {"event": "remove_replica", "pool_set": "sub/toy.set", "index": 2,
                           "force": False, "remove_pool_set": True}
 
@@ -427,3 +431,46 @@ def test_an_open_pool_stores_its_record_through_a_keeping_target(pool_dir):
     if (d / "m").exists():
         assert (d / "m").read_bytes()[HDR_SIZE:HDR_SIZE + 4] == b"CCCC"
     assert (d / "r1").read_bytes()[HDR_SIZE:HDR_SIZE + 4] == b"CCCC"
+
+
+class VaultPlugin:
+    """``REPLICA vault NAME``: a file (FileTarget) whose plugin has no remove or describe
+    hook; its ``create`` makes the file anew."""
+
+    failing = False
+
+    def __init__(self, d: Path) -> None:
+        self.d = d
+
+    @hookimpl
+    def pmreplica_open_replica(self, spec, index, poolset, create):
+        if isinstance(spec, RemoteReplica) and spec.node == "vault":
+            return FileTarget(self, str(self.d / spec.pool_set), poolset)
+
+
+def test_a_remote_line_another_plugin_serves_is_never_the_rpmem_plugins(pool_dir, monkeypatch,
+                                                                       capsys):
+    """The rpmem plugin answers the remove and describe hooks for any remote line; for a
+    line another plugin serves it is not asked: info shows no SSH launcher for it,
+    replica-sync recreates its lost storage through its target, and rm says that no plugin
+    removes it (each went to the rpmem plugin, which looked for a host named "vault")."""
+    from pmreplica import cli, plugin_manager, sync
+    d = pool_dir
+    found = plugin_manager._entry_point_plugins()
+    monkeypatch.setattr(plugin_manager, "_entry_point_plugins",
+                        lambda: (*found, ("vault", VaultPlugin(d))))
+    path = write_set(d / "p.set", f"8M {d}/m", "REPLICA vault r1")
+    assert cli.main(["create", str(path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Replica 1 - remote: node vault, pool set r1" in out and "launcher" not in out
+    (d / "r1").unlink()  # the vault's storage is lost
+    report = sync.sync(path)
+    assert report.replicas[1].result == "repaired", report
+    assert (d / "r1").read_bytes()[HDR_SIZE:] == (d / "m").read_bytes()[HDR_SIZE:]
+    assert cli.main(["rm", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "pmreplica: replica 1 (vault:r1): no plugin can remove this kind " \
+                          "of replica", err
+    assert not (d / "m").exists() and (d / "r1").exists()

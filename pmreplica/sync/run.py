@@ -23,7 +23,7 @@ from ..setfile import load_set
 from ..state import OFFSET as STATE_OFFSET
 from ..status import close_quietly
 from ..target import open_checked
-from ..target_host import open_target
+from ..target_host import open_target, remove_replica, served_target
 from . import report as _report
 from .headers import Headers
 from .plan import Plan
@@ -169,11 +169,13 @@ class Run:
         """Replica ``p``'s target, copying from ``buffer`` (default: the scratch buffer),
         opened (``create``: its storage removed and created again, with the headers it is
         to have)."""
-        target = self.new_target(p, buffer, create)
+        if buffer is None:
+            buffer = memoryview(self.data.scratch)
+        target, plugin = served_target(self.pm, p.spec, p.index, self.data.host(buffer),
+                                       create)
         try:
             if create:
-                self.pm.hook.pmreplica_remove_replica(spec=p.spec, index=p.index, force=True,
-                                                      remove_pool_set=False)
+                remove_replica(self.pm, p.spec, p.index, plugin)
                 target.create(self.headers.attr(p))
             else:
                 p.attr = open_checked(target)
