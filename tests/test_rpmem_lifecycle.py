@@ -277,6 +277,21 @@ def remove(node, name, flags=0):
     client.remove(node.target, name, flags, config=node.config())
 
 
+def test_remove_with_undefined_flags_is_einval_and_removes_nothing(local_node):
+    parts = make_pool(local_node, "a.set")
+    for flags in (4, 0x100, -1):
+        with pytest.raises(OSError) as e:
+            remove(local_node, "a.set", flags)
+        assert e.value.errno == errno.EINVAL and "invalid flags" in str(e.value)
+    assert all(path.exists() for _, path in parts) and (local_node.dir / "a.set").exists()
+
+
+def test_nlanes_beyond_an_unsigned_int_is_lowered_as_any_other(local_node):
+    local_node.make_set("r.set")
+    with create(local_node, "r.set", local_pool(8 * M), nlanes=2 ** 40, attr=attr()) as rp:
+        assert 1 <= rp.nlanes < 2 ** 32
+
+
 def make_pool(node, name, sizes=(8 * M,)):
     parts = node.make_set(name, sizes)
     pool = local_pool(sum(sizes) - (len(sizes) - 1) * HDR_SIZE, seed=None)

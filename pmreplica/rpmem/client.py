@@ -44,6 +44,7 @@ PERSIST_RELAXED = 1
 FLUSH_RELAXED = 1
 REMOVE_FORCE = 1
 REMOVE_POOL_SET = 2
+_U32_MAX = 0xFFFF_FFFF
 
 DEFAULT_NLANES = 4
 #: how long a live agent may take to answer a control request (the heartbeat catches a
@@ -296,8 +297,8 @@ class RemotePool:
         _check_name(pool_set_name)
         if nlanes < 1:
             raise PmReplicaError(errno.EINVAL, "nlanes must be at least 1")
-        if config.max_nlanes:
-            nlanes = min(nlanes, config.max_nlanes)
+        # lowered to what the agent grants; librpmem's is an unsigned int, as on the wire
+        nlanes = min(nlanes, config.max_nlanes or _U32_MAX)
         name = f"{target}:{pool_set_name}"
         view = _pool_view(pool)
         try:
@@ -561,6 +562,9 @@ def _check_name(name: str) -> None:
 def remove(target: str, pool_set_name: str, flags: int = 0, *,
            config: RpmemConfig | None = None) -> None:
     """Remove the remote pool's part files (and with REMOVE_POOL_SET its set file)."""
+    if flags & ~(REMOVE_FORCE | REMOVE_POOL_SET):
+        raise PmReplicaError(errno.EINVAL, f"invalid flags {flags:#x} (REMOVE_FORCE and "
+                                           "REMOVE_POOL_SET are defined)")
     _check_name(pool_set_name)
     argv = ["--remove", pool_set_name]
     if flags & REMOVE_FORCE:
