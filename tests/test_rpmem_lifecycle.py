@@ -292,6 +292,23 @@ def test_nlanes_beyond_an_unsigned_int_is_lowered_as_any_other(local_node):
         assert 1 <= rp.nlanes < 2 ** 32
 
 
+def test_attributes_that_do_not_fit_librpmems_struct_are_einval(local_node):
+    """Nothing is cut to fit (a signature of 10 bytes was stored as its first 8, and the
+    handle kept the 10), and an integer beyond 32 bits is EINVAL before any agent starts."""
+    local_node.make_set("r.set")
+    pool = local_pool(8 * M)
+    for bad in (attr(signature=b"TOOLONGSIG"), attr(user_flags=b"u" * 20),
+                attr(major=2 ** 32), attr(uuid=bytes(15))):
+        with pytest.raises(OSError) as e:
+            create(local_node, "r.set", pool, attr=bad)
+        assert e.value.errno == errno.EINVAL and "pool attributes: " in str(e.value)
+    assert local_node.agent_pids() == []
+    with create(local_node, "r.set", pool, attr=attr()) as rp:
+        with pytest.raises(OSError) as e:
+            rp.set_attr(attr(signature=b"TOOLONGSIG"))
+        assert e.value.errno == errno.EINVAL
+
+
 def make_pool(node, name, sizes=(8 * M,)):
     parts = node.make_set(name, sizes)
     pool = local_pool(sum(sizes) - (len(sizes) - 1) * HDR_SIZE, seed=None)

@@ -295,6 +295,8 @@ class RemotePool:
                attr: PoolAttr | None, config: RpmemConfig | None) -> "RemotePool":
         config = config or RpmemConfig.from_env()
         _check_name(pool_set_name)
+        if attr is not None:
+            _check_attr(attr)
         if nlanes < 1:
             raise PmReplicaError(errno.EINVAL, "nlanes must be at least 1")
         # lowered to what the agent grants; librpmem's is an unsigned int, as on the wire
@@ -482,6 +484,8 @@ class RemotePool:
         """Overwrite the remote pool's attributes (zeroed if ``attr`` is None)."""
         if self.closed:
             raise RemoteError(errno.EBADF, f"{self._data.name}: pool is closed")
+        if attr is not None:
+            _check_attr(attr)
         self._ctl.call(proto.Request(proto.SET_ATTR, attr=attr or PoolAttr()))
         self.attr = attr or PoolAttr()
 
@@ -557,6 +561,20 @@ def _check_name(name: str) -> None:
         check_pool_set_name(name)
     except PoolSetError as e:
         raise PmReplicaError(errno.EINVAL, str(e.strerror)) from None
+
+
+def _check_attr(attr: PoolAttr) -> None:
+    """EINVAL for attributes that do not fit librpmem's ``struct rpmem_pool_attr`` (a
+    shorter signature or user_flags is padded with NULs, as in C; nothing is cut)."""
+    wrong = [f"{name} longer than {n} bytes" for name, n in (("signature", 8), ("user_flags", 16))
+             if len(getattr(attr, name)) > n]
+    wrong += [f"{name} not 16 bytes" for name in ("poolset_uuid", "uuid", "next_uuid",
+                                                   "prev_uuid") if len(getattr(attr, name)) != 16]
+    wrong += [f"{name} not a 32-bit unsigned integer" for name in (
+        "major", "compat_features", "incompat_features", "ro_compat_features")
+        if not 0 <= getattr(attr, name) <= _U32_MAX]
+    if wrong:
+        raise PmReplicaError(errno.EINVAL, "pool attributes: " + "; ".join(wrong))
 
 
 def remove(target: str, pool_set_name: str, flags: int = 0, *,
