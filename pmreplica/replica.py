@@ -236,12 +236,16 @@ def lock_pool_set(set_file: PoolSetFile, busy: str, master: bool = True,
     added to for the parts made since."""
     fds = dict(held) if held else {}
     taken = []
+    files = {_file_id(fd) for fd in fds.values()}
     try:
         for i, replica in enumerate(set_file.replicas):
             if i in fds or not isinstance(replica, LocalReplica):
                 continue
+            path = replica.parts[0].path
             try:
-                fds[i] = lock_pool(replica.parts[0].path, busy)
+                if i and _path_id(path) in files:
+                    continue  # the same file listed again (a link): its own open tells
+                fds[i] = lock_pool(path, busy)
             except FileNotFoundError:
                 if i == 0 and master:
                     raise
@@ -251,11 +255,22 @@ def lock_pool_set(set_file: PoolSetFile, busy: str, master: bool = True,
                     raise
                 continue
             taken.append(fds[i])
+            files.add(_file_id(fds[i]))
     except BaseException:
         for fd in taken:
             os.close(fd)
         raise
     return fds
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _path_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def release_locks(fds: dict[int, int], index: int | None = None) -> None:

@@ -773,3 +773,16 @@ def test_an_online_resync_of_a_large_range_does_not_keep_the_master_resident(poo
     with open(d / "r", "rb") as f:
         f.seek(HDR_SIZE)
         assert f.read(4096) == b"R" * 4096
+
+
+def test_a_replica_that_is_the_master_again_fails_alone(pool_dir):
+    """A replica line naming the master's file (a link: an operator's slip) fails that
+    replica; the pool's locks, one per local file, do not make the whole open EBUSY."""
+    d = pool_dir
+    path = write_set(d / "p.set", f"8M {d}/m", "REPLICA", f"8M {d}/r")
+    PoolSet.create(path).close()
+    (d / "r").unlink()
+    (d / "r").symlink_to(d / "m")
+    with PoolSet.open(path) as pool:
+        assert [s.state for s in pool.replicas] == ["ok", "failed"]
+        assert pool.replicas[1].error.errno == errno.EINVAL
