@@ -235,8 +235,7 @@ class FailureBook:
                 except Exception as e:  # noqa: BLE001 - its next write fails too, and reports it
                     stored = False
                     log.debug("%s: cannot store the replica-state copy: %s", status.name,
-                              as_replica_failure(status.name, e) if not isinstance(e, OSError)
-                              else e)
+                              as_replica_failure(status.name, e))
         self._copies_at = self.state.generation if stored else None
 
     def _mark_behind(self, status: ReplicaStatus, theirs: Generation) -> None:

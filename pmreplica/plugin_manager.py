@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
-from typing import Iterable
+from collections.abc import Callable, Iterator
+from typing import Any, Iterable
 
 import pluggy
 
@@ -42,16 +43,25 @@ def _entry_point_plugins() -> tuple[tuple[str, object], ...]:
     return tuple(found)
 
 
+def each_implementation(pm: pluggy.PluginManager, hook: str, **kwargs: object
+                        ) -> Iterator[tuple[object, Callable[[], Any]]]:
+    """``hook``'s implementations in the order pluggy calls them, each as its plugin and a
+    call of it alone with ``kwargs``. pluggy calls them as one: the first to raise ends the
+    call, and a firstresult hook does not say whose answer it took."""
+    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
+        yield impl.plugin, functools.partial(
+            impl.function, *(kwargs[name] for name in impl.argnames))
+
+
 def notify(pm: pluggy.PluginManager, hook: str, **kwargs: object) -> None:
     """Call every plugin's implementation of the notification hook ``hook``, in pluggy's
     order; one that raises is logged, never propagated: an application's bug must not
     break the pool or the write path, nor keep the other plugins from being told (a hook
     call stops at the first exception, so each implementation is called on its own)."""
-    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
+    for plugin, call in each_implementation(pm, hook, **kwargs):
         try:
-            impl.function(*(kwargs[name] for name in impl.argnames))
+            call()
         except Exception:
-            plugin = impl.plugin
             log.exception("%s hook raised (%s)", hook,
                           getattr(plugin, "__name__", None) or type(plugin).__name__)
 

@@ -236,14 +236,14 @@ def lock_pool_set(set_file: PoolSetFile, busy: str, master: bool = True,
     added to for the parts made since."""
     fds = dict(held) if held else {}
     taken = []
-    files = {_file_id(fd) for fd in fds.values()}
+    files = {_file_id(os.fstat(fd)) for fd in fds.values()}
     try:
         for i, replica in enumerate(set_file.replicas):
             if i in fds or not isinstance(replica, LocalReplica):
                 continue
             path = replica.parts[0].path
             try:
-                if i and _path_id(path) in files:
+                if i and _file_id(os.stat(path)) in files:
                     continue  # the same file listed again (a link): its own open tells
                 fds[i] = lock_pool(path, busy)
             except FileNotFoundError:
@@ -255,7 +255,7 @@ def lock_pool_set(set_file: PoolSetFile, busy: str, master: bool = True,
                     raise
                 continue
             taken.append(fds[i])
-            files.add(_file_id(fds[i]))
+            files.add(_file_id(os.fstat(fds[i])))
     except BaseException:
         for fd in taken:
             os.close(fd)
@@ -263,13 +263,7 @@ def lock_pool_set(set_file: PoolSetFile, busy: str, master: bool = True,
     return fds
 
 
-def _file_id(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
-
-
-def _path_id(path: str) -> tuple[int, int]:
-    st = os.stat(path)
+def _file_id(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 

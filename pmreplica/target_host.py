@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 
 from .errors import ReplicaError
+from .plugin_manager import each_implementation
 from .setfile import LocalReplica, PoolSetFile, Replica
 from .status import close_quietly, describe
 from .target import ReplicaTarget
@@ -51,11 +52,11 @@ def serve(pm: pluggy.PluginManager, spec: Replica, index: int, host: Any,
     """The unopened target of the plugin that serves replica ``index``, and that plugin: the
     first whose open hook returns one, in pluggy's order (the implementations are called one
     at a time, as pluggy would, to know whose answer it is); (None, None) when none does."""
-    args = {"spec": spec, "index": index, "poolset": host, "create": create}
-    for impl in reversed(pm.hook.pmreplica_open_replica.get_hookimpls()):
-        target = impl.function(*(args[name] for name in impl.argnames))
+    for plugin, call in each_implementation(pm, "pmreplica_open_replica", spec=spec,
+                                            index=index, poolset=host, create=create):
+        target = call()
         if target is not None:
-            return target, impl.plugin
+            return target, plugin
     return None, None
 
 

@@ -19,7 +19,7 @@ from rpmem_common import checksum as _checksum
 from rpmem_common import proto, wire
 
 from ..errors import PmReplicaError, PoolSetError, RemoteError, fresh
-from ..header import HDR_SIZE, PoolAttr
+from ..header import HDR_SIZE, SIG_LEN, PoolAttr
 from ..pmem import buffer_address
 from ..setfile import MIN_REMOTE_POOL, check_pool_set_name
 from . import heartbeat
@@ -566,7 +566,8 @@ def _check_name(name: str) -> None:
 def _check_attr(attr: PoolAttr) -> None:
     """EINVAL for attributes that do not fit librpmem's ``struct rpmem_pool_attr`` (a
     shorter signature or user_flags is padded with NULs, as in C; nothing is cut)."""
-    wrong = [f"{name} longer than {n} bytes" for name, n in (("signature", 8), ("user_flags", 16))
+    wrong = [f"{name} longer than {n} bytes" for name, n in (("signature", SIG_LEN),
+                                                              ("user_flags", 16))
              if len(getattr(attr, name)) > n]
     wrong += [f"{name} not 16 bytes" for name in ("poolset_uuid", "uuid", "next_uuid",
                                                    "prev_uuid") if len(getattr(attr, name)) != 16]

@@ -160,19 +160,20 @@ class Run:
                    create: bool = False) -> Any:
         """Replica ``p``'s target, copying from ``buffer`` (default: the scratch buffer),
         not opened (``create``: to be created, as the open_replica hook is told)."""
+        return self._served(p, buffer, create)[0]
+
+    def _served(self, p: Probe, buffer: memoryview | None, create: bool) -> tuple[Any, object]:
+        """:meth:`new_target`, and the plugin that serves the replica."""
         if buffer is None:
             buffer = memoryview(self.data.scratch)
-        return open_target(self.pm, p.spec, p.index, self.data.host(buffer), create)
+        return served_target(self.pm, p.spec, p.index, self.data.host(buffer), create)
 
     def open_target(self, p: Probe, buffer: memoryview | None = None,
                     create: bool = False) -> Any:
         """Replica ``p``'s target, copying from ``buffer`` (default: the scratch buffer),
         opened (``create``: its storage removed and created again, with the headers it is
         to have)."""
-        if buffer is None:
-            buffer = memoryview(self.data.scratch)
-        target, plugin = served_target(self.pm, p.spec, p.index, self.data.host(buffer),
-                                       create)
+        target, plugin = self._served(p, buffer, create)
         try:
             if create:
                 remove_replica(self.pm, p.spec, p.index, plugin)
